@@ -1,0 +1,194 @@
+"""`hwgp`: the command line over the tasks table.
+
+    hwgp db init
+    hwgp add-task --type t2v --params '{"prompt": "a cat", "model": "tiny-t2v"}'
+    hwgp list [--status Queued] [--type t2v] [--json]
+    hwgp show ID [--json]
+    hwgp cancel ID
+    hwgp wait ID [--timeout 600]
+
+The database comes from `--db URL`, else `$HWGP_DB`, else `sqlite:///tasks.db`.
+Exit codes: 0 ok; 1 the awaited task failed or was cancelled; 2 bad input (one line on stderr,
+nothing written); 3 `wait` timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from db.models import TaskStatus
+from db.store import TaskConflict, TaskNotFound, TaskStore, TaskStoreError, new_task, open_store
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS lets --db stand before or after the sub-command without one default hiding the other.
+    common.add_argument(
+        "--db", default=argparse.SUPPRESS, help="database URL (default: $HWGP_DB or sqlite:///tasks.db)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="hwgp", description="Headless-Wan2GP Serve: manage the tasks table."
+    )
+    parser.add_argument("--db", default=None, help="database URL (default: $HWGP_DB or sqlite:///tasks.db)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database administration")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("init", parents=[common], help="create the tables / apply pending migrations")
+
+    add = sub.add_parser("add-task", parents=[common], help="queue a task; prints its id")
+    add.add_argument("--type", dest="task_type", required=True, help="task type, e.g. t2v, vace, flux")
+    src = add.add_mutually_exclusive_group()
+    src.add_argument("--params", help="params as a JSON object")
+    src.add_argument("--params-file", type=Path, help="file holding the params JSON object")
+    add.add_argument("--dependant-on", help="id of the task this one waits for")
+    add.add_argument("--project-id")
+    add.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    add.add_argument("--id", dest="task_id", help="task id to use (a UUID); generated when absent")
+
+    ls = sub.add_parser("list", parents=[common], help="list tasks, newest first")
+    ls.add_argument("--status", help="Queued, 'In Progress', Complete, Failed or Cancelled")
+    ls.add_argument("--type", dest="task_type")
+    ls.add_argument("--project-id")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--offset", type=int, default=0)
+    ls.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+
+    show = sub.add_parser("show", parents=[common], help="show one task")
+    show.add_argument("task_id")
+    show.add_argument("--json", action="store_true")
+
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a queued or running task")
+    cancel.add_argument("task_id")
+
+    wait = sub.add_parser("wait", parents=[common], help="wait for a task to finish")
+    wait.add_argument("task_id")
+    wait.add_argument("--timeout", type=float, default=None, help="seconds (default: wait forever)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (UsageError, TaskStoreError) as exc:
+        print(f"hwgp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "add-task":
+        # Validate everything before opening (or creating) the database.
+        new = new_task(
+            task_type=args.task_type,
+            params=_read_params(args),
+            dependant_on=args.dependant_on,
+            project_id=args.project_id,
+            priority=args.priority,
+            id=args.task_id,
+        )
+        with open_store(args.db) as store:
+            print(store.create(new).id)
+        return 0
+
+    status = None
+    if getattr(args, "status", None):
+        try:
+            status = TaskStatus.parse(args.status)
+        except ValueError as exc:
+            raise UsageError(f"--status: {exc}") from None
+    with open_store(args.db, migrate=args.command == "db") as store:
+        if args.command == "db":
+            applied = store.migrate()
+            print(f"{store.url}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+            return 0
+        if args.command == "list":
+            tasks = store.list(
+                status=status,
+                task_type=args.task_type,
+                project_id=args.project_id,
+                limit=args.limit,
+                offset=args.offset,
+            )
+            if args.json:
+                print(json.dumps([t.model_dump(mode="json") for t in tasks], indent=2))
+            else:
+                _print_table(tasks)
+            return 0
+        if args.command == "show":
+            task = store.get(args.task_id)
+            if args.json:
+                print(task.model_dump_json(indent=2))
+            else:
+                for key, value in task.model_dump(mode="json").items():
+                    shown = json.dumps(value) if isinstance(value, dict) else value
+                    print(f"{key:24} {shown}")
+            return 0
+        if args.command == "cancel":
+            try:
+                task = store.cancel(args.task_id)
+            except TaskConflict as exc:
+                raise UsageError(str(exc)) from None
+            print(f"{task.id} {task.status.value}")
+            return 0
+        if args.command == "wait":
+            return _wait(store, args.task_id, args.timeout)
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def _read_params(args: argparse.Namespace) -> str:
+    if args.params_file is not None:
+        try:
+            return args.params_file.read_text()
+        except OSError as exc:
+            raise UsageError(f"--params-file: cannot read {args.params_file}: {exc.strerror}") from None
+    return args.params if args.params is not None else "{}"
+
+
+def _wait(store: TaskStore, task_id: str, timeout: float | None) -> int:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    task = store.get(task_id)  # TaskNotFound → exit 2 before any waiting
+    last_progress = None
+    while not task.status.is_final:
+        if task.progress_message and task.progress_message != last_progress:
+            print(
+                f"{task.id} {task.status.value} {task.progress:.0%} {task.progress_message}", file=sys.stderr
+            )
+            last_progress = task.progress_message
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            print(f"{task.id} {task.status.value} (timed out)")
+            return EXIT_TIMEOUT
+        store.wait_for_work(min(1.0, remaining) if remaining is not None else 1.0)
+        try:
+            task = store.get(task_id)
+        except TaskNotFound:
+            raise UsageError(f"task {task_id} disappeared while waiting") from None
+    detail = task.output_location if task.status == TaskStatus.COMPLETE else task.error_message
+    print(f"{task.id} {task.status.value} {detail or ''}".rstrip())
+    return 0 if task.status == TaskStatus.COMPLETE else EXIT_FAILED
+
+
+def _print_table(tasks: list) -> None:
+    print(f"{'id':36}  {'type':18} {'status':11} {'progress':>8}  {'created (UTC)':19}  output / error")
+    for t in tasks:
+        detail = t.output_location if t.status == TaskStatus.COMPLETE else (t.error_message or "")
+        created = t.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{t.id:36}  {t.task_type:18} {t.status.value:11} {t.progress:>8.0%}  {created:19}  {detail}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
