@@ -14,11 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
-# Until the Serve application lands, `run` shows the task store end to end from the CLI.
+# Starts a local Ray cluster and the application on http://127.0.0.1:8000 (Ctrl-C stops both).
 run: install
 	$(VENV)/bin/hwgp db init
-	$(VENV)/bin/hwgp add-task --type t2v --params '{"prompt": "a cat walking", "model": "tiny-t2v"}'
-	$(VENV)/bin/hwgp list
+	$(VENV)/bin/serve run serve_config.yaml
 
 test: install
 	$(PY) -m pytest

@@ -7,7 +7,8 @@
     hwgp cancel ID
     hwgp wait ID [--timeout 600]
 
-The database comes from `--db URL`, else `$HWGP_DB`, else `sqlite:///tasks.db`.
+The database comes from `--db URL`, else `$HWGP_DB`, else `sqlite:///tasks.db`. With `--api URL`
+(or `$HWGP_API`), add-task / list / show / cancel / wait go through a running service's HTTP API.
 Exit codes: 0 ok; 1 the awaited task failed or was cancelled; 2 bad input (one line on stderr,
 nothing written); 3 `wait` timed out.
 """
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from db.http_client import HttpTasks
 from db.models import TaskStatus
 from db.store import TaskConflict, TaskNotFound, TaskStore, TaskStoreError, new_task, open_store
 
@@ -43,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="hwgp", description="Headless-Wan2GP Serve: manage the tasks table."
     )
     parser.add_argument("--db", default=None, help="database URL (default: $HWGP_DB or sqlite:///tasks.db)")
+    parser.add_argument(
+        "--api", default=os.environ.get("HWGP_API"), help="use a running service's HTTP API instead"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="database administration")
@@ -100,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
             priority=args.priority,
             id=args.task_id,
         )
-        with open_store(args.db) as store:
+        with _open(args) as store:
             print(store.create(new).id)
         return 0
 
@@ -110,7 +116,9 @@ def _run(args: argparse.Namespace) -> int:
             status = TaskStatus.parse(args.status)
         except ValueError as exc:
             raise UsageError(f"--status: {exc}") from None
-    with open_store(args.db, migrate=args.command == "db") as store:
+    if args.command == "db" and args.api:
+        raise UsageError("db init talks to the database itself: use --db, not --api")
+    with _open(args, migrate=args.command == "db") as store:
         if args.command == "db":
             applied = store.migrate()
             print(f"{store.url}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
@@ -149,6 +157,12 @@ def _run(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command!r}")
 
 
+def _open(args: argparse.Namespace, migrate: bool = True) -> TaskStore | HttpTasks:
+    if args.api:
+        return HttpTasks(args.api)
+    return open_store(args.db, migrate=migrate)
+
+
 def _read_params(args: argparse.Namespace) -> str:
     if args.params_file is not None:
         try:
@@ -158,7 +172,7 @@ def _read_params(args: argparse.Namespace) -> str:
     return args.params if args.params is not None else "{}"
 
 
-def _wait(store: TaskStore, task_id: str, timeout: float | None) -> int:
+def _wait(store: TaskStore | HttpTasks, task_id: str, timeout: float | None) -> int:
     deadline = None if timeout is None else time.monotonic() + timeout
     task = store.get(task_id)  # TaskNotFound → exit 2 before any waiting
     last_progress = None

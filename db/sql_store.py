@@ -342,6 +342,17 @@ class SqlTaskStore(TaskStore):
                 self._propagate_in(cur)
             return task
 
+    def release(self, task_id: str, worker_id: str, reason: str) -> bool:
+        sql = self._sql(
+            "UPDATE tasks SET status = 'Queued', worker_id = NULL, heartbeat_at = NULL, progress = 0, "
+            "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, "
+            "progress_message = :reason, updated_at = {now} "
+            "WHERE id = :id AND worker_id = :worker_id AND status = 'In Progress' "
+        )
+        args = {"id": task_id, "worker_id": worker_id, "reason": _clip(reason)}
+        with self._transaction() as cur:
+            return bool(self._execute(cur, sql + "RETURNING tasks.id", args))
+
     def cancel(self, task_id: str) -> Task:
         sql = self._sql(
             "UPDATE tasks SET status = 'Cancelled', error_message = 'cancelled', "

@@ -121,6 +121,11 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def release(self, task_id: str, worker_id: str, reason: str) -> bool:
+        """Give an unfinished claim back: `In Progress` → `Queued` without spending an attempt
+        (a worker shutting down, not a failure). False when the task is no longer this worker's."""
+
+    @abc.abstractmethod
     def cancel(self, task_id: str) -> Task:
         """`Queued`/`In Progress` → `Cancelled`; queued dependants fail naming it. Finished → `TaskConflict`."""
 

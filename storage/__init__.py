@@ -1,0 +1,40 @@
+"""Local-first output storage, uploads to S3-compatible stores (incl. Supabase Storage), input fetching.
+
+Typical use by the ingress::
+
+    storage = OutputStorage.from_env()                 # or OutputStorage(StorageConfig(...))
+    saved = storage.save(task_id, artifact)            # SavedOutput(local_path, output_location, uploaded)
+    storage.resolve_local(saved.output_location)       # -> Path of the local copy, or None
+
+    fetcher = InputFetcher(allowed_dirs=["inputs"], cache_dir="cache/inputs", outputs=storage)
+    path = fetcher.fetch(params["image_start"], field="image_start")
+
+Configuration and environment variables: :mod:`storage.config`; location rules: :mod:`storage.outputs`.
+"""
+
+from .config import S3Settings, StorageConfig, SupabaseSettings
+from .errors import InputError, StorageError
+from .inputs import InputFetcher, content_type_allowed, kind_for_field
+from .names import sanitize_filename, validate_task_id
+from .outputs import OutputStorage, SavedOutput, atomic_write_bytes
+from .uploaders import S3Uploader, backoff_delays, make_s3_filesystem, retry_with_backoff
+
+__all__ = [
+    "InputError",
+    "InputFetcher",
+    "OutputStorage",
+    "S3Settings",
+    "S3Uploader",
+    "SavedOutput",
+    "StorageConfig",
+    "StorageError",
+    "SupabaseSettings",
+    "atomic_write_bytes",
+    "backoff_delays",
+    "content_type_allowed",
+    "kind_for_field",
+    "make_s3_filesystem",
+    "retry_with_backoff",
+    "sanitize_filename",
+    "validate_task_id",
+]

@@ -241,6 +241,19 @@ def test_cancel_queued_running_and_finished(store: TaskStore):
     assert store.get(done.id).status == TaskStatus.COMPLETE
 
 
+def test_release_gives_the_claim_back_without_spending_an_attempt(store: TaskStore):
+    task = store.add("t2v", {})
+    store.claim_next("w")
+    assert not store.release(task.id, "other-worker", "shutting down")
+    assert store.release(task.id, "w", "requeued: worker w shutting down")
+    released = store.get(task.id)
+    assert released.status == TaskStatus.QUEUED and released.attempts == 0 and released.worker_id is None
+    assert released.progress_message == "requeued: worker w shutting down"
+    assert not store.release(task.id, "w", "again")  # no longer in progress
+    [again] = store.claim_next("w2")
+    assert again.id == task.id and again.attempts == 1
+
+
 def test_progress_is_stored_and_validated(store: TaskStore):
     task = store.add("t2v", {})
     store.claim_next("w")

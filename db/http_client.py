@@ -1,0 +1,85 @@
+"""The tasks table seen through the ingress's HTTP API, for `hwgp --api URL …`.
+
+Offers the part of `TaskStore` the CLI uses (create, get, list, cancel, wait_for_work) and maps
+HTTP errors back to the store's exceptions, so the CLI behaves the same over either path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from db.models import NewTask, Task, TaskStatus
+from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStoreError
+
+
+class HttpTasks:
+    def __init__(self, base_url: str, timeout: float = 30.0):
+        self.url = base_url.rstrip("/")
+        self._client = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise TaskStoreError(f"cannot reach {self.url}: {error}") from None
+        if response.status_code < 400:
+            return response.json()
+        detail = _detail(response)
+        if response.status_code == 404:
+            raise TaskNotFound(path.split("/")[2] if path.count("/") >= 2 else path)
+        if response.status_code == 409:
+            raise TaskConflict(detail)
+        if response.status_code in (413, 422) and isinstance(response.json().get("detail"), list):
+            first = response.json()["detail"][0]
+            field = ".".join(str(p) for p in first.get("loc", []) if p not in ("body", "query"))
+            raise InvalidTask(field or "request", first.get("msg", detail))
+        raise TaskStoreError(f"{self.url}{path}: HTTP {response.status_code}: {detail}")
+
+    def create(self, new: NewTask) -> Task:
+        body = new.model_dump(exclude={"id"}) | {"task_id": new.id}
+        return Task.model_validate(self._call("POST", "/tasks", json=body))
+
+    def get(self, task_id: str) -> Task:
+        return Task.model_validate(self._call("GET", f"/tasks/{task_id}"))
+
+    def list(
+        self,
+        *,
+        status: TaskStatus | None = None,
+        task_type: str | None = None,
+        project_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Task]:
+        query = {"status": status.value if status else None, "task_type": task_type, "project_id": project_id}
+        query = {k: v for k, v in query.items() if v is not None} | {"limit": limit, "offset": offset}
+        return [Task.model_validate(t) for t in self._call("GET", "/tasks", params=query)]
+
+    def cancel(self, task_id: str) -> Task:
+        return Task.model_validate(self._call("POST", f"/tasks/{task_id}/cancel"))
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        time.sleep(timeout_s)  # no push channel over HTTP: the caller polls
+        return False
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HttpTasks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        return response.text
+    if isinstance(detail, list) and detail:
+        return "; ".join(str(d.get("msg", d)) for d in detail)
+    return str(detail)

@@ -1,0 +1,74 @@
+"""The application builder that `serve_config.yaml` imports: `deployments.app:build_app`.
+
+serve run serve_config.yaml
+serve run deployments.app:build_app db=postgresql://…   # args as key=value also work
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.config import REAL_DEFAULT_MODELS, TINY_DEFAULT_MODELS, AppConfig
+from deployments.generation import GenerationDeployment
+from deployments.ingress import Ingress
+
+logger = logging.getLogger("ray.serve")
+
+
+def real_models_available(config: AppConfig) -> bool:
+    """True when a GPU is there and every real default model's weights resolve without a download."""
+    import ray
+    import torch
+
+    from Wan2GP.catalog import Catalog
+    from Wan2GP.errors import WeightsNotFound
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else torch.cuda.device_count()
+    if not gpus:
+        return False
+    catalog = Catalog.load(config.models_dir)
+    try:
+        for name in config.families:
+            for model_id in REAL_DEFAULT_MODELS[name].values():
+                catalog.resolve_source(catalog.get(model_id).source)
+    except WeightsNotFound as missing:
+        logger.warning("real model weights missing, serving the tiny models: %s", missing)
+        return False
+    return True
+
+
+def default_models_for(config: AppConfig) -> dict[str, dict[str, str]]:
+    """Each family deployment's default models (family or task type -> model id)."""
+    real = config.models == "real" or (config.models == "auto" and real_models_available(config))
+    presets = REAL_DEFAULT_MODELS if real else TINY_DEFAULT_MODELS
+    return {name: family.default_models or presets[name] for name, family in config.families.items()}
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    config = AppConfig.model_validate(args or {})
+    defaults = default_models_for(config)
+    handles = {}
+    for name, family in config.families.items():
+        options: dict[str, Any] = {
+            "name": name,
+            "max_ongoing_requests": family.max_ongoing_requests,
+            "ray_actor_options": {"num_gpus": family.num_gpus, "num_cpus": family.num_cpus},
+        }
+        if family.autoscaling is not None:
+            options["autoscaling_config"] = family.autoscaling.model_dump()
+        else:
+            options["num_replicas"] = family.replicas
+        handles[name] = GenerationDeployment.options(**options).bind(
+            family=name,
+            default_models=defaults[name],
+            memory_profile=family.memory_profile,
+            device=family.device,
+            models_dir=config.models_dir,
+            preload=next(iter(defaults[name].values())) if family.preload else None,
+        )
+    merged = {key: model for models in defaults.values() for key, model in models.items()}
+    ingress = Ingress.options(ray_actor_options={"num_cpus": config.ingress.num_cpus})
+    return ingress.bind(config.model_dump(mode="json"), merged, handles)

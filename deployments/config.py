@@ -1,0 +1,129 @@
+"""The application's configuration: what `serve_config.yaml` passes to `build_app` as `args`.
+
+Every field has a default that runs on one machine: SQLite `tasks.db`, local files under
+`public/files`, and — with no GPU or no real weights — the tiny random-weight models on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Which deployment runs each model family. A task goes where its resolved model's family lives.
+FAMILY_DEPLOYMENT: dict[str, str] = {
+    "t2v": "T2V",
+    "i2v": "T2V",
+    "flf2v": "T2V",
+    "vace": "VACE",
+    "flux": "Flux",
+    "flux_kontext": "Flux",
+}
+
+# The task types each deployment claims. `single_image` and `generate_video` are claimed by T2V's
+# capacity and re-routed at dispatch when their model belongs to another family.
+DEPLOYMENT_TASK_TYPES: dict[str, tuple[str, ...]] = {
+    "T2V": ("t2v", "t2v_22", "i2v", "i2v_22", "flf2v", "generate_video", "single_image"),
+    "VACE": ("vace", "vace_21", "vace_22"),
+    "Flux": ("flux", "magic_edit"),
+}
+
+TINY_DEFAULT_MODELS: dict[str, dict[str, str]] = {
+    "T2V": {"t2v": "tiny-t2v", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v"},
+    "VACE": {"vace": "tiny-vace"},
+    "Flux": {"flux": "tiny-flux", "flux_kontext": "tiny-flux-kontext"},
+}
+REAL_DEFAULT_MODELS: dict[str, dict[str, str]] = {
+    "T2V": {"t2v": "wan2.1-t2v-1.3b", "i2v": "wan2.1-i2v-14b-480p", "flf2v": "wan2.1-flf2v-14b-720p"},
+    "VACE": {"vace": "wan2.1-vace-1.3b"},
+    "Flux": {"flux": "flux.1-schnell", "flux_kontext": "flux.1-kontext-dev"},
+}
+
+
+class AutoscalingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=1.0, gt=0)
+
+
+class FamilyConfig(BaseModel):
+    """One family deployment: its models, its share of a GPU and how many replicas run it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_models: dict[str, str] | None = Field(
+        default=None,
+        description="family or task type -> model id; None picks tiny or real models by `models`",
+    )
+    num_gpus: float = Field(
+        default=0.0, ge=0, description="GPU share per replica; fractional lets families share one"
+    )
+    num_cpus: float = Field(default=0.25, ge=0)
+    replicas: int = Field(default=1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int = Field(default=1, ge=1, description="concurrent generations per replica")
+    memory_profile: Literal["resident", "model_offload", "group_offload", "cpu"] = "resident"
+    device: str | None = Field(
+        default=None, description="cuda, cuda:1, cpu; default cuda when the replica has one"
+    )
+    preload: bool = Field(default=False, description="load the family's first default model at start")
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
+
+    @property
+    def capacity(self) -> int:
+        """How many tasks the ingress may have in flight on this deployment at once."""
+        return self.max_replicas * self.max_ongoing_requests
+
+
+class IngressConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(default=0.1, ge=0)
+    poll_interval_s: float = Field(default=0.5, gt=0, description="longest wait between claim attempts")
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    stale_after_s: float = Field(default=60.0, gt=0, description="requeue a task whose heartbeat is this old")
+    max_attempts: int = Field(default=3, ge=1)
+    progress_interval_s: float = Field(
+        default=1.0, ge=0, description="write progress at most this often per task"
+    )
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    fail_unknown_task_types: bool = Field(
+        default=True, description="fail queued tasks no deployment serves instead of leaving them queued"
+    )
+    max_request_bytes: int = Field(default=2_000_000, gt=0)
+
+
+class AppConfig(BaseModel):
+    """`args` of `deployments.app:build_app` in serve_config.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    db: str = Field(
+        default="sqlite:///tasks.db", description="sqlite:///FILE or postgresql://…; $HWGP_DB wins"
+    )
+    storage: dict[str, Any] = Field(default_factory=dict, description="storage.StorageConfig fields")
+    input_dirs: list[str] = Field(
+        default_factory=list, description="local folders tasks may read inputs from"
+    )
+    models: Literal["auto", "tiny", "real"] = Field(
+        default="auto", description="auto: real models when a GPU and their weights are present, else tiny"
+    )
+    models_dir: str | None = Field(default=None, description="extra model JSON folder ($HWGP_MODELS_DIR)")
+    families: dict[str, FamilyConfig] = Field(
+        default_factory=lambda: {name: FamilyConfig() for name in DEPLOYMENT_TASK_TYPES}
+    )
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @model_validator(mode="after")
+    def _known_families(self) -> AppConfig:
+        unknown = set(self.families) - set(DEPLOYMENT_TASK_TYPES)
+        if unknown:
+            raise ValueError(
+                f"families: unknown deployment(s) {sorted(unknown)}; known: {sorted(DEPLOYMENT_TASK_TYPES)}"
+            )
+        return self

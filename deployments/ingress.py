@@ -1,0 +1,517 @@
+"""The ingress: the HTTP API and the loop that keeps the tasks table and the family deployments in sync.
+
+It is the only deployment that touches the tasks table and storage. The sync loop claims claimable
+tasks only up to the free capacity of the deployment each routes to, streams each through a
+`DeploymentHandle` (progress events, then the artifact), saves the artifact (local first, then
+upload) and marks the row `Complete` or `Failed`.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from db.models import Task, TaskStatus
+from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStore, new_task, open_store
+from deployments.config import DEPLOYMENT_TASK_TYPES, FAMILY_DEPLOYMENT, AppConfig
+from deployments.generation import describe_validation_error
+from storage import InputError, InputFetcher, OutputStorage, StorageError
+from Wan2GP.catalog import Catalog, ModelDefinition
+from Wan2GP.engine import resolve_model
+from Wan2GP.errors import EngineError
+from Wan2GP.params import parse_params
+
+logger = logging.getLogger("ray.serve")
+
+# Params that name input files. The ingress fetches them (URL, output location, allowed local path)
+# and hands the replica their bytes, so a replica on another node needs no shared filesystem.
+INPUT_FIELDS = ("image_start", "image_end", "video_guide", "video_mask", "image_url", "image_refs")
+VIDEO_FIELDS = ("video_guide", "video_mask")
+
+
+def _without_inputs(params: dict[str, Any]) -> dict[str, Any]:
+    """Params with input references swapped for small blank images, to validate and route a task
+    without fetching its inputs (they are fetched once, when it runs)."""
+    blank = np.zeros((16, 16, 3), dtype=np.uint8)
+    swapped = dict(params)
+    for name in INPUT_FIELDS:
+        value = params.get(name)
+        if value is None:
+            continue
+        if name in VIDEO_FIELDS:
+            swapped[name] = blank[None]
+        elif isinstance(value, list):
+            swapped[name] = [blank for _ in value]
+        else:
+            swapped[name] = blank
+    return swapped
+
+
+app = FastAPI(
+    title="Headless-Wan2GP Serve",
+    description="Queue video and image generation tasks; the tasks table is the source of truth.",
+    version="0.1.0",
+)
+
+
+class CreateTaskRequest(BaseModel):
+    """POST /tasks body. Unknown keys inside `params` are kept; known ones are validated."""
+
+    task_type: str = Field(examples=["t2v"])
+    params: dict[str, Any] = Field(default_factory=dict, examples=[{"prompt": "a cat", "model": "tiny-t2v"}])
+    dependant_on: str | None = None
+    project_id: str | None = None
+    priority: int = 0
+    task_id: str | None = Field(default=None, description="Client-chosen id (a UUID); generated when absent.")
+
+
+class TaskFailure(Exception):
+    """A task failed for a reason worth showing its owner."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass
+class InFlight:
+    task: Task
+    deployment: str
+    stream: DeploymentResponseGenerator | None = None
+    cancelled: bool = False  # the row was cancelled: drop the result
+    started: float = field(default_factory=time.monotonic)
+    last_progress_write: float = 0.0
+
+
+@app.middleware("http")
+async def limit_request_size(request: Request, call_next):
+    """Refuse an oversized body (a 10 MB prompt) before parsing it."""
+    length = request.headers.get("content-length")
+    limit = int(os.environ.get("HWGP_MAX_REQUEST_BYTES", "2000000"))
+    if length is not None and length.isdigit() and int(length) > limit:
+        return JSONResponse(
+            {"detail": [{"loc": ["body"], "msg": f"request body is {length} bytes; the limit is {limit}"}]},
+            status_code=413,
+        )
+    return await call_next(request)
+
+
+def _http_error(status: int, field: str, message: str) -> HTTPException:
+    return HTTPException(status, detail=[{"loc": ["body", *field.split(".")], "msg": message}])
+
+
+@serve.deployment(max_ongoing_requests=200)
+@serve.ingress(app)
+class Ingress:
+    def __init__(
+        self, config: dict[str, Any], default_models: dict[str, str], handles: dict[str, DeploymentHandle]
+    ):
+        self.config = AppConfig.model_validate(config)
+        self.settings = self.config.ingress
+        os.environ["HWGP_MAX_REQUEST_BYTES"] = str(self.settings.max_request_bytes)
+        self.default_models = default_models
+        self.handles = handles
+        self.capacity = {name: self.config.families[name].capacity for name in handles}
+        self.catalog = Catalog.load(self.config.models_dir)
+        self.store: TaskStore = open_store(os.environ.get("HWGP_DB") or self.config.db)
+        self.storage = (
+            OutputStorage.from_dict(self.config.storage) if self.config.storage else OutputStorage()
+        )
+        self.fetcher = InputFetcher(self.config.input_dirs, outputs=self.storage)
+        self.worker_id = f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.served_task_types = {t for name in handles for t in DEPLOYMENT_TASK_TYPES[name]}
+        self.in_flight: dict[str, InFlight] = {}
+        self.stopping = False
+        self.loop_error: str | None = None
+        self._wake = asyncio.Event()
+        self._metrics()
+        loop = asyncio.get_running_loop()
+        self._sync_task = loop.create_task(self._sync_loop())
+        self._heartbeat_task = loop.create_task(self._heartbeat_loop())
+        logger.info("ingress %s serving %s over %s", self.worker_id, sorted(handles), self.store.url)
+
+    def _metrics(self) -> None:
+        self.m_claimed = Counter("hwgp_tasks_claimed", description="Tasks claimed.", tag_keys=("task_type",))
+        self.m_completed = Counter(
+            "hwgp_tasks_completed", description="Tasks completed.", tag_keys=("task_type",)
+        )
+        self.m_failed = Counter("hwgp_tasks_failed", description="Tasks failed.", tag_keys=("task_type",))
+        self.m_generation = Histogram(
+            "hwgp_generation_seconds",
+            description="Claim to stored output, per model.",
+            boundaries=[1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600],
+            tag_keys=("model",),
+        )
+        self.m_queue = Gauge("hwgp_queue_depth", description="Queued tasks this ingress serves.")
+        self.m_in_flight = Gauge("hwgp_in_flight", description="Tasks running from this ingress.")
+
+    # ---------------------------------------------------------------------------------------------
+    # HTTP API
+    # ---------------------------------------------------------------------------------------------
+
+    @app.post("/tasks", status_code=201, response_model=Task)
+    async def create_task(self, body: CreateTaskRequest) -> Task:
+        """Queue a task. 422 names the field that is wrong; nothing is written then."""
+        try:
+            new = new_task(
+                task_type=body.task_type,
+                params=body.params,
+                dependant_on=body.dependant_on,
+                project_id=body.project_id,
+                priority=body.priority,
+                id=body.task_id,
+            )
+        except InvalidTask as error:
+            raise _http_error(422, error.field, error.problem) from None
+        await asyncio.to_thread(self._validate_params, new.task_type, new.params)
+        try:
+            task = await asyncio.to_thread(self.store.create, new)
+        except InvalidTask as error:
+            raise _http_error(422, error.field, error.problem) from None
+        self._wake.set()
+        return task
+
+    @app.get("/tasks/{task_id}", response_model=Task)
+    async def get_task(self, task_id: str) -> Task:
+        try:
+            return await asyncio.to_thread(self.store.get, task_id)
+        except TaskNotFound as error:
+            raise HTTPException(404, detail=str(error)) from None
+
+    @app.get("/tasks", response_model=list[Task])
+    async def list_tasks(
+        self,
+        status: str | None = None,
+        task_type: str | None = None,
+        project_id: str | None = None,
+        limit: int = Query(default=100, ge=1, le=1000),
+        offset: int = Query(default=0, ge=0),
+    ) -> list[Task]:
+        try:
+            parsed = TaskStatus.parse(status) if status else None
+        except ValueError as error:
+            raise HTTPException(422, detail=[{"loc": ["query", "status"], "msg": str(error)}]) from None
+        return await asyncio.to_thread(
+            self.store.list,
+            status=parsed,
+            task_type=task_type,
+            project_id=project_id,
+            limit=limit,
+            offset=offset,
+        )
+
+    @app.post("/tasks/{task_id}/cancel", response_model=Task)
+    async def cancel_task(self, task_id: str) -> Task:
+        """Cancel a queued or running task; a running one stops at its next denoising step."""
+        try:
+            task = await asyncio.to_thread(self.store.cancel, task_id)
+        except TaskNotFound as error:
+            raise HTTPException(404, detail=str(error)) from None
+        except TaskConflict as error:
+            raise HTTPException(409, detail=str(error)) from None
+        entry = self.in_flight.get(task_id)
+        if entry is not None:
+            self._stop(entry)
+        return task
+
+    @app.get("/tasks/{task_id}/output")
+    async def get_output(self, task_id: str):
+        """The stored output: the file itself when it is on this node, else a redirect to its URL."""
+        task = await self.get_task(task_id)
+        if task.status != TaskStatus.COMPLETE or not task.output_location:
+            raise HTTPException(409, detail=f"task {task_id} is {task.status.value}; it has no output")
+        local = self.storage.resolve_local(task.output_location)
+        if local is not None and local.is_file():
+            return FileResponse(local, filename=local.name)
+        if task.output_location.startswith(("http://", "https://")):
+            return RedirectResponse(task.output_location, status_code=307)
+        raise HTTPException(404, detail=f"output {task.output_location} is not stored on this node")
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 while the sync loop runs and the database answers; 503 otherwise."""
+        problems = []
+        if self._sync_task.done():
+            problems.append(f"sync loop stopped: {self.loop_error or 'finished'}")
+        try:
+            counts = await asyncio.to_thread(self.store.count_by_status)
+        except Exception as error:  # the database is what we report on, whatever broke
+            counts = {}
+            problems.append(f"database: {type(error).__name__}: {error}")
+        body = {
+            "status": "ok" if not problems else "unhealthy",
+            "problems": problems,
+            "worker_id": self.worker_id,
+            "database": self.store.url.split("@")[-1],
+            "in_flight": {name: self._in_flight_on(name) for name in self.handles},
+            "capacity": self.capacity,
+            "tasks": {status.value: n for status, n in counts.items()},
+        }
+        return JSONResponse(body, status_code=200 if not problems else 503)
+
+    @app.get("/replicas")
+    async def replicas(self) -> dict[str, Any]:
+        """Each family deployment's counters (loads, resident model) as one of its replicas reports them."""
+        results = await asyncio.gather(
+            *(h.stats.remote() for h in self.handles.values()), return_exceptions=True
+        )
+        return {
+            name: (r if not isinstance(r, BaseException) else {"error": str(r)})
+            for name, r in zip(self.handles, results, strict=True)
+        }
+
+    # ---------------------------------------------------------------------------------------------
+    # Validation shared by the API (at the boundary) and the loop (for rows written directly)
+    # ---------------------------------------------------------------------------------------------
+
+    def _validate_params(self, task_type: str, params: dict[str, Any]) -> str:
+        """Check what can be checked without running the task; returns the deployment. Raises 422."""
+        if task_type not in self.served_task_types:
+            raise _http_error(
+                422,
+                "task_type",
+                f"{task_type!r} is not served here; served: {', '.join(sorted(self.served_task_types))}",
+            )
+        try:
+            deployment = self._route(task_type, params)
+        except ValidationError as error:
+            raise HTTPException(
+                422,
+                detail=[
+                    {"loc": ["body", "params", *(str(p) for p in e["loc"])], "msg": e["msg"]}
+                    for e in error.errors()
+                ],
+            ) from None
+        except (EngineError, ValueError) as error:
+            raise _http_error(422, "params.model", str(error)) from None
+        for name in INPUT_FIELDS:
+            self._check_local_input(name, params.get(name))
+        return deployment
+
+    def _check_local_input(self, name: str, value: Any) -> None:
+        refs = value if isinstance(value, list) else [value]
+        for i, ref in enumerate(refs):
+            if isinstance(ref, str) and not ref.startswith(("http://", "https://")):
+                label = f"{name}[{i}]" if isinstance(value, list) else name
+                try:
+                    self.fetcher.fetch(ref, field=label)
+                except InputError as error:
+                    raise _http_error(422, f"params.{label}", str(error)) from None
+
+    def _route(self, task_type: str, params: dict[str, Any]) -> str:
+        definition = self._model(task_type, params)
+        deployment = FAMILY_DEPLOYMENT[definition.family]
+        if deployment not in self.handles:
+            raise ValueError(
+                f"model {definition.id!r} is a {definition.family} model, which this app does not serve"
+            )
+        return deployment
+
+    def _model(self, task_type: str, params: dict[str, Any]) -> ModelDefinition:
+        parsed = parse_params(task_type, _without_inputs(params))
+        return resolve_model(self.catalog, self.default_models, task_type, parsed)
+
+    def _fetch_inputs(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The params with each input reference replaced by the file's bytes."""
+        resolved = dict(params)
+        for name in INPUT_FIELDS:
+            value = params.get(name)
+            if isinstance(value, str):
+                resolved[name] = self.fetcher.fetch(value, field=name).read_bytes()
+            elif isinstance(value, list):
+                resolved[name] = [p.read_bytes() for p in self.fetcher.fetch_many(value, field=name)]
+        return resolved
+
+    # ---------------------------------------------------------------------------------------------
+    # The sync loop
+    # ---------------------------------------------------------------------------------------------
+
+    def _in_flight_on(self, deployment: str) -> int:
+        return sum(1 for e in self.in_flight.values() if e.deployment == deployment)
+
+    async def _sync_loop(self) -> None:
+        maintenance_every = max(1.0, min(10.0, self.settings.stale_after_s / 4))
+        last_maintenance = 0.0
+        while not self.stopping:
+            try:
+                if time.monotonic() - last_maintenance > maintenance_every:
+                    await self._maintenance()
+                    last_maintenance = time.monotonic()
+                claimed = await self._claim()
+                self.loop_error = None
+                if not claimed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=self.settings.poll_interval_s)
+                    self._wake.clear()
+            except Exception as error:  # keep the loop alive through a database hiccup
+                self.loop_error = f"{type(error).__name__}: {error}"
+                logger.exception("sync loop iteration failed")
+                await asyncio.sleep(self.settings.poll_interval_s)
+
+    async def _maintenance(self) -> None:
+        changed = await asyncio.to_thread(
+            self.store.requeue_stale, self.settings.stale_after_s, self.settings.max_attempts
+        )
+        for task in changed:
+            logger.warning(
+                "task %s -> %s (%s)", task.id, task.status.value, task.error_message or task.progress_message
+            )
+        if self.settings.fail_unknown_task_types:
+            queued = await asyncio.to_thread(self.store.list, status=TaskStatus.QUEUED, limit=1000)
+            for task in queued:
+                if task.task_type not in self.served_task_types:
+                    message = (
+                        f"task_type {task.task_type!r} is not served by this application; "
+                        f"served: {', '.join(sorted(self.served_task_types))}"
+                    )
+                    await asyncio.to_thread(self.store.fail, task.id, message)
+                    self.m_failed.inc(tags={"task_type": task.task_type})
+        counts = await asyncio.to_thread(self.store.count_by_status, sorted(self.served_task_types))
+        self.m_queue.set(counts[TaskStatus.QUEUED])
+
+    async def _claim(self) -> int:
+        claimed = 0
+        for deployment in self.handles:
+            free = self.capacity[deployment] - self._in_flight_on(deployment)
+            if free <= 0 or self.stopping:
+                continue
+            tasks = await asyncio.to_thread(
+                self.store.claim_next, self.worker_id, DEPLOYMENT_TASK_TYPES[deployment], free
+            )
+            for task in tasks:
+                self.m_claimed.inc(tags={"task_type": task.task_type})
+                entry = InFlight(task=task, deployment=deployment)
+                self.in_flight[task.id] = entry
+                asyncio.get_running_loop().create_task(self._run(entry))
+            claimed += len(tasks)
+        self.m_in_flight.set(len(self.in_flight))
+        return claimed
+
+    async def _run(self, entry: InFlight) -> None:
+        task = entry.task
+        model_id = "?"
+        try:
+            try:
+                entry.deployment = self._route(task.task_type, task.params)
+                model_id = self._model(task.task_type, task.params).id
+                params = await asyncio.to_thread(self._fetch_inputs, task.params)
+            except ValidationError as error:
+                raise TaskFailure(describe_validation_error(error)) from None
+            except (EngineError, InputError, ValueError) as error:
+                raise TaskFailure(str(error)) from None
+            handle = self.handles[entry.deployment].options(stream=True, multiplexed_model_id=model_id)
+            entry.stream = handle.generate.remote(task.task_type, params, task.id)
+            artifact = None
+            async for event in entry.stream:
+                kind = event["event"]
+                if kind == "progress":
+                    await self._progress(entry, event["step"], event["total"])
+                elif kind == "done":
+                    artifact = event["artifact"]
+                elif kind == "error":
+                    if event["kind"] == "cancelled":
+                        raise asyncio.CancelledError
+                    raise TaskFailure(event["message"])
+            if entry.cancelled or artifact is None:
+                raise asyncio.CancelledError
+            try:
+                saved = await asyncio.to_thread(self.storage.save, task.id, artifact)
+            except StorageError as error:
+                raise TaskFailure(f"storing the output failed: {error}") from None
+            await asyncio.to_thread(self.store.complete, task.id, saved.output_location, self.worker_id)
+            self.m_completed.inc(tags={"task_type": task.task_type})
+            self.m_generation.observe(time.monotonic() - entry.started, tags={"model": model_id})
+        except TaskFailure as failure:
+            await self._fail(entry, str(failure), retryable=failure.retryable)
+        except (asyncio.CancelledError, TaskConflict):
+            if not entry.cancelled:  # we are shutting down: give the task back
+                await asyncio.to_thread(
+                    self.store.release, task.id, self.worker_id, f"requeued: {self.worker_id} shut down"
+                )
+        except Exception as error:  # the replica died or Ray lost it: the task may run again
+            logger.warning("task %s: %s: %s", task.id, type(error).__name__, error)
+            await self._fail(entry, f"replica error: {type(error).__name__}: {error}", retryable=True)
+        finally:
+            self.in_flight.pop(task.id, None)
+            self.m_in_flight.set(len(self.in_flight))
+            self._wake.set()
+
+    async def _fail(self, entry: InFlight, message: str, retryable: bool) -> None:
+        try:
+            task = await asyncio.to_thread(
+                self.store.fail,
+                entry.task.id,
+                message,
+                worker_id=self.worker_id,
+                retryable=retryable,
+                max_attempts=self.settings.max_attempts,
+            )
+        except TaskConflict:
+            return  # cancelled or requeued meanwhile: nothing of ours to record
+        if task.status == TaskStatus.FAILED:
+            self.m_failed.inc(tags={"task_type": entry.task.task_type})
+
+    async def _progress(self, entry: InFlight, step: int, total: int) -> None:
+        now = time.monotonic()
+        if now - entry.last_progress_write < self.settings.progress_interval_s and step < total:
+            return
+        entry.last_progress_write = now
+        elapsed = now - entry.started
+        eta = elapsed / max(step, 1) * (total - step)
+        # Denoising is most of the work; decoding and saving come after the last step.
+        fraction = min(0.99, step / max(total, 1))
+        still_ours = await asyncio.to_thread(
+            self.store.set_progress,
+            entry.task.id,
+            self.worker_id,
+            fraction,
+            f"step {step}/{total}, ETA {eta:.0f} s",
+        )
+        if not still_ours:
+            self._stop(entry)
+
+    def _stop(self, entry: InFlight) -> None:
+        entry.cancelled = True
+        if entry.stream is not None:
+            entry.stream.cancel()
+
+    async def _heartbeat_loop(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            for entry in list(self.in_flight.values()):
+                try:
+                    alive = await asyncio.to_thread(self.store.heartbeat, entry.task.id, self.worker_id)
+                except Exception:
+                    logger.exception("heartbeat for %s failed", entry.task.id)
+                    continue
+                if not alive:  # cancelled (or requeued by another ingress): stop the generation
+                    self._stop(entry)
+
+    async def __del__(self) -> None:
+        """Graceful shutdown: stop claiming, let in-flight work finish, give the rest back."""
+        self.stopping = True
+        self._wake.set()
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        for entry in list(self.in_flight.values()):
+            if entry.stream is not None:
+                entry.stream.cancel()
+            await asyncio.to_thread(
+                self.store.release, entry.task.id, self.worker_id, f"requeued: {self.worker_id} shut down"
+            )
+        self._heartbeat_task.cancel()
+        self.store.close()

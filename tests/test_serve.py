@@ -1,0 +1,256 @@
+"""The Ray Serve application end to end: a real local Ray cluster (fake GPUs), tiny models, SQLite.
+
+One application serves the whole module (starting Ray and loading models is the slow part).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from conftest import raw_execute
+from ray import serve
+
+from db.store import open_store
+from deployments.app import build_app
+from Wan2GP.video import encode_mp4, encode_png, probe_video
+
+pytestmark = pytest.mark.slow
+
+FINAL = ("Complete", "Failed", "Cancelled")
+SMALL = {"resolution": "64x48", "num_inference_steps": 2, "seed": 7}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("serve")
+    inputs = root / "inputs"
+    inputs.mkdir()
+    gradient = np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint8)
+    (inputs / "start.png").write_bytes(encode_png(gradient))
+    (inputs / "end.png").write_bytes(encode_png(255 - gradient))
+    (inputs / "guide.mp4").write_bytes(encode_mp4(np.stack([gradient] * 9), fps=16))
+
+    db = f"sqlite:///{root / 'tasks.db'}"
+    port = _free_port()
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    family = {"num_gpus": 0.5, "num_cpus": 0.1}
+    config = {
+        "db": db,
+        "storage": {"root": str(root / "public" / "files")},
+        "input_dirs": [str(inputs)],
+        "models": "tiny",
+        "families": {"T2V": family, "VACE": family, "Flux": family},
+        "ingress": {"heartbeat_interval_s": 0.5, "poll_interval_s": 0.2, "progress_interval_s": 0.0},
+    }
+    serve.run(build_app(config), name="hwgp", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield {"client": client, "db": db, "inputs": inputs, "files": root / "public" / "files"}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def wait_final(client: httpx.Client, task_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = client.get(f"/tasks/{task_id}").json()
+        if task["status"] in FINAL:
+            return task
+        time.sleep(0.2)
+    raise AssertionError(f"task {task_id} did not finish: {task}")
+
+
+def submit(client: httpx.Client, task_type: str, params: dict) -> str:
+    response = client.post("/tasks", json={"task_type": task_type, "params": params})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+@pytest.mark.parametrize(
+    ("task_type", "params", "frames", "size"),
+    [
+        ("t2v", {"prompt": "a cat", "video_length": 9}, 9, (64, 48)),
+        ("i2v", {"prompt": "a cat", "video_length": 5, "image_start": "start.png"}, 5, (64, 48)),
+        (
+            "i2v",
+            {"prompt": "fade", "video_length": 5, "image_start": "start.png", "image_end": "end.png"},
+            5,
+            (64, 48),
+        ),
+        ("vace", {"prompt": "guided", "video_guide": "guide.mp4", "video_length": 9}, 9, (64, 48)),
+        ("flux", {"prompt": "a red square"}, 1, (64, 48)),
+        ("single_image", {"prompt": "one frame"}, 1, (64, 48)),
+        ("magic_edit", {"prompt": "make it blue", "image_url": "start.png"}, 1, (64, 48)),
+    ],
+)
+def test_each_family_over_http(service: dict, task_type: str, params: dict, frames: int, size: tuple):
+    client = service["client"]
+    params = {**SMALL, **params}
+    for key in ("image_start", "image_end", "video_guide", "image_url"):
+        if key in params:
+            params[key] = str(service["inputs"] / params[key])
+    task_id = submit(client, task_type, params)
+    task = wait_final(client, task_id)
+    assert task["status"] == "Complete", task["error_message"]
+    assert task["output_location"].startswith(f"files/{task_id}/")
+    output = client.get(f"/tasks/{task_id}/output")
+    assert output.status_code == 200
+    if frames == 1:
+        assert output.content[:8] == b"\x89PNG\r\n\x1a\n"
+        from Wan2GP.video import load_image
+
+        assert load_image(output.content).shape == (size[1], size[0], 3)
+    else:
+        info = probe_video(output.content)
+        assert (info["frames"], info["width"], info["height"]) == (frames, *size)
+
+
+def test_tasks_written_straight_into_sqlite_run(service: dict):
+    task_id = str(uuid.uuid4())
+    raw_execute(
+        service["db"],
+        "INSERT INTO tasks (id, task_type, params, status) VALUES (%s, 't2v', %s, 'Queued')",
+        (
+            task_id,
+            '{"prompt": "from the table", "video_length": 5, "resolution": "64x48", "num_inference_steps": 2}',
+        ),
+    )
+    task = wait_final(service["client"], task_id)
+    assert task["status"] == "Complete", task["error_message"]
+    assert probe_video(service["client"].get(f"/tasks/{task_id}/output").content)["frames"] == 5
+
+
+def test_model_stays_loaded_between_tasks(service: dict):
+    client = service["client"]
+    before = client.get("/replicas").json()["T2V"]
+    for seed in (1, 2):
+        task = wait_final(
+            client, submit(client, "t2v", {**SMALL, "prompt": "again", "video_length": 5, "seed": seed})
+        )
+        assert task["status"] == "Complete"
+    after = client.get("/replicas").json()["T2V"]
+    assert after["loaded_model"] == "tiny-t2v"
+    # Earlier tests may have switched models; these two tasks on one model load it at most once.
+    assert after["load_count"] - before["load_count"] <= (0 if before["loaded_model"] == "tiny-t2v" else 1)
+    assert after["generations"] == before["generations"] + 2
+
+
+def test_in_progress_never_exceeds_capacity(service: dict):
+    client = service["client"]
+    ids = [
+        submit(client, "flux", {**SMALL, "prompt": f"image {i}", "resolution": "32x32"}) for i in range(10)
+    ]
+    peak = 0
+    with open_store(service["db"]) as store:
+        while True:
+            tasks = [store.get(i) for i in ids]
+            peak = max(peak, sum(t.status.value == "In Progress" for t in tasks))
+            if all(t.status.value in FINAL for t in tasks):
+                break
+            time.sleep(0.05)
+    assert peak == 1  # one Flux replica, max_ongoing_requests 1
+    assert all(store_task.status.value == "Complete" for store_task in tasks)
+
+
+def test_cancel_a_running_task_frees_the_replica(service: dict):
+    client = service["client"]
+    long_task = submit(client, "vace", {"prompt": "long", "video_guide": str(service["inputs"] / "guide.mp4"),
+                                        "resolution": "256x256", "num_inference_steps": 200, "video_length": 33})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while client.get(f"/tasks/{long_task}").json()["progress"] <= 0:
+        assert time.monotonic() < deadline, "the long task never reported progress"
+        time.sleep(0.1)
+    response = client.post(f"/tasks/{long_task}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "Cancelled"
+    assert client.post(f"/tasks/{long_task}/cancel").status_code == 409
+
+    started = time.monotonic()
+    follow_up = submit(
+        client, "vace", {**SMALL, "prompt": "next", "video_guide": str(service["inputs"] / "guide.mp4")}
+    )
+    task = wait_final(client, follow_up)
+    assert task["status"] == "Complete", task["error_message"]
+    assert time.monotonic() - started < 60  # the replica did not finish the 200 steps first
+    cancelled = client.get(f"/tasks/{long_task}").json()
+    assert cancelled["status"] == "Cancelled" and cancelled["output_location"] is None
+    assert not (service["files"] / long_task).exists()
+
+
+def test_killed_replica_task_is_retried_and_completes_once(service: dict):
+    client = service["client"]
+    task_id = submit(client, "t2v", {**SMALL, "prompt": "survive", "video_length": 33, "num_inference_steps": 100,
+                                      "resolution": "256x256"})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while client.get(f"/tasks/{task_id}").json()["progress"] <= 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    pid = client.get("/replicas").json()["T2V"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+
+    task = wait_final(client, task_id, timeout=300)
+    assert task["status"] == "Complete", task["error_message"]
+    # Either Serve re-sent the request to the restarted replica, or the ingress requeued the task.
+    assert task["attempts"] in (1, 2)
+    assert client.get("/replicas").json()["T2V"]["pid"] != pid
+    outputs = list((service["files"] / task_id).iterdir())
+    assert [p.name for p in outputs] == [f"{task_id}.mp4"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"task_type": "t2v", "params": {"video_length": "many"}}, 422, "video_length"),
+        ({"task_type": "t2v", "params": {"resolution": "abc"}}, 422, "resolution"),
+        ({"task_type": "t2v", "params": {"video_length": -3}}, 422, "video_length"),
+        ({"task_type": "hunyuan", "params": {}}, 422, "task_type"),
+        ({"task_type": "i2v", "params": {"prompt": "x", "image_start": "missing.png"}}, 422, "image_start"),
+        ({"task_type": "i2v", "params": {"prompt": "x", "image_start": "/etc/passwd"}}, 422, "image_start"),
+        ({"task_type": "t2v", "params": {"model": "no-such-model"}}, 422, "no-such-model"),
+        ({"task_type": "t2v", "params": "not an object"}, 422, "params"),
+        ({"task_type": "t2v", "dependant_on": str(uuid.uuid4())}, 422, "dependant_on"),
+        ({"task_type": "t2v", "params": {"prompt": "x" * 10_000_000}}, 413, "limit"),
+    ],
+)
+def test_bad_input_is_rejected_and_the_loop_keeps_running(
+    service: dict, body: dict, status: int, needle: str
+):
+    client = service["client"]
+    before = len(client.get("/tasks", params={"limit": 1000}).json())
+    response = client.post("/tasks", json=body)
+    assert response.status_code == status, response.text
+    assert needle in response.text
+    assert len(client.get("/tasks", params={"limit": 1000}).json()) == before
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_unknown_and_missing_tasks(service: dict):
+    client = service["client"]
+    missing = str(uuid.uuid4())
+    assert client.get(f"/tasks/{missing}").status_code == 404
+    assert client.post(f"/tasks/{missing}/cancel").status_code == 404
+    queued_elsewhere = str(uuid.uuid4())
+    raw_execute(
+        service["db"],
+        "INSERT INTO tasks (id, task_type, params, status) VALUES (%s, 'hunyuan', '{}', 'Queued')",
+        (queued_elsewhere,),
+    )
+    task = wait_final(client, queued_elsewhere, timeout=60)
+    assert task["status"] == "Failed" and "not served" in task["error_message"]
+    assert client.get("/tasks", params={"status": "Doing"}).status_code == 422
+    assert client.get("/docs").status_code == 200
+    assert "/tasks" in client.get("/openapi.json").json()["paths"]
