@@ -23,9 +23,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from db.http_client import HttpTasks
+from db.http_client import HttpTasks, open_tasks
 from db.models import TaskStatus
-from db.store import TaskConflict, TaskNotFound, TaskStore, TaskStoreError, new_task, open_store
+from db.store import TaskConflict, TaskNotFound, TaskStore, TaskStoreError, new_task
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -158,9 +158,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace, migrate: bool = True) -> TaskStore | HttpTasks:
-    if args.api:
-        return HttpTasks(args.api)
-    return open_store(args.db, migrate=migrate)
+    return open_tasks(args.db, args.api, migrate=migrate)
 
 
 def _read_params(args: argparse.Namespace) -> str:

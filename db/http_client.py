@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from db.models import NewTask, Task, TaskStatus
-from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStoreError
+from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStore, TaskStoreError, open_store
 
 
 class HttpTasks:
@@ -83,3 +83,12 @@ def _detail(response: httpx.Response) -> str:
     if isinstance(detail, list) and detail:
         return "; ".join(str(d.get("msg", d)) for d in detail)
     return str(detail)
+
+
+def open_tasks(
+    db_url: str | None = None, api_url: str | None = None, migrate: bool = True
+) -> TaskStore | HttpTasks:
+    """The tasks table through a running service's API when `api_url` is given, else the database."""
+    if api_url:
+        return HttpTasks(api_url)
+    return open_store(db_url, migrate=migrate)

@@ -5,12 +5,16 @@ One application serves the whole module (starting Ray and loading models is the 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -254,3 +258,46 @@ def test_unknown_and_missing_tasks(service: dict):
     assert client.get("/tasks", params={"status": "Doing"}).status_code == 422
     assert client.get("/docs").status_code == 200
     assert "/tasks" in client.get("/openapi.json").json()["paths"]
+
+
+def test_hwgp_cli_over_the_api(service: dict):
+    api = str(service["client"].base_url)
+    hwgp = [sys.executable, "-m", "db.cli", "--api", api]
+    added = subprocess.run([*hwgp, "add-task", "--type", "flux", "--params", json.dumps({**SMALL, "prompt": "cli"})],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    task_id = added.stdout.strip()
+    waited = subprocess.run(
+        [*hwgp, "wait", task_id, "--timeout", "120"], capture_output=True, text=True, timeout=180
+    )
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert f"files/{task_id}/" in waited.stdout
+    bad = subprocess.run([*hwgp, "add-task", "--type", "t2v", "--params", '{"resolution": "abc"}'],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "resolution" in bad.stderr
+    missing = subprocess.run([*hwgp, "show", str(uuid.uuid4())], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no task" in missing.stderr
+
+
+def test_batch_entry_point_queues_a_chain_and_waits(service: dict, tmp_path: Path):
+    lines = [
+        {"task_type": "t2v", "params": {**SMALL, "prompt": "first", "video_length": 5}},
+        {"task_type": "flux", "params": {**SMALL, "prompt": "second"}, "dependant_on": "#1"},
+    ]
+    jobs = tmp_path / "tasks.jsonl"
+    jobs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    api = str(service["client"].base_url)
+    run = subprocess.run([sys.executable, "-m", "dag.batch", str(jobs), "--api", api, "--poll", "0.5"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "summary: 2 complete, 0 failed" in run.stdout
+    ids = [line.split()[0] for line in run.stdout.splitlines() if " Complete " in line]
+    second = service["client"].get(f"/tasks/{ids[1]}").json()
+    assert second["dependant_on"] == ids[0]
+
+    before = len(service["client"].get("/tasks", params={"limit": 1000}).json())
+    jobs.write_text(json.dumps(lines[0]) + "\n" + '{"task_type": "t2v", "params": [1]}\n')
+    bad = subprocess.run([sys.executable, "-m", "dag.batch", str(jobs), "--api", api],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "line 2" in bad.stderr
+    assert len(service["client"].get("/tasks", params={"limit": 1000}).json()) == before  # nothing queued
