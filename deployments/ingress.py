@@ -304,7 +304,8 @@ class Ingress:
     def _check_local_input(self, name: str, value: Any) -> None:
         refs = value if isinstance(value, list) else [value]
         for i, ref in enumerate(refs):
-            if isinstance(ref, str) and not ref.startswith(("http://", "https://")):
+            # Local paths and output locations only: URLs are fetched once, when the task runs.
+            if isinstance(ref, str) and "://" not in ref:
                 label = f"{name}[{i}]" if isinstance(value, list) else name
                 try:
                     self.fetcher.fetch(ref, field=label)

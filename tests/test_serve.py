@@ -60,7 +60,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "input_dirs": [str(inputs)],
         "models": "tiny",
         "families": {"T2V": family, "VACE": family, "Flux": family},
-        "ingress": {"heartbeat_interval_s": 0.5, "poll_interval_s": 0.2, "progress_interval_s": 0.0},
+        "ingress": {
+            "heartbeat_interval_s": 0.5,
+            "poll_interval_s": 0.2,
+            "progress_interval_s": 0.0,
+            "shutdown_grace_s": 1.0,
+        },
     }
     serve.run(build_app(config), name="hwgp", route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
@@ -301,3 +306,21 @@ def test_batch_entry_point_queues_a_chain_and_waits(service: dict, tmp_path: Pat
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "line 2" in bad.stderr
     assert len(service["client"].get("/tasks", params={"limit": 1000}).json()) == before  # nothing queued
+
+
+def test_shutdown_puts_unfinished_work_back_in_the_queue(service: dict):
+    """Runs last: it deletes the application."""
+    client = service["client"]
+    guide = str(service["inputs"] / "guide.mp4")
+    task_id = submit(client, "vace", {"prompt": "interrupted", "video_guide": guide, "resolution": "256x256",
+                                      "num_inference_steps": 200, "video_length": 33})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while client.get(f"/tasks/{task_id}").json()["progress"] <= 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    serve.delete("hwgp")
+    with open_store(service["db"]) as store:
+        task = store.get(task_id)
+    assert task.status.value == "Queued", (task.status, task.error_message)
+    assert task.worker_id is None and task.output_location is None
+    assert not (service["files"] / task_id).exists()
