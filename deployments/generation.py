@@ -87,7 +87,9 @@ class GenerationDeployment:
     def _load(self, model_id: str) -> dict[str, Any]:
         try:
             report = self.engine.load(model_id)
-        except Exception as error:
+        except EngineError:
+            raise  # a bad model id or missing weights: the task fails, the replica stays healthy
+        except Exception as error:  # corrupt weights, a broken device: let check_health report it
             self.load_error = f"{type(error).__name__}: {error}"
             raise
         self.load_error = None
