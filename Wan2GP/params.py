@@ -28,6 +28,23 @@ def quantize_frames(frames: int) -> int:
     return (frames // 4) * 4 + 1
 
 
+def parse_resolution(value: Any) -> tuple[int, int] | None:
+    """ "WxH" (or a [w, h] pair) -> (width, height); None or "" -> None. ValueError says what is wrong."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        match = _RESOLUTION.match(value)
+        if not match:
+            raise ValueError(f"must be 'WIDTHxHEIGHT' like '832x480', got {value!r}")
+        value = (int(match.group(1)), int(match.group(2)))
+    if not (isinstance(value, list | tuple) and len(value) == 2):
+        raise ValueError(f"must be 'WIDTHxHEIGHT' like '832x480', got {value!r}")
+    width, height = value
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_SIDE for v in value):
+        raise ValueError(f"width and height must be integers in [8, {MAX_SIDE}], got {width}x{height}")
+    return (width, height)
+
+
 def _load_image(value: Any, field: str) -> np.ndarray:
     """A local path, bytes, PIL image or array -> uint8 (H, W, 3)."""
     from PIL import Image
@@ -128,19 +145,7 @@ class BaseParams(BaseModel):
     @field_validator("resolution", mode="before")
     @classmethod
     def _parse_resolution(cls, value: Any) -> Any:
-        if value is None or value == "":
-            return None
-        if isinstance(value, str):
-            match = _RESOLUTION.match(value)
-            if not match:
-                raise ValueError(f"must be 'WIDTHxHEIGHT' like '832x480', got {value!r}")
-            value = (int(match.group(1)), int(match.group(2)))
-        if not (isinstance(value, list | tuple) and len(value) == 2):
-            raise ValueError(f"must be 'WIDTHxHEIGHT' like '832x480', got {value!r}")
-        width, height = value
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_SIDE for v in value):
-            raise ValueError(f"width and height must be integers in [8, {MAX_SIDE}], got {width}x{height}")
-        return (width, height)
+        return parse_resolution(value)
 
     @field_validator("sample_solver")
     @classmethod

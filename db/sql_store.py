@@ -342,6 +342,21 @@ class SqlTaskStore(TaskStore):
                 self._propagate_in(cur)
             return task
 
+    def start(self, task_id: str, worker_id: str) -> Task:
+        if not worker_id:
+            raise InvalidTask("worker_id", "must not be empty")
+        sql = self._sql(
+            "UPDATE tasks SET status = 'In Progress', worker_id = :worker_id, attempts = attempts + 1, "
+            "heartbeat_at = {now}, generation_started_at = {now}, updated_at = {now}, progress = 0, "
+            "progress_message = NULL, error_message = NULL, output_location = NULL, generation_processed_at = NULL "
+            "WHERE id = :id AND status <> 'Complete' "
+        )
+        with self._transaction() as cur:
+            task = self._one(self._execute(cur, sql + RETURNING, {"id": task_id, "worker_id": worker_id}))
+            if task is None:
+                raise self._conflict(cur, task_id, "start")
+            return task
+
     def release(self, task_id: str, worker_id: str, reason: str) -> bool:
         sql = self._sql(
             "UPDATE tasks SET status = 'Queued', worker_id = NULL, heartbeat_at = NULL, progress = 0, "

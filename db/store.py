@@ -121,6 +121,12 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def start(self, task_id: str, worker_id: str) -> Task:
+        """Take over one specific unfinished task for `worker_id` (→ `In Progress`), whatever state it was
+        left in: how an orchestrator drives the rows that mirror its steps, and resumes them after a crash.
+        `Complete` → `TaskConflict`."""
+
+    @abc.abstractmethod
     def release(self, task_id: str, worker_id: str, reason: str) -> bool:
         """Give an unfinished claim back: `In Progress` → `Queued` without spending an attempt
         (a worker shutting down, not a failure). False when the task is no longer this worker's."""

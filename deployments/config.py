@@ -28,6 +28,20 @@ DEPLOYMENT_TASK_TYPES: dict[str, tuple[str, ...]] = {
     "Flux": ("flux", "magic_edit"),
 }
 
+# Multi-step task types, run as Ray DAGs by the ingress (their steps go to the family deployments).
+ORCHESTRATION = "DAG"
+ORCHESTRATION_TASK_TYPES: tuple[str, ...] = ("travel_orchestrator",)
+# CPU utility task types, run as Ray tasks.
+UTILITY = "Utility"
+UTILITY_TASK_TYPES: tuple[str, ...] = (
+    "generate_openpose",
+    "rife_interpolate_images",
+    "extract_frame",
+    "join_clips",
+)
+# Rows that mirror an orchestration's steps: driven by their orchestrator, never claimed on their own.
+MANAGED_TASK_TYPES: tuple[str, ...] = ("travel_segment", "travel_stitch", "dp_final_gen")
+
 TINY_DEFAULT_MODELS: dict[str, dict[str, str]] = {
     "T2V": {"t2v": "tiny-t2v", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v"},
     "VACE": {"vace": "tiny-vace"},
@@ -96,6 +110,8 @@ class IngressConfig(BaseModel):
         default=True, description="fail queued tasks no deployment serves instead of leaving them queued"
     )
     max_request_bytes: int = Field(default=2_000_000, gt=0)
+    orchestration_capacity: int = Field(default=2, ge=0, description="multi-step tasks (DAGs) run at once")
+    utility_capacity: int = Field(default=2, ge=0, description="CPU utility tasks run at once")
 
 
 class AppConfig(BaseModel):

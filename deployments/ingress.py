@@ -13,22 +13,38 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.exceptions import RayTaskError, TaskCancelledError
+from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from dag.travel import SegmentFailed, abort_travel, finish_travel, prepare_travel, run_travel
+from dag.travel_plan import parse_travel
+from dag.utility_tasks import UTILITY_INPUT_FIELDS, utility_node, validate_utility
 from db.models import Task, TaskStatus
 from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStore, new_task, open_store
-from deployments.config import DEPLOYMENT_TASK_TYPES, FAMILY_DEPLOYMENT, AppConfig
+from deployments.config import (
+    DEPLOYMENT_TASK_TYPES,
+    FAMILY_DEPLOYMENT,
+    MANAGED_TASK_TYPES,
+    ORCHESTRATION,
+    ORCHESTRATION_TASK_TYPES,
+    UTILITY,
+    UTILITY_TASK_TYPES,
+    AppConfig,
+)
 from deployments.generation import describe_validation_error
 from storage import InputError, InputFetcher, OutputStorage, StorageError
+from Wan2GP.artifact import Artifact
 from Wan2GP.catalog import Catalog, ModelDefinition
 from Wan2GP.engine import resolve_model
 from Wan2GP.errors import EngineError
@@ -89,8 +105,9 @@ class TaskFailure(Exception):
 @dataclass
 class InFlight:
     task: Task
-    deployment: str
-    stream: DeploymentResponseGenerator | None = None
+    deployment: str  # a family deployment, or ORCHESTRATION / UTILITY
+    model_id: str = "?"
+    on_cancel: Callable[[], None] | None = None  # stops the generation / DAG / Ray task
     cancelled: bool = False  # the row was cancelled: drop the result
     started: float = field(default_factory=time.monotonic)
     last_progress_write: float = 0.0
@@ -109,6 +126,19 @@ async def limit_request_size(request: Request, call_next):
     return await call_next(request)
 
 
+def _validation_422(error: ValidationError) -> HTTPException:
+    detail = [
+        {"loc": ["body", "params", *(str(p) for p in e["loc"])], "msg": e["msg"]} for e in error.errors()
+    ]
+    return HTTPException(422, detail=detail)
+
+
+def _cause(error: BaseException) -> str:
+    """The message of what really failed inside a Ray task, without Ray's traceback wrapper."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}" if not isinstance(cause, ValueError) else str(cause)
+
+
 def _http_error(status: int, field: str, message: str) -> HTTPException:
     return HTTPException(status, detail=[{"loc": ["body", *field.split(".")], "msg": message}])
 
@@ -124,7 +154,17 @@ class Ingress:
         os.environ["HWGP_MAX_REQUEST_BYTES"] = str(self.settings.max_request_bytes)
         self.default_models = default_models
         self.handles = handles
-        self.capacity = {name: self.config.families[name].capacity for name in handles}
+        # What the loop claims: task types and how many may run at once, per route.
+        self.routes: dict[str, tuple[tuple[str, ...], int]] = {
+            name: (DEPLOYMENT_TASK_TYPES[name], self.config.families[name].capacity) for name in handles
+        }
+        if "VACE" in handles:
+            self.routes[ORCHESTRATION] = (
+                ORCHESTRATION_TASK_TYPES,
+                self.config.ingress.orchestration_capacity,
+            )
+        self.routes[UTILITY] = (UTILITY_TASK_TYPES, self.config.ingress.utility_capacity)
+        self.capacity = {name: capacity for name, (_, capacity) in self.routes.items()}
         self.catalog = Catalog.load(self.config.models_dir)
         self.store: TaskStore = open_store(os.environ.get("HWGP_DB") or self.config.db)
         self.storage = (
@@ -132,7 +172,7 @@ class Ingress:
         )
         self.fetcher = InputFetcher(self.config.input_dirs, outputs=self.storage)
         self.worker_id = f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.served_task_types = {t for name in handles for t in DEPLOYMENT_TASK_TYPES[name]}
+        self.served_task_types = {t for types, _ in self.routes.values() for t in types}
         self.in_flight: dict[str, InFlight] = {}
         self.stopping = False
         self.loop_error: str | None = None
@@ -256,7 +296,7 @@ class Ingress:
             "problems": problems,
             "worker_id": self.worker_id,
             "database": self.store.url.split("@")[-1],
-            "in_flight": {name: self._in_flight_on(name) for name in self.handles},
+            "in_flight": {name: self._in_flight_on(name) for name in self.routes},
             "capacity": self.capacity,
             "tasks": {status.value: n for status, n in counts.items()},
         }
@@ -279,6 +319,18 @@ class Ingress:
 
     def _validate_params(self, task_type: str, params: dict[str, Any]) -> str:
         """Check what can be checked without running the task; returns the deployment. Raises 422."""
+        if task_type in ORCHESTRATION_TASK_TYPES and task_type in self.served_task_types:
+            return self._validate_orchestration(params)
+        if task_type in UTILITY_TASK_TYPES:
+            try:
+                validate_utility(task_type, params)
+            except ValidationError as error:
+                raise _validation_422(error) from None
+            except ValueError as error:
+                raise _http_error(422, "params", str(error)) from None
+            for name in UTILITY_INPUT_FIELDS:
+                self._check_local_input(name, params.get(name))
+            return UTILITY
         if task_type not in self.served_task_types:
             raise _http_error(
                 422,
@@ -300,6 +352,18 @@ class Ingress:
         for name in INPUT_FIELDS:
             self._check_local_input(name, params.get(name))
         return deployment
+
+    def _validate_orchestration(self, params: dict[str, Any]) -> str:
+        try:
+            plan = parse_travel(params)
+        except ValidationError as error:
+            raise _validation_422(error) from None
+        except ValueError as error:
+            raise _http_error(422, "params", str(error)) from None
+        self._check_local_input("anchors", list(plan.anchors))
+        if plan.continue_from_video:
+            self._check_local_input("continue_from_video", plan.continue_from_video)
+        return ORCHESTRATION
 
     def _check_local_input(self, name: str, value: Any) -> None:
         refs = value if isinstance(value, list) else [value]
@@ -325,10 +389,10 @@ class Ingress:
         parsed = parse_params(task_type, _without_inputs(params))
         return resolve_model(self.catalog, self.default_models, task_type, parsed)
 
-    def _fetch_inputs(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _fetch_inputs(self, params: dict[str, Any], fields: tuple[str, ...] = INPUT_FIELDS) -> dict[str, Any]:
         """The params with each input reference replaced by the file's bytes."""
         resolved = dict(params)
-        for name in INPUT_FIELDS:
+        for name in fields:
             value = params.get(name)
             if isinstance(value, str):
                 resolved[name] = self.fetcher.fetch(value, field=name).read_bytes()
@@ -373,7 +437,7 @@ class Ingress:
         if self.settings.fail_unknown_task_types:
             queued = await asyncio.to_thread(self.store.list, status=TaskStatus.QUEUED, limit=1000)
             for task in queued:
-                if task.task_type not in self.served_task_types:
+                if task.task_type not in self.served_task_types and task.task_type not in MANAGED_TASK_TYPES:
                     message = (
                         f"task_type {task.task_type!r} is not served by this application; "
                         f"served: {', '.join(sorted(self.served_task_types))}"
@@ -385,16 +449,14 @@ class Ingress:
 
     async def _claim(self) -> int:
         claimed = 0
-        for deployment in self.handles:
-            free = self.capacity[deployment] - self._in_flight_on(deployment)
+        for route, (task_types, capacity) in self.routes.items():
+            free = capacity - self._in_flight_on(route)
             if free <= 0 or self.stopping:
                 continue
-            tasks = await asyncio.to_thread(
-                self.store.claim_next, self.worker_id, DEPLOYMENT_TASK_TYPES[deployment], free
-            )
+            tasks = await asyncio.to_thread(self.store.claim_next, self.worker_id, task_types, free)
             for task in tasks:
                 self.m_claimed.inc(tags={"task_type": task.task_type})
-                entry = InFlight(task=task, deployment=deployment)
+                entry = InFlight(task=task, deployment=route)
                 self.in_flight[task.id] = entry
                 asyncio.get_running_loop().create_task(self._run(entry))
             claimed += len(tasks)
@@ -402,42 +464,29 @@ class Ingress:
         return claimed
 
     async def _run(self, entry: InFlight) -> None:
+        """Produce the task's artifact on its route, store it, complete the row; or fail / requeue it."""
         task = entry.task
-        model_id = "?"
         try:
-            try:
-                entry.deployment = self._route(task.task_type, task.params)
-                model_id = self._model(task.task_type, task.params).id
-                params = await asyncio.to_thread(self._fetch_inputs, task.params)
-            except ValidationError as error:
-                raise TaskFailure(describe_validation_error(error)) from None
-            except (EngineError, InputError, ValueError) as error:
-                raise TaskFailure(str(error)) from None
-            handle = self.handles[entry.deployment].options(stream=True, multiplexed_model_id=model_id)
-            entry.stream = handle.generate.remote(task.task_type, params, task.id)
-            artifact = None
-            async for event in entry.stream:
-                kind = event["event"]
-                if kind == "progress":
-                    await self._progress(entry, event["step"], event["total"])
-                elif kind == "done":
-                    artifact = event["artifact"]
-                elif kind == "error":
-                    if event["kind"] == "cancelled":
-                        raise asyncio.CancelledError
-                    raise TaskFailure(event["message"])
+            if entry.deployment == ORCHESTRATION:
+                artifact, model_id, finish = await self._orchestrate(entry)
+            elif entry.deployment == UTILITY:
+                artifact, model_id, finish = await self._utility(entry), task.task_type, None
+            else:
+                artifact, model_id, finish = await self._generate(entry), entry.model_id, None
             if entry.cancelled or artifact is None:
                 raise asyncio.CancelledError
             try:
                 saved = await asyncio.to_thread(self.storage.save, task.id, artifact)
             except StorageError as error:
                 raise TaskFailure(f"storing the output failed: {error}") from None
+            if finish is not None:
+                await asyncio.to_thread(finish, saved.output_location)
             await asyncio.to_thread(self.store.complete, task.id, saved.output_location, self.worker_id)
             self.m_completed.inc(tags={"task_type": task.task_type})
             self.m_generation.observe(time.monotonic() - entry.started, tags={"model": model_id})
         except TaskFailure as failure:
             await self._fail(entry, str(failure), retryable=failure.retryable)
-        except (asyncio.CancelledError, TaskConflict):
+        except (asyncio.CancelledError, TaskConflict, TaskCancelledError):
             if not entry.cancelled:  # we are shutting down: give the task back
                 await asyncio.to_thread(
                     self.store.release, task.id, self.worker_id, f"requeued: {self.worker_id} shut down"
@@ -449,6 +498,92 @@ class Ingress:
             self.in_flight.pop(task.id, None)
             self.m_in_flight.set(len(self.in_flight))
             self._wake.set()
+
+    async def _generate(self, entry: InFlight) -> Artifact | None:
+        """One generation on the family deployment its model belongs to, streamed."""
+        task = entry.task
+        try:
+            entry.deployment = self._route(task.task_type, task.params)
+            entry.model_id = self._model(task.task_type, task.params).id
+            params = await asyncio.to_thread(self._fetch_inputs, task.params)
+        except ValidationError as error:
+            raise TaskFailure(describe_validation_error(error)) from None
+        except (EngineError, InputError, ValueError) as error:
+            raise TaskFailure(str(error)) from None
+        handle = self.handles[entry.deployment].options(stream=True, multiplexed_model_id=entry.model_id)
+        stream = handle.generate.remote(task.task_type, params, task.id)
+        entry.on_cancel = stream.cancel
+        artifact = None
+        async for event in stream:
+            kind = event["event"]
+            if kind == "progress":
+                await self._progress(entry, event["step"], event["total"])
+            elif kind == "done":
+                artifact = event["artifact"]
+            elif kind == "error":
+                if event["kind"] == "cancelled":
+                    raise asyncio.CancelledError
+                raise TaskFailure(event["message"])
+        return artifact
+
+    async def _orchestrate(self, entry: InFlight) -> tuple[Artifact, str, Callable[[str], None]]:
+        """A multi-step task: plan, mirror its steps as rows, run its Ray DAG."""
+        task = entry.task
+        try:
+            run = await asyncio.to_thread(prepare_travel, self, task)
+        except ValidationError as error:
+            raise TaskFailure(describe_validation_error(error)) from None
+        except (InputError, ValueError) as error:
+            raise TaskFailure(str(error)) from None
+        entry.on_cancel = run.cancel
+        try:
+            artifact = await run_travel(self, run)
+        except BaseException as error:
+            cancelled = entry.cancelled or isinstance(error, asyncio.CancelledError | TaskCancelledError)
+            message = f"orchestrator {task.id} was cancelled" if cancelled else _cause(error)
+            if cancelled and not entry.cancelled:  # shutting down: leave the rows for the resumed run
+                raise
+            await asyncio.to_thread(abort_travel, self, run, message, cancelled)
+            if cancelled:
+                raise
+            failed_in_code = isinstance(error, RayTaskError) and isinstance(
+                error.cause, SegmentFailed | ValueError
+            )
+            raise TaskFailure(message, retryable=not failed_in_code) from None
+        return artifact, run.plan.model or "vace", lambda location: finish_travel(self, run, location)
+
+    async def _utility(self, entry: InFlight) -> Artifact:
+        """A CPU utility task, run as a Ray task (never on a GPU replica's time)."""
+        task = entry.task
+        params = dict(task.params)
+        source_id = params.get("input_video_task_id")
+        if source_id and params.get("input_video_path") is None:
+            try:
+                source = await asyncio.to_thread(self.store.get, source_id)
+            except TaskNotFound:
+                raise TaskFailure(f"input_video_task_id: no task with id {source_id!r}") from None
+            if source.status != TaskStatus.COMPLETE:
+                raise TaskFailure(
+                    f"input_video_task_id: task {source_id} is {source.status.value}; it has no output"
+                )
+            params["input_video_path"] = source.output_location
+        try:
+            params = await asyncio.to_thread(self._fetch_inputs, params, UTILITY_INPUT_FIELDS)
+            ref = utility_node.remote(task.task_type, params, task.id)
+            entry.on_cancel = lambda: ray.cancel(ref)
+            return await ref
+        except ValidationError as error:
+            raise TaskFailure(describe_validation_error(error)) from None
+        except (InputError, ValueError) as error:
+            raise TaskFailure(str(error)) from None
+        except RayTaskError as error:
+            if isinstance(error.cause, ValueError | InputError | ValidationError):
+                raise TaskFailure(_cause(error)) from None
+            raise
+
+    def model_id(self, task_type: str, params: dict[str, Any]) -> str:
+        """The model a task would run on (used by orchestrations to route their steps)."""
+        return self._model(task_type, params).id
 
     async def _fail(self, entry: InFlight, message: str, retryable: bool) -> None:
         try:
@@ -486,8 +621,8 @@ class Ingress:
 
     def _stop(self, entry: InFlight) -> None:
         entry.cancelled = True
-        if entry.stream is not None:
-            entry.stream.cancel()
+        if entry.on_cancel is not None:
+            entry.on_cancel()
 
     async def _heartbeat_loop(self) -> None:
         while not self.stopping:
@@ -509,8 +644,8 @@ class Ingress:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         for entry in list(self.in_flight.values()):
-            if entry.stream is not None:
-                entry.stream.cancel()
+            if entry.on_cancel is not None:
+                entry.on_cancel()
             await asyncio.to_thread(
                 self.store.release, entry.task.id, self.worker_id, f"requeued: {self.worker_id} shut down"
             )

@@ -254,6 +254,32 @@ def test_release_gives_the_claim_back_without_spending_an_attempt(store: TaskSto
     assert again.id == task.id and again.attempts == 1
 
 
+def test_start_takes_over_an_unfinished_task(store: TaskStore):
+    queued, failed, done = (
+        store.add("travel_segment", {}),
+        store.add("travel_segment", {}),
+        store.add("t2v", {}),
+    )
+    started = store.start(queued.id, "orchestrator")
+    assert (
+        started.status == TaskStatus.IN_PROGRESS
+        and started.worker_id == "orchestrator"
+        and started.attempts == 1
+    )
+    store.fail(failed.id, "earlier run died")
+    restarted = store.start(failed.id, "orchestrator-2")
+    assert restarted.status == TaskStatus.IN_PROGRESS and restarted.error_message is None
+    assert restarted.output_location is None
+    taken_over = store.start(queued.id, "orchestrator-2")  # left In Progress by a dead worker
+    assert taken_over.worker_id == "orchestrator-2" and taken_over.attempts == 2
+    store.claim_next("w", task_types=["t2v"])
+    store.complete(done.id, "files/x.mp4")
+    with pytest.raises(TaskConflict, match="Complete"):
+        store.start(done.id, "orchestrator")
+    with pytest.raises(TaskNotFound):
+        store.start(str(uuid.uuid4()), "orchestrator")
+
+
 def test_progress_is_stored_and_validated(store: TaskStore):
     task = store.add("t2v", {})
     store.claim_next("w")

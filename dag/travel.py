@@ -1,0 +1,321 @@
+"""`travel_orchestrator` as a Ray DAG: segment nodes (VACE generations) → stitch node.
+
+The ingress calls `run_travel`. It plans the segments, mirrors them in the tasks table (one
+`travel_segment` row per segment and one `travel_stitch` row, with deterministic ids so a re-claimed
+orchestrator finds them again), then executes a DAG built with `.bind()`:
+
+    chained:      anchors ─> seg0 ─> seg1 ─> seg2 ─┐
+                                                    ├─> stitch
+    independent:  anchors ─> seg0, seg1, seg2 ─────┘       (segments run in parallel across replicas)
+
+Intermediate clips travel as Ray objects, never through the database. Segments whose rows are
+already `Complete` (a resumed run) enter the DAG as constants loaded from their stored outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+import ray
+from ray.dag import InputNode, MultiOutputNode
+
+from dag.travel_plan import (
+    TravelPlan,
+    final_filename,
+    parse_travel,
+    plan_segments,
+    segment_filename,
+    segment_guide,
+    segment_params,
+    stitch_segments,
+)
+from db.models import NewTask, Task, TaskStatus
+from db.store import TaskNotFound, TaskStore
+from storage import InputFetcher, OutputStorage
+from Wan2GP.artifact import Artifact
+from Wan2GP.video import decode_video, encode_mp4, load_image, mask_to_video
+
+logger = logging.getLogger("ray.serve")
+
+SEGMENT_TYPE = "travel_segment"
+STITCH_TYPE = "travel_stitch"
+
+
+class RunContext(Protocol):
+    """What an orchestration needs from the ingress that runs it."""
+
+    store: TaskStore
+    storage: OutputStorage
+    fetcher: InputFetcher
+    worker_id: str
+    handles: dict[str, Any]
+
+    def model_id(self, task_type: str, params: dict[str, Any]) -> str: ...
+
+
+class SegmentFailed(RuntimeError):
+    pass
+
+
+# --- DAG nodes (Ray tasks: CPU work, never on a GPU replica's time) ---------------------------------
+
+
+@ray.remote(num_cpus=0.05, max_retries=0)
+def segment_node(
+    plan: TravelPlan, spec: Any, previous: dict | np.ndarray | None, anchors: list[np.ndarray], vace, model_id: str,
+    task_id: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Build segment `spec`'s guide and mask, generate it on the VACE deployment, return its frames."""
+    started = time.time()
+    previous_frames = previous["frames"] if isinstance(previous, dict) else previous
+    guide, mask = segment_guide(plan, spec, previous_frames, anchors)
+    params = segment_params(plan, spec, guide, mask)
+    stream = vace.options(stream=True, multiplexed_model_id=model_id).generate.remote("vace", params, task_id)
+    artifact = None
+    try:
+        for event in stream:
+            if event["event"] == "done":
+                artifact = event["artifact"]
+            elif event["event"] == "error":
+                raise SegmentFailed(f"segment {spec.index}: {event['message']}")
+    except BaseException:
+        stream.cancel()  # a cancelled or failed run must not leave the replica generating
+        raise
+    frames, _ = decode_video(artifact.data)
+    artifact.filename = segment_filename(plan.run_id, spec.index)
+    result = {
+        "index": spec.index,
+        "frames": frames,
+        "artifact": artifact,
+        "started": started,
+        "finished": time.time(),
+    }
+    if plan.debug or plan.skip_cleanup:
+        result["guide"] = encode_mp4(guide, fps=plan.fps)
+        result["mask"] = encode_mp4(mask_to_video(mask), fps=plan.fps)
+    return result
+
+
+@ray.remote(num_cpus=0.05, max_retries=0)
+def stitch_node(
+    plan: TravelPlan, anchors: list[np.ndarray], continued: np.ndarray | None, *segments: dict
+) -> Artifact:
+    clips = [s["frames"] for s in sorted(segments, key=lambda s: s["index"])]
+    frames = stitch_segments(plan, clips, anchors[0] if anchors else None, continued=continued)
+    expected = plan.total_frames
+    if plan.debug:
+        logger.info(
+            "[STITCH_DEBUG] %s: segments %s frames, overlaps %s -> expected %d, got %d",
+            plan.run_id, [len(c) for c in clips], plan.overlaps, expected, len(frames),
+        )  # fmt: skip
+    return Artifact(
+        data=encode_mp4(frames, fps=plan.fps),
+        filename=final_filename(plan.run_id),
+        media_type="video/mp4",
+        metadata={
+            "frames": int(frames.shape[0]),
+            "expected_frames": expected,
+            "fps": plan.fps,
+            "width": int(frames.shape[2]),
+            "height": int(frames.shape[1]),
+            "segments": len(clips),
+            "chain_segments": plan.chain_segments,
+        },
+    )
+
+
+# --- orchestration (runs in the ingress) --------------------------------------------------------------
+
+
+def mirror_id(orchestrator_id: str, name: str) -> str:
+    """Deterministic row ids: a re-claimed orchestrator finds the rows its first attempt made."""
+    return str(uuid.uuid5(uuid.UUID(orchestrator_id), name))
+
+
+@dataclass
+class TravelRun:
+    task: Task
+    plan: TravelPlan
+    segment_ids: list[str]
+    stitch_id: str
+    refs: list[ray.ObjectRef] | None = None
+
+    def cancel(self) -> None:
+        for ref in self.refs or []:
+            ray.cancel(ref, recursive=True)
+
+
+def prepare_travel(ctx: RunContext, task: Task) -> TravelRun:
+    """Parse and plan (raises pydantic.ValidationError naming the field), then make the mirror rows."""
+    plan = parse_travel(task.params, default_run_id=task.id)  # a resumed run keeps its file names
+    specs = plan_segments(plan)
+    segment_ids = [mirror_id(task.id, f"{SEGMENT_TYPE}:{spec.index}") for spec in specs]
+    stitch_id = mirror_id(task.id, STITCH_TYPE)
+    for spec, row_id in zip(specs, segment_ids, strict=True):
+        depends = segment_ids[spec.index - 1] if spec.index > 0 and plan.chain_segments else None
+        params = {
+            "orchestrator_task_id": task.id,
+            "orchestrator_run_id": plan.run_id,
+            "run_id": plan.run_id,
+            "segment_index": spec.index,
+            "frames": spec.frames,
+            "prompt": spec.prompt,
+        }
+        _ensure_row(ctx.store, row_id, SEGMENT_TYPE, params, depends, task.project_id)
+    stitch_params = {
+        "orchestrator_task_id": task.id,
+        "run_id": plan.run_id,
+        "expected_frames": plan.total_frames,
+    }
+    _ensure_row(ctx.store, stitch_id, STITCH_TYPE, stitch_params, segment_ids[-1], task.project_id)
+    return TravelRun(task=task, plan=plan, segment_ids=segment_ids, stitch_id=stitch_id)
+
+
+def _ensure_row(
+    store: TaskStore, row_id: str, task_type: str, params: dict, depends: str | None, project: str | None
+):
+    try:
+        store.get(row_id)
+    except TaskNotFound:
+        store.create(
+            NewTask(id=row_id, task_type=task_type, params=params, dependant_on=depends, project_id=project)
+        )
+
+
+def _stored_frames(ctx: RunContext, row: Task) -> np.ndarray | None:
+    """A completed segment's frames from its stored output, or None when they are gone."""
+    if row.status != TaskStatus.COMPLETE or not row.output_location:
+        return None
+    local = ctx.storage.resolve_local(row.output_location)
+    if local is None or not local.is_file():
+        return None
+    return decode_video(local)[0]
+
+
+async def run_travel(ctx: RunContext, run: TravelRun) -> Artifact:
+    """Execute the DAG, mirroring each step's status in its row; returns the final video."""
+    plan, store = run.plan, ctx.store
+    specs = plan_segments(plan)
+
+    def load_inputs() -> tuple[list[np.ndarray], np.ndarray | None, dict[int, np.ndarray]]:
+        anchors = [
+            load_image(ctx.fetcher.fetch(ref, field=f"anchors[{i}]")) for i, ref in enumerate(plan.anchors)
+        ]
+        continued = None
+        if plan.continue_from_video:
+            continued = decode_video(
+                ctx.fetcher.fetch(plan.continue_from_video, field="continue_from_video")
+            )[0]
+        reused = {}
+        for spec, row_id in zip(specs, run.segment_ids, strict=True):
+            frames = _stored_frames(ctx, store.get(row_id))
+            if frames is not None:
+                reused[spec.index] = frames
+        return anchors, continued, reused
+
+    anchors, continued, reused = await asyncio.to_thread(load_inputs)
+    if reused:
+        logger.info("travel %s: reusing stored segments %s", plan.run_id, sorted(reused))
+    # The model a VACE step resolves to (the guide is only a stand-in: steps make their own).
+    model_id = ctx.model_id("vace", {"video_guide": "guide", **({"model": plan.model} if plan.model else {})})
+    vace = ctx.handles["VACE"]
+
+    with InputNode() as anchors_input:
+        nodes: list[Any] = []
+        previous: Any = continued
+        for spec, row_id in zip(specs, run.segment_ids, strict=True):
+            if spec.index in reused:
+                node: Any = {"index": spec.index, "frames": reused[spec.index], "reused": True}
+            else:
+                node = segment_node.bind(
+                    plan,
+                    spec,
+                    previous if plan.chain_segments else None,
+                    anchors_input,
+                    vace,
+                    model_id,
+                    row_id,
+                )
+            nodes.append(node)
+            previous = node
+        generated = [n for n in nodes if not isinstance(n, dict)]
+        stitch = stitch_node.bind(plan, anchors_input, continued, *nodes)
+        dag = MultiOutputNode([*generated, stitch]) if generated else MultiOutputNode([stitch])
+
+    await asyncio.to_thread(_start_rows, store, ctx.worker_id, run, specs, reused)
+    run.refs = dag.execute(anchors)
+    segment_refs, stitch_ref = run.refs[:-1], run.refs[-1]
+    pending_ids = [rid for spec, rid in zip(specs, run.segment_ids, strict=True) if spec.index not in reused]
+    for ref, row_id in zip(segment_refs, pending_ids, strict=True):
+        result = await ref  # in order: chained segments finish in order anyway
+        await asyncio.to_thread(_record_segment, ctx, plan, row_id, result)
+        if plan.chain_segments:
+            next_index = result["index"] + 1
+            if next_index < len(specs) and next_index not in reused:
+                await asyncio.to_thread(store.start, run.segment_ids[next_index], ctx.worker_id)
+    await asyncio.to_thread(store.start, run.stitch_id, ctx.worker_id)
+    artifact: Artifact = await stitch_ref
+    if plan.debug:
+        logger.info("[FRAME_DEBUG] travel %s final: expected %d frames, got %d",
+                    plan.run_id, plan.total_frames, artifact.metadata["frames"])  # fmt: skip
+    return artifact
+
+
+def _start_rows(store: TaskStore, worker_id: str, run: TravelRun, specs: list, reused: dict) -> None:
+    """Mark the segments about to run `In Progress`: all of them in independent mode, the first in a chain."""
+    for spec, row_id in zip(specs, run.segment_ids, strict=True):
+        if spec.index in reused:
+            continue
+        store.start(row_id, worker_id)
+        if run.plan.chain_segments:
+            break
+
+
+def _record_segment(ctx: RunContext, plan: TravelPlan, row_id: str, result: dict) -> None:
+    saved = ctx.storage.save(row_id, result["artifact"])
+    # When the node ran, for anyone reading the row (and to show independent segments overlapping).
+    ran = f"generated from {_iso(result['started'])} to {_iso(result['finished'])}"
+    ctx.store.set_progress(row_id, ctx.worker_id, 1.0, ran)
+    if "guide" in result:
+        base = segment_filename(plan.run_id, result["index"]).removesuffix("_output.mp4")
+        ctx.storage.save_bytes(row_id, result["guide"], f"{base}_guide.mp4", "video/mp4")
+        ctx.storage.save_bytes(row_id, result["mask"], f"{base}_mask.mp4", "video/mp4")
+    ctx.store.complete(row_id, saved.output_location, worker_id=ctx.worker_id)
+    if plan.debug:
+        logger.info(
+            "[SEGMENT_DEBUG] %s segment %d: %d frames", plan.run_id, result["index"], len(result["frames"])
+        )
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def finish_travel(ctx: RunContext, run: TravelRun, output_location: str) -> None:
+    """The stitch row completes with the final video; intermediate files go unless debug / skip_cleanup."""
+    ctx.store.complete(run.stitch_id, output_location, worker_id=ctx.worker_id)
+    if run.plan.debug or run.plan.skip_cleanup:
+        return
+    for row_id in run.segment_ids:
+        folder = ctx.storage.root / row_id
+        for path in folder.glob("*") if folder.is_dir() else []:
+            path.unlink(missing_ok=True)
+
+
+def abort_travel(ctx: RunContext, run: TravelRun, message: str, cancelled: bool) -> None:
+    """A failed or cancelled run: its unfinished rows say so (their dependants fail naming them)."""
+    for row_id in [*run.segment_ids, run.stitch_id]:
+        row = ctx.store.get(row_id)
+        if row.status.is_final:
+            continue
+        if cancelled:
+            ctx.store.cancel(row_id)
+        else:
+            ctx.store.fail(row_id, message)

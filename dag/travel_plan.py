@@ -1,0 +1,672 @@
+"""Travel between images, without Ray: payload parsing, segment planning, guide videos and stitching.
+
+The Ray DAG (``dag/travel.py``) calls these plain functions; everything here is deterministic and testable
+on its own.
+
+Timeline rules (FACTS.md): each segment's frame count is quantized to 4n+1 (``(f // 4) * 4 + 1``); each of
+the N-1 overlaps is made even (rounded down) and capped at the shorter neighbour; the final video has
+Σ segment frames − Σ overlaps frames.
+
+Chained mode (the original's behaviour): segment i+1's guide starts with the last ``overlap[i]`` frames of
+clip i (kept), then grey frames (generated), ending on its end anchor (kept). VACE therefore re-generates
+those leading frames: the stitch cross-fades clip i's last ``overlap[i]`` frames with clip i+1's first
+``overlap[i]`` frames (the re-generated copies of the same frames), so the hand-over is smooth and the length
+is exactly Σ frames − Σ overlaps.
+
+Independent mode (``chain_segments: false``): every segment is conditioned only on its start anchor (frame 0)
+and end anchor (last frame), so segments can run in parallel; the stitch still cross-fades ``overlap[i]``
+frames at each boundary (the end of clip i, arriving at anchor i+1, blends into the start of clip i+1,
+leaving it), so the final length follows the same formula.
+
+Anchors: without ``continue_from_video`` there are N+1 anchor images for N segments and segment i travels
+from anchor i to anchor i+1. With it there are N anchors: segment 0 starts from the last
+``continue_overlap`` frames of that video and ends on anchor 0; segment i ends on anchor i.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
+
+from Wan2GP.params import MAX_FRAMES, MAX_SIDE, BaseParams, quantize_frames
+from Wan2GP.video import (
+    adjust_saturation_brightness,
+    build_vace_guide,
+    colour_match,
+    fade,
+    fit_resolution,
+    mask_to_video,
+    stitch,
+    upscale,
+)
+
+MIN_SEGMENT_FRAMES = 5  # a segment needs distinct first and last frames for its two anchors
+DEFAULT_SEED = 12345  # the original's default seed_base
+DEFAULT_FPS = 16  # the original's default fps_helpers
+_RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX*×]\s*(\d+)\s*$")
+
+
+class PostProcess(BaseModel):
+    """The stitch's post-processing chain, applied in this order: colour match, saturation/brightness,
+    fades, upscale. ``show_input_images`` is accepted for compatibility and ignored (the original drew the
+    anchor images beside the video; nothing here renders it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    colour_match: bool = False
+    saturation: float | None = Field(None, ge=0.0, le=10.0)
+    brightness: float | None = Field(None, ge=0.0, le=10.0)
+    fade_in: int = Field(0, ge=0)
+    fade_out: int = Field(0, ge=0)
+    upscale_factor: float | None = Field(None, gt=0.0, le=8.0)
+    crossfade_sharpness: float = Field(0.0, ge=0.0, le=10.0)
+    show_input_images: bool = False
+
+
+class TravelPlan(BaseModel):
+    """A validated travel run: everything already expanded to one value per segment (or per boundary)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str = Field(min_length=1)
+    anchors: list[str]
+    prompts: list[str]
+    negative_prompts: list[str]  # "" = the model's default negative prompt
+    segment_frames: list[int]
+    overlaps: list[int]  # overlaps[i] joins segment i and i+1
+    width: int = Field(ge=8, le=MAX_SIDE)
+    height: int = Field(ge=8, le=MAX_SIDE)
+    model: str | None = None
+    seed_base: int = DEFAULT_SEED  # -1: every segment asks the engine for a random seed
+    fps: int = Field(DEFAULT_FPS, ge=1, le=120)
+    chain_segments: bool = True
+    continue_from_video: str | None = None
+    continue_overlap: int = 0  # frames of continue_from_video that segment 0 starts from
+    post: PostProcess = Field(default_factory=PostProcess)
+    debug: bool = False
+    skip_cleanup: bool = False
+    output_dir: str | None = None
+    segment_params_extra: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segment_frames)
+
+    @property
+    def total_frames(self) -> int:
+        """Frames of the stitched new segments (a continued video's own frames come on top, see stitch)."""
+        return sum(self.segment_frames) - sum(self.overlaps)
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One segment of a plan. ``anchors`` holds (frame index in the segment, index into plan.anchors)."""
+
+    index: int
+    frames: int
+    overlap_in: int  # leading guide frames taken from the previous clip (or the continued video)
+    overlap_out: int  # frames cross-faded with the next segment at stitch time
+    anchors: tuple[tuple[int, int], ...]
+    prompt: str
+    negative_prompt: str
+    seed: int
+    start: int  # first frame of this clip in the stitched timeline (new segments only)
+    end: int  # one past its last frame
+
+
+def segment_filename(run_id: str, index: int) -> str:
+    return f"{run_id}_seg{index:02d}_output.mp4"
+
+
+def final_filename(run_id: str) -> str:
+    return f"{run_id}_final.mp4"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _error(loc: tuple, message: str, value: Any) -> ValidationError:
+    """A ValidationError whose loc names the field as the client spelled it."""
+    return ValidationError.from_exception_data(
+        "TravelPlan",
+        [
+            {
+                "type": PydanticCustomError("travel_param", "{problem}", {"problem": message}),
+                "loc": loc,
+                "input": value,
+            }
+        ],
+    )
+
+
+# canonical name -> the keys each payload form may use for it (first found wins)
+_ORIGINAL_KEYS: dict[str, tuple[str, ...]] = {
+    "run_id": ("run_id",),
+    "anchors": ("input_image_paths_resolved",),
+    "num_segments": ("num_new_segments_to_generate",),
+    "prompts": ("base_prompts_expanded",),
+    "negative_prompts": ("negative_prompts_expanded",),
+    "frames": ("segment_frames_expanded",),
+    "overlaps": ("frame_overlap_expanded",),
+    "continue_overlap": (),
+    "resolution": ("parsed_resolution_wh",),
+    "model": ("model_name",),
+    "seed": ("seed_base",),
+    "fps": ("fps_helpers",),
+    "chain_segments": ("chain_segments",),
+    "continue_from_video": ("continue_from_video_resolved_path",),
+    "fade_in": ("fade_in_params_json_str",),
+    "fade_out": ("fade_out_params_json_str",),
+    "saturation": ("after_first_post_generation_saturation",),
+    "brightness": ("after_first_post_generation_brightness",),
+    "colour_match": ("colour_match_videos",),
+    "upscale_factor": ("upscale_factor",),
+    "crossfade_sharpness": ("crossfade_sharp_amt",),
+    "show_input_images": ("show_input_images",),
+    "debug": ("debug_mode_enabled",),
+    "skip_cleanup": ("skip_cleanup_enabled",),
+    "output_dir": ("main_output_dir_for_run",),
+}
+_NATIVE_KEYS: dict[str, tuple[str, ...]] = {
+    "run_id": ("run_id",),
+    "anchors": ("images",),
+    "num_segments": ("num_segments",),
+    "prompts": ("prompts", "prompt"),
+    "negative_prompts": ("negative_prompts", "negative_prompt"),
+    "frames": ("frames",),
+    "overlaps": ("overlap", "overlaps"),
+    "continue_overlap": ("continue_overlap",),
+    "resolution": ("resolution",),
+    "model": ("model", "model_name"),
+    "seed": ("seed", "seed_base"),
+    "fps": ("fps",),
+    "chain_segments": ("chain_segments",),
+    "continue_from_video": ("continue_from_video",),
+    "fade_in": ("fade_in",),
+    "fade_out": ("fade_out",),
+    "saturation": ("saturation",),
+    "brightness": ("brightness",),
+    "colour_match": ("colour_match",),
+    "upscale_factor": ("upscale_factor",),
+    "crossfade_sharpness": ("crossfade_sharpness",),
+    "show_input_images": ("show_input_images",),
+    "debug": ("debug",),
+    "skip_cleanup": ("skip_cleanup",),
+    "output_dir": ("output_dir",),
+}
+# Generation settings passed to every segment's VACE task (validated by the engine's BaseParams).
+_EXTRA_KEYS = (
+    "additional_loras",
+    "activated_loras",
+    "lora_names",
+    "loras_multipliers",
+    "lora_multipliers",
+    "use_causvid_lora",
+    "use_lighti2x_lora",
+    "num_inference_steps",
+    "guidance_scale",
+    "flow_shift",
+    "sample_solver",
+    "control_net_weight",
+    "control_net_weight2",
+)
+
+
+class _Fields:
+    """Reads one payload's values by canonical name, remembering the loc to blame for each."""
+
+    def __init__(self, data: dict, keys: dict[str, tuple[str, ...]], prefix: tuple) -> None:
+        self.data, self.keys, self.prefix = data, keys, prefix
+
+    def loc(self, name: str) -> tuple:
+        keys = self.keys[name]
+        for key in keys:
+            if key in self.data:
+                return (*self.prefix, key)
+        return (*self.prefix, keys[0] if keys else name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        for key in self.keys[name]:
+            if key in self.data and self.data[key] is not None:
+                return self.data[key]
+        return default
+
+    def fail(self, name: str, message: str) -> ValidationError:
+        return _error(self.loc(name), message, self.get(name))
+
+    def integer(self, name: str, default: Any = None, minimum: int | None = None) -> int | None:
+        value = self.get(name, default)
+        if value is None:
+            return None
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, f"must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.fail(name, f"must be >= {minimum}, got {value}")
+        return value
+
+    def number(self, name: str) -> float | None:
+        value = self.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise self.fail(name, f"must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+            raise self.fail(name, f"must be a finite number, got {value!r}")
+        return float(value)
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.get(name, default)
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if not isinstance(value, bool):
+            raise self.fail(name, f"must be true or false, got {value!r}")
+        return value
+
+    def text(self, name: str) -> str | None:
+        value = self.get(name)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise self.fail(name, f"must be a string, got {type(value).__name__}")
+        return value
+
+    def per_segment(self, name: str, count: int, default: Any = None) -> list:
+        """A single value or a list of ``count`` values -> a list of ``count`` values."""
+        value = self.get(name, default)
+        if value is None:
+            raise self.fail(name, "is required")
+        if not isinstance(value, list | tuple):
+            return [value] * count
+        if len(value) == 1:
+            return list(value) * count
+        if len(value) != count:
+            raise self.fail(name, f"has {len(value)} values for {count} segments (give 1 or {count})")
+        return list(value)
+
+
+def _resolution(fields: _Fields) -> tuple[int, int]:
+    value = fields.get("resolution")
+    if value is None:
+        raise fields.fail("resolution", "is required, as 'WIDTHxHEIGHT' like '512x288'")
+    if isinstance(value, str):
+        match = _RESOLUTION.match(value)
+        if not match:
+            raise fields.fail("resolution", f"must be 'WIDTHxHEIGHT' like '512x288', got {value!r}")
+        value = (int(match.group(1)), int(match.group(2)))
+    if not (isinstance(value, list | tuple) and len(value) == 2):
+        raise fields.fail("resolution", f"must be 'WIDTHxHEIGHT' like '512x288', got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_SIDE for v in value):
+        raise fields.fail(
+            "resolution", f"width and height must be integers in [8, {MAX_SIDE}], got {value!r}"
+        )
+    return int(value[0]), int(value[1])
+
+
+def _fade_frames(fields: _Fields, name: str, total: int) -> int:
+    """A fade length in frames. Accepts an integer, or the original's JSON ({"duration_factor": f, ...}):
+    there duration_factor is a fraction of the video, so the fade lasts round(f * total) frames."""
+    value = fields.get(name)
+    if value is None or value == "":
+        return 0
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise fields.fail(name, f"must be a frame count or a JSON object, got {value!r}") from None
+    if isinstance(value, dict):
+        if "frames" in value:
+            value = value["frames"]
+        else:
+            factor = value.get("duration_factor", 0.0)
+            if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 <= factor <= 1:
+                raise fields.fail(name, f"duration_factor must be a number in [0, 1], got {factor!r}")
+            return round(factor * total)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise fields.fail(name, f"must be a non-negative frame count, got {value!r}")
+    return value
+
+
+def _extras(data: dict, prefix: tuple, original: bool) -> dict[str, Any]:
+    extras = {key: data[key] for key in _EXTRA_KEYS if data.get(key) is not None}
+    if data.get("apply_causvid"):  # the original's name for the CausVid preset
+        extras["use_causvid_lora"] = True
+    override = data.get("params_json_str_override") if original else None
+    if override:
+        try:
+            loaded = json.loads(override) if isinstance(override, str) else override
+        except json.JSONDecodeError:
+            raise _error((*prefix, "params_json_str_override"), "is not valid JSON", override) from None
+        if not isinstance(loaded, dict):
+            raise _error((*prefix, "params_json_str_override"), "must be a JSON object", override)
+        if "steps" in loaded:  # the original's name for num_inference_steps
+            extras["num_inference_steps"] = loaded["steps"]
+        extras.update({k: v for k, v in loaded.items() if k in _EXTRA_KEYS})
+    try:
+        BaseParams.model_validate(extras)  # fail now, naming the key, rather than in every segment
+    except ValidationError as error:
+        first = error.errors()[0]
+        loc = (*prefix, *first["loc"]) if first["loc"] else prefix
+        raise _error(loc, first["msg"], first.get("input")) from None
+    return extras
+
+
+def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
+    """Validate a travel payload (the original ``orchestrator_details`` form or the native form).
+
+    Raises pydantic.ValidationError whose loc names the offending key as the client spelled it. Without a
+    ``run_id`` in the payload, ``default_run_id`` is used (pass the orchestrator task's id so a re-parse
+    after a restart names the same files), else a random one.
+    """
+    if not isinstance(params, dict):
+        raise _error(("params",), f"must be a JSON object, got {type(params).__name__}", params)
+    if "orchestrator_details" in params:
+        data = params["orchestrator_details"]
+        if not isinstance(data, dict):
+            raise _error(("orchestrator_details",), "must be a JSON object", data)
+        fields, original = _Fields(data, _ORIGINAL_KEYS, ("orchestrator_details",)), True
+    elif "input_image_paths_resolved" in params:  # the details given at top level
+        data, original = params, True
+        fields = _Fields(data, _ORIGINAL_KEYS, ())
+    else:
+        data, original = params, False
+        fields = _Fields(data, _NATIVE_KEYS, ())
+
+    run_id = fields.text("run_id") or default_run_id or f"travel_{uuid.uuid4().hex[:12]}"
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", run_id) or run_id.startswith("."):
+        raise fields.fail("run_id", f"may hold only letters, digits, '.', '_' and '-', got {run_id!r}")
+
+    continue_from = fields.text("continue_from_video")
+    anchors = fields.get("anchors")
+    if anchors is None:
+        anchors = []
+    if not isinstance(anchors, list | tuple) or not all(isinstance(a, str) and a for a in anchors):
+        raise fields.fail("anchors", "must be a list of image paths or URLs")
+    needed = 1 if continue_from else 2
+    if len(anchors) < needed:
+        what = "with continue_from_video" if continue_from else "to travel between"
+        raise fields.fail("anchors", f"needs at least {needed} images {what}, got {len(anchors)}")
+    count = len(anchors) if continue_from else len(anchors) - 1
+    declared = fields.integer("num_segments", minimum=1)
+    if declared is not None and declared != count:
+        raise fields.fail("num_segments", f"is {declared} but {len(anchors)} images make {count} segments")
+
+    prompts = fields.per_segment("prompts", count)
+    if not all(isinstance(p, str) for p in prompts):
+        raise fields.fail("prompts", "must be strings")
+    negatives = fields.per_segment("negative_prompts", count, default="")
+    if not all(isinstance(p, str) for p in negatives):
+        raise fields.fail("negative_prompts", "must be strings")
+
+    frames = []
+    for i, value in enumerate(fields.per_segment("frames", count)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _error((*fields.loc("frames"), i), f"must be a positive integer, got {value!r}", value)
+        quantized = quantize_frames(value)
+        if not MIN_SEGMENT_FRAMES <= quantized <= MAX_FRAMES:
+            raise _error(
+                (*fields.loc("frames"), i),
+                f"{value} quantizes to {quantized} frames; allowed: {MIN_SEGMENT_FRAMES} to {MAX_FRAMES}",
+                value,
+            )
+        frames.append(quantized)
+
+    raw_overlaps = fields.get("overlaps", 0)
+    if not isinstance(raw_overlaps, list | tuple):
+        raw_overlaps = [raw_overlaps] * max(count, 1)
+    for i, value in enumerate(raw_overlaps):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _error(
+                (*fields.loc("overlaps"), i), f"must be a non-negative integer, got {value!r}", value
+            )
+    raw_overlaps = list(raw_overlaps)
+    continue_overlap = 0
+    if continue_from:
+        explicit = fields.integer("continue_overlap", minimum=0)
+        # The original reuses frame_overlap_expanded[0] for the continued video's boundary.
+        continue_overlap = explicit if explicit is not None else (raw_overlaps[0] if raw_overlaps else 0)
+        continue_overlap = min(continue_overlap, frames[0]) // 2 * 2
+    boundaries = count - 1
+    if len(raw_overlaps) == 1:
+        raw_overlaps = raw_overlaps * boundaries
+    elif len(raw_overlaps) == count and count > 1:
+        raw_overlaps = raw_overlaps[:boundaries]  # original clients expand to N; the last one is unused
+    if len(raw_overlaps) != boundaries and boundaries > 0:
+        raise fields.fail(
+            "overlaps", f"has {len(raw_overlaps)} values for {boundaries} boundaries (give 1 or {boundaries})"
+        )
+    # Cap at the shorter neighbour, then round down to even (the capped value may be odd: frames are 4n+1).
+    overlaps = [min(raw_overlaps[i], frames[i], frames[i + 1]) // 2 * 2 for i in range(boundaries)]
+
+    width, height = _resolution(fields)
+    seed = fields.integer("seed", default=DEFAULT_SEED, minimum=-1)
+    fps = fields.integer("fps", default=DEFAULT_FPS, minimum=1)
+    if fps > 120:
+        raise fields.fail("fps", f"must be <= 120, got {fps}")
+    total = sum(frames) - sum(overlaps)
+    fade_in = _fade_frames(fields, "fade_in", total)
+    fade_out = _fade_frames(fields, "fade_out", total)
+    if fade_in + fade_out > total:
+        raise fields.fail("fade_in", f"fade_in {fade_in} + fade_out {fade_out} exceed the {total} frames")
+    upscale_factor = fields.number("upscale_factor")
+    if upscale_factor is not None and upscale_factor < 0:
+        raise fields.fail("upscale_factor", f"must be >= 0, got {upscale_factor}")
+    if upscale_factor in (0.0, 1.0):  # the original sends 0.0 for "no upscale"
+        upscale_factor = None
+
+    post_values = {
+        "colour_match": fields.flag("colour_match", False),
+        "saturation": fields.number("saturation"),
+        "brightness": fields.number("brightness"),
+        "fade_in": fade_in,
+        "fade_out": fade_out,
+        "upscale_factor": upscale_factor,
+        "crossfade_sharpness": fields.number("crossfade_sharpness") or 0.0,
+        "show_input_images": fields.flag("show_input_images", False),
+    }
+    try:
+        post = PostProcess(**post_values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise fields.fail(str(first["loc"][0]), first["msg"]) from None
+
+    return TravelPlan(
+        run_id=run_id,
+        anchors=list(anchors),
+        prompts=prompts,
+        negative_prompts=negatives,
+        segment_frames=frames,
+        overlaps=overlaps,
+        width=width,
+        height=height,
+        model=fields.text("model"),
+        seed_base=seed,
+        fps=fps,
+        chain_segments=fields.flag("chain_segments", True),
+        continue_from_video=continue_from,
+        continue_overlap=continue_overlap,
+        post=post,
+        debug=fields.flag("debug", False),
+        skip_cleanup=fields.flag("skip_cleanup", False),
+        output_dir=fields.text("output_dir"),
+        segment_params_extra=_extras(data, fields.prefix, original),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------------------
+
+
+def plan_segments(plan: TravelPlan) -> list[SegmentSpec]:
+    """One SegmentSpec per segment, with its anchor placements and its place in the final timeline."""
+    specs = []
+    start = 0
+    offset = 0 if plan.continue_from_video else 1  # end anchor of segment i is anchors[i + offset]
+    for i, frames in enumerate(plan.segment_frames):
+        end_anchor = i + offset
+        start_anchor = end_anchor - 1
+        if i == 0 and plan.continue_from_video:
+            overlap_in = plan.continue_overlap
+        elif plan.chain_segments and i > 0:
+            overlap_in = plan.overlaps[i - 1]
+        else:
+            overlap_in = 0
+        placements = []
+        if overlap_in == 0 and start_anchor >= 0:
+            placements.append((0, start_anchor))
+        placements.append((frames - 1, end_anchor))
+        overlap_out = plan.overlaps[i] if i < len(plan.overlaps) else 0
+        seed = -1 if plan.seed_base < 0 else plan.seed_base + i
+        specs.append(
+            SegmentSpec(
+                index=i,
+                frames=frames,
+                overlap_in=overlap_in,
+                overlap_out=overlap_out,
+                anchors=tuple(placements),
+                prompt=plan.prompts[i],
+                negative_prompt=plan.negative_prompts[i],
+                seed=seed,
+                start=start,
+                end=start + frames,
+            )
+        )
+        start += frames - overlap_out
+    return specs
+
+
+def segment_guide(
+    plan: TravelPlan,
+    spec: SegmentSpec,
+    previous_clip: np.ndarray | None,
+    anchors: list[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The VACE guide (T, H, W, 3) and mask (T, H, W) of one segment (mask 255 = generate, 0 = keep).
+
+    ``previous_clip`` is the previous segment's clip (or, for segment 0, the continued video's frames);
+    its last ``spec.overlap_in`` frames lead the guide (resized to the plan's size with a centre crop if
+    the engine returned another size). ``anchors`` are the decoded images of ``plan.anchors``.
+    """
+    if len(anchors) != len(plan.anchors):
+        raise ValueError(f"anchors has {len(anchors)} images, the plan has {len(plan.anchors)}")
+    leading = None
+    if spec.overlap_in:
+        if previous_clip is None:
+            raise ValueError(
+                f"previous_clip is required: segment {spec.index} starts from {spec.overlap_in} of its frames"
+            )
+        if not isinstance(previous_clip, np.ndarray) or previous_clip.ndim != 4:
+            raise ValueError("previous_clip must be a (T, H, W, 3) uint8 array")
+        if len(previous_clip) < spec.overlap_in:
+            raise ValueError(
+                f"previous_clip has {len(previous_clip)} frames, segment {spec.index} needs its last "
+                f"{spec.overlap_in}"
+            )
+        leading = previous_clip[len(previous_clip) - spec.overlap_in :]
+        if leading.shape[1:3] != (plan.height, plan.width):
+            leading = fit_resolution(leading, plan.width, plan.height, "crop")
+    placed = [(index, anchors[anchor]) for index, anchor in spec.anchors]
+    return build_vace_guide(spec.frames, plan.width, plan.height, leading, placed)
+
+
+def segment_params(plan: TravelPlan, spec: SegmentSpec, guide: np.ndarray, mask: np.ndarray) -> dict:
+    """The ``vace`` task params of one segment, as the engine's VaceParams accepts them."""
+    params: dict[str, Any] = {
+        **plan.segment_params_extra,
+        "prompt": spec.prompt,
+        "resolution": f"{plan.width}x{plan.height}",
+        "video_length": spec.frames,
+        "seed": spec.seed,
+        "fps": plan.fps,
+        "video_guide": guide,
+        "video_mask": mask_to_video(mask),
+    }
+    if spec.negative_prompt:
+        params["negative_prompt"] = spec.negative_prompt
+    if plan.model:
+        params["model"] = plan.model
+    return params
+
+
+def plan_summary(plan: TravelPlan) -> list[str]:
+    """Human-readable lines of the expected frame counts, for debug logs (expected vs actual per step)."""
+    lines = [
+        f"travel {plan.run_id}: {plan.num_segments} segments, frames {plan.segment_frames}, overlaps "
+        f"{plan.overlaps}, expected final {plan.total_frames} frames at {plan.width}x{plan.height}, "
+        f"{'chained' if plan.chain_segments else 'independent'}"
+    ]
+    for spec in plan_segments(plan):
+        lines.append(
+            f"segment {spec.index}: {spec.frames} frames (timeline {spec.start}-{spec.end - 1}), "
+            f"{spec.overlap_in} leading frames kept, anchors {list(spec.anchors)}, seed {spec.seed}"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stitching
+# ---------------------------------------------------------------------------------------------------------
+
+
+def stitch_segments(
+    plan: TravelPlan,
+    clips: list[np.ndarray],
+    first_anchor: np.ndarray | None,
+    continued: np.ndarray | None = None,
+) -> np.ndarray:
+    """Cross-fade the segment clips into the final video and apply the post-processing chain.
+
+    Colour matching (to ``first_anchor``) and saturation/brightness apply to every clip after the first
+    (as the original's ``after_first_post_generation_*`` names say) before the cross-fade, so each overlap
+    blends from the unadjusted into the adjusted look instead of jumping. Then fades, then upscaling.
+    ``continued`` (the decoded continue_from_video) is prepended with ``plan.continue_overlap`` frames of
+    cross-fade, and is itself left unadjusted. Returns uint8 (T, H, W, 3) frames: plan.total_frames of
+    them, plus len(continued) - plan.continue_overlap with a continued video.
+    """
+    if len(clips) != plan.num_segments:
+        raise ValueError(f"clips has {len(clips)} clips, the plan has {plan.num_segments} segments")
+    for i, (clip, frames) in enumerate(zip(clips, plan.segment_frames, strict=True)):
+        if not isinstance(clip, np.ndarray) or clip.ndim != 4:
+            raise ValueError(f"clips[{i}] must be a (T, H, W, 3) uint8 array")
+        if len(clip) != frames:
+            raise ValueError(f"clips[{i}] has {len(clip)} frames, the plan expects {frames}")
+    post = plan.post
+    adjusted = list(clips)
+    if post.colour_match:
+        if first_anchor is None:
+            raise ValueError("first_anchor is required when colour_match is on")
+        adjusted[1:] = [colour_match(clip, first_anchor) for clip in adjusted[1:]]
+    saturation = 1.0 if post.saturation is None else post.saturation
+    brightness = 1.0 if post.brightness is None else post.brightness
+    if (saturation, brightness) != (1.0, 1.0):
+        adjusted[1:] = [adjust_saturation_brightness(clip, saturation, brightness) for clip in adjusted[1:]]
+
+    overlaps = list(plan.overlaps)
+    if continued is not None:
+        if not isinstance(continued, np.ndarray) or continued.ndim != 4:
+            raise ValueError("continued must be a (T, H, W, 3) uint8 array")
+        if continued.shape[1:3] != clips[0].shape[1:3]:
+            continued = fit_resolution(continued, clips[0].shape[2], clips[0].shape[1], "crop")
+        adjusted = [continued, *adjusted]
+        overlaps = [min(plan.continue_overlap, len(continued)), *overlaps]
+    video = stitch(adjusted, overlaps, sharpness=post.crossfade_sharpness)
+
+    if post.fade_in or post.fade_out:
+        video = fade(video, post.fade_in, post.fade_out)
+    if post.upscale_factor:
+        video = upscale(video, post.upscale_factor)
+    return video

@@ -1,0 +1,294 @@
+"""Multi-step tasks end to end: travel between images as a Ray DAG, utilities, resume after a crash.
+
+A real local Ray cluster with two VACE replicas (fake GPUs) and tiny models.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from ray import serve
+
+from db.store import open_store
+from deployments.app import build_app
+from Wan2GP.video import encode_mp4, encode_png, load_image, probe_video
+
+pytestmark = pytest.mark.slow
+FINAL = ("Complete", "Failed", "Cancelled")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("dag")
+    inputs = root / "inputs"
+    inputs.mkdir()
+    for i, colour in enumerate([(250, 20, 20), (20, 250, 20), (20, 20, 250), (250, 250, 20)]):
+        image = np.zeros((48, 64, 3), dtype=np.uint8)
+        image[:] = colour
+        image[10:30, 10 + 8 * i : 30 + 8 * i] = 255  # a square that moves between anchors
+        (inputs / f"anchor{i}.png").write_bytes(encode_png(image))
+    ramp = np.linspace(0, 255, 9).astype(np.uint8)[:, None, None, None] * np.ones((9, 48, 64, 3), np.uint8)
+    (inputs / "clip_a.mp4").write_bytes(encode_mp4(ramp, fps=16))
+    (inputs / "clip_b.mp4").write_bytes(encode_mp4(255 - ramp, fps=16))
+
+    port = _free_port()
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small = {"num_gpus": 0.25, "num_cpus": 0.05}
+    config = {
+        "db": f"sqlite:///{root / 'tasks.db'}",
+        "storage": {"root": str(root / "public" / "files")},
+        "input_dirs": [str(inputs)],
+        "models": "tiny",
+        "families": {"T2V": small, "VACE": {**small, "replicas": 2}, "Flux": small},
+        "ingress": {"heartbeat_interval_s": 0.5, "poll_interval_s": 0.2, "shutdown_grace_s": 0.5},
+    }
+    serve.run(build_app(config), name="hwgp", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield {"client": client, "db": config["db"], "inputs": inputs, "files": root / "public" / "files",
+               "config": config}  # fmt: skip
+    serve.shutdown()
+    ray.shutdown()
+
+
+def wait_final(client: httpx.Client, task_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = client.get(f"/tasks/{task_id}").json()
+        if task["status"] in FINAL:
+            return task
+        time.sleep(0.2)
+    raise AssertionError(f"task {task_id} did not finish: {task}")
+
+
+def travel_params(service: dict, anchors: int, **extra) -> dict:
+    return {
+        "images": [str(service["inputs"] / f"anchor{i}.png") for i in range(anchors)],
+        "prompt": "a square travels",
+        "frames": 13,
+        "overlap": 4,
+        "resolution": "64x48",
+        "num_inference_steps": 2,
+        "seed": 3,
+        **extra,
+    }
+
+
+def rows_of(service: dict, orchestrator_id: str) -> tuple[list, object]:
+    with open_store(service["db"]) as store:
+        tasks = store.list(limit=1000)
+    mine = [t for t in tasks if t.params.get("orchestrator_task_id") == orchestrator_id]
+    segments = sorted(
+        (t for t in mine if t.task_type == "travel_segment"), key=lambda t: t.params["segment_index"]
+    )
+    [stitch] = [t for t in mine if t.task_type == "travel_stitch"]
+    return segments, stitch
+
+
+def test_three_anchor_chained_travel(service: dict):
+    client = service["client"]
+    response = client.post("/tasks", json={"task_type": "travel_orchestrator",
+                                           "params": travel_params(service, 3, run_id="run3")})  # fmt: skip
+    assert response.status_code == 201, response.text
+    orchestrator = wait_final(client, response.json()["id"])
+    assert orchestrator["status"] == "Complete", orchestrator["error_message"]
+    assert orchestrator["output_location"].endswith("/run3_final.mp4")
+
+    final = client.get(f"/tasks/{orchestrator['id']}/output").content
+    assert probe_video(final)["frames"] == 13 + 13 - 4  # Σ segment frames − Σ overlaps
+    segments, stitch = rows_of(service, orchestrator["id"])
+    assert [s.status.value for s in segments] == [
+        "Complete",
+        "Complete",
+    ] and stitch.status.value == "Complete"
+    assert segments[0].dependant_on is None and segments[1].dependant_on == segments[0].id
+    assert stitch.dependant_on == segments[1].id
+    assert stitch.output_location == orchestrator["output_location"]
+    assert [s.output_location.rsplit("/", 1)[1] for s in segments] == [
+        "run3_seg00_output.mp4",
+        "run3_seg01_output.mp4",
+    ]
+
+
+def test_original_payload_form(service: dict):
+    client = service["client"]
+    details = {
+        "run_id": "orig",
+        "input_image_paths_resolved": [str(service["inputs"] / f"anchor{i}.png") for i in range(3)],
+        "num_new_segments_to_generate": 2,
+        "base_prompts_expanded": ["first leg", "second leg"],
+        "negative_prompts_expanded": ["", ""],
+        "segment_frames_expanded": [11, 15],  # quantized to 9 and 13
+        "frame_overlap_expanded": [5],  # made even: 4
+        "parsed_resolution_wh": "64x48",
+        "model_name": "tiny-vace",
+        "seed_base": 11,
+        "debug_mode_enabled": True,
+        "num_inference_steps": 2,
+    }
+    response = client.post("/tasks", json={"task_type": "travel_orchestrator",
+                                           "params": {"orchestrator_details": details}})  # fmt: skip
+    assert response.status_code == 201, response.text
+    orchestrator = wait_final(client, response.json()["id"])
+    assert orchestrator["status"] == "Complete", orchestrator["error_message"]
+    final = client.get(f"/tasks/{orchestrator['id']}/output").content
+    assert probe_video(final)["frames"] == 9 + 13 - 4
+    segments, _ = rows_of(service, orchestrator["id"])
+    # debug mode keeps the guide and mask next to each segment's output
+    names = sorted(p.name for p in (service["files"] / segments[0].id).iterdir())
+    assert names == ["orig_seg00_guide.mp4", "orig_seg00_mask.mp4", "orig_seg00_output.mp4"]
+
+
+def test_independent_segments_run_in_parallel(service: dict):
+    client = service["client"]
+    params = travel_params(service, 3, run_id="parallel", chain_segments=False, num_inference_steps=40,
+                           resolution="128x96", frames=17)  # fmt: skip
+    response = client.post("/tasks", json={"task_type": "travel_orchestrator", "params": params})
+    orchestrator = wait_final(client, response.json()["id"])
+    assert orchestrator["status"] == "Complete", orchestrator["error_message"]
+    assert probe_video(client.get(f"/tasks/{orchestrator['id']}/output").content)["frames"] == 17 + 17 - 4
+    segments, _ = rows_of(service, orchestrator["id"])
+    assert all(s.dependant_on is None for s in segments)
+    spans = []
+    for segment in segments:
+        _, _, start, _, end = segment.progress_message.split()  # "generated from START to END"
+        spans.append((datetime.fromisoformat(start), datetime.fromisoformat(end)))
+    (a_start, a_end), (b_start, b_end) = spans
+    assert a_start < b_end and b_start < a_end, f"segments did not overlap in time: {spans}"
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"images": ["anchor0.png"], "prompt": "x", "frames": 13, "resolution": "64x48"}, "images"),
+        (
+            {"images": ["anchor0.png", "anchor1.png"], "prompt": "x", "frames": 13, "resolution": "abc"},
+            "resolution",
+        ),
+        (
+            {"images": ["anchor0.png", "missing.png"], "prompt": "x", "frames": 13, "resolution": "64x48"},
+            "missing.png",
+        ),
+        (
+            {
+                "images": ["anchor0.png", "anchor1.png"],
+                "prompts": ["a", "b", "c"],
+                "frames": 13,
+                "resolution": "64x48",
+            },
+            "prompts",
+        ),
+    ],
+)
+def test_bad_travel_payloads_are_rejected(service: dict, params: dict, needle: str):
+    params = {**params, "images": [str(service["inputs"] / p) for p in params["images"]]}
+    response = service["client"].post("/tasks", json={"task_type": "travel_orchestrator", "params": params})
+    assert response.status_code == 422 and needle in response.text, response.text
+
+
+def _utility(service: dict, task_type: str, params: dict, **fields) -> dict:
+    response = service["client"].post("/tasks", json={"task_type": task_type, "params": params, **fields})
+    assert response.status_code == 201, response.text
+    return wait_final(service["client"], response.json()["id"])
+
+
+def test_utility_tasks(service: dict):
+    client, inputs = service["client"], service["inputs"]
+    pose = _utility(service, "generate_openpose", {"input_image_path": str(inputs / "anchor0.png")})
+    assert pose["status"] == "Complete", pose["error_message"]
+    assert load_image(client.get(f"/tasks/{pose['id']}/output").content).shape == (48, 64, 3)
+
+    between = _utility(service, "rife_interpolate_images", {"input_image_path1": str(inputs / "anchor0.png"),
+                                                            "input_image_path2": str(inputs / "anchor1.png"),
+                                                            "frames": 5})  # fmt: skip
+    assert between["status"] == "Complete", between["error_message"]
+    assert probe_video(client.get(f"/tasks/{between['id']}/output").content)["frames"] == 5
+
+    joined = _utility(service, "join_clips", {"clips": [str(inputs / "clip_a.mp4"), str(inputs / "clip_b.mp4")],
+                                              "overlap": 4})  # fmt: skip
+    assert joined["status"] == "Complete", joined["error_message"]
+    assert probe_video(client.get(f"/tasks/{joined['id']}/output").content)["frames"] == 9 + 9 - 4
+
+
+def test_extract_frame_from_a_predecessor_task(service: dict):
+    client = service["client"]
+    video = client.post("/tasks", json={"task_type": "t2v", "params": {"prompt": "source", "video_length": 9,
+                                        "resolution": "64x48", "num_inference_steps": 2}}).json()  # fmt: skip
+    frame = _utility(service, "extract_frame", {"frame_index": 4, "input_video_task_id": video["id"]},
+                     dependant_on=video["id"])  # fmt: skip
+    assert frame["status"] == "Complete", frame["error_message"]
+    assert load_image(client.get(f"/tasks/{frame['id']}/output").content).shape == (48, 64, 3)
+
+    out_of_range = _utility(service, "extract_frame", {"frame_index": 50, "input_video_task_id": video["id"]})
+    assert out_of_range["status"] == "Failed"
+    assert "frame_index 50 is out of range" in out_of_range["error_message"]
+
+
+@pytest.mark.parametrize(
+    ("task_type", "params", "needle"),
+    [
+        ("rife_interpolate_images", {"input_image_path1": "missing.png", "input_image_path2": "anchor0.png"},
+         "input_image_path1"),
+        ("extract_frame", {"input_video_path": "clip_a.mp4"}, "frame_index"),
+        ("generate_openpose", {}, "input_image_path"),
+        ("join_clips", {"clips": ["clip_a.mp4"]}, "clips"),
+    ],
+)  # fmt: skip
+def test_bad_utility_input_is_rejected(service: dict, task_type: str, params: dict, needle: str):
+    params = {k: ([str(service["inputs"] / c) for c in v] if isinstance(v, list) else str(service["inputs"] / v))
+              if k != "frame_index" else v for k, v in params.items()}  # fmt: skip
+    response = service["client"].post("/tasks", json={"task_type": task_type, "params": params})
+    assert response.status_code == 422 and needle in response.text, response.text
+
+
+def test_resume_after_the_service_dies_reuses_finished_segments(service: dict):
+    """Runs last: it redeploys the application."""
+    client = service["client"]
+    params = travel_params(
+        service, 4, run_id="resume", num_inference_steps=30, resolution="128x96", frames=17
+    )
+    orchestrator_id = client.post(
+        "/tasks", json={"task_type": "travel_orchestrator", "params": params}
+    ).json()["id"]
+    deadline = time.monotonic() + 300
+    while True:
+        segments, _ = rows_of(service, orchestrator_id) if _has_rows(service, orchestrator_id) else ([], None)
+        if segments and segments[0].status.value == "Complete":
+            break
+        assert time.monotonic() < deadline, "segment 0 never completed"
+        time.sleep(0.1)
+    first_done = segments[0]
+    serve.delete("hwgp")  # the cluster loses the application mid-travel
+    with open_store(service["db"]) as store:
+        assert store.get(orchestrator_id).status.value != "Complete"
+    serve.run(build_app(service["config"]), name="hwgp", route_prefix="/")
+
+    orchestrator = wait_final(client, orchestrator_id)
+    assert orchestrator["status"] == "Complete", orchestrator["error_message"]
+    segments, stitch = rows_of(service, orchestrator_id)
+    # segment 0 was not generated again: same row, same attempt, same finish time
+    assert (
+        segments[0].attempts == 1
+        and segments[0].generation_processed_at == first_done.generation_processed_at
+    )
+    assert all(s.status.value == "Complete" for s in segments) and stitch.status.value == "Complete"
+    final = client.get(f"/tasks/{orchestrator_id}/output").content
+    assert probe_video(final)["frames"] == 3 * 17 - 2 * 4
+
+
+def _has_rows(service: dict, orchestrator_id: str) -> bool:
+    with open_store(service["db"]) as store:
+        return any(t.params.get("orchestrator_task_id") == orchestrator_id for t in store.list(limit=1000))
