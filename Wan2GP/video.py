@@ -24,6 +24,11 @@ from PIL import Image, UnidentifiedImageError
 if TYPE_CHECKING:
     import torch
 
+# imageio-ffmpeg starts its decoder with preexec_fn, which makes Python fork() instead of vfork(). In a
+# Ray worker the fork runs gRPC's at-fork handlers, whose restarted poller can abort the child before it
+# reaches exec (seen here as "Epoll1Poller ... Bad file descriptor"). Without preexec_fn there is no fork.
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
 VideoSource = bytes | str | os.PathLike
 FIT_MODES = ("letterbox", "crop", "stretch")
 

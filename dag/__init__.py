@@ -1,0 +1,1 @@
+"""Multi-step task types (Ray DAGs), utility task types, and the batch entry point."""

@@ -1,6 +1,6 @@
 """`travel_orchestrator` as a Ray DAG: segment nodes (VACE generations) → stitch node.
 
-The ingress calls `run_travel`. It plans the segments, mirrors them in the tasks table (one
+The ingress calls `validate` at the API, then `prepare`, `execute` and `finish` (or `abort`). It plans the segments, mirrors them in the tasks table (one
 `travel_segment` row per segment and one `travel_stitch` row, with deterministic ids so a re-claimed
 orchestrator finds them again), then executes a DAG built with `.bind()`:
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ import numpy as np
 import ray
 from ray.dag import InputNode, MultiOutputNode
 
+from dag.steps import StepFailed, generate_step
 from dag.travel_plan import (
     TravelPlan,
     final_filename,
@@ -60,10 +60,6 @@ class RunContext(Protocol):
     def model_id(self, task_type: str, params: dict[str, Any]) -> str: ...
 
 
-class SegmentFailed(RuntimeError):
-    pass
-
-
 # --- DAG nodes (Ray tasks: CPU work, never on a GPU replica's time) ---------------------------------
 
 
@@ -73,29 +69,19 @@ def segment_node(
     task_id: str,
 ) -> dict[str, Any]:  # fmt: skip
     """Build segment `spec`'s guide and mask, generate it on the VACE deployment, return its frames."""
-    started = time.time()
     previous_frames = previous["frames"] if isinstance(previous, dict) else previous
     guide, mask = segment_guide(plan, spec, previous_frames, anchors)
     params = segment_params(plan, spec, guide, mask)
-    stream = vace.options(stream=True, multiplexed_model_id=model_id).generate.remote("vace", params, task_id)
-    artifact = None
     try:
-        for event in stream:
-            if event["event"] == "done":
-                artifact = event["artifact"]
-            elif event["event"] == "error":
-                raise SegmentFailed(f"segment {spec.index}: {event['message']}")
-    except BaseException:
-        stream.cancel()  # a cancelled or failed run must not leave the replica generating
-        raise
+        artifact = generate_step(vace, model_id, "vace", params, task_id)
+    except StepFailed as error:
+        raise StepFailed(f"segment {spec.index}: {error}") from None
     frames, _ = decode_video(artifact.data)
     artifact.filename = segment_filename(plan.run_id, spec.index)
     result = {
         "index": spec.index,
         "frames": frames,
         "artifact": artifact,
-        "started": started,
-        "finished": time.time(),
     }
     if plan.debug or plan.skip_cleanup:
         result["guide"] = encode_mp4(guide, fps=plan.fps)
@@ -152,7 +138,16 @@ class TravelRun:
             ray.cancel(ref, recursive=True)
 
 
-def prepare_travel(ctx: RunContext, task: Task) -> TravelRun:
+def validate(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Check a payload at the API (pydantic.ValidationError names the field); returns its input references."""
+    plan = parse_travel(params)
+    refs: list[tuple[str, Any]] = [("anchors", list(plan.anchors))]
+    if plan.continue_from_video:
+        refs.append(("continue_from_video", plan.continue_from_video))
+    return refs
+
+
+def prepare(ctx: RunContext, task: Task) -> TravelRun:
     """Parse and plan (raises pydantic.ValidationError naming the field), then make the mirror rows."""
     plan = parse_travel(task.params, default_run_id=task.id)  # a resumed run keeps its file names
     specs = plan_segments(plan)
@@ -199,7 +194,7 @@ def _stored_frames(ctx: RunContext, row: Task) -> np.ndarray | None:
     return decode_video(local)[0]
 
 
-async def run_travel(ctx: RunContext, run: TravelRun) -> Artifact:
+async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
     """Execute the DAG, mirroring each step's status in its row; returns the final video."""
     plan, store = run.plan, ctx.store
     specs = plan_segments(plan)
@@ -280,8 +275,9 @@ def _start_rows(store: TaskStore, worker_id: str, run: TravelRun, specs: list, r
 
 def _record_segment(ctx: RunContext, plan: TravelPlan, row_id: str, result: dict) -> None:
     saved = ctx.storage.save(row_id, result["artifact"])
-    # When the node ran, for anyone reading the row (and to show independent segments overlapping).
-    ran = f"generated from {_iso(result['started'])} to {_iso(result['finished'])}"
+    # When the replica generated it, for anyone reading the row (and to show independent segments overlapping).
+    metadata = result["artifact"].metadata
+    ran = f"generated from {_iso(metadata['denoise_started'])} to {_iso(metadata['denoise_finished'])}"
     ctx.store.set_progress(row_id, ctx.worker_id, 1.0, ran)
     if "guide" in result:
         base = segment_filename(plan.run_id, result["index"]).removesuffix("_output.mp4")
@@ -298,7 +294,7 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
-def finish_travel(ctx: RunContext, run: TravelRun, output_location: str) -> None:
+def finish(ctx: RunContext, run: TravelRun, output_location: str) -> None:
     """The stitch row completes with the final video; intermediate files go unless debug / skip_cleanup."""
     ctx.store.complete(run.stitch_id, output_location, worker_id=ctx.worker_id)
     if run.plan.debug or run.plan.skip_cleanup:
@@ -309,7 +305,7 @@ def finish_travel(ctx: RunContext, run: TravelRun, output_location: str) -> None
             path.unlink(missing_ok=True)
 
 
-def abort_travel(ctx: RunContext, run: TravelRun, message: str, cancelled: bool) -> None:
+def abort(ctx: RunContext, run: TravelRun, message: str, cancelled: bool) -> None:
     """A failed or cancelled run: its unfinished rows say so (their dependants fail naming them)."""
     for row_id in [*run.segment_ids, run.stitch_id]:
         row = ctx.store.get(row_id)

@@ -30,7 +30,7 @@ DEPLOYMENT_TASK_TYPES: dict[str, tuple[str, ...]] = {
 
 # Multi-step task types, run as Ray DAGs by the ingress (their steps go to the family deployments).
 ORCHESTRATION = "DAG"
-ORCHESTRATION_TASK_TYPES: tuple[str, ...] = ("travel_orchestrator",)
+ORCHESTRATION_TASK_TYPES: tuple[str, ...] = ("travel_orchestrator", "different_perspective_orchestrator")
 # CPU utility task types, run as Ray tasks.
 UTILITY = "Utility"
 UTILITY_TASK_TYPES: tuple[str, ...] = (

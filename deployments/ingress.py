@@ -27,8 +27,8 @@ from ray.exceptions import RayTaskError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from dag.travel import SegmentFailed, abort_travel, finish_travel, prepare_travel, run_travel
-from dag.travel_plan import parse_travel
+from dag.orchestrations import ORCHESTRATIONS
+from dag.steps import StepFailed
 from dag.utility_tasks import UTILITY_INPUT_FIELDS, utility_node, validate_utility
 from db.models import Task, TaskStatus
 from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStore, new_task, open_store
@@ -320,7 +320,7 @@ class Ingress:
     def _validate_params(self, task_type: str, params: dict[str, Any]) -> str:
         """Check what can be checked without running the task; returns the deployment. Raises 422."""
         if task_type in ORCHESTRATION_TASK_TYPES and task_type in self.served_task_types:
-            return self._validate_orchestration(params)
+            return self._validate_orchestration(task_type, params)
         if task_type in UTILITY_TASK_TYPES:
             try:
                 validate_utility(task_type, params)
@@ -353,16 +353,15 @@ class Ingress:
             self._check_local_input(name, params.get(name))
         return deployment
 
-    def _validate_orchestration(self, params: dict[str, Any]) -> str:
+    def _validate_orchestration(self, task_type: str, params: dict[str, Any]) -> str:
         try:
-            plan = parse_travel(params)
+            refs = ORCHESTRATIONS[task_type].validate(params)
         except ValidationError as error:
             raise _validation_422(error) from None
         except ValueError as error:
             raise _http_error(422, "params", str(error)) from None
-        self._check_local_input("anchors", list(plan.anchors))
-        if plan.continue_from_video:
-            self._check_local_input("continue_from_video", plan.continue_from_video)
+        for name, value in refs:
+            self._check_local_input(name, value)
         return ORCHESTRATION
 
     def _check_local_input(self, name: str, value: Any) -> None:
@@ -527,30 +526,32 @@ class Ingress:
         return artifact
 
     async def _orchestrate(self, entry: InFlight) -> tuple[Artifact, str, Callable[[str], None]]:
-        """A multi-step task: plan, mirror its steps as rows, run its Ray DAG."""
+        """A multi-step task: plan it, mirror its steps as rows, run its Ray DAG."""
         task = entry.task
+        orchestration = ORCHESTRATIONS[task.task_type]
         try:
-            run = await asyncio.to_thread(prepare_travel, self, task)
+            run = await asyncio.to_thread(orchestration.prepare, self, task)
         except ValidationError as error:
             raise TaskFailure(describe_validation_error(error)) from None
         except (InputError, ValueError) as error:
             raise TaskFailure(str(error)) from None
         entry.on_cancel = run.cancel
         try:
-            artifact = await run_travel(self, run)
+            artifact = await orchestration.execute(self, run)
         except BaseException as error:
             cancelled = entry.cancelled or isinstance(error, asyncio.CancelledError | TaskCancelledError)
             message = f"orchestrator {task.id} was cancelled" if cancelled else _cause(error)
             if cancelled and not entry.cancelled:  # shutting down: leave the rows for the resumed run
                 raise
-            await asyncio.to_thread(abort_travel, self, run, message, cancelled)
+            await asyncio.to_thread(orchestration.abort, self, run, message, cancelled)
             if cancelled:
                 raise
             failed_in_code = isinstance(error, RayTaskError) and isinstance(
-                error.cause, SegmentFailed | ValueError
+                error.cause, StepFailed | ValueError
             )
             raise TaskFailure(message, retryable=not failed_in_code) from None
-        return artifact, run.plan.model or "vace", lambda location: finish_travel(self, run, location)
+        model = artifact.metadata.get("model", task.task_type)
+        return artifact, model, lambda location: orchestration.finish(self, run, location)
 
     async def _utility(self, entry: InFlight) -> Artifact:
         """A CPU utility task, run as a Ray task (never on a GPU replica's time)."""

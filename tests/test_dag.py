@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 
+import cv2
 import httpx
 import numpy as np
 import pytest
@@ -40,6 +41,17 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         image[:] = colour
         image[10:30, 10 + 8 * i : 30 + 8 * i] = 255  # a square that moves between anchors
         (inputs / f"anchor{i}.png").write_bytes(encode_png(image))
+    # A full-body figure on a plain background, for the pose-driven tasks.
+    person = np.full((128, 128, 3), (90, 110, 130), np.uint8)
+    light = (240, 230, 220)
+    cv2.circle(person, (64, 20), 8, light, -1)
+    cv2.line(person, (64, 31), (64, 70), light, 6)
+    for hand in ((100, 35), (28, 50)):
+        cv2.line(person, (64, 35), hand, light, 4)
+    for foot in ((80, 114), (48, 114)):
+        cv2.line(person, (64, 70), foot, light, 5)
+    (inputs / "person.png").write_bytes(encode_png(person))
+    (inputs / "empty.png").write_bytes(encode_png(np.full((128, 128, 3), (90, 110, 130), np.uint8)))
     ramp = np.linspace(0, 255, 9).astype(np.uint8)[:, None, None, None] * np.ones((9, 48, 64, 3), np.uint8)
     (inputs / "clip_a.mp4").write_bytes(encode_mp4(ramp, fps=16))
     (inputs / "clip_b.mp4").write_bytes(encode_mp4(255 - ramp, fps=16))
@@ -154,7 +166,7 @@ def test_original_payload_form(service: dict):
 
 def test_independent_segments_run_in_parallel(service: dict):
     client = service["client"]
-    params = travel_params(service, 3, run_id="parallel", chain_segments=False, num_inference_steps=40,
+    params = travel_params(service, 3, run_id="parallel", chain_segments=False, num_inference_steps=120,
                            resolution="128x96", frames=17)  # fmt: skip
     response = client.post("/tasks", json={"task_type": "travel_orchestrator", "params": params})
     orchestrator = wait_final(client, response.json()["id"])
@@ -197,6 +209,36 @@ def test_bad_travel_payloads_are_rejected(service: dict, params: dict, needle: s
     params = {**params, "images": [str(service["inputs"] / p) for p in params["images"]]}
     response = service["client"].post("/tasks", json={"task_type": "travel_orchestrator", "params": params})
     assert response.status_code == 422 and needle in response.text, response.text
+
+
+def test_different_perspective(service: dict):
+    client = service["client"]
+    params = {"input_image_path": str(service["inputs"] / "person.png"), "prompt": "the same person, mirrored",
+              "target_pose": "mirror", "resolution": "128x128", "output_video_frames": 9, "num_inference_steps": 2,
+              "run_id": "dp1"}  # fmt: skip
+    response = client.post(
+        "/tasks", json={"task_type": "different_perspective_orchestrator", "params": params}
+    )
+    assert response.status_code == 201, response.text
+    task = wait_final(client, response.json()["id"])
+    assert task["status"] == "Complete", task["error_message"]
+    assert task["output_location"].endswith("/dp1_final.png")
+    assert load_image(client.get(f"/tasks/{task['id']}/output").content).shape == (128, 128, 3)
+    with open_store(service["db"]) as store:
+        [final] = [
+            t for t in store.list(task_type="dp_final_gen") if t.params["orchestrator_task_id"] == task["id"]
+        ]
+    assert final.status.value == "Complete" and final.output_location == task["output_location"]
+
+    blank = {**params, "input_image_path": str(service["inputs"] / "empty.png"), "target_pose": "yaw:60"}
+    no_person = client.post(
+        "/tasks", json={"task_type": "different_perspective_orchestrator", "params": blank}
+    )
+    failed = wait_final(client, no_person.json()["id"])
+    assert failed["status"] == "Failed" and "no person found" in failed["error_message"]
+    bad = client.post("/tasks", json={"task_type": "different_perspective_orchestrator",
+                                      "params": {**params, "target_pose": "sideways"}})  # fmt: skip
+    assert bad.status_code == 422 and "target_pose" in bad.text
 
 
 def _utility(service: dict, task_type: str, params: dict, **fields) -> dict:

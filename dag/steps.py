@@ -1,0 +1,39 @@
+"""What every orchestration step shares: one generation on a family deployment, from inside a Ray task."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from Wan2GP.artifact import Artifact
+
+
+class StepFailed(RuntimeError):
+    """A step's generation failed for a reason in its inputs (reported as is, not retried)."""
+
+
+def generate_step(
+    handle: Any, model_id: str, task_type: str, params: dict[str, Any], task_id: str
+) -> Artifact:
+    """Run one task on a family deployment and return its artifact (blocking: for Ray tasks).
+
+    The artifact's metadata gains `denoise_started` / `denoise_finished` (epoch seconds): when the
+    replica really generated, as opposed to waiting for a free replica or loading the model.
+    """
+    options = handle.options(stream=True, multiplexed_model_id=model_id)
+    stream = options.generate.remote(task_type, params, task_id)
+    started = None
+    try:
+        for event in stream:
+            if event["event"] == "progress" and started is None:
+                started = time.time()
+            elif event["event"] == "done":
+                artifact = event["artifact"]
+                artifact.metadata.update(denoise_started=started or time.time(), denoise_finished=time.time())
+                return artifact
+            elif event["event"] == "error":
+                raise StepFailed(event["message"])
+    except BaseException:
+        stream.cancel()  # a cancelled or failed run must not leave the replica generating
+        raise
+    raise StepFailed(f"{task_type} step {task_id} ended without an output")
