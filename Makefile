@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
+# Deno (the `deno` dev dependency) fetches the edge functions' npm: imports from the registry npm uses.
+export NPM_CONFIG_REGISTRY ?= $(shell npm config get registry 2>/dev/null || echo https://registry.npmjs.org/)
 
 .PHONY: install run test lint format bench-claims clean
 
@@ -20,6 +22,7 @@ run: install
 	$(VENV)/bin/serve run serve_config.yaml
 
 test: install
+	cd db/supabase/functions && $(abspath $(VENV))/bin/deno install --quiet --entrypoint main.ts
 	$(PY) -m pytest
 
 lint: install

@@ -164,6 +164,10 @@ class PerspectiveRun:
         for ref in self.refs or []:
             ray.cancel(ref, recursive=True)
 
+    @property
+    def row_ids(self) -> list[str]:
+        return [self.final_id]
+
 
 def validate(params: dict[str, Any]) -> list[tuple[str, Any]]:
     parsed = PerspectiveParams.model_validate(params)

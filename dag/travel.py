@@ -137,6 +137,10 @@ class TravelRun:
         for ref in self.refs or []:
             ray.cancel(ref, recursive=True)
 
+    @property
+    def row_ids(self) -> list[str]:
+        return [*self.segment_ids, self.stitch_id]
+
 
 def validate(params: dict[str, Any]) -> list[tuple[str, Any]]:
     """Check a payload at the API (pydantic.ValidationError names the field); returns its input references."""

@@ -9,6 +9,11 @@
 
 The database comes from `--db URL`, else `$HWGP_DB`, else `sqlite:///tasks.db`. With `--api URL`
 (or `$HWGP_API`), add-task / list / show / cancel / wait go through a running service's HTTP API.
+
+Supabase, as the original's flags and environment: `--db supabase` goes through the project's edge
+functions at `--supabase-url` (`$SUPABASE_URL`) with `$SUPABASE_SERVICE_KEY`, or with a user's
+`--supabase-access-token` (`$SUPABASE_ACCESS_TOKEN`). `hwgp db init --db postgresql://… --supabase`
+applies the Supabase migrations (projects, tokens, RLS, SQL functions) after the tasks table.
 Exit codes: 0 ok; 1 the awaited task failed or was cancelled; 2 bad input (one line on stderr,
 nothing written); 3 `wait` timed out.
 """
@@ -42,10 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--db", default=argparse.SUPPRESS, help="database URL (default: $HWGP_DB or sqlite:///tasks.db)"
     )
+    _add_supabase_flags(common, argparse.SUPPRESS)
+    # No abbreviations: `db init --supabase` must not read as an abbreviated --supabase-url.
     parser = argparse.ArgumentParser(
-        prog="hwgp", description="Headless-Wan2GP Serve: manage the tasks table."
+        prog="hwgp", description="Headless-Wan2GP Serve: manage the tasks table.", allow_abbrev=False
     )
     parser.add_argument("--db", default=None, help="database URL (default: $HWGP_DB or sqlite:///tasks.db)")
+    _add_supabase_flags(parser, None)
     parser.add_argument(
         "--api", default=os.environ.get("HWGP_API"), help="use a running service's HTTP API instead"
     )
@@ -53,7 +61,12 @@ def _parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database administration")
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    db_sub.add_parser("init", parents=[common], help="create the tables / apply pending migrations")
+    init = db_sub.add_parser("init", parents=[common], help="create the tables / apply pending migrations")
+    init.add_argument(
+        "--supabase",
+        action="store_true",
+        help="also apply the Supabase migrations (projects, user_api_tokens, RLS, SQL functions)",
+    )
 
     add = sub.add_parser("add-task", parents=[common], help="queue a task; prints its id")
     add.add_argument("--type", dest="task_type", required=True, help="task type, e.g. t2v, vace, flux")
@@ -84,6 +97,20 @@ def _parser() -> argparse.ArgumentParser:
     wait.add_argument("task_id")
     wait.add_argument("--timeout", type=float, default=None, help="seconds (default: wait forever)")
     return parser
+
+
+def _add_supabase_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--supabase-url",
+        default=default,
+        help="Supabase project URL for --db supabase (default: $SUPABASE_URL)",
+    )
+    parser.add_argument(
+        "--supabase-access-token",
+        default=default,
+        help="a user's personal access token for --db supabase (default: $SUPABASE_ACCESS_TOKEN; "
+        "without one, $SUPABASE_SERVICE_KEY)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,7 +145,8 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"--status: {exc}") from None
     if args.command == "db" and args.api:
         raise UsageError("db init talks to the database itself: use --db, not --api")
-    with _open(args, migrate=args.command == "db") as store:
+    # `db init` migrates below, so that it can report what it applied.
+    with _open(args, migrate=False) as store:
         if args.command == "db":
             applied = store.migrate()
             print(f"{store.url}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
@@ -158,7 +186,33 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace, migrate: bool = True) -> TaskStore | HttpTasks:
-    return open_tasks(args.db, args.api, migrate=migrate)
+    return open_tasks(_db_url(args), args.api, migrate=migrate)
+
+
+def _db_url(args: argparse.Namespace) -> str | None:
+    """`--db` as given, or the Supabase store URL that `--db supabase` / `db init --supabase` mean."""
+    db = args.db
+    if db == "supabase":
+        from db.supabase_store import supabase_url_from_settings
+
+        table = os.environ.get("POSTGRES_TABLE_NAME", "tasks")
+        if table != "tasks":
+            raise UsageError(
+                f"POSTGRES_TABLE_NAME={table!r}: only the table 'tasks' is supported "
+                "(the SQL functions and row-level security policies are written for it)"
+            )
+        if args.command == "db":
+            raise UsageError("db init needs a database connection: --db postgresql://… --supabase")
+        return supabase_url_from_settings(
+            args.supabase_url or os.environ.get("SUPABASE_URL"),
+            service_key=os.environ.get("SUPABASE_SERVICE_KEY"),
+            access_token=args.supabase_access_token or os.environ.get("SUPABASE_ACCESS_TOKEN"),
+        )
+    if getattr(args, "supabase", False):
+        if not db or not db.startswith(("postgresql:", "postgres:", "supabase+postgres")):
+            raise UsageError("--supabase applies the Supabase migrations to a database: --db postgresql://…")
+        return db if db.startswith("supabase+") else "supabase+" + db
+    return db
 
 
 def _read_params(args: argparse.Namespace) -> str:

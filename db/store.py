@@ -190,7 +190,9 @@ def dependency_error(dep_id: str, dep_type: str | None, dep_status: str | None, 
 def open_store(url: str | None = None, *, migrate: bool = True) -> TaskStore:
     """Open the store named by `url`, `$HWGP_DB`, or the default `sqlite:///tasks.db`.
 
-    `sqlite:///relative.db`, `sqlite:////absolute.db`, or `postgresql://user@host:port/db`.
+    `sqlite:///relative.db`, `sqlite:////absolute.db`, `postgresql://user@host:port/db`, or Supabase:
+    `supabase+postgresql://…` (direct) / `supabase+https://<ref>.supabase.co` (edge functions; see
+    `db/supabase_store.py`).
     """
     url = url or os.environ.get("HWGP_DB") or DEFAULT_DB_URL
     if url.startswith("sqlite:"):
@@ -201,8 +203,14 @@ def open_store(url: str | None = None, *, migrate: bool = True) -> TaskStore:
         from db.postgres import PostgresTaskStore
 
         store = PostgresTaskStore(url)
+    elif url.startswith("supabase+"):
+        from db.supabase_store import open_supabase_store
+
+        store = open_supabase_store(url)
     else:
-        raise InvalidTask("db", f"unsupported database URL {url!r}; use sqlite:///FILE or postgresql://…")
+        raise InvalidTask(
+            "db", f"unsupported database URL {url!r}; use sqlite:///FILE, postgresql://… or supabase+…"
+        )
     if migrate:
         store.migrate()
     return store

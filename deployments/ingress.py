@@ -109,6 +109,7 @@ class InFlight:
     model_id: str = "?"
     on_cancel: Callable[[], None] | None = None  # stops the generation / DAG / Ray task
     cancelled: bool = False  # the row was cancelled: drop the result
+    child_rows: list[str] = field(default_factory=list)  # rows mirroring an orchestration's steps
     started: float = field(default_factory=time.monotonic)
     last_progress_write: float = 0.0
 
@@ -536,6 +537,7 @@ class Ingress:
         except (InputError, ValueError) as error:
             raise TaskFailure(str(error)) from None
         entry.on_cancel = run.cancel
+        entry.child_rows = run.row_ids  # heartbeated with the orchestrator, so they never look stale
         try:
             artifact = await orchestration.execute(self, run)
         except BaseException as error:
@@ -636,6 +638,8 @@ class Ingress:
                     continue
                 if not alive:  # cancelled (or requeued by another ingress): stop the generation
                     self._stop(entry)
+                for row_id in entry.child_rows:  # only rows In Progress for us are touched
+                    await asyncio.to_thread(self.store.heartbeat, row_id, self.worker_id)
 
     async def __del__(self) -> None:
         """Graceful shutdown: stop claiming, let in-flight work finish, give the rest back."""

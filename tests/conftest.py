@@ -1,4 +1,5 @@
-"""Shared fixtures: a task store on each backend (SQLite file, PostgreSQL schema)."""
+"""Shared fixtures: a task store on each backend (SQLite file, PostgreSQL schema, Supabase direct and
+over its edge functions; the Supabase fixtures live in tests/supabase_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import psycopg
 import pytest
 
 from db.store import TaskStore, open_store
+
+pytest_plugins = ["supabase_fixtures"]
 
 # Tests never reach a hub: every model they use is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,10 +32,20 @@ def pg_schema_url() -> Iterator[str]:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "supabase-direct", "supabase-http"])
 def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'tasks.db'}"
+    if request.param == "supabase-direct":
+        return "supabase+" + request.getfixturevalue("clean_supabase")
+    if request.param == "supabase-http":
+        from supabase_fixtures import DATABASE_FOR_URL
+
+        request.getfixturevalue("clean_supabase")
+        functions = request.getfixturevalue("edge_functions")
+        url = functions.store_url()
+        DATABASE_FOR_URL[url.split("?")[0]] = functions.db_url
+        return url
     return request.getfixturevalue("pg_schema_url")
 
 
@@ -54,6 +67,10 @@ def raw_execute(url: str, sql: str, params: tuple = ()) -> list[tuple]:
             return rows
         finally:
             conn.close()
+    if url.startswith("supabase+"):
+        from supabase_fixtures import database_url_for
+
+        url = database_url_for(url)
     with psycopg.connect(url, autocommit=True) as conn:
         cur = conn.execute(sql, params)
         return cur.fetchall() if cur.description else []

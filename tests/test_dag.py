@@ -66,7 +66,13 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "input_dirs": [str(inputs)],
         "models": "tiny",
         "families": {"T2V": small, "VACE": {**small, "replicas": 2}, "Flux": small},
-        "ingress": {"heartbeat_interval_s": 0.5, "poll_interval_s": 0.2, "shutdown_grace_s": 0.5},
+        # A short stale timeout: segment rows must be heartbeated with their orchestrator.
+        "ingress": {
+            "heartbeat_interval_s": 0.5,
+            "poll_interval_s": 0.2,
+            "shutdown_grace_s": 0.5,
+            "stale_after_s": 3,
+        },
     }
     serve.run(build_app(config), name="hwgp", route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:

@@ -1,0 +1,1 @@
+"""Supabase mode: migrations (`migrations/`), edge functions (`functions/`), local tooling (`local.py`)."""

@@ -1,0 +1,151 @@
+// Request handling shared by every edge function: method check, JSON body, field readers, errors.
+//
+// Error contract (FACTS.md): 400 bad body, 401 no bearer token, 403 bad token / not the owner,
+// 404 no such task, 405 not POST; we add 409 for a task in the wrong state (e.g. completing a
+// finished task). Error bodies are `{"error": message, "field"?: name}`.
+
+export class HttpError extends Error {
+  constructor(readonly status: number, message: string, readonly field?: string) {
+    super(message);
+  }
+}
+
+const CORS = {
+  "Access-Control-Allow-Origin": "*",
+  "Access-Control-Allow-Headers": "authorization, x-client-info, apikey, content-type",
+  "Access-Control-Allow-Methods": "POST, OPTIONS",
+};
+
+export function json(body: unknown, status = 200): Response {
+  return new Response(JSON.stringify(body), {
+    status,
+    headers: { "Content-Type": "application/json", ...CORS },
+  });
+}
+
+export function noContent(): Response {
+  return new Response(null, { status: 204, headers: CORS });
+}
+
+export type Body = Record<string, unknown>;
+
+/** Wraps a function body: 405 for other methods, CORS preflight, JSON parsing, error mapping. */
+export function endpoint(
+  run: (req: Request, body: Body) => Promise<Response>,
+): (req: Request) => Promise<Response> {
+  return async (req: Request) => {
+    if (req.method === "OPTIONS") return new Response("ok", { headers: CORS });
+    if (req.method !== "POST") {
+      return json({ error: `method ${req.method} not allowed; use POST` }, 405);
+    }
+    if (!/^Bearer\s+\S+/i.test(req.headers.get("Authorization") ?? "")) {
+      // Refuse before reading the body; resolveCaller checks the token itself.
+      return json({ error: "missing Authorization: Bearer <service key | JWT | access token>" }, 401);
+    }
+    try {
+      return await run(req, await readBody(req));
+    } catch (error) {
+      return errorResponse(error);
+    }
+  };
+}
+
+async function readBody(req: Request): Promise<Body> {
+  const text = await req.text();
+  if (text.trim() === "") return {};
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (error) {
+    throw new HttpError(400, `body: not valid JSON (${(error as Error).message})`, "body");
+  }
+  if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) {
+    throw new HttpError(400, "body: must be a JSON object", "body");
+  }
+  return parsed as Body;
+}
+
+interface PgError {
+  code?: string;
+  message: string;
+  detail?: string;
+}
+
+/** Maps an HttpError or a Postgres error raised by the SQL functions to a response. */
+export function errorResponse(error: unknown): Response {
+  if (error instanceof HttpError) {
+    return json(
+      error.field ? { error: error.message, field: error.field } : { error: error.message },
+      error.status,
+    );
+  }
+  const pg = error as PgError;
+  switch (pg?.code) {
+    case "22023": // our functions: bad argument, field in DETAIL
+      return json({ error: pg.message, field: pg.detail }, 400);
+    case "22P02": // invalid text representation (e.g. a malformed JSON value)
+      return json({ error: pg.message }, 400);
+    case "P0002":
+      return json({ error: pg.message, task_id: pg.detail }, 404);
+    case "55000":
+      return json({ error: pg.message }, 409);
+    case "42501":
+      return json({ error: pg.message, field: pg.detail }, 403);
+  }
+  console.error("edge function error:", error);
+  return json({ error: "internal error" }, 500);
+}
+
+function bad(field: string, problem: string): HttpError {
+  return new HttpError(400, `${field}: ${problem}`, field);
+}
+
+export function requireString(body: Body, field: string): string {
+  const value = body[field];
+  if (typeof value !== "string" || value === "") throw bad(field, "is required (a non-empty string)");
+  return value;
+}
+
+export function optionalString(body: Body, field: string): string | null {
+  const value = body[field];
+  if (value === undefined || value === null) return null;
+  if (typeof value !== "string") throw bad(field, `must be a string, got ${typeof value}`);
+  return value;
+}
+
+export function optionalNumber(body: Body, field: string): number | null {
+  const value = body[field];
+  if (value === undefined || value === null) return null;
+  if (typeof value !== "number" || !Number.isFinite(value)) throw bad(field, "must be a number");
+  return value;
+}
+
+export function optionalInteger(body: Body, field: string): number | null {
+  const value = optionalNumber(body, field);
+  if (value !== null && !Number.isInteger(value)) throw bad(field, "must be an integer");
+  return value;
+}
+
+export function optionalBoolean(body: Body, field: string): boolean | null {
+  const value = body[field];
+  if (value === undefined || value === null) return null;
+  if (typeof value !== "boolean") throw bad(field, "must be true or false");
+  return value;
+}
+
+export function optionalStringList(body: Body, field: string): string[] | null {
+  const value = body[field];
+  if (value === undefined || value === null) return null;
+  if (!Array.isArray(value) || !value.every((v) => typeof v === "string")) {
+    throw bad(field, "must be a list of strings");
+  }
+  return value as string[];
+}
+
+export function requireObject(body: Body, field: string): Record<string, unknown> {
+  const value = body[field];
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    throw bad(field, "is required (a JSON object)");
+  }
+  return value as Record<string, unknown>;
+}

@@ -1,0 +1,75 @@
+// Uploads for complete-task's `file_data`: Supabase Storage's object API
+// (`POST {storage}/object/image_uploads/{task_id}/{filename}` with the service key), public URL
+// `{SUPABASE_URL}/storage/v1/object/public/image_uploads/{task_id}/{filename}` as the original.
+// `{storage}` is SUPABASE_STORAGE_URL when set, else `{SUPABASE_URL}/storage/v1`.
+
+import { HttpError } from "./http.ts";
+
+const BUCKET = Deno.env.get("SUPABASE_VIDEO_BUCKET") ?? "image_uploads";
+const MAX_UPLOAD_BYTES = Number(Deno.env.get("HWGP_MAX_UPLOAD_BYTES") ?? String(200 * 1024 * 1024));
+
+const CONTENT_TYPES: Record<string, string> = {
+  mp4: "video/mp4",
+  webm: "video/webm",
+  mov: "video/quicktime",
+  png: "image/png",
+  jpg: "image/jpeg",
+  jpeg: "image/jpeg",
+  webp: "image/webp",
+  gif: "image/gif",
+  json: "application/json",
+};
+
+/** Keeps letters, digits, '.', '_' and '-'; no path parts, no leading dots. */
+export function sanitizeFilename(name: string): string {
+  const base = name.split(/[\\/]/).pop() ?? "";
+  const clean = base.replace(/[^A-Za-z0-9._-]+/g, "_").replace(/^[._]+/, "").slice(0, 200);
+  if (clean === "" || !/[A-Za-z0-9]/.test(clean)) {
+    throw new HttpError(400, `filename: ${JSON.stringify(name)} has no usable characters`, "filename");
+  }
+  return clean;
+}
+
+export function decodeBase64File(data: string): Uint8Array<ArrayBuffer> {
+  let binary: string;
+  try {
+    binary = atob(data.replace(/\s+/g, ""));
+  } catch (_error) {
+    throw new HttpError(400, "file_data: is not valid base64", "file_data");
+  }
+  if (binary.length === 0) throw new HttpError(400, "file_data: is empty", "file_data");
+  if (binary.length > MAX_UPLOAD_BYTES) {
+    throw new HttpError(
+      400,
+      `file_data: ${binary.length} bytes; the limit is ${MAX_UPLOAD_BYTES}`,
+      "file_data",
+    );
+  }
+  return Uint8Array.from(binary, (c) => c.charCodeAt(0));
+}
+
+export async function uploadToStorage(objectPath: string, bytes: Uint8Array<ArrayBuffer>): Promise<string> {
+  const projectUrl = (Deno.env.get("SUPABASE_URL") ?? "").replace(/\/+$/, "");
+  const serviceKey = Deno.env.get("SUPABASE_SERVICE_ROLE_KEY");
+  if (!projectUrl || !serviceKey) throw new Error("uploads need SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY");
+  const storageUrl = (Deno.env.get("SUPABASE_STORAGE_URL") ?? `${projectUrl}/storage/v1`).replace(/\/+$/, "");
+  const ext = objectPath.split(".").pop()?.toLowerCase() ?? "";
+  const encoded = objectPath.split("/").map(encodeURIComponent).join("/");
+  const response = await fetch(`${storageUrl}/object/${BUCKET}/${encoded}`, {
+    method: "POST",
+    headers: {
+      Authorization: `Bearer ${serviceKey}`,
+      apikey: serviceKey,
+      "Content-Type": CONTENT_TYPES[ext] ?? "application/octet-stream",
+      "x-upsert": "true",
+    },
+    body: bytes,
+  });
+  if (!response.ok) {
+    throw new HttpError(
+      502,
+      `storage upload of ${objectPath} failed: HTTP ${response.status} ${await response.text()}`,
+    );
+  }
+  return `${projectUrl}/storage/v1/object/public/${BUCKET}/${encoded}`;
+}
