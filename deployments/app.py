@@ -14,6 +14,7 @@ from ray.serve import Application
 from deployments.config import REAL_DEFAULT_MODELS, TINY_DEFAULT_MODELS, AppConfig
 from deployments.generation import GenerationDeployment
 from deployments.ingress import Ingress
+from deployments.multi_gpu import MultiGpuGenerationDeployment, multi_gpu_options
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,23 +53,44 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     defaults = default_models_for(config)
     handles = {}
     for name, family in config.families.items():
-        options: dict[str, Any] = {
-            "name": name,
-            "max_ongoing_requests": family.max_ongoing_requests,
-            "ray_actor_options": {"num_gpus": family.num_gpus, "num_cpus": family.num_cpus},
-        }
+        preload = next(iter(defaults[name].values())) if family.preload else None
+        if family.gpus_per_replica > 1:
+            # One replica spans several GPUs: a placement group, one rank worker per GPU.
+            options: dict[str, Any] = {
+                "name": name,
+                **multi_gpu_options(family.gpus_per_replica, cpus_per_rank=family.num_cpus),
+                "max_ongoing_requests": family.max_ongoing_requests,
+            }
+        else:
+            options = {
+                "name": name,
+                "max_ongoing_requests": family.max_ongoing_requests,
+                "ray_actor_options": {"num_gpus": family.num_gpus, "num_cpus": family.num_cpus},
+            }
         if family.autoscaling is not None:
             options["autoscaling_config"] = family.autoscaling.model_dump()
         else:
             options["num_replicas"] = family.replicas
-        handles[name] = GenerationDeployment.options(**options).bind(
-            family=name,
-            default_models=defaults[name],
-            memory_profile=family.memory_profile,
-            device=family.device,
-            models_dir=config.models_dir,
-            preload=next(iter(defaults[name].values())) if family.preload else None,
-        )
+        if family.gpus_per_replica > 1:
+            handles[name] = MultiGpuGenerationDeployment.options(**options).bind(
+                family=name,
+                default_models=defaults[name],
+                world_size=family.gpus_per_replica,
+                mode=family.parallel_mode,
+                cpus_per_rank=family.num_cpus,  # must match the bundles multi_gpu_options reserved
+                device=family.device,
+                models_dir=config.models_dir,
+                preload=preload,
+            )
+        else:
+            handles[name] = GenerationDeployment.options(**options).bind(
+                family=name,
+                default_models=defaults[name],
+                memory_profile=family.memory_profile,
+                device=family.device,
+                models_dir=config.models_dir,
+                preload=preload,
+            )
     merged = {key: model for models in defaults.values() for key, model in models.items()}
     ingress = Ingress.options(ray_actor_options={"num_cpus": config.ingress.num_cpus})
     return ingress.bind(config.model_dump(mode="json"), merged, handles)

@@ -79,6 +79,10 @@ class FamilyConfig(BaseModel):
     autoscaling: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(default=1, ge=1, description="concurrent generations per replica")
     memory_profile: Literal["resident", "model_offload", "group_offload", "cpu"] = "resident"
+    gpus_per_replica: int = Field(default=1, ge=1, description="GPUs one replica spans; >1 splits each video")
+    parallel_mode: Literal["cfg", "ulysses", "cfg+ulysses"] = Field(
+        default="cfg", description="how a multi-GPU replica splits a generation (Wan2GP/parallel.py)"
+    )
     device: str | None = Field(
         default=None, description="cuda, cuda:1, cpu; default cuda when the replica has one"
     )

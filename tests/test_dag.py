@@ -5,30 +5,21 @@ A real local Ray cluster with two VACE replicas (fake GPUs) and tiny models.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from datetime import datetime
 
 import cv2
-import httpx
 import numpy as np
 import pytest
-import ray
 from ray import serve
+from serve_helpers import running_app, wait_final
 
 from db.store import open_store
 from deployments.app import build_app
 from Wan2GP.video import encode_mp4, encode_png, load_image, probe_video
 
 pytestmark = pytest.mark.slow
-FINAL = ("Complete", "Failed", "Cancelled")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +47,6 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     (inputs / "clip_a.mp4").write_bytes(encode_mp4(ramp, fps=16))
     (inputs / "clip_b.mp4").write_bytes(encode_mp4(255 - ramp, fps=16))
 
-    port = _free_port()
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = {"num_gpus": 0.25, "num_cpus": 0.05}
     config = {
         "db": f"sqlite:///{root / 'tasks.db'}",
@@ -74,22 +62,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             "stale_after_s": 3,
         },
     }
-    serve.run(build_app(config), name="hwgp", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    with running_app(config) as client:
         yield {"client": client, "db": config["db"], "inputs": inputs, "files": root / "public" / "files",
                "config": config}  # fmt: skip
-    serve.shutdown()
-    ray.shutdown()
-
-
-def wait_final(client: httpx.Client, task_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        task = client.get(f"/tasks/{task_id}").json()
-        if task["status"] in FINAL:
-            return task
-        time.sleep(0.2)
-    raise AssertionError(f"task {task_id} did not finish: {task}")
 
 
 def travel_params(service: dict, anchors: int, **extra) -> dict:
@@ -112,7 +87,7 @@ def rows_of(service: dict, orchestrator_id: str) -> tuple[list, object]:
     segments = sorted(
         (t for t in mine if t.task_type == "travel_segment"), key=lambda t: t.params["segment_index"]
     )
-    [stitch] = [t for t in mine if t.task_type == "travel_stitch"]
+    stitch = next((t for t in mine if t.task_type == "travel_stitch"), None)  # None until prepared
     return segments, stitch
 
 
@@ -313,7 +288,7 @@ def test_resume_after_the_service_dies_reuses_finished_segments(service: dict):
     ).json()["id"]
     deadline = time.monotonic() + 300
     while True:
-        segments, _ = rows_of(service, orchestrator_id) if _has_rows(service, orchestrator_id) else ([], None)
+        segments, _ = rows_of(service, orchestrator_id)
         if segments and segments[0].status.value == "Complete":
             break
         assert time.monotonic() < deadline, "segment 0 never completed"
@@ -335,8 +310,3 @@ def test_resume_after_the_service_dies_reuses_finished_segments(service: dict):
     assert all(s.status.value == "Complete" for s in segments) and stitch.status.value == "Complete"
     final = client.get(f"/tasks/{orchestrator_id}/output").content
     assert probe_video(final)["frames"] == 3 * 17 - 2 * 4
-
-
-def _has_rows(service: dict, orchestrator_id: str) -> bool:
-    with open_store(service["db"]) as store:
-        return any(t.params.get("orchestrator_task_id") == orchestrator_id for t in store.list(limit=1000))

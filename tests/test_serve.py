@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,24 +18,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import ray
 from conftest import raw_execute
 from ray import serve
+from serve_helpers import FINAL, running_app, wait_final
 
 from db.store import open_store
-from deployments.app import build_app
 from Wan2GP.video import encode_mp4, encode_png, probe_video
 
 pytestmark = pytest.mark.slow
 
-FINAL = ("Complete", "Failed", "Cancelled")
 SMALL = {"resolution": "64x48", "num_inference_steps": 2, "seed": 7}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +41,6 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     (inputs / "guide.mp4").write_bytes(encode_mp4(np.stack([gradient] * 9), fps=16))
 
     db = f"sqlite:///{root / 'tasks.db'}"
-    port = _free_port()
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     family = {"num_gpus": 0.5, "num_cpus": 0.1}
     config = {
         "db": db,
@@ -67,21 +55,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             "shutdown_grace_s": 1.0,
         },
     }
-    serve.run(build_app(config), name="hwgp", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    with running_app(config) as client:
         yield {"client": client, "db": db, "inputs": inputs, "files": root / "public" / "files"}
-    serve.shutdown()
-    ray.shutdown()
-
-
-def wait_final(client: httpx.Client, task_id: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        task = client.get(f"/tasks/{task_id}").json()
-        if task["status"] in FINAL:
-            return task
-        time.sleep(0.2)
-    raise AssertionError(f"task {task_id} did not finish: {task}")
 
 
 def submit(client: httpx.Client, task_type: str, params: dict) -> str:

@@ -1,0 +1,460 @@
+"""One generation split across several processes (GPUs): CFG parallel and Ulysses sequence parallel.
+
+A plain library on ``torch.distributed`` (NCCL on GPUs, gloo on CPU); no Ray. Every rank runs the same
+:class:`~Wan2GP.engine.Engine` call with the same params; the ranks cooperate inside the transformer and all
+end with the same latents, frames and encoded file.
+
+Modes (``world_size`` = number of ranks):
+
+- ``"cfg"`` (2 ranks): classifier-free guidance split. On each step rank 0 computes the conditional
+  prediction and rank 1 the unconditional one; an all-gather gives both to both. The arithmetic is exactly
+  the single-process one, so the output is bit-identical.
+- ``"ulysses"`` (N ranks): context (sequence) parallel attention through diffusers' own implementation
+  (``ContextParallelConfig`` and the Wan transformer's ``_cp_plan``): the video tokens are split across
+  ranks before the first block; in self-attention an all-to-all turns the sequence shards into head shards,
+  each rank attends over the whole sequence for its heads, and an all-to-all turns them back; the output
+  projection gathers the sequence again. Needs ``num_attention_heads % N == 0`` and a token count divisible
+  by N (checked before the run, with a message naming the resolution / frame count).
+- ``"cfg+ulysses"`` (2·M ranks, M ≥ 2): both; ranks ``[0, M)`` compute the conditional branch with Ulysses
+  over M ranks, ranks ``[M, 2M)`` the unconditional one.
+
+Ring attention is not offered: diffusers' ring path needs an attention kernel that returns the log-sum-exp
+(flash-attn, cuDNN), which cannot run — and so cannot be tested — on CPU.
+
+Usage on every rank (same params on all ranks)::
+
+    device = init_distributed(rank, world_size, "127.0.0.1", 29500, device="cuda:0")
+    engine = Engine(device=str(device))
+    parallel = ParallelEngine(engine, mode="cfg")
+    artifact = parallel.generate("t2v", {"prompt": "a cat", "seed": 3})
+
+or :func:`run_parallel_generation` for the one-shot form. Cancelling is collective: a rank whose
+``should_cancel`` turns True makes every rank stop at the same step (a lone rank stopping would leave the
+others waiting in a collective).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from Wan2GP.artifact import Artifact
+
+__all__ = [
+    "MODES",
+    "NCCL_SAFE_ENV",
+    "ParallelEngine",
+    "ParallelLayout",
+    "build_layout",
+    "check_sequence_split",
+    "context_parallel_config",
+    "enable_cfg_parallel",
+    "enable_context_parallel",
+    "init_distributed",
+    "plan_degrees",
+    "run_parallel_generation",
+]
+
+MODES = ("cfg", "ulysses", "cfg+ulysses")
+
+# NVLink multicast (NVLS) must stay off on these machines: NCCL, torch symmetric memory and NVSHMEM.
+NCCL_SAFE_ENV: dict[str, str] = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+# Wan pipelines whose denoising loop calls the transformer as cache_context("cond") then ("uncond").
+_WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline")
+
+
+def init_distributed(
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    device: str | None = None,
+    timeout_s: float = 600.0,
+) -> torch.device:
+    """Join the process group (NCCL for a CUDA ``device``, gloo for CPU) and return this rank's device.
+
+    ``device`` defaults to ``cuda:<rank % visible GPUs>`` when CUDA is present, else ``cpu``. The NVLink
+    multicast switches of :data:`NCCL_SAFE_ENV` are set before NCCL starts.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
+    os.environ.update(NCCL_SAFE_ENV)
+    if device is None:
+        device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if resolved.index is None:
+            resolved = torch.device("cuda", 0)
+        torch.cuda.set_device(resolved)
+    backend = "nccl" if resolved.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return resolved
+
+
+def plan_degrees(mode: str, world_size: int) -> tuple[int, int]:
+    """``(cfg_degree, ulysses_degree)`` for ``mode`` on ``world_size`` ranks; a clear error when it can't split."""
+    if mode not in MODES:
+        raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "cfg":
+        if world_size != 2:
+            raise ValueError(f"mode 'cfg' needs exactly 2 ranks (cond, uncond), got world_size={world_size}")
+        return 2, 1
+    if mode == "ulysses":
+        if world_size < 2:
+            raise ValueError(f"mode 'ulysses' needs at least 2 ranks, got world_size={world_size}")
+        return 1, world_size
+    if world_size < 4 or world_size % 2:
+        raise ValueError(f"mode 'cfg+ulysses' needs an even world_size >= 4, got {world_size}")
+    return 2, world_size // 2
+
+
+@dataclass
+class ParallelLayout:
+    """Where this rank sits: its CFG branch (0 = cond, 1 = uncond) and its Ulysses group."""
+
+    mode: str
+    rank: int
+    world_size: int
+    device: torch.device
+    cfg_degree: int
+    ulysses_degree: int
+    mesh: Any  # torch DeviceMesh with dims ("cfg", "ring", "ulysses"); ring is always 1
+
+    @property
+    def cfg_rank(self) -> int:
+        return self.mesh["cfg"].get_local_rank() if self.cfg_degree > 1 else 0
+
+    @property
+    def cfg_group(self):
+        return self.mesh.get_group("cfg") if self.cfg_degree > 1 else None
+
+    @property
+    def cp_mesh(self):
+        return self.mesh["ring", "ulysses"]
+
+
+def build_layout(mode: str, device: torch.device | str) -> ParallelLayout:
+    """The layout of ``mode`` over the initialized process group (a collective: call it on every rank)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: call init_distributed() first")
+    world_size = dist.get_world_size()
+    cfg_degree, ulysses_degree = plan_degrees(mode, world_size)
+    device = torch.device(device)
+    mesh = init_device_mesh(
+        device.type, (cfg_degree, 1, ulysses_degree), mesh_dim_names=("cfg", "ring", "ulysses")
+    )
+    return ParallelLayout(
+        mode=mode,
+        rank=dist.get_rank(),
+        world_size=world_size,
+        device=device,
+        cfg_degree=cfg_degree,
+        ulysses_degree=ulysses_degree,
+        mesh=mesh,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Context (sequence) parallel: diffusers' Ulysses attention
+# ----------------------------------------------------------------------------------------------------------
+
+
+def context_parallel_config(layout: ParallelLayout):
+    """diffusers' ``ParallelConfig`` for Ulysses over the layout's group, set up on this rank.
+
+    Passed as ``parallel_config`` to ``dispatch_attention_fn`` it makes one attention call sequence-parallel.
+    """
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    cp_mesh = layout.cp_mesh
+    config = ParallelConfig(
+        context_parallel_config=ContextParallelConfig(ulysses_degree=layout.ulysses_degree, mesh=cp_mesh)
+    )
+    config.setup(layout.rank, layout.world_size, layout.device, mesh=cp_mesh)
+    return config
+
+
+def enable_context_parallel(transformer: torch.nn.Module, layout: ParallelLayout) -> None:
+    """Shard ``transformer``'s token sequence over the layout's Ulysses group (diffusers' own CP hooks).
+
+    This is what ``ModelMixin.enable_parallelism`` does, minus its device lookup: that one computes
+    ``rank % torch.accelerator.device_count()``, which divides by zero on CPU, and it builds its own mesh,
+    where the CFG split needs a sub-mesh. The processors, hooks and the model's ``_cp_plan`` are diffusers'.
+    """
+    from diffusers.hooks.context_parallel import apply_context_parallel
+
+    if layout.ulysses_degree < 2:
+        return
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise RuntimeError(f"{type(transformer).__name__} already has a parallel config")
+    plan = getattr(transformer, "_cp_plan", None)
+    if plan is None:
+        raise ValueError(f"{type(transformer).__name__} has no context-parallel plan (_cp_plan)")
+    heads = transformer.config.num_attention_heads
+    if heads % layout.ulysses_degree:
+        raise ValueError(
+            f"ulysses degree {layout.ulysses_degree} does not divide the model's {heads} attention heads"
+        )
+    config = context_parallel_config(layout)
+    transformer._parallel_config = config
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = config
+    apply_context_parallel(transformer, config.context_parallel_config, plan)
+
+
+def check_sequence_split(pipe, width: int, height: int, frames: int, ulysses_degree: int) -> None:
+    """Raise a clear error when the video's token count does not split evenly over the Ulysses ranks."""
+    if ulysses_degree < 2:
+        return
+    transformer = pipe.transformer
+    p_t, p_h, p_w = transformer.config.patch_size
+    spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+    latent_frames = (frames - 1) // temporal + 1
+    tokens = (latent_frames // p_t) * (height // spatial // p_h) * (width // spatial // p_w)
+    if tokens % ulysses_degree:
+        raise ValueError(
+            f"resolution/video_length: {width}x{height}, {frames} frames make {tokens} tokens, "
+            f"which do not split evenly over {ulysses_degree} ranks; pick a size or length that does"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CFG parallel
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _CfgSplit:
+    """Per-transformer state of the CFG split: which call is running and the gathered uncond output.
+
+    Installed by patching the transformer instance's ``cache_context`` (the Wan pipelines name each call
+    "cond" / "uncond") and ``forward``. The pipe's ``encode_prompt`` is patched to remember the negative
+    embeddings, which the uncond rank needs already on the "cond" call.
+    """
+
+    def __init__(self, pipe, transformer: torch.nn.Module, layout: ParallelLayout):
+        self.pipe = pipe
+        self.layout = layout
+        self.context: str | None = None
+        self.pending_uncond: torch.Tensor | None = None
+        self.negative: torch.Tensor | None = None
+        self.forward = transformer.forward
+        self.cache_context = transformer.cache_context
+
+    @contextlib.contextmanager
+    def patched_cache_context(self, name: str, **kwargs) -> Iterator[None]:
+        self.context = name
+        try:
+            with self.cache_context(name, **kwargs):
+                yield
+        finally:
+            self.context = None
+
+    def patched_forward(self, *args, **kwargs):
+        if self.context == "uncond" and self.pending_uncond is not None:
+            # Already computed by the uncond rank(s) during the "cond" call and gathered: no work here.
+            sample, self.pending_uncond = self.pending_uncond, None
+            return _as_output(sample, kwargs)
+        if self.context != "cond" or not self.pipe.do_classifier_free_guidance:
+            return self.forward(*args, **kwargs)
+        if "encoder_hidden_states" not in kwargs:
+            raise RuntimeError("CFG parallel expects the pipeline to pass encoder_hidden_states by keyword")
+        if self.layout.cfg_rank == 1:
+            if self.negative is None:
+                raise RuntimeError("CFG parallel: no negative prompt embeddings were recorded")
+            given = kwargs["encoder_hidden_states"]
+            kwargs["encoder_hidden_states"] = self.negative.to(device=given.device, dtype=given.dtype)
+        result = self.forward(*args, **kwargs)
+        sample = result[0] if isinstance(result, tuple) else result.sample
+        gathered = [torch.empty_like(sample) for _ in range(2)]
+        dist.all_gather(gathered, sample.contiguous(), group=self.layout.cfg_group)
+        cond, self.pending_uncond = gathered
+        return _as_output(cond, kwargs)
+
+
+def _as_output(sample: torch.Tensor, kwargs: dict):
+    if kwargs.get("return_dict", True):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample)
+    return (sample,)
+
+
+def enable_cfg_parallel(pipe, layout: ParallelLayout) -> None:
+    """Split the cond / uncond transformer calls of a Wan ``pipe`` across the layout's CFG group."""
+    if layout.cfg_degree < 2:
+        return
+    if type(pipe).__name__ not in _WAN_PIPELINES:
+        raise ValueError(f"CFG parallel supports {', '.join(_WAN_PIPELINES)}, not {type(pipe).__name__}")
+    splits = []
+    for name in ("transformer", "transformer_2"):
+        transformer = getattr(pipe, name, None)
+        if transformer is None:
+            continue
+        split = _CfgSplit(pipe, transformer, layout)
+        transformer.cache_context = split.patched_cache_context
+        transformer.forward = split.patched_forward
+        splits.append(split)
+
+    encode_prompt = pipe.encode_prompt
+
+    def recording_encode_prompt(*args, **kwargs):
+        prompt_embeds, negative = encode_prompt(*args, **kwargs)
+        if negative is not None:
+            for split in splits:
+                split.negative = negative
+        return prompt_embeds, negative
+
+    pipe.encode_prompt = recording_encode_prompt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine, parallel
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ParallelEngine:
+    """An :class:`~Wan2GP.engine.Engine` whose Wan generations run across the process group.
+
+    Every rank builds its own engine (same catalog, its own device) and calls :meth:`generate` with the same
+    arguments. Parallelism is applied to each pipeline the engine loads, once; resident memory profile only
+    (offloading hooks would fight the context-parallel hooks).
+    """
+
+    def __init__(self, engine, mode: str = "cfg", layout: ParallelLayout | None = None):
+        if engine.memory_profile != "resident":
+            raise ValueError(
+                f"memory_profile: parallel generation needs 'resident', got {engine.memory_profile!r}"
+            )
+        self.engine = engine
+        self.layout = layout if layout is not None else build_layout(mode, engine.device)
+        self.mode = self.layout.mode
+        self._prepared: set[int] = set()
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+    def prepare(self, model_id: str) -> None:
+        """Load ``model_id`` (collectively, same id on every rank) and make its pipeline parallel."""
+        self.engine.load(model_id)
+        pipe = self.engine.pipe
+        if id(pipe) in self._prepared:
+            return
+        if getattr(pipe, "_hwgp_parallel_layout", None) is not None:
+            # Wrapping twice would gather twice per step; one engine, one ParallelEngine.
+            raise RuntimeError(f"model {model_id!r} was made parallel by another ParallelEngine")
+        if type(pipe).__name__ not in _WAN_PIPELINES:
+            raise ValueError(
+                f"model {model_id!r}: parallel generation supports Wan pipelines, not {type(pipe).__name__}"
+            )
+        enable_context_parallel(pipe.transformer, self.layout)
+        enable_cfg_parallel(pipe, self.layout)
+        pipe._hwgp_parallel_layout = self.layout
+        self._prepared.add(id(pipe))
+
+    def generate(
+        self,
+        task_type: str,
+        params: dict[str, Any],
+        *,
+        task_id: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> Artifact:
+        """Run one task across all ranks; every rank returns the same artifact.
+
+        A random seed (-1 or missing) is drawn on rank 0 and shared, so all ranks denoise the same noise.
+        """
+        from Wan2GP.params import parse_params
+
+        params = dict(params)
+        seed = params.get("seed", -1)
+        try:
+            random_seed = int(seed) < 0
+        except (TypeError, ValueError):
+            random_seed = False  # parse_params below rejects it, naming the field
+        if random_seed:
+            shared = [random.SystemRandom().randrange(2**32) if self.rank == 0 else None]
+            dist.broadcast_object_list(shared, src=0)
+            params["seed"] = shared[0]
+
+        parsed = parse_params(task_type, params)
+        definition = self.engine.resolve_model(task_type, parsed)
+        self.prepare(definition.id)
+        if self.layout.ulysses_degree > 1:
+            settings = self.engine._settings(definition, definition.family, parsed)
+            check_sequence_split(
+                self.engine.pipe, settings.width, settings.height, settings.frames, self.layout.ulysses_degree
+            )
+        return self.engine.generate(
+            task_type,
+            params,
+            task_id=task_id,
+            progress=progress,
+            should_cancel=self._collective_cancel(should_cancel),
+        )
+
+    def _collective_cancel(self, should_cancel: Callable[[], bool] | None) -> Callable[[], bool]:
+        """True on every rank as soon as any rank's ``should_cancel`` is (one all-reduce per check)."""
+        device = self.layout.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+        def check() -> bool:
+            local = bool(should_cancel()) if should_cancel is not None else False
+            flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item())
+
+        return check
+
+
+_PARALLEL_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def run_parallel_generation(
+    engine,
+    task_type: str,
+    params: dict[str, Any],
+    mode: str = "cfg",
+    *,
+    task_id: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Artifact:
+    """Run one task across the (initialized) process group; every rank calls it with the same arguments.
+
+    The first call for an ``engine`` builds its layout and :class:`ParallelEngine` (kept for the next calls,
+    so a model is made parallel once); an engine stays in the mode of its first call.
+    """
+    parallel = _PARALLEL_ENGINES.get(engine)
+    if parallel is None:
+        parallel = _PARALLEL_ENGINES[engine] = ParallelEngine(engine, mode=mode)
+    elif parallel.mode != mode:
+        raise ValueError(f"mode: this engine already runs {parallel.mode!r}; use a new engine for {mode!r}")
+    return parallel.generate(
+        task_type, params, task_id=task_id, progress=progress, should_cancel=should_cancel
+    )

@@ -1,0 +1,325 @@
+"""One generation split across processes (Wan2GP.parallel), on CPU: gloo, 2 processes, tiny models.
+
+Each multi-process check spawns real processes that join a real gloo process group; the single-process
+reference runs in this process on the same tiny model, seed and params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from Wan2GP.catalog import Catalog
+from Wan2GP.engine import Engine
+from Wan2GP.parallel import MODES, NCCL_SAFE_ENV, plan_degrees
+from Wan2GP.video import decode_video
+
+pytest_plugins = ["engine_fixtures"]
+
+PARAMS = {"prompt": "a cat walking", "resolution": "64x48", "video_length": 9, "seed": 11}
+STEPS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def reference_frames(catalog: Catalog, params: dict) -> tuple[np.ndarray, bytes]:
+    """Float frames and encoded bytes of one single-process run (the result to match)."""
+    from Wan2GP.params import parse_params
+    from Wan2GP.pipelines import run_t2v
+
+    engine = Engine(device="cpu", catalog=catalog, default_models={"t2v": "tiny-t2v"}, lora_dirs=[])
+    artifact = engine.generate("t2v", params)
+    parsed = parse_params("t2v", params)
+    definition = engine.resolve_model("t2v", parsed)
+    settings = engine._settings(definition, "t2v", parsed)
+    engine.pipe.scheduler = engine._scheduler(settings)
+    return run_t2v(engine.pipe, parsed, settings, {}), artifact.data
+
+
+# ---- what runs in each spawned rank ------------------------------------------------------------------------
+
+
+def _rank_main(rank: int, world_size: int, port: int, mode: str, tiny_root: str, out: str) -> None:
+    """One rank: the sharded attention check, a whole generation, float frames and a collective cancel."""
+    torch.set_num_threads(1)
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    from Wan2GP.errors import Cancelled
+    from Wan2GP.parallel import (
+        build_layout,
+        context_parallel_config,
+        init_distributed,
+        run_parallel_generation,
+    )
+    from Wan2GP.params import parse_params
+    from Wan2GP.pipelines import run_t2v
+
+    device = init_distributed(rank, world_size, "127.0.0.1", port, device="cpu")
+    result: dict = {"rank": rank}
+
+    if plan_degrees(mode, world_size)[1] > 1:
+        layout = build_layout(mode, device)
+        # Sharded attention alone: each rank holds a slice of the sequence, attends over all of it.
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 24, 4, 8) for _ in range(3))
+        full = torch.nn.functional.scaled_dot_product_attention(
+            *(x.permute(0, 2, 1, 3) for x in (q, k, v))
+        ).permute(0, 2, 1, 3)
+        local = layout.cp_mesh["ulysses"].get_local_rank()
+        piece = 24 // layout.ulysses_degree
+        shard = slice(local * piece, (local + 1) * piece)
+        sharded = dispatch_attention_fn(
+            q[:, shard].contiguous(),
+            k[:, shard].contiguous(),
+            v[:, shard].contiguous(),
+            parallel_config=context_parallel_config(layout),
+        )
+        result["attention_max_abs_error"] = float((sharded - full[:, shard]).abs().max())
+
+    catalog = Catalog.load(tiny_dir=tiny_root)
+    engine = Engine(device="cpu", catalog=catalog, default_models={"t2v": "tiny-t2v"}, lora_dirs=[])
+    engine.load("tiny-t2v")
+    # How many video tokens self-attention sees on this rank: the whole sequence, or this rank's shard.
+    block_tokens: list[int] = []
+    engine.pipe.transformer.blocks[0].attn1.register_forward_pre_hook(
+        lambda module, args: block_tokens.append(args[0].shape[1])
+    )
+    params = {**PARAMS, "num_inference_steps": STEPS}
+    artifact = run_parallel_generation(engine, "t2v", params, mode, task_id=f"rank{rank}")
+    result["block_tokens"] = sorted(set(block_tokens))
+    Path(out, f"rank{rank}.mp4").write_bytes(artifact.data)
+
+    parsed = parse_params("t2v", params)
+    settings = engine._settings(engine.resolve_model("t2v", parsed), "t2v", parsed)
+    engine.pipe.scheduler = engine._scheduler(settings)
+    np.save(Path(out, f"rank{rank}.npy"), run_t2v(engine.pipe, parsed, settings, {}))
+
+    # Only the last rank asks to cancel, after step 2; every rank must stop there together.
+    steps_seen: list[int] = []
+    try:
+        run_parallel_generation(
+            engine,
+            "t2v",
+            {**params, "num_inference_steps": 4},
+            mode,
+            progress=lambda step, total: steps_seen.append(step),
+            should_cancel=lambda: rank == world_size - 1 and len(steps_seen) >= 2,
+        )
+        result["cancelled"] = False
+    except Cancelled:
+        result["cancelled"] = True
+    result["steps_before_cancel"] = len(steps_seen)
+    # A random seed is drawn once and shared: every rank denoises the same noise.
+    drawn = run_parallel_generation(engine, "t2v", {**params, "seed": -1, "num_inference_steps": 1}, mode)
+    result["random_seed"] = drawn.metadata["seed"]
+    result["random_digest"] = hashlib.sha256(drawn.data).hexdigest()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def _spawn(mode: str, world_size: int, tiny_dir: Path, out: Path) -> list[dict]:
+    port = free_port()
+    mp.spawn(
+        _rank_main,
+        args=(world_size, port, mode, str(tiny_dir.parent), str(out)),
+        nprocs=world_size,
+        join=True,
+    )
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+# ---- the tests --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(catalog: Catalog) -> tuple[np.ndarray, bytes]:
+    return reference_frames(catalog, {**PARAMS, "num_inference_steps": STEPS})
+
+
+# 64x48, 9 frames -> 3 latent frames of 6x8 latents -> 3 x 3 x 4 = 36 tokens after the 2x2 patches.
+TOKENS = 36
+
+
+@pytest.mark.parametrize(("mode", "world_size"), [("cfg", 2), ("ulysses", 2), ("cfg+ulysses", 4)])
+def test_parallel_generation_matches_single_process(
+    mode: str, world_size: int, tiny_dir: Path, reference, tmp_path: Path
+) -> None:
+    ref_frames, ref_bytes = reference
+    results = _spawn(mode, world_size, tiny_dir, tmp_path)
+
+    for rank, result in enumerate(results):
+        frames = np.load(tmp_path / f"rank{rank}.npy")
+        error = relative_error(frames, ref_frames)
+        print(f"{mode} rank {rank}: relative error of frames vs single process = {error:.3e}")
+        ulysses = plan_degrees(mode, world_size)[1]
+        assert result["block_tokens"] == [TOKENS // ulysses]
+        if mode == "cfg":
+            # Same arithmetic as one process, only split: bit-identical frames and file.
+            assert error == 0.0
+            assert (tmp_path / f"rank{rank}.mp4").read_bytes() == ref_bytes
+        else:
+            assert error < 1e-5
+            print(
+                f"{mode} rank {rank}: sharded attention max abs error {result['attention_max_abs_error']:.2e}"
+            )
+            assert result["attention_max_abs_error"] < 1e-5
+        decoded, _ = decode_video((tmp_path / f"rank{rank}.mp4").read_bytes())
+        assert decoded.shape == (9, 48, 64, 3)
+        assert result["cancelled"] is True
+        assert result["steps_before_cancel"] == 2  # all ranks stopped after the same step
+    # Every rank ends with the same result.
+    assert len({r["random_seed"] for r in results}) == 1
+    assert len({r["random_digest"] for r in results}) == 1
+    for rank in range(1, world_size):
+        assert np.array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / f"rank{rank}.npy"))
+
+
+def test_plan_degrees_rejects_impossible_splits() -> None:
+    assert plan_degrees("cfg", 2) == (2, 1)
+    assert plan_degrees("ulysses", 4) == (1, 4)
+    assert plan_degrees("cfg+ulysses", 4) == (2, 2)
+    with pytest.raises(ValueError, match="mode 'cfg' needs exactly 2 ranks"):
+        plan_degrees("cfg", 4)
+    with pytest.raises(ValueError, match="mode 'cfg\\+ulysses' needs an even world_size >= 4"):
+        plan_degrees("cfg+ulysses", 3)
+    with pytest.raises(ValueError, match="mode: 'ring'"):
+        plan_degrees("ring", 2)
+    assert set(MODES) == {"cfg", "ulysses", "cfg+ulysses"}
+
+
+def test_nccl_multicast_stays_off() -> None:
+    assert NCCL_SAFE_ENV == {
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "NVSHMEM_DISABLE_NVLS": "1",
+    }
+
+
+# ---- the multi-GPU Serve replica, in a real local Ray cluster (fake GPUs, gloo) -------------------------------
+
+
+def test_multi_gpu_replica_serves_one_video_across_two_ranks(tiny_dir: Path, reference) -> None:
+    import ray
+    from ray import serve
+
+    from deployments.multi_gpu import MultiGpuGenerationDeployment, multi_gpu_options
+
+    _, ref_bytes = reference
+    ref_frames, _ = decode_video(ref_bytes)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        app = MultiGpuGenerationDeployment.options(**multi_gpu_options(2, cpus_per_rank=0.5)).bind(
+            family="T2V",
+            default_models={"t2v": "tiny-t2v"},
+            world_size=2,
+            mode="ulysses",
+            device="cpu",
+            tiny_dir=str(tiny_dir.parent),
+            cpus_per_rank=0.5,
+        )
+        handle = serve.run(app, name="multi_gpu", route_prefix=None)
+        stats = handle.stats.remote().result()
+        assert [r["rank"] for r in stats["ranks"]] == [0, 1]
+        assert len({r["pid"] for r in stats["ranks"]}) == 2  # two worker processes
+        assert all(r["env"] == NCCL_SAFE_ENV for r in stats["ranks"])
+
+        params = {**PARAMS, "num_inference_steps": STEPS}
+        events = list(handle.generate.options(stream=True).remote("t2v", params, "task-1"))
+        assert [e["event"] for e in events[:-1]] == ["progress"] * STEPS
+        assert [e["step"] for e in events[:-1]] == [1, 2, 3]
+        done = events[-1]
+        assert done["event"] == "done", done
+        artifact = done["artifact"]
+        assert artifact.filename == "task-1.mp4" and artifact.media_type == "video/mp4"
+        assert artifact.metadata["frames"] == 9 and artifact.metadata["seed"] == PARAMS["seed"]
+        frames, _ = decode_video(artifact.data)
+        assert frames.shape == (9, 48, 64, 3)
+        error = relative_error(frames, ref_frames)
+        print(f"multi-GPU replica (ulysses, 2 ranks): relative error of decoded frames = {error:.3e}")
+        assert error < 1e-2
+
+        # Bad params come back as an error event naming the field; the ranks stay usable.
+        bad = list(handle.generate.options(stream=True).remote("t2v", {"prompt": "x", "resolution": "abc"}))
+        assert bad[-1]["event"] == "error" and bad[-1]["kind"] == "invalid"
+        assert "resolution" in bad[-1]["message"]
+        again = list(handle.generate.options(stream=True).remote("t2v", params, "task-2"))
+        assert again[-1]["event"] == "done"
+        assert handle.stats.remote().result()["generations"] == 2
+
+        # Cancelling the request stops every rank at the same step; the replica then serves the next task.
+        stream = handle.generate.options(stream=True).remote("t2v", {**params, "num_inference_steps": 200})
+        first = next(iter(stream))
+        assert first["event"] == "progress"
+        stream.cancel()
+        after = list(handle.generate.options(stream=True).remote("t2v", params, "task-3"))
+        assert after[-1]["event"] == "done"
+        assert decode_video(after[-1]["artifact"].data)[0].shape == (9, 48, 64, 3)
+        assert handle.stats.remote().result()["generations"] == 3
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_uneven_token_split_is_rejected_with_the_size(engine: Engine) -> None:
+    from Wan2GP.parallel import check_sequence_split
+
+    engine.load("tiny-t2v")
+    check_sequence_split(engine.pipe, 64, 48, 9, 4)  # 36 tokens over 4 ranks: fine
+    with pytest.raises(ValueError, match=r"resolution/video_length: 64x48, 9 frames make 36 tokens.*5 ranks"):
+        check_sequence_split(engine.pipe, 64, 48, 9, 5)
+
+
+def test_parallel_engine_needs_the_resident_profile(catalog: Catalog) -> None:
+    from Wan2GP.parallel import ParallelEngine
+
+    offloaded = Engine(device="cpu", memory_profile="model_offload", catalog=catalog, lora_dirs=[])
+    with pytest.raises(ValueError, match="memory_profile: parallel generation needs 'resident'"):
+        ParallelEngine(offloaded, mode="cfg")
+
+
+def test_app_with_a_two_gpu_replica_completes_tasks_over_http(tmp_path: Path) -> None:
+    """`gpus_per_replica: 2` in the application config: the ingress routes to the multi-GPU replica."""
+    from serve_helpers import running_app, wait_final
+
+    from Wan2GP.video import probe_video
+
+    config = {
+        "db": f"sqlite:///{tmp_path / 'tasks.db'}",
+        "storage": {"root": str(tmp_path / "files")},
+        "models": "tiny",
+        "families": {
+            "T2V": {"gpus_per_replica": 2, "parallel_mode": "cfg", "num_cpus": 0.3, "device": "cpu"}
+        },
+    }
+    with running_app(config) as client:
+        params = {
+            "prompt": "split",
+            "resolution": "64x48",
+            "video_length": 9,
+            "num_inference_steps": 2,
+            "seed": 5,
+        }
+        created = client.post("/tasks", json={"task_type": "t2v", "params": params})
+        assert created.status_code == 201, created.text
+        task = wait_final(client, created.json()["id"])
+        assert task["status"] == "Complete", task["error_message"]
+        info = probe_video(client.get(f"/tasks/{task['id']}/output").content)
+        assert (info["frames"], info["width"], info["height"]) == (9, 64, 48)
+        # VACE is not served by this app: its task types are refused at the API.
+        assert client.post("/tasks", json={"task_type": "vace", "params": {}}).status_code == 422
