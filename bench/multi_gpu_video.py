@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.scale_out import PROMPT, free_port, prepare_models, require_gpus, start_ray
+from bench.scale_out import PROMPT, prepare_models, require_gpus, start_ray
+from deployments.local import free_port
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:

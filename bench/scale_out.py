@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from deployments.local import free_port, wait_complete
 
 T2V_MODEL = "bench-wan2.1-t2v-1.3b"
 VACE_MODEL = "bench-wan2.1-vace-1.3b"
@@ -44,12 +45,6 @@ def require_gpus(needed: int, tiny: bool, script: str) -> int:
             f"(e.g. the device kind nvidia-h200-x{max(2, needed)}), or pass --tiny for a CPU smoke check."
         )
     return needed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_vace(folder: Path) -> None:
@@ -148,18 +143,6 @@ def run_app(config: dict[str, Any], port: int) -> httpx.Client:
 
     serve.run(build_app(config), name="hwgp", route_prefix="/")
     return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-
-
-def wait_complete(client: httpx.Client, task_id: str, timeout_s: float = 3600) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        task = client.get(f"/tasks/{task_id}").json()
-        if task["status"] == "Complete":
-            return task
-        if task["status"] in ("Failed", "Cancelled"):
-            raise RuntimeError(f"task {task_id}: {task['status']}: {task.get('error_message')}")
-        time.sleep(0.1)
-    raise TimeoutError(f"task {task_id} not complete after {timeout_s}s")
 
 
 def post(client: httpx.Client, task_type: str, params: dict) -> str:

@@ -13,30 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
 
 import httpx
 
+from deployments.local import free_port, wait_complete
+
 PARAMS = {"prompt": "a red square", "resolution": "32x32", "num_inference_steps": 2, "seed": 1}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(client: httpx.Client, task_id: str) -> dict:
-    while True:
-        task = client.get(f"/tasks/{task_id}").json()
-        if task["status"] in ("Complete", "Failed", "Cancelled"):
-            if task["status"] != "Complete":
-                raise RuntimeError(f"task {task_id}: {task['status']}: {task['error_message']}")
-            return task
-        time.sleep(0.01)
 
 
 def main() -> None:
@@ -54,7 +39,7 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="hwgp-bench-")
     ray.init(num_cpus=os.cpu_count(), num_gpus=1, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     family = {"num_gpus": 0.3, "num_cpus": 0.1}
     config = {
@@ -70,17 +55,17 @@ def main() -> None:
     def post() -> str:
         return client.post("/tasks", json={"task_type": args.task_type, "params": PARAMS}).json()["id"]
 
-    _wait(client, post())  # warm: model loaded, code paths hot
+    wait_complete(client, post(), poll_s=0.01)  # warm: model loaded, code paths hot
     latencies = []
     for _ in range(args.single):
         start = time.perf_counter()
-        _wait(client, post())
+        wait_complete(client, post(), poll_s=0.01)
         latencies.append(time.perf_counter() - start)
 
     start = time.perf_counter()
     ids = [post() for _ in range(args.tasks)]
     for task_id in ids:
-        _wait(client, task_id)
+        wait_complete(client, task_id, poll_s=0.01)
     drain = time.perf_counter() - start
     serve.shutdown()
     ray.shutdown()

@@ -12,28 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import tempfile
 import time
 
 import httpx
 import numpy as np
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(client: httpx.Client, task_id: str) -> None:
-    while True:
-        task = client.get(f"/tasks/{task_id}").json()
-        if task["status"] == "Complete":
-            return
-        if task["status"] in ("Failed", "Cancelled"):
-            raise RuntimeError(f"{task_id}: {task['status']}: {task['error_message']}")
-        time.sleep(0.05)
+from deployments.local import free_port, wait_complete
 
 
 def main() -> None:
@@ -64,7 +49,7 @@ def main() -> None:
               "resolution": args.resolution, "num_inference_steps": args.steps, "seed": 1}  # fmt: skip
 
     ray.init(num_cpus=os.cpu_count(), num_gpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     results = {}
@@ -80,14 +65,14 @@ def main() -> None:
         }
         serve.run(build_app(config), name="hwgp", route_prefix="/")
         warm = {**travel, "num_inference_steps": 1, "chain_segments": False}
-        _wait(
+        wait_complete(
             client,
             client.post("/tasks", json={"task_type": "travel_orchestrator", "params": warm}).json()["id"],
         )
         for chained in (True, False):
             start = time.perf_counter()
             body = {"task_type": "travel_orchestrator", "params": {**travel, "chain_segments": chained}}
-            _wait(client, client.post("/tasks", json=body).json()["id"])
+            wait_complete(client, client.post("/tasks", json=body).json()["id"])
             results[(replicas, chained)] = time.perf_counter() - start
         serve.delete("hwgp")
     serve.shutdown()

@@ -218,11 +218,13 @@ def _media(source: Any, name: str) -> tuple[np.ndarray, float | None]:
     if source is None or (isinstance(source, str | bytes) and len(source) == 0):
         raise ValueError(f"{name} is required (an image or a video)")
     try:
-        return load_image(source)[np.newaxis], None
-    except ValueError:
-        pass  # not an image: try it as a video
+        image = load_image(source)
     except FileNotFoundError as error:
         raise ValueError(f"{name}: {error}") from None
+    except ValueError:
+        image = None  # not an image: try it as a video
+    if image is not None:
+        return image[np.newaxis], None
     try:
         frames, fps = decode_video(source)
     except (ValueError, FileNotFoundError) as error:

@@ -339,7 +339,7 @@ class Ingress:
                 f"{task_type!r} is not served here; served: {', '.join(sorted(self.served_task_types))}",
             )
         try:
-            deployment = self._route(task_type, params)
+            deployment, _ = self._route(task_type, params)
         except ValidationError as error:
             raise HTTPException(
                 422,
@@ -376,14 +376,15 @@ class Ingress:
                 except InputError as error:
                     raise _http_error(422, f"params.{label}", str(error)) from None
 
-    def _route(self, task_type: str, params: dict[str, Any]) -> str:
+    def _route(self, task_type: str, params: dict[str, Any]) -> tuple[str, ModelDefinition]:
+        """The family deployment and model a generation task runs on (validates its params)."""
         definition = self._model(task_type, params)
         deployment = FAMILY_DEPLOYMENT[definition.family]
         if deployment not in self.handles:
             raise ValueError(
                 f"model {definition.id!r} is a {definition.family} model, which this app does not serve"
             )
-        return deployment
+        return deployment, definition
 
     def _model(self, task_type: str, params: dict[str, Any]) -> ModelDefinition:
         parsed = parse_params(task_type, _without_inputs(params))
@@ -503,8 +504,8 @@ class Ingress:
         """One generation on the family deployment its model belongs to, streamed."""
         task = entry.task
         try:
-            entry.deployment = self._route(task.task_type, task.params)
-            entry.model_id = self._model(task.task_type, task.params).id
+            entry.deployment, definition = self._route(task.task_type, task.params)
+            entry.model_id = definition.id
             params = await asyncio.to_thread(self._fetch_inputs, task.params)
         except ValidationError as error:
             raise TaskFailure(describe_validation_error(error)) from None

@@ -13,10 +13,10 @@ import cv2
 import numpy as np
 import pytest
 from ray import serve
-from serve_helpers import running_app, wait_final
 
 from db.store import open_store
 from deployments.app import build_app
+from deployments.local import running_app, wait_final
 from Wan2GP.video import encode_mp4, encode_png, load_image, probe_video
 
 pytestmark = pytest.mark.slow

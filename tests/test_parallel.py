@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from deployments.local import free_port
 from Wan2GP.catalog import Catalog
 from Wan2GP.engine import Engine
 from Wan2GP.parallel import MODES, NCCL_SAFE_ENV, plan_degrees
@@ -25,12 +25,6 @@ pytest_plugins = ["engine_fixtures"]
 
 PARAMS = {"prompt": "a cat walking", "resolution": "64x48", "video_length": 9, "seed": 11}
 STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -295,8 +289,7 @@ def test_parallel_engine_needs_the_resident_profile(catalog: Catalog) -> None:
 
 def test_app_with_a_two_gpu_replica_completes_tasks_over_http(tmp_path: Path) -> None:
     """`gpus_per_replica: 2` in the application config: the ingress routes to the multi-GPU replica."""
-    from serve_helpers import running_app, wait_final
-
+    from deployments.local import running_app, wait_final
     from Wan2GP.video import probe_video
 
     config = {

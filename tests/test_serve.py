@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from conftest import raw_execute
 from ray import serve
-from serve_helpers import FINAL, running_app, wait_final
 
 from db.store import open_store
+from deployments.local import FINAL, running_app, wait_final
 from Wan2GP.video import encode_mp4, encode_png, probe_video
 
 pytestmark = pytest.mark.slow
@@ -186,7 +186,7 @@ def test_killed_replica_task_is_retried_and_completes_once(service: dict):
     pid = client.get("/replicas").json()["T2V"]["pid"]
     os.kill(pid, signal.SIGKILL)
 
-    task = wait_final(client, task_id, timeout=300)
+    task = wait_final(client, task_id, timeout_s=300)
     assert task["status"] == "Complete", task["error_message"]
     # Either Serve re-sent the request to the restarted replica, or the ingress requeued the task.
     assert task["attempts"] in (1, 2)
@@ -233,7 +233,7 @@ def test_unknown_and_missing_tasks(service: dict):
         "INSERT INTO tasks (id, task_type, params, status) VALUES (%s, 'hunyuan', '{}', 'Queued')",
         (queued_elsewhere,),
     )
-    task = wait_final(client, queued_elsewhere, timeout=60)
+    task = wait_final(client, queued_elsewhere, timeout_s=60)
     assert task["status"] == "Failed" and "not served" in task["error_message"]
     assert client.get("/tasks", params={"status": "Doing"}).status_code == 422
     assert client.get("/docs").status_code == 200

@@ -8,7 +8,6 @@ import io
 import os
 import resource
 import signal
-import socket
 import stat
 import time
 import uuid
@@ -24,6 +23,7 @@ from pyarrow import fs as pafs
 from pydantic import ValidationError
 from storage_fixtures import MediaServer, S3Server
 
+from deployments.local import free_port
 from storage import (
     InputError,
     InputFetcher,
@@ -54,13 +54,6 @@ def _task_id() -> str:
 
 def _files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
-def _free_port() -> int:
-    """A loopback port with nothing listening on it (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- local saving ---------------------------------------------------------------------------------------
@@ -501,7 +494,7 @@ def test_final_upload_failure_raises_and_keeps_the_local_file(
     s3_server: S3Server, tmp_path: Path, failure: str
 ):
     if failure == "unreachable":
-        settings_ = _s3_settings(s3_server, "some-bucket", endpoint=f"http://127.0.0.1:{_free_port()}")
+        settings_ = _s3_settings(s3_server, "some-bucket", endpoint=f"http://127.0.0.1:{free_port()}")
         reason = "connect"
     else:
         settings_ = _s3_settings(s3_server, f"missing-{uuid.uuid4().hex[:12]}")
@@ -612,7 +605,7 @@ def test_wrong_content_type_or_status_is_refused(
 
 def test_unreachable_url_is_an_input_error(fetcher: InputFetcher):
     with pytest.raises(InputError, match=r"^image_url: download of .* failed: ConnectError"):
-        fetcher.fetch(f"http://127.0.0.1:{_free_port()}/x.png", field="image_url")
+        fetcher.fetch(f"http://127.0.0.1:{free_port()}/x.png", field="image_url")
 
 
 @pytest.mark.parametrize(
