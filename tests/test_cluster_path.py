@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def stop_head(temp_dir: Path) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGKILL)
     psutil.wait_procs(mine, timeout=10)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_readme_cluster_path_with_token_auth(tmp_path: Path):
