@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,7 @@ from Wan2GP.errors import EngineError
 from Wan2GP.params import parse_params
 
 logger = logging.getLogger("ray.serve")
+UI_PAGE = Path(__file__).with_name("ui") / "index.html"
 
 # Params that name input files. The ingress fetches them (URL, output location, allowed local path)
 # and hands the replica their bytes, so a replica on another node needs no shared filesystem.
@@ -302,6 +304,11 @@ class Ingress:
             "tasks": {status.value: n for status, n in counts.items()},
         }
         return JSONResponse(body, status_code=200 if not problems else 503)
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui(self) -> FileResponse:
+        """The gallery page: the queue live, outputs playable, a form to submit tasks."""
+        return FileResponse(UI_PAGE, media_type="text/html")
 
     @app.get("/replicas")
     async def replicas(self) -> dict[str, Any]:
