@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 # Deno (the `deno` dev dependency) fetches the edge functions' npm: imports from the registry npm uses.
 export NPM_CONFIG_REGISTRY ?= $(shell npm config get registry 2>/dev/null || echo https://registry.npmjs.org/)
 
-.PHONY: install run test lint format bench-claims clean
+.PHONY: install run test lint format bench-claims clean browser
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,11 @@ run: install
 	$(VENV)/bin/hwgp db init
 	$(VENV)/bin/serve run serve_config.yaml
 
-test: install
+# Debian's chromium for the /ui page's browser test (Playwright drives it; no browser is downloaded).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	cd db/supabase/functions && $(abspath $(VENV))/bin/deno install --quiet --entrypoint main.ts
 	$(PY) -m pytest
 
