@@ -10,6 +10,7 @@ on a loopback port (`db/supabase/local.py`). Tests start each from an empty task
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -27,12 +28,19 @@ from db.supabase.local import EdgeFunctions, make_jwt, prepare_database, start_e
 
 PG_URL = os.environ.get("HWGP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 JWT_SECRET = "test-jwt-secret-with-at-least-32-characters"
-SERVICE_KEY = make_jwt({"role": "service_role", "iss": "supabase", "iat": 1_700_000_000}, JWT_SECRET)
-ANON_KEY = make_jwt({"role": "anon", "iss": "supabase", "iat": 1_700_000_000}, JWT_SECRET)
+CORS_ORIGIN = "https://app.example"  # the one web origin the test functions accept
+# As Supabase issues its API keys: HS256, ten-year expiry.
+SERVICE_KEY = make_jwt(
+    {"role": "service_role", "iss": "supabase", "iat": 1_700_000_000, "exp": 2_015_000_000}, JWT_SECRET
+)
+ANON_KEY = make_jwt(
+    {"role": "anon", "iss": "supabase", "iat": 1_700_000_000, "exp": 2_015_000_000}, JWT_SECRET
+)
 
 
 def user_jwt(user_id: str) -> str:
-    return make_jwt({"sub": user_id, "role": "authenticated", "exp": int(time.time()) + 3600}, JWT_SECRET)
+    claims = {"sub": user_id, "role": "authenticated", "aud": "authenticated", "exp": int(time.time()) + 3600}
+    return make_jwt(claims, JWT_SECRET)
 
 
 @dataclass
@@ -57,7 +65,8 @@ def add_user(db_url: str, name: str) -> SupabaseUser:
             (user.project_id, user.user_id, name),
         )
         conn.execute(
-            "INSERT INTO user_api_tokens (token, user_id) VALUES (%s, %s)", (user.access_token, user.user_id)
+            "INSERT INTO user_api_tokens (token_sha256, user_id) VALUES (%s, %s)",
+            (hashlib.sha256(user.access_token.encode()).hexdigest(), user.user_id),
         )
     return user
 
@@ -157,7 +166,11 @@ def edge_functions(
         service_key=SERVICE_KEY,
         jwt_secret=JWT_SECRET,
         log_path=tmp_path_factory.mktemp("deno") / "edge-functions.log",
-        extra_env={"SUPABASE_ANON_KEY": ANON_KEY, "SUPABASE_STORAGE_URL": storage_objects.url},
+        extra_env={
+            "SUPABASE_ANON_KEY": ANON_KEY,
+            "SUPABASE_STORAGE_URL": storage_objects.url,
+            "HWGP_CORS_ORIGINS": CORS_ORIGIN,
+        },
     )
     try:
         yield functions

@@ -10,48 +10,94 @@ export class HttpError extends Error {
   }
 }
 
-const CORS = {
-  "Access-Control-Allow-Origin": "*",
-  "Access-Control-Allow-Headers": "authorization, x-client-info, apikey, content-type",
-  "Access-Control-Allow-Methods": "POST, OPTIONS",
-};
+// Browsers may call the functions only from the origins in HWGP_CORS_ORIGINS (comma-separated, or
+// "*"); with it unset no CORS headers are sent, so no other site's page can use a visitor's token.
+function corsHeaders(req: Request): Record<string, string> {
+  const allowed = (Deno.env.get("HWGP_CORS_ORIGINS") ?? "").split(",").map((o) => o.trim()).filter(
+    Boolean,
+  );
+  const origin = req.headers.get("Origin");
+  if (!origin || !(allowed.includes("*") || allowed.includes(origin))) return {};
+  return {
+    "Access-Control-Allow-Origin": allowed.includes("*") ? "*" : origin,
+    "Access-Control-Allow-Headers": "authorization, x-client-info, apikey, content-type",
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Vary": "Origin",
+  };
+}
 
 export function json(body: unknown, status = 200): Response {
   return new Response(JSON.stringify(body), {
     status,
-    headers: { "Content-Type": "application/json", ...CORS },
+    headers: { "Content-Type": "application/json" },
   });
 }
 
 export function noContent(): Response {
-  return new Response(null, { status: 204, headers: CORS });
+  return new Response(null, { status: 204 });
+}
+
+/** The largest JSON body a function reads (HWGP_MAX_BODY_BYTES, default 1 MiB), before decoding. */
+export function maxBodyBytes(): number {
+  return Number(Deno.env.get("HWGP_MAX_BODY_BYTES") ?? String(1024 * 1024));
 }
 
 export type Body = Record<string, unknown>;
 
-/** Wraps a function body: 405 for other methods, CORS preflight, JSON parsing, error mapping. */
+/** Wraps a function body: 405 for other methods, CORS, a body size limit, JSON parsing, error mapping.
+ * `bodyLimit` (bytes, default `maxBodyBytes()`) is enforced on the bytes read, before any decoding. */
 export function endpoint(
   run: (req: Request, body: Body) => Promise<Response>,
+  bodyLimit?: () => number,
 ): (req: Request) => Promise<Response> {
   return async (req: Request) => {
-    if (req.method === "OPTIONS") return new Response("ok", { headers: CORS });
+    const cors = corsHeaders(req);
+    const answer = (response: Response) => {
+      for (const [name, value] of Object.entries(cors)) response.headers.set(name, value);
+      return response;
+    };
+    if (req.method === "OPTIONS") return answer(new Response("ok"));
     if (req.method !== "POST") {
-      return json({ error: `method ${req.method} not allowed; use POST` }, 405);
+      return answer(json({ error: `method ${req.method} not allowed; use POST` }, 405));
     }
     if (!/^Bearer\s+\S+/i.test(req.headers.get("Authorization") ?? "")) {
       // Refuse before reading the body; resolveCaller checks the token itself.
-      return json({ error: "missing Authorization: Bearer <service key | JWT | access token>" }, 401);
+      return answer(
+        json({ error: "missing Authorization: Bearer <service key | JWT | access token>" }, 401),
+      );
     }
     try {
-      return await run(req, await readBody(req));
+      return answer(await run(req, await readBody(req, (bodyLimit ?? maxBodyBytes)())));
     } catch (error) {
-      return errorResponse(error);
+      return answer(errorResponse(error));
     }
   };
 }
 
-async function readBody(req: Request): Promise<Body> {
-  const text = await req.text();
+/** The body's bytes, refusing (413) as soon as more than `limit` arrive, whatever Content-Length says. */
+async function readLimited(req: Request, limit: number): Promise<Uint8Array> {
+  const declared = Number(req.headers.get("Content-Length") ?? "0");
+  if (declared > limit) throw new HttpError(413, `body: ${declared} bytes; the limit is ${limit}`, "body");
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  if (req.body) {
+    for await (const chunk of req.body) {
+      size += chunk.length;
+      if (size > limit) throw new HttpError(413, `body: more than ${limit} bytes`, "body");
+      chunks.push(chunk);
+    }
+  }
+  const bytes = new Uint8Array(size);
+  let at = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, at);
+    at += chunk.length;
+  }
+  return bytes;
+}
+
+async function readBody(req: Request, limit: number): Promise<Body> {
+  const text = new TextDecoder().decode(await readLimited(req, limit));
   if (text.trim() === "") return {};
   let parsed: unknown;
   try {

@@ -8,6 +8,11 @@ import { HttpError } from "./http.ts";
 const BUCKET = Deno.env.get("SUPABASE_VIDEO_BUCKET") ?? "image_uploads";
 const MAX_UPLOAD_BYTES = Number(Deno.env.get("HWGP_MAX_UPLOAD_BYTES") ?? String(200 * 1024 * 1024));
 
+/** The largest complete-task body: a base64 file of MAX_UPLOAD_BYTES (4/3 larger) and its fields. */
+export function maxUploadBodyBytes(): number {
+  return Math.ceil(MAX_UPLOAD_BYTES * 4 / 3) + 64 * 1024;
+}
+
 const CONTENT_TYPES: Record<string, string> = {
   mp4: "video/mp4",
   webm: "video/webm",

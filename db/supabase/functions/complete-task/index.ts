@@ -5,7 +5,12 @@
 import { resolveCaller } from "../_shared/auth.ts";
 import { asCaller, taskJson } from "../_shared/db.ts";
 import { endpoint, HttpError, json, optionalString, requireString } from "../_shared/http.ts";
-import { decodeBase64File, sanitizeFilename, uploadToStorage } from "../_shared/storage.ts";
+import {
+  decodeBase64File,
+  maxUploadBodyBytes,
+  sanitizeFilename,
+  uploadToStorage,
+} from "../_shared/storage.ts";
 
 export const handler = endpoint(async (req, body) => {
   const caller = await resolveCaller(req);
@@ -32,6 +37,6 @@ export const handler = endpoint(async (req, body) => {
     (tx) => tx`select * from complete_task(${taskId}, ${outputLocation}, ${workerId})`,
   );
   return json(taskJson(row));
-});
+}, maxUploadBodyBytes);
 
 if (import.meta.main) Deno.serve(handler);
