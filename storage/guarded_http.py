@@ -40,6 +40,7 @@ from .url_guard import (
     check_target,
     host_key,
     parse_url,
+    redact_url,
 )
 
 MAX_REDIRECTS = 3
@@ -81,8 +82,7 @@ class Budget:
                 step = min(step, until - time.monotonic())
                 if step <= 0:
                     return False
-            readable, writable, _ = select.select([] if write else [sock], [sock] if write else [], [], step)
-            if readable or writable:
+            if _ready(sock, write=write, timeout=step):
                 return True
 
     def sleep(self, seconds: float) -> None:
@@ -90,6 +90,14 @@ class Budget:
         while (left := end - time.monotonic()) > 0:
             self.check()
             time.sleep(min(_POLL_S, left))
+
+
+def _ready(sock: socket.socket, *, write: bool, timeout: float) -> bool:
+    """Whether ``sock`` becomes readable (writable) within ``timeout`` s. poll, not select: a busy
+    process (Ray, many connections) has descriptors above select's limit of 1024."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT if write else select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
 class _BudgetStream(httpcore.NetworkStream):
@@ -162,8 +170,7 @@ class _BudgetStream(httpcore.NetworkStream):
         if info == "socket":
             return self._sock
         if info == "is_readable":
-            readable, _, _ = select.select([self._sock], [], [], 0)
-            return bool(readable)
+            return _ready(self._sock, write=False, timeout=0)
         return None
 
 
@@ -272,7 +279,9 @@ def open_url(
                 location = answer_headers.get("location")
                 if response.status in REDIRECT_STATUSES and location:
                     if hop == max_redirects:
-                        raise FetchProblem(FAILED, f"more than {max_redirects} redirects (last from {url})")
+                        raise FetchProblem(
+                            FAILED, f"more than {max_redirects} redirects (last {redact_url(url)})"
+                        )
                     url = urljoin(url, location.strip())
                     continue
                 yield Answer(url, response.status, answer_headers, response.iter_stream(), hop)

@@ -65,6 +65,7 @@ from .url_guard import (
     check_target,
     parse_allowlist,
     parse_url,
+    redact_url,
     resolve_with,
 )
 
@@ -191,9 +192,8 @@ class InputFetcher:
         # Downloads get their own threads, never the event loop's default executor that database calls
         # and health checks use; DNS lookups too (getaddrinfo cannot be interrupted, only waited for).
         self._downloads = ThreadPoolExecutor(max_concurrent_downloads, thread_name_prefix="hwgp-input-fetch")
-        self._resolve = resolve_with(
-            ThreadPoolExecutor(max_concurrent_downloads, thread_name_prefix="hwgp-input-dns")
-        )
+        self._dns = ThreadPoolExecutor(max_concurrent_downloads, thread_name_prefix="hwgp-input-dns")
+        self._resolve = resolve_with(self._dns)
         self._closing = threading.Event()
         self._cache_lock = threading.Lock()
 
@@ -201,6 +201,7 @@ class InputFetcher:
         """Abort downloads in progress and stop the download threads."""
         self._closing.set()
         self._downloads.shutdown(wait=False, cancel_futures=True)
+        self._dns.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> InputFetcher:
         return self
@@ -300,7 +301,7 @@ class InputFetcher:
         try:
             check_target(parse_url(url), self.allow, self._resolve, CHECK_RESOLVE_TIMEOUT_S)
         except FetchProblem as problem:
-            logger.info("%s: refused %s: %s", field, url, problem.detail)
+            logger.info("%s: refused %s: %s", field, redact_url(url), problem.detail)
             raise InputError(field, f"could not fetch the URL: {problem.public}", ref=url) from None
 
     # --- what a reference is ----------------------------------------------------------------------
@@ -402,11 +403,13 @@ class InputFetcher:
                 return self._fetch_own_object(ref, field)
             return self._fetch_url(ref, field, download.kind, budget)
         except FetchProblem as problem:
-            logger.warning("%s: fetching %s: %s", field, ref, problem.detail)
+            logger.warning("%s: fetching %s: %s", field, redact_url(ref), problem.detail)
             raise InputError(field, f"could not fetch the URL: {problem.public}", ref=ref) from None
         except _TRANSFER_ERRORS as error:
             # Refused connection, TLS failure, malformed answer: all read the same to the user.
-            logger.warning("%s: fetching %s failed: %s: %s", field, ref, type(error).__name__, error)
+            logger.warning(
+                "%s: fetching %s failed: %s: %s", field, redact_url(ref), type(error).__name__, error
+            )
             raise InputError(field, f"could not fetch the URL: {FAILED}", ref=ref) from None
 
     def _fetch_url(self, url: str, field: str, kind: Kind, budget: Budget) -> Path:
@@ -414,10 +417,10 @@ class InputFetcher:
             url, allow=self.allow, resolve=self._resolve, budget=budget, ssl_context=self.ssl_context
         ) as answer:
             if answer.status != 200:
-                raise FetchProblem(FAILED, f"HTTP {answer.status} from {answer.url}")
+                raise FetchProblem(FAILED, f"HTTP {answer.status} from {redact_url(answer.url)}")
             content_type = answer.headers.get("content-type")
             if not content_type_allowed(content_type, kind):
-                logger.warning("%s: %s has content type %r", field, answer.url, content_type)
+                logger.warning("%s: %s has content type %r", field, redact_url(answer.url), content_type)
                 raise InputError(field, f"the URL does not point to {_describe(kind)}", ref=url)
             length = answer.headers.get("content-length", "").strip()
             if length.isdigit() and int(length) > self.max_bytes:
@@ -482,7 +485,7 @@ class InputFetcher:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty: another download may be writing here
             raise
-        logger.info("%s: fetched %s (%d bytes) to %s", field, ref, size, target)
+        logger.info("%s: fetched %s (%d bytes) to %s", field, redact_url(ref), size, target)
         self._evict(keep=folder)
         return target
 
@@ -496,10 +499,10 @@ class InputFetcher:
             entries: list[tuple[float, int, Path]] = []
             total = 0
             for folder in self.cache_dir.iterdir():
-                files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
                 try:
+                    files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
                     stats = [f.stat() for f in files]
-                except FileNotFoundError:  # evicted or replaced under us: skip this round
+                except FileNotFoundError:  # removed under us (a failed download's empty folder)
                     continue
                 size = sum(s.st_size for s in stats)
                 total += size
@@ -510,9 +513,18 @@ class InputFetcher:
             for last_used, size, folder in sorted(entries):
                 if total <= self.cache_max_bytes or now - last_used < CACHE_GRACE_S:
                     break
+                if _last_used(folder) > last_used:  # a cache hit since the scan: keep it
+                    continue
                 shutil.rmtree(folder, ignore_errors=True)
                 total -= size
                 logger.info("input cache over %d bytes: evicted %s", self.cache_max_bytes, folder.name)
+
+
+def _last_used(folder: Path) -> float:
+    try:
+        return max((f.stat().st_mtime for f in folder.iterdir() if f.is_file()), default=0.0)
+    except FileNotFoundError:
+        return 0.0
 
 
 def _fetch_timeout(configured: float | None, env: Mapping[str, str]) -> float:

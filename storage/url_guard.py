@@ -253,6 +253,16 @@ def parse_url(url: str) -> Target:
     return Target(url, scheme, host, port or (443 if scheme == "https" else 80), target)
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its query, fragment and credentials, for logs (presigned URLs carry secrets there)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "<unparsable URL>"
+    return f"{parts.scheme}://{host}{parts.path}" + ("?..." if parts.query else "")
+
+
 def _invalid(problem: str) -> FetchProblem:
     # Only about the text the user sent, so the specific problem is safe to show.
     return FetchProblem(problem, problem)
@@ -382,5 +392,6 @@ __all__ = [
     "parse_allowlist",
     "parse_host",
     "parse_url",
+    "redact_url",
     "resolve_with",
 ]

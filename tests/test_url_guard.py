@@ -21,6 +21,7 @@ from storage.url_guard import (
     parse_allowlist,
     parse_host,
     parse_url,
+    redact_url,
     resolve_with,
 )
 
@@ -337,3 +338,10 @@ def test_allowlisted_address_matches_every_spelling(resolve):
         assert check_target(parse_url(url), allow, resolve, 5).addresses == (
             ipaddress.IPv4Address("127.0.0.1"),
         )
+
+
+def test_logged_urls_lose_credentials_and_query():
+    assert redact_url("https://u:secret@cdn.example.com/a/b.png?X-Amz-Signature=abc#f") == (
+        "https://cdn.example.com/a/b.png?..."
+    )
+    assert redact_url("http://example.com/x.png") == "http://example.com/x.png"
