@@ -59,6 +59,7 @@ from .guarded_http import Budget, default_ssl_context, open_url
 from .names import sanitize_filename
 from .outputs import OutputStorage
 from .url_guard import (
+    CANCELLED,
     FAILED,
     FetchProblem,
     allowlist_from,
@@ -403,7 +404,8 @@ class InputFetcher:
                 return self._fetch_own_object(ref, field)
             return self._fetch_url(ref, field, download.kind, budget)
         except FetchProblem as problem:
-            logger.warning("%s: fetching %s: %s", field, redact_url(ref), problem.detail)
+            level = logging.INFO if problem.public == CANCELLED else logging.WARNING
+            logger.log(level, "%s: fetching %s: %s", field, redact_url(ref), problem.detail)
             raise InputError(field, f"could not fetch the URL: {problem.public}", ref=ref) from None
         except _TRANSFER_ERRORS as error:
             # Refused connection, TLS failure, malformed answer: all read the same to the user.

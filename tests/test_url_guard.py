@@ -345,3 +345,27 @@ def test_logged_urls_lose_credentials_and_query():
         "https://cdn.example.com/a/b.png?..."
     )
     assert redact_url("http://example.com/x.png") == "http://example.com/x.png"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=60),
+        st.builds(
+            lambda scheme, netloc, path: f"{scheme}://{netloc}{path}",
+            st.sampled_from(["http", "https", "HTTP", "ftp", "file", ""]),
+            st.text(alphabet="abcxyz0123456789.:[]@%-_/\\ \t\x00é", max_size=30),
+            st.text(max_size=10),
+        ),
+    )
+)
+def test_parse_url_only_ever_refuses_with_a_fetch_problem(url: str):
+    """Whatever a client posts, the parser answers with a Target or a FetchProblem (a 422), never a crash."""
+    try:
+        target = parse_url(url)
+    except FetchProblem as problem:
+        assert problem.public
+    else:
+        assert target.scheme in ("http", "https") and 0 < target.port < 65536
+        assert isinstance(target.host, str | ipaddress.IPv4Address | ipaddress.IPv6Address)
+        assert target.target.startswith("/")
