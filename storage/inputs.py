@@ -62,12 +62,13 @@ from .url_guard import (
     CANCELLED,
     FAILED,
     FetchProblem,
+    SystemResolver,
     allowlist_from,
     check_target,
+    check_target_async,
     parse_allowlist,
     parse_url,
     redact_url,
-    resolve_with,
 )
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class InputFetcher:
         # and health checks use; DNS lookups too (getaddrinfo cannot be interrupted, only waited for).
         self._downloads = ThreadPoolExecutor(max_concurrent_downloads, thread_name_prefix="hwgp-input-fetch")
         self._dns = ThreadPoolExecutor(max_concurrent_downloads, thread_name_prefix="hwgp-input-dns")
-        self._resolve = resolve_with(self._dns)
+        self._resolve = SystemResolver(self._dns)
         self._closing = threading.Event()
         self._cache_lock = threading.Lock()
 
@@ -296,11 +297,29 @@ class InputFetcher:
         if isinstance(planned, _Download) and not planned.from_bucket:
             self.check_url(planned.ref, field)
 
+    async def check_async(self, ref: str | os.PathLike[str], field: str, kind: Kind | None = None) -> None:
+        """:meth:`check` for an event loop: a slow DNS answer is awaited without holding any thread."""
+        planned = self._plan(ref, field, kind)
+        if isinstance(planned, _Download) and not planned.from_bucket:
+            await self.check_url_async(planned.ref, field)
+
     def check_url(self, url: str, field: str) -> None:
         """Validate an http(s) URL without downloading it: scheme, host syntax, and that the host is
         allowlisted or resolves only to public addresses. Raises InputError naming ``field``."""
-        try:
+        with self._url_problem(url, field):
             check_target(parse_url(url), self.allow, self._resolve, CHECK_RESOLVE_TIMEOUT_S)
+
+    async def check_url_async(self, url: str, field: str) -> None:
+        """:meth:`check_url` for an event loop."""
+        with self._url_problem(url, field):
+            await check_target_async(parse_url(url), self.allow, self._resolve, CHECK_RESOLVE_TIMEOUT_S)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _url_problem(url: str, field: str) -> Iterator[None]:
+        """Turn a refused URL into the InputError users see; the details go to the log."""
+        try:
+            yield
         except FetchProblem as problem:
             logger.info("%s: refused %s: %s", field, redact_url(url), problem.detail)
             raise InputError(field, f"could not fetch the URL: {problem.public}", ref=url) from None

@@ -18,13 +18,15 @@ Refusals raise :class:`FetchProblem`: ``public`` is the generic sentence users s
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -324,25 +326,51 @@ def is_allowlisted(target: Target, allow: Allowlist) -> bool:
 Resolver = Callable[[str, int, float], list[IPAddress]]
 
 
-def resolve_with(executor: Executor) -> Resolver:
-    """A resolver running ``getaddrinfo`` on ``executor``, so a hung DNS lookup costs a wait, not a thread.
+class SystemResolver:
+    """``getaddrinfo`` on its own executor, so a hung DNS lookup costs a wait, not the caller's thread.
 
-    (``getaddrinfo`` cannot be interrupted; the wait on it is bounded by ``timeout``.)
+    ``getaddrinfo`` cannot be interrupted; the wait on it is bounded by ``timeout`` (the lookup itself
+    holds an executor thread until the system resolver gives up). Call it (blocking) or await
+    :meth:`aresolve` (from an event loop).
     """
 
-    def resolve(host: str, port: int, timeout: float) -> list[IPAddress]:
-        future = executor.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    def __init__(self, executor: Executor):
+        self.executor = executor
+
+    def __call__(self, host: str, port: int, timeout: float) -> list[IPAddress]:
+        future = self._lookup(host, port)
         try:
-            infos = future.result(timeout=max(timeout, 0.0))
+            return _addresses(future.result(timeout=max(timeout, 0.0)))
         except FutureTimeout:
             future.cancel()
-            raise FetchProblem(TIMED_OUT, f"resolving {host} took more than {timeout:.1f} s") from None
+            raise _slow_lookup(host, timeout) from None
         except OSError as error:
-            # Same words as a refused address: whether an internal name exists is not for users to learn.
-            raise FetchProblem(NOT_ALLOWED, f"resolving {host} failed: {error}") from None
-        return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+            raise _failed_lookup(host, error) from None
 
-    return resolve
+    async def aresolve(self, host: str, port: int, timeout: float) -> list[IPAddress]:
+        future = self._lookup(host, port)
+        try:
+            return _addresses(await asyncio.wait_for(asyncio.wrap_future(future), max(timeout, 0.0)))
+        except TimeoutError:
+            raise _slow_lookup(host, timeout) from None
+        except OSError as error:
+            raise _failed_lookup(host, error) from None
+
+    def _lookup(self, host: str, port: int) -> Future[list[Any]]:
+        return self.executor.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+
+
+def _addresses(infos: list[Any]) -> list[IPAddress]:
+    return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+
+
+def _slow_lookup(host: str, timeout: float) -> FetchProblem:
+    return FetchProblem(TIMED_OUT, f"resolving {host} took more than {timeout:.1f} s")
+
+
+def _failed_lookup(host: str, error: OSError) -> FetchProblem:
+    # Same words as a refused address: whether an internal name exists is not for users to learn.
+    return FetchProblem(NOT_ALLOWED, f"resolving {host} failed: {error}")
 
 
 @dataclass(frozen=True)
@@ -356,13 +384,26 @@ class CheckedTarget:
 
 def check_target(target: Target, allow: Allowlist, resolve: Resolver, timeout: float) -> CheckedTarget:
     """Resolve ``target``'s host once and require every address to be public (unless allowlisted)."""
-    allowlisted = is_allowlisted(target, allow)
+    addresses = resolve(target.host, target.port, timeout) if isinstance(target.host, str) else [target.host]
+    return check_addresses(target, addresses, allow)
+
+
+async def check_target_async(
+    target: Target, allow: Allowlist, resolver: SystemResolver, timeout: float
+) -> CheckedTarget:
+    """:func:`check_target` for an event loop: the DNS wait does not hold a thread."""
     if isinstance(target.host, str):
-        addresses = resolve(target.host, target.port, timeout)
-        if not addresses:
-            raise FetchProblem(NOT_ALLOWED, f"{target.host} resolved to no address")
+        addresses = await resolver.aresolve(target.host, target.port, timeout)
     else:
         addresses = [target.host]
+    return check_addresses(target, addresses, allow)
+
+
+def check_addresses(target: Target, addresses: list[IPAddress], allow: Allowlist) -> CheckedTarget:
+    """Require every address ``target``'s host resolved to be public, unless the host is allowlisted."""
+    if not addresses:
+        raise FetchProblem(NOT_ALLOWED, f"{host_key(target.host)} resolved to no address")
+    allowlisted = is_allowlisted(target, allow)
     if not allowlisted:
         for address in addresses:
             problem = address_problem(address)
@@ -393,5 +434,7 @@ __all__ = [
     "parse_host",
     "parse_url",
     "redact_url",
-    "resolve_with",
+    "SystemResolver",
+    "check_addresses",
+    "check_target_async",
 ]

@@ -417,6 +417,12 @@ def test_check_url_validates_without_downloading(tmp_path: Path, server: Loopbac
             with pytest.raises(InputError) as info:
                 fetcher.check_url(url, field="image_start")
             assert _message(info).startswith(message) and info.value.field == "image_start"
+            # The event-loop variant gives the same answers.
+            with pytest.raises(InputError) as info:
+                asyncio.run(fetcher.check_async(url, field="image_start"))
+            assert _message(info).startswith(message)
+        asyncio.run(fetcher.check_async(server.url("/img.png"), field="image_start"))
+        asyncio.run(fetcher.check_url_async(server.url("/img.png"), field="image_start"))
         with pytest.raises(InputError, match=r"^image_start: scheme 'ftp' is not allowed"):
             fetcher.check("ftp://example.com/a.png", field="image_start")
         with pytest.raises(InputError, match=r"^image_end: local file 'b.png' does not exist"):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from storage.url_guard import (
     NOT_ALLOWED,
     FetchProblem,
+    SystemResolver,
     address_problem,
     allowlist_from,
     check_target,
@@ -22,7 +23,6 @@ from storage.url_guard import (
     parse_host,
     parse_url,
     redact_url,
-    resolve_with,
 )
 
 REFUSED = [
@@ -289,7 +289,7 @@ def test_environment_allowlist_wins_even_when_empty():
 @pytest.fixture(scope="module")
 def resolve():
     with ThreadPoolExecutor(2) as pool:
-        yield resolve_with(pool)
+        yield SystemResolver(pool)
 
 
 def test_check_target_refuses_names_resolving_to_loopback(resolve):
