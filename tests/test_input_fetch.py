@@ -25,9 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from PIL import Image
+from pydantic import ValidationError
 
 from deployments.local import free_port
-from storage import InputError, InputFetcher
+from storage import InputError, InputFetcher, InputSettings
 from storage.guarded_http import Budget, default_ssl_context, open_url
 from storage.url_guard import FetchProblem, parse_allowlist
 
@@ -557,3 +558,19 @@ def test_every_address_of_a_name_must_be_public():
     ):
         pass
     assert info.value.public == "the address is not allowed" and "10.1.2.3" in info.value.detail
+
+
+def test_input_settings_validate_and_configure_a_fetcher(tmp_path: Path, server: LoopbackServer):
+    settings = InputSettings.model_validate(
+        {"input_url_allow": [f"127.0.0.1:{server.port}"], "fetch_timeout_s": 7, "max_concurrent_downloads": 2}
+    )
+    with InputFetcher(cache_dir=tmp_path / "cache", env={}, **settings.model_dump()) as fetcher:
+        assert fetcher.fetch_timeout_s == 7 and fetcher.fetch(server.url("/img.png"), field="image_start")
+    for bad, field in [
+        ({"input_url_allow": ["bad host"]}, "input_url_allow"),
+        ({"fetch_timeout_s": 0}, "fetch_timeout_s"),
+        ({"max_concurrent_downloads": 0}, "max_concurrent_downloads"),
+        ({"max_bytez": 1}, "max_bytez"),
+    ]:
+        with pytest.raises(ValidationError, match=field):
+            InputSettings.model_validate(bad)

@@ -386,12 +386,23 @@ def test_supabase_upload_through_the_s3_endpoint_and_public_url(s3_server: S3Ser
     assert response.headers["content-type"] == "image/png"
     assert storage.resolve_local(public_url) == saved.local_path
 
-    # A dependent task referencing the public URL gets the local copy, or downloads it when gone.
-    with InputFetcher(cache_dir=tmp_path / "cache", outputs=storage) as fetcher:
+    # A dependent task referencing the public URL gets the local copy, or reads it back from the bucket
+    # when gone: through the S3 API with the service's credentials, not over HTTP, so the bucket's host
+    # (loopback here) needs no allowlist entry.
+    with InputFetcher(cache_dir=tmp_path / "cache", outputs=storage, env={}) as fetcher:
         assert fetcher.fetch(public_url, field="image_refs") == saved.local_path
         saved.local_path.unlink()
+        requests_before = len(s3_server.gateway.paths)
         downloaded = fetcher.fetch(public_url, field="image_refs")
     assert downloaded.read_bytes() == PNG and downloaded.name == "posed_image.png"
+    read_paths = s3_server.gateway.paths[requests_before:]
+    assert read_paths and all(p.startswith("/storage/v1/s3/image_uploads/") for p in read_paths)
+    # Someone else's URL on the same loopback host is still refused: only our own objects are trusted.
+    with (
+        InputFetcher(cache_dir=tmp_path / "cache2", outputs=storage, env={}) as fetcher,
+        pytest.raises(InputError, match=r"^image_refs: could not fetch the URL: the address is not allowed"),
+    ):
+        fetcher.fetch(f"{s3_server.url}/storage/v1/object/public/other-bucket/x/y.png", field="image_refs")
 
 
 class FlakyFilesystem:
