@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
@@ -49,9 +50,14 @@ CONNECT_TIMEOUT_S = 10.0  # per address tried, within the total deadline
 _POLL_S = 0.1  # how often a wait looks at the cancel events and the deadline
 
 
-def default_ssl_context() -> ssl.SSLContext:
-    """Certificate and host name checked against certifi's CA bundle (as httpx does by default)."""
-    return ssl.create_default_context(cafile=certifi.where())
+def default_ssl_context(env: Mapping[str, str] | None = None) -> ssl.SSLContext:
+    """Certificates and host names checked against certifi's CA bundle, or against ``$SSL_CERT_FILE`` /
+    ``$SSL_CERT_DIR`` when set (an intranet CA), as httpx and OpenSSL tools read them."""
+    env = os.environ if env is None else env
+    cafile, capath = env.get("SSL_CERT_FILE") or None, env.get("SSL_CERT_DIR") or None
+    if cafile is None and capath is None:
+        cafile = certifi.where()
+    return ssl.create_default_context(cafile=cafile, capath=capath)
 
 
 class Budget:

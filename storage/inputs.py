@@ -28,6 +28,7 @@ Settings (constructor arguments, or :class:`InputSettings` from a config file), 
 ``max_bytes``                       largest input file (default 512 MiB).
 ``max_concurrent_downloads``        size of the download thread pool (default 4).
 ``cache_max_bytes``                 size the input cache is kept under (default 10 GiB).
+``$SSL_CERT_FILE``, ``$SSL_CERT_DIR``  CA certificates for https inputs (default: certifi's bundle).
 ==================================  ====================================================================
 """
 
@@ -190,7 +191,7 @@ class InputFetcher:
         self.outputs = outputs
         self.allow = allowlist_from(input_url_allow, env)
         self.fetch_timeout_s = _fetch_timeout(fetch_timeout_s, env)
-        self.ssl_context = ssl_context or default_ssl_context()
+        self.ssl_context = ssl_context or default_ssl_context(env)
         # Downloads get their own threads, never the event loop's default executor that database calls
         # and health checks use; DNS lookups too (getaddrinfo cannot be interrupted, only waited for).
         self._downloads = ThreadPoolExecutor(max_concurrent_downloads, thread_name_prefix="hwgp-input-fetch")

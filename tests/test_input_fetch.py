@@ -508,10 +508,16 @@ def test_https_checks_the_certificate_against_the_url_host(tmp_path: Path):
             # The same server by address: the certificate does not name 127.0.0.1, so it is refused.
             with pytest.raises(InputError, match="the download failed"):
                 fetcher.fetch(https.url("/img.png?ip"), field="image_start")
+        # The CA can come from $SSL_CERT_FILE too (an intranet CA), as for httpx and OpenSSL tools.
+        env = {"SSL_CERT_FILE": str(cert)}
+        with _fetcher(tmp_path / "e", https, input_url_allow=allow, env=env) as fetcher:
+            assert (
+                fetcher.fetch(https.url("/img.png?env", "localhost"), field="image_start").read_bytes() == PNG
+            )
         # Verification is on by default: a self-signed certificate is not trusted.
         with _fetcher(tmp_path / "b", https, input_url_allow=allow) as fetcher, pytest.raises(InputError):
             fetcher.fetch(https.url("/img.png?default", "localhost"), field="image_start")
-        assert https.requests["/img.png"] == 1
+        assert https.requests["/img.png"] == 2
     finally:
         https.stop()
 
