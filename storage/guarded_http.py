@@ -262,7 +262,8 @@ def open_url(
     with httpcore.ConnectionPool(
         ssl_context=ssl_context, network_backend=backend, max_connections=2, retries=0
     ) as pool:
-        for hop in range(max_redirects + 1):
+        hop = 0
+        while True:
             budget.check()
             checked = check_target(parse_url(url), allow, resolve, budget.remaining())
             target = checked.target
@@ -289,10 +290,10 @@ def open_url(
                             FAILED, f"more than {max_redirects} redirects (last {redact_url(url)})"
                         )
                     url = urljoin(url, location.strip())
+                    hop += 1
                     continue
                 yield Answer(url, response.status, answer_headers, response.iter_stream(), hop)
                 return
-    raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
 
 __all__ = ["CONNECT_TIMEOUT_S", "MAX_REDIRECTS", "Answer", "Budget", "default_ssl_context", "open_url"]
