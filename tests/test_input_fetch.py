@@ -375,8 +375,8 @@ def test_downloads_use_their_own_bounded_pool_and_leave_the_loop_free(tmp_path: 
     # Two threads: two downloads started at once, the others queued; five 1 s downloads took 3 waves.
     assert seen["started_at_0.4s"] == 2
     assert server.requests["/trickle"] == 5
-    assert 2.9 <= seen["total"] < 4.5
-    assert seen["executor_latency"] < 0.2 and seen["loop_latency"] < 0.1
+    assert 2.9 <= seen["total"] < 6.0
+    assert seen["executor_latency"] < 0.5 and seen["loop_latency"] < 0.25
     assert all(isinstance(r, InputError) and "did not answer in time" in str(r) for r in seen["results"])
 
 
