@@ -6,15 +6,18 @@ Typical use by the ingress::
     saved = storage.save(task_id, artifact)            # SavedOutput(local_path, output_location, uploaded)
     storage.resolve_local(saved.output_location)       # -> Path of the local copy, or None
 
-    fetcher = InputFetcher(allowed_dirs=["inputs"], cache_dir="cache/inputs", outputs=storage)
-    path = fetcher.fetch(params["image_start"], field="image_start")
+    fetcher = InputFetcher(allowed_dirs=["inputs"], cache_dir="cache/inputs", outputs=storage,
+                           input_url_allow=["minio.internal:9000"])
+    fetcher.check(params["image_start"], field="image_start")          # at POST: no download
+    path = await fetcher.fetch_async(params["image_start"], field="image_start", cancel=event)
 
-Configuration and environment variables: :mod:`storage.config`; location rules: :mod:`storage.outputs`.
+Configuration and environment variables: :mod:`storage.config`; location rules: :mod:`storage.outputs`;
+which URLs may be fetched and how: :mod:`storage.url_guard`, :mod:`storage.guarded_http`, :mod:`storage.inputs`.
 """
 
 from .config import S3Settings, StorageConfig, SupabaseSettings
 from .errors import InputError, StorageError
-from .inputs import InputFetcher, content_type_allowed, kind_for_field
+from .inputs import InputFetcher, InputSettings, content_type_allowed, kind_for_field
 from .names import sanitize_filename, validate_task_id
 from .outputs import OutputStorage, SavedOutput, atomic_write_bytes
 from .uploaders import S3Uploader, backoff_delays, make_s3_filesystem, retry_with_backoff
@@ -22,6 +25,7 @@ from .uploaders import S3Uploader, backoff_delays, make_s3_filesystem, retry_wit
 __all__ = [
     "InputError",
     "InputFetcher",
+    "InputSettings",
     "OutputStorage",
     "S3Settings",
     "S3Uploader",
