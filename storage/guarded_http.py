@@ -252,8 +252,12 @@ def open_url(
     ssl_context: ssl.SSLContext,
     user_agent: str = "hwgp-serve",
     max_redirects: int = MAX_REDIRECTS,
+    method: str = "GET",
+    content: bytes | None = None,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> Iterator[Answer]:
-    """GET ``url``, following at most ``max_redirects`` redirects, each hop parsed and checked.
+    """GET ``url`` (or send ``method`` with ``content``), following at most ``max_redirects``
+    redirects, each hop parsed and checked.
 
     Raises :class:`FetchProblem` when a hop is refused, the budget runs out, or there are too many
     redirects; httpcore errors (connection, TLS, protocol) propagate for the caller to log and hide.
@@ -276,9 +280,12 @@ def open_url(
                 ("User-Agent", user_agent),
                 ("Accept", "*/*"),
                 ("Accept-Encoding", "identity"),
+                *(extra_headers or {}).items(),
             ]
             extensions = {"sni_hostname": host_key(target.host)}
-            with pool.stream("GET", request_url, headers=headers, extensions=extensions) as response:
+            with pool.stream(
+                method, request_url, headers=headers, content=content, extensions=extensions
+            ) as response:
                 answer_headers = {
                     name.decode("latin-1").lower(): value.decode("latin-1")
                     for name, value in response.headers

@@ -306,13 +306,16 @@ def _allow_port(text: str, entry: str) -> int:
     return int(text)
 
 
-def allowlist_from(configured: Iterable[str] | None, env: Mapping[str, str]) -> Allowlist:
-    """``$HWGP_INPUT_URL_ALLOW`` (comma-separated; when set, even empty, it wins) or the configured list."""
-    if ALLOW_ENV in env:
+def allowlist_from(
+    configured: Iterable[str] | None, env: Mapping[str, str], variable: str = ALLOW_ENV
+) -> Allowlist:
+    """``$variable`` (default ``$HWGP_INPUT_URL_ALLOW``; comma-separated; when set, even empty, it wins)
+    or the configured list."""
+    if variable in env:
         try:
-            return parse_allowlist(env[ALLOW_ENV].split(","))
+            return parse_allowlist(env[variable].split(","))
         except ValueError as error:
-            raise ValueError(f"{ALLOW_ENV}: {error}") from None
+            raise ValueError(f"{variable}: {error}") from None
     return parse_allowlist(configured or ())
 
 
