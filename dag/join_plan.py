@@ -131,7 +131,7 @@ class JoinSegmentParams(JoinSettings):
     is_last_join: bool = False
 
 
-def _generation_extras(data: dict[str, Any], prefix: tuple = ()) -> dict[str, Any]:
+def generation_extras(data: dict[str, Any], prefix: tuple = ()) -> dict[str, Any]:
     extras = {key: data[key] for key in GENERATION_KEYS if data.get(key) not in (None, {}, [])}
     try:
         BaseParams.model_validate(extras)  # fail now, naming the key, not in the generation step
@@ -146,7 +146,7 @@ def ignored_keys(data: dict[str, Any]) -> list[str]:
     return [key for key in IGNORED_KEYS if data.get(key) not in (None, False, "", {}, [])]
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any], prefix: tuple = ()) -> Any:
+def validate_model(model: type[BaseModel], data: dict[str, Any], prefix: tuple = ()) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -158,12 +158,12 @@ def parse_join_segment(params: dict[str, Any]) -> tuple[JoinSegmentParams, dict[
     """Validate a ``join_clips_segment`` task: (its settings, generation extras for the bridge)."""
     if not isinstance(params, dict):
         raise field_error(("params",), "must be a JSON object", params)
-    segment = _validate(JoinSegmentParams, params)
+    segment = validate_model(JoinSegmentParams, params)
     if not segment.starting_video_path and not segment.orchestrator_task_id_ref:
         raise field_error(("starting_video_path",), "is required (a standalone join needs both videos)")
     if not segment.starting_video_path and segment.is_first_join:
         raise field_error(("starting_video_path",), "is required for the first join of a run")
-    return segment, _generation_extras(params)
+    return segment, generation_extras(params)
 
 
 @dataclass(frozen=True)
@@ -224,12 +224,12 @@ def parse_join_orchestrator(params: dict[str, Any], default_run_id: str | None =
     for i in range(len(clips) - 1):
         override = per_join[i] if i < len(per_join) else {}
         loc = (*prefix, "per_join_settings", i) if override else prefix
-        joins.append(_validate(JoinSettings, {**base, **override}, loc))
+        joins.append(validate_model(JoinSettings, {**base, **override}, loc))
     return JoinRunPlan(
         run_id=run_id,
         clips=tuple(clips),
         joins=tuple(joins),
-        generation=_generation_extras(details, prefix),
+        generation=generation_extras(details, prefix),
         loop_first_clip=loop_first,
         ignored=tuple(ignored_keys(details)),
     )
