@@ -280,10 +280,20 @@ class StructureGuidance(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     structure_type: StructureType = "flow"
-    videos: list[StructureVideo] = Field(min_length=1, max_length=MAX_STRUCTURE_VIDEOS)
+    videos: list[StructureVideo] = Field(default_factory=list, max_length=MAX_STRUCTURE_VIDEOS)
     strength: float = Field(1.0, ge=0.0, le=10.0)
     canny_intensity: float = Field(1.0, ge=0.0, le=10.0)
     depth_contrast: float = Field(1.0, ge=0.0, le=10.0)
+    # A control video the original's orchestrator already computed (``structure_guidance_video_url`` /
+    # ``_guidance_video_url``): used as it is, timeline frame t being its frame precomputed_offset + t.
+    precomputed_video: str | None = None
+    precomputed_offset: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _has_source(self) -> StructureGuidance:
+        if not self.videos and not self.precomputed_video:
+            raise ValueError("needs structure videos or a precomputed guidance video")
+        return self
 
 
 _UNI3C_KEYS = ("use_uni3c", "uni3c_guide_video", "uni3c_strength")
@@ -308,6 +318,25 @@ def _number(params: dict, key: str, loc: tuple, default: float = 1.0) -> float:
     return number
 
 
+def _precomputed(params: dict[str, Any]) -> tuple[str | None, int, tuple]:
+    """The original's precomputed control video and its frame offset, in either form, if given."""
+    nested = params.get("structure_guidance") if isinstance(params.get("structure_guidance"), dict) else {}
+    for source, url_key, offset_key, prefix in (
+        (nested, "_guidance_video_url", "_frame_offset", ("structure_guidance",)),
+        (params, "structure_guidance_video_url", "structure_guidance_frame_offset", ()),
+        (params, "structure_motion_video_url", "structure_motion_frame_offset", ()),
+    ):
+        url = source.get(url_key)
+        if url:
+            if not isinstance(url, str):
+                raise field_error((*prefix, url_key), "must be a video URL or path", url)
+            offset = source.get(offset_key) or 0
+            if isinstance(offset, bool) or not isinstance(offset, int):
+                raise field_error((*prefix, offset_key), f"must be an integer, got {offset!r}", offset)
+            return url, offset, (*prefix, offset_key)
+    return None, 0, ()
+
+
 def parse_structure_guidance(params: dict[str, Any]) -> StructureGuidance | None:
     """Read structure guidance from task params in any of the original's forms, or None if there is none.
 
@@ -327,6 +356,7 @@ def parse_structure_guidance(params: dict[str, Any]) -> StructureGuidance | None
                 params[key],
             )
 
+    precomputed, offset, offset_loc = _precomputed(params)
     if isinstance(params.get("structure_guidance"), dict):
         nested = params["structure_guidance"]
         prefix: tuple = ("structure_guidance",)
@@ -366,9 +396,13 @@ def parse_structure_guidance(params: dict[str, Any]) -> StructureGuidance | None
                 }
             ]
         else:
-            if type_value not in (None, ""):
-                raise field_error((type_key,), "needs structure_video_path or structure_videos", type_value)
-            return None
+            raw_videos, videos_loc = [], ("structure_videos",)
+            if precomputed is None:
+                if type_value not in (None, ""):
+                    raise field_error(
+                        (type_key,), "needs structure_video_path or structure_videos", type_value
+                    )
+                return None
         values = {name: _number(params, key, (key,)) for name, key in _LEGACY_KEYS.items()}
     if type_value in (None, ""):
         type_value = "flow"  # the original's default preprocessing
@@ -380,14 +414,14 @@ def parse_structure_guidance(params: dict[str, Any]) -> StructureGuidance | None
             f"must be one of {', '.join(STRUCTURE_TYPES)}, got {type_value!r}",
             type_value,
         )
-    if type_value == "depth" and depth_model_dir() is None:
+    if type_value == "depth" and raw_videos and depth_model_dir() is None:
         raise field_error(
             (*prefix, type_key),
             f"structure_type 'depth' needs a depth model; none is installed (set {DEPTH_MODEL_ENV} to a "
             "local transformers depth-estimation model folder)",
             type_value,
         )
-    if not raw_videos:
+    if not raw_videos and precomputed is None:
         raise field_error(videos_loc, "is empty", raw_videos)
     single = videos_loc == ("structure_video_path",)
     videos = []
@@ -414,8 +448,16 @@ def parse_structure_guidance(params: dict[str, Any]) -> StructureGuidance | None
                 f"[{videos[previous].start_frame}, {end if end is not None else 'end'})",
                 videos[current].start_frame,
             )
+    if offset < 0:
+        raise field_error(offset_loc, f"must be >= 0, got {offset}", offset)
     try:
-        return StructureGuidance(structure_type=type_value, videos=videos, **values)
+        return StructureGuidance(
+            structure_type=type_value,
+            videos=videos,
+            precomputed_video=None if videos else precomputed,  # the videos make the same control again
+            precomputed_offset=offset,
+            **values,
+        )
     except ValidationError as error:
         first = error.errors()[0]
         name = str(first["loc"][0])
@@ -494,7 +536,7 @@ def build_control_video(
     resized to width x height, preprocessed, and placed on its range; a range starting past the timeline is
     skipped and one ending past it is cut, both recorded in ``notes`` (the original does the same).
     """
-    if guidance.structure_type == "depth" and depth_estimator is None:
+    if guidance.structure_type == "depth" and guidance.videos and depth_estimator is None:
         depth_estimator = load_depth_estimator()
         if depth_estimator is None:
             raise field_error(
@@ -504,6 +546,17 @@ def build_control_video(
     frames = np.full((total_frames, height, width, 3), neutral, dtype=np.uint8)
     covered = np.zeros(total_frames, dtype=bool)
     notes: list[str] = []
+    if guidance.precomputed_video is not None:
+        source, _ = load_video(guidance.precomputed_video)
+        taken = source[guidance.precomputed_offset : guidance.precomputed_offset + total_frames]
+        if len(taken) < total_frames:
+            notes.append(
+                f"precomputed guidance video has {len(source)} frames: frames {len(taken)} to {total_frames - 1} "
+                "after its offset are left neutral"
+            )
+        if len(taken):
+            frames[: len(taken)] = fit_resolution(taken, width, height, "crop")
+            covered[: len(taken)] = True
     for i, video in enumerate(guidance.videos):
         start = video.start_frame
         end = total_frames if video.end_frame is None else video.end_frame

@@ -361,3 +361,33 @@ def test_control_fills_only_generated_guide_frames(tmp_path):
     assert (guided[2:8] == control.frames[2:8]).all()  # generated frames now carry the edges
     shifted = apply_control(guide, mask, control, offset=5)
     assert (shifted[2:4] == control.frames[7:9]).all() and (shifted[4:8] == 127).all()  # past the end: grey
+
+
+def test_precomputed_guidance_video_is_used_as_it_is():
+    guidance = parse_structure_guidance(
+        {
+            "structure_type": "flow",
+            "structure_guidance_video_url": "https://x/guidance.mp4",
+            "structure_guidance_frame_offset": 3,
+        }
+    )
+    assert guidance.videos == [] and guidance.precomputed_video == "https://x/guidance.mp4"
+    control = build_control_video(guidance, 10, 48, 32, 16, lambda path: (numbered_video(8), 16.0))
+    assert control.frames[:5, 5, 5, 0].tolist() == [30, 40, 50, 60, 70]  # no preprocessing, from frame 3
+    assert control.covered.tolist() == [True] * 5 + [False] * 5 and (control.frames[5:] == 128).all()
+    assert control.notes == [
+        "precomputed guidance video has 8 frames: frames 5 to 9 after its offset are left neutral"
+    ]
+    nested = parse_structure_guidance(
+        {"structure_guidance": {"videos": [], "_guidance_video_url": "g.mp4", "_frame_offset": 40}}
+    )
+    assert (nested.precomputed_video, nested.precomputed_offset) == ("g.mp4", 40)
+    with_videos = parse_structure_guidance(
+        {"structure_guidance": {"videos": [{"path": "a.mp4"}], "_guidance_video_url": "g.mp4"}}
+    )
+    assert with_videos.precomputed_video is None  # the videos are processed again: same control
+    with pytest.raises(ValidationError) as error:
+        parse_structure_guidance(
+            {"structure_guidance_video_url": "g.mp4", "structure_guidance_frame_offset": "x"}
+        )
+    assert error.value.errors()[0]["loc"] == ("structure_guidance_frame_offset",)
