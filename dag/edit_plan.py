@@ -31,12 +31,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from dag.join_plan import (
     BridgeSpec,
     ClipRef,
+    Generate,
+    JoinResult,
     JoinRunPlan,
     JoinSettings,
+    bridge_guide,
+    bridge_params,
     generation_extras,
     ignored_keys,
     join_child_payloads,
     quantize_total,
+    splice_bridge,
     validate_model,
 )
 from Wan2GP.field_errors import field_error
@@ -322,3 +327,28 @@ def edit_join_payloads(
         ignored=plan.ignored,
     )
     return join_child_payloads(run, orchestrator_task_id, project_id)
+
+
+def run_inpaint(
+    video: np.ndarray, video_fps: float, params: InpaintParams, generation: dict[str, Any], generate: Generate
+) -> JoinResult:
+    """Regenerate the range of a decoded video: plan, guide, generate (VACE), splice. The result keeps the
+    video's length; ``fps`` (default the video's) only sets the rate the generation and output run at."""
+    spec = plan_inpaint(len(video), params)
+    before, after = inpaint_clips(video, params)
+    if params.resolution is not None:
+        width, height = params.resolution
+    else:
+        height, width = video.shape[1:3]
+    fps = params.fps or video_fps
+    guide, mask = bridge_guide(before, after, spec, width, height)
+    settings = JoinSettings(prompt=params.prompt, negative_prompt=params.negative_prompt, model=params.model,
+                            seed=params.seed)  # fmt: skip
+    generated = generate("vace", bridge_params(spec, settings, guide, mask, fps, generation))
+    if len(generated) != spec.total:
+        raise RuntimeError(
+            f"the inpaint generation returned {len(generated)} frames, {spec.total} were requested"
+        )
+    return JoinResult(
+        frames=splice_bridge(before, after, generated, spec), fps=fps, spec=spec, bridge=generated
+    )

@@ -27,6 +27,7 @@ producing a guide longer than the generation.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -517,3 +518,41 @@ def bridge_params(
     if settings.model:
         params["model"] = settings.model
     return params
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One join, start to end
+# ---------------------------------------------------------------------------------------------------------
+
+Generate = Callable[[str, dict[str, Any]], np.ndarray]  # (task type, params) -> uint8 (T, H, W, 3) frames
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    frames: np.ndarray
+    fps: float
+    spec: BridgeSpec
+    bridge: np.ndarray  # the generated bridge (an intermediate worth keeping in debug mode)
+
+
+def run_join(
+    clip_a: np.ndarray,
+    fps_a: float,
+    clip_b: np.ndarray,
+    fps_b: float,
+    settings: JoinSettings,
+    generation: dict[str, Any],
+    generate: Generate,
+) -> JoinResult:
+    """Join two decoded clips: prepare them, plan and build the bridge guide, generate it with ``generate``
+    (a VACE task), check its length and splice it. The steps a join_clips_segment deployment runs."""
+    prepared = prepare_clips(clip_a, fps_a, clip_b, fps_b, settings)
+    spec = plan_bridge(len(prepared.clip_a), len(prepared.clip_b), settings)
+    guide, mask = bridge_guide(prepared.clip_a, prepared.clip_b, spec, prepared.width, prepared.height)
+    bridge = generate("vace", bridge_params(spec, settings, guide, mask, prepared.fps, generation))
+    if len(bridge) != spec.total:
+        raise RuntimeError(
+            f"the bridge generation returned {len(bridge)} frames, {spec.total} were requested"
+        )
+    frames = splice_bridge(prepared.clip_a, prepared.clip_b, bridge, spec)
+    return JoinResult(frames=frames, fps=prepared.fps, spec=spec, bridge=bridge)
