@@ -152,3 +152,10 @@ def test_pose_letter_uses_the_given_estimator_on_the_masked_area():
     )
     assert result.process == "pose"
     assert result.guide.max() > 0 and (result.guide[0, 0, 0] == 0).all()  # a skeleton on black
+
+
+def test_no_letters_pass_a_finished_guide_through_unchanged():
+    # internal steps (travel segments, bridges) build their guide themselves: "" must not alter it
+    result = prepare("")
+    assert (result.guide == GUIDE).all() and (result.mask == MASK).all() and result.process == "raw"
+    assert (prepare("", mask=None).guide == GUIDE).all() and prepare("", mask=None).mask is None
