@@ -121,7 +121,8 @@ class JoinSettings(BaseModel):
 
 
 class JoinSegmentParams(JoinSettings):
-    """``join_clips_segment`` (and the original's standalone ``join_clips``): join two videos."""
+    """``join_clips_segment``: join two videos (the original's handler module is named join_clips; the
+    task type it serves is join_clips_segment, and our cross-fade ``join_clips`` keeps its own meaning)."""
 
     starting_video_path: str | None = None  # None: a chained join takes its predecessor's output
     ending_video_path: str = Field(min_length=1)
