@@ -121,6 +121,12 @@ def plan_inpaint(total_frames: int, params: InpaintParams) -> BridgeSpec:
             end,
         )
     gap = end - start
+    if gap + 2 * context > MAX_FRAMES:
+        raise field_error(
+            ("inpaint_end_frame",),
+            f"range of {gap} frames plus 2 x {context} context frames exceeds {MAX_FRAMES} generated frames",
+            end,
+        )
     before = after = context
     requested = before + gap + after
     missing = (4 - (requested - 1) % 4) % 4  # frames to add to reach the next 4n+1

@@ -334,6 +334,13 @@ def plan_bridge(len_a: int, len_b: int, settings: JoinSettings) -> BridgeSpec:
                     context,
                 )
         gap = _quantized_gap(context, gap, context)
+    if context_before + gap + context_after > MAX_FRAMES:
+        raise field_error(
+            ("gap_frame_count",),
+            f"the bridge would have {context_before + gap + context_after} frames; at most {MAX_FRAMES} "
+            "(2 x context_frame_count + gap_frame_count)",
+            settings.gap_frame_count,
+        )
     anchors: tuple[tuple[int, str], ...] = ()
     if settings.keep_bridging_images and gap >= 3 and gap // 3 < gap * 2 // 3:
         anchors = ((gap // 3, "a"), (gap * 2 // 3, "b"))

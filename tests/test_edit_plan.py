@@ -70,6 +70,12 @@ def test_inpaint_shrinks_the_context_when_the_video_has_no_spare_frames():
         (60, {"inpaint_start_frame": 5, "inpaint_end_frame": 20}, ("inpaint_start_frame",), "only 5 exist"),
         (60, {"inpaint_start_frame": 20, "inpaint_end_frame": 55}, ("inpaint_end_frame",), "only 5 exist"),
         (60, {"inpaint_start_frame": 20, "inpaint_end_frame": 70}, ("inpaint_end_frame",), "exceeds"),
+        (
+            2000,
+            {"inpaint_start_frame": 10, "inpaint_end_frame": 1100},
+            ("inpaint_end_frame",),
+            "1025 generated",
+        ),
     ],
 )
 def test_inpaint_range_needs_context_on_both_sides(total, params, loc, words):

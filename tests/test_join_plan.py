@@ -113,6 +113,7 @@ def test_bridge_takes_the_output_size_and_the_splice_checks_lengths():
         ((20, 20), {"context_frame_count": 1, "gap_frame_count": 1}, ("gap_frame_count",), "4n+1"),
         ((3, 3), {"context_frame_count": 2, "gap_frame_count": 9, "replace_mode": True}, ("gap_frame_count",),
          "videos too short"),
+        ((900, 900), {"context_frame_count": 400, "gap_frame_count": 400}, ("gap_frame_count",), "at most 1025"),
     ],
 )  # fmt: skip
 def test_impossible_joins_name_the_field(lengths, settings, loc, words):
