@@ -40,6 +40,7 @@ from dag.join_plan import (
     generation_extras,
     ignored_keys,
     join_child_payloads,
+    per_join_settings,
     quantize_total,
     splice_bridge,
     validate_model,
@@ -251,15 +252,17 @@ def parse_edit_video_orchestrator(params: dict[str, Any], default_run_id: str | 
     per_join = details.get("per_join_settings") or []
     if not isinstance(per_join, list) or not all(isinstance(s, dict) for s in per_join):
         raise field_error((*prefix, "per_join_settings"), "must be a list of objects", per_join)
-    base = {"prompt": "smooth transition", **details, "replace_mode": False}  # keepers are joined by INSERT
-    joins = []
-    for i, portion in enumerate(portions):
+    overrides = []
+    for i, portion in enumerate(portions):  # a portion's own prompt and gap win over per_join_settings
         override = dict(per_join[i]) if i < len(per_join) else {}
         if portion.prompt is not None:
             override["prompt"] = portion.prompt
         if portion.gap_frame_count is not None:
             override["gap_frame_count"] = portion.gap_frame_count
-        joins.append(validate_model(JoinSettings, {**base, **override, "replace_mode": False}, prefix))
+        overrides.append(override)
+    base = {"prompt": "smooth transition", **details}
+    # replace_mode decides how keepers are cut; the keepers themselves are joined by INSERT
+    joins = per_join_settings(base, overrides, len(portions), prefix, forced={"replace_mode": False})
     return EditRunPlan(
         run_id=run_id,
         source_video_url=source,

@@ -219,14 +219,7 @@ def parse_join_orchestrator(params: dict[str, Any], default_run_id: str | None =
         )
 
     base = {"prompt": "smooth transition", **details}  # the orchestrator's default prompt
-    per_join = details.get("per_join_settings") or []
-    if not isinstance(per_join, list) or not all(isinstance(s, dict) for s in per_join):
-        raise field_error((*prefix, "per_join_settings"), "must be a list of objects", per_join)
-    joins = []
-    for i in range(len(clips) - 1):
-        override = per_join[i] if i < len(per_join) else {}
-        loc = (*prefix, "per_join_settings", i) if override else prefix
-        joins.append(validate_model(JoinSettings, {**base, **override}, loc))
+    joins = per_join_settings(base, details.get("per_join_settings"), len(clips) - 1, prefix)
     return JoinRunPlan(
         run_id=run_id,
         clips=tuple(clips),
@@ -235,6 +228,27 @@ def parse_join_orchestrator(params: dict[str, Any], default_run_id: str | None =
         loop_first_clip=loop_first,
         ignored=tuple(ignored_keys(details)),
     )
+
+
+def per_join_settings(
+    base: dict[str, Any], per_join: Any, count: int, prefix: tuple, forced: dict[str, Any] | None = None
+) -> list[JoinSettings]:
+    """The settings of ``count`` joins: ``base`` (the run's keys) with ``per_join[i]`` on top, then
+    ``forced``. An error in the run's keys names the run's key, one in an override names
+    per_join_settings[i]."""
+    per_join = per_join or []
+    if not isinstance(per_join, list) or not all(isinstance(s, dict) for s in per_join):
+        raise field_error((*prefix, "per_join_settings"), "must be a list of objects", per_join)
+    forced = forced or {}
+    validate_model(JoinSettings, {**base, **forced}, prefix)
+    return [
+        validate_model(
+            JoinSettings,
+            {**base, **(per_join[i] if i < len(per_join) else {}), **forced},
+            (*prefix, "per_join_settings", i),
+        )
+        for i in range(count)
+    ]
 
 
 def join_child_payloads(

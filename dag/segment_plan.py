@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from dag.travel_plan import (
     SegmentSpec,
@@ -91,7 +92,14 @@ def plan_individual_segment(
     for key in ("model_name", "parsed_resolution_wh"):  # the task's own value wins over the run's
         if params.get(key):
             overridden[key] = params[key]
-    plan = parse_travel({"orchestrator_details": overridden}, default_run_id=default_run_id)
+    try:
+        plan = parse_travel({"orchestrator_details": overridden}, default_run_id=default_run_id)
+    except ValidationError as error:  # blame the key the client sent (a task-level override, or its payload)
+        first = error.errors()[0]
+        key = first["loc"][1] if len(first["loc"]) > 1 else None
+        loc = (key,) if key in ("model_name", "parsed_resolution_wh") and params.get(key) else (
+            details_key, *first["loc"][1:])  # fmt: skip
+        raise field_error(loc, first["msg"], first.get("input")) from None
 
     index = params.get("segment_index", 0)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < plan.num_segments:

@@ -178,6 +178,16 @@ def test_portions_need_kept_frames_around_them():
         keeper_segments(past_end, 164)
 
 
+def test_join_setting_errors_name_the_run_key_or_the_override():
+    portions = [{"start_frame": 10, "end_frame": 20}]
+    with pytest.raises(ValidationError) as error:
+        edit(portions_to_regenerate=portions, context_frame_count="x")
+    assert error.value.errors()[0]["loc"] == ("orchestrator_details", "context_frame_count")
+    with pytest.raises(ValidationError) as error:
+        edit(portions_to_regenerate=portions, per_join_settings=[{"seed": -5}])
+    assert error.value.errors()[0]["loc"] == ("orchestrator_details", "per_join_settings", 0, "seed")
+
+
 def test_declared_frame_count_is_trusted_within_three_frames():
     plan = edit(portions_to_regenerate=[{"start_frame": 10, "end_frame": 20}])
     assert source_frame_count(plan, 162) == 164

@@ -190,6 +190,8 @@ def test_join_orchestrator_chains_one_join_per_pair():
         ({"run_id": "r", "clip_list": [{"url": "a"}, {"name": "b"}]}, ("orchestrator_details", "clip_list", 1, "url")),
         ({"run_id": "r", "clip_list": [{"url": "a"}, {"url": "b"}], "per_join_settings": [{"gap_frame_count": -1}]},
          ("orchestrator_details", "per_join_settings", 0, "gap_frame_count")),
+        ({"run_id": "r", "clip_list": [{"url": "a"}, {"url": "b"}], "context_frame_count": 0,
+          "per_join_settings": [{"prompt": "x"}]}, ("orchestrator_details", "context_frame_count")),
     ]:  # fmt: skip
         with pytest.raises(ValidationError) as error:
             parse_join_orchestrator({"orchestrator_details": details})

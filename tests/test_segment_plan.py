@@ -125,6 +125,9 @@ def test_image_list_and_continued_video_and_i2v():
         ({"orchestrator_details": DETAILS, "seed_to_use": "x"}, ("seed_to_use",)),
         ({"orchestrator_details": {**DETAILS, "parsed_resolution_wh": "big"}},
          ("orchestrator_details", "parsed_resolution_wh")),
+        ({"full_orchestrator_payload": {**DETAILS, "segment_frames_expanded": [2000, 29]}},
+         ("full_orchestrator_payload", "segment_frames_expanded", 0)),
+        ({"orchestrator_details": DETAILS, "parsed_resolution_wh": "tiny"}, ("parsed_resolution_wh",)),
     ],
 )  # fmt: skip
 def test_bad_segment_params_name_the_field(params, loc):
