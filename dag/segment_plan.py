@@ -97,8 +97,10 @@ def plan_individual_segment(
     except ValidationError as error:  # blame the key the client sent (a task-level override, or its payload)
         first = error.errors()[0]
         key = first["loc"][1] if len(first["loc"]) > 1 else None
-        loc = (key,) if key in ("model_name", "parsed_resolution_wh") and params.get(key) else (
-            details_key, *first["loc"][1:])  # fmt: skip
+        if key in ("model_name", "parsed_resolution_wh") and params.get(key):
+            loc: tuple = (key,)
+        else:
+            loc = (details_key, *first["loc"][1:])
         raise field_error(loc, first["msg"], first.get("input")) from None
 
     index = params.get("segment_index", 0)
