@@ -134,6 +134,7 @@ class JoinSegmentParams(JoinSettings):
 
 
 def generation_extras(data: dict[str, Any], prefix: tuple = ()) -> dict[str, Any]:
+    """The generation settings of ``data`` forwarded to the VACE task, checked now by the engine's model."""
     extras = {key: data[key] for key in GENERATION_KEYS if data.get(key) not in (None, {}, [])}
     try:
         BaseParams.model_validate(extras)  # fail now, naming the key, not in the generation step
@@ -149,6 +150,7 @@ def ignored_keys(data: dict[str, Any]) -> list[str]:
 
 
 def validate_model(model: type[BaseModel], data: dict[str, Any], prefix: tuple = ()) -> Any:
+    """``model.model_validate(data)`` whose first error is re-raised with ``prefix`` before its loc."""
     try:
         return model.model_validate(data)
     except ValidationError as error:
