@@ -79,7 +79,7 @@ def main() -> None:
             "input_dirs": [str(tmp)],
             "models": "tiny" if args.tiny else "real",
             "models_dir": models_dir,
-            "families": {"VACE": family},
+            "deployments": {"VACE": family},
             "ingress": {"poll_interval_s": 0.05},
         }
         client = run_app(config, port)

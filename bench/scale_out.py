@@ -194,7 +194,7 @@ def main() -> None:
             "storage": {"root": str(tmp / "files")},
             "models": "tiny" if args.tiny else "real",
             "models_dir": models_dir,
-            "families": {"T2V": family},
+            "deployments": {"T2V": family},
             "ingress": {"poll_interval_s": 0.05},
         }
         client = run_app(config, port)

@@ -60,7 +60,7 @@ def main() -> None:
             "storage": {"root": f"{tmp}/files"},
             "input_dirs": [tmp],
             "models": "tiny",
-            "families": {"T2V": small, "VACE": {**small, "replicas": replicas}, "Flux": small},
+            "deployments": {"T2V": small, "VACE": {**small, "replicas": replicas}, "Flux": small},
             "ingress": {"poll_interval_s": 0.05},
         }
         serve.run(build_app(config), name="hwgp", route_prefix="/")

@@ -53,7 +53,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "storage": {"root": str(root / "public" / "files")},
         "input_dirs": [str(inputs)],
         "models": "tiny",
-        "families": {"T2V": small, "VACE": {**small, "replicas": 2}, "Flux": small},
+        "deployments": {"T2V": small, "VACE": {**small, "replicas": 2}, "Flux": small},
         # A short stale timeout: segment rows must be heartbeated with their orchestrator.
         "ingress": {
             "heartbeat_interval_s": 0.5,

@@ -296,7 +296,7 @@ def test_app_with_a_two_gpu_replica_completes_tasks_over_http(tmp_path: Path) ->
         "db": f"sqlite:///{tmp_path / 'tasks.db'}",
         "storage": {"root": str(tmp_path / "files")},
         "models": "tiny",
-        "families": {
+        "deployments": {
             "T2V": {"gpus_per_replica": 2, "parallel_mode": "cfg", "num_cpus": 0.3, "device": "cpu"}
         },
     }

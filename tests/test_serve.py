@@ -47,7 +47,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "storage": {"root": str(root / "public" / "files")},
         "input_dirs": [str(inputs)],
         "models": "tiny",
-        "families": {"T2V": family, "VACE": family, "Flux": family},
+        "deployments": {"T2V": family, "VACE": family, "Flux": family},
         "ingress": {
             "heartbeat_interval_s": 0.5,
             "poll_interval_s": 0.2,
