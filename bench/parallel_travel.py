@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.scale_out import post, prepare_models, require_gpus, run_app, start_ray
-from deployments.local import free_port, wait_complete
+from hwgp_testing import free_port, wait_complete
 
 
 def anchors(folder: Path, count: int, width: int, height: int) -> list[str]:

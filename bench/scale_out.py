@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from deployments.local import free_port, wait_complete
+from hwgp_testing import free_port, wait_complete
 
 T2V_MODEL = "bench-wan2.1-t2v-1.3b"
 VACE_MODEL = "bench-wan2.1-vace-1.3b"

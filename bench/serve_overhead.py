@@ -19,7 +19,7 @@ import time
 
 import httpx
 
-from deployments.local import free_port, wait_complete
+from hwgp_testing import free_port, wait_complete
 
 PARAMS = {"prompt": "a red square", "resolution": "32x32", "num_inference_steps": 2, "seed": 1}
 

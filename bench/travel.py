@@ -18,7 +18,7 @@ import time
 import httpx
 import numpy as np
 
-from deployments.local import free_port, wait_complete
+from hwgp_testing import free_port, wait_complete
 
 
 def main() -> None:

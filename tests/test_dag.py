@@ -16,7 +16,7 @@ from ray import serve
 
 from db.store import open_store
 from deployments.app import build_app
-from deployments.local import running_app, wait_final
+from hwgp_testing import running_app, wait_final
 from Wan2GP.video import encode_mp4, encode_png, load_image, probe_video
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from deployments.local import free_port
+from hwgp_testing import free_port
 from Wan2GP.catalog import Catalog
 from Wan2GP.engine import Engine
 from Wan2GP.parallel import MODES, NCCL_SAFE_ENV, plan_degrees
@@ -289,7 +289,7 @@ def test_parallel_engine_needs_the_resident_profile(catalog: Catalog) -> None:
 
 def test_app_with_a_two_gpu_replica_completes_tasks_over_http(tmp_path: Path) -> None:
     """`gpus_per_replica: 2` in the application config: the ingress routes to the multi-GPU replica."""
-    from deployments.local import running_app, wait_final
+    from hwgp_testing import running_app, wait_final
     from Wan2GP.video import probe_video
 
     config = {

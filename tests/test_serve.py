@@ -22,7 +22,7 @@ from conftest import raw_execute
 from ray import serve
 
 from db.store import open_store
-from deployments.local import FINAL, running_app, wait_final
+from hwgp_testing import FINAL, running_app, wait_final
 from Wan2GP.video import encode_mp4, encode_png, probe_video
 
 pytestmark = pytest.mark.slow
