@@ -188,6 +188,7 @@ class Dispatcher:
         self.settings = settings or IngressConfig()
         self.pools = {name: types for name, types in routing.pools().items() if name in capacity}
         self.capacity = {name: capacity[name] for name in self.pools}
+        self._owns_pool = pool is None
         self.pool = pool or BlockingPool(self.settings.threads)
         self.metrics: DispatchMetrics = metrics or NoMetrics()
         self.worker_id = worker_id or new_worker_id()
@@ -248,6 +249,8 @@ class Dispatcher:
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._owns_pool:  # a pool given to us is closed by whoever made it
+            self.pool.close()
 
     # --- loops -----------------------------------------------------------------------------------
 
