@@ -14,12 +14,24 @@ import pytest
 from fastapi.testclient import TestClient
 
 from db.models import TaskStatus
-from db.store import TaskStore, open_store
+from db.store import InvalidTask, TaskStore, open_store
 from deployments.api import create_app
 from deployments.config import TINY_DEFAULT_MODELS, AppConfig, IngressConfig
 from deployments.dispatcher import BlockingPool, Dispatcher, Job, RunCancelled, RunResult, TaskFailure
 from deployments.routing import Routing
-from deployments.task_types import DAG_POOL, GENERATION, UTILITY, UTILITY_POOL
+from deployments.task_types import (
+    DAG_POOL,
+    GENERATION,
+    MANAGED,
+    PERSPECTIVE_FINAL,
+    TRAVEL_SEGMENT,
+    TRAVEL_STITCH,
+    UTILITY,
+    UTILITY_POOL,
+    of_kind,
+    pool_task_types,
+    step_deployment,
+)
 from storage import InputFetcher, OutputStorage, StorageConfig
 from Wan2GP.artifact import Artifact
 from Wan2GP.catalog import Catalog
@@ -272,6 +284,20 @@ async def test_stop_hands_unfinished_tasks_back_without_spending_an_attempt(stor
 
 
 @in_loop
+async def test_stop_lets_work_that_ends_within_the_grace_period_complete(store, tmp_path):
+    gpu = FakeGpu()
+    dispatcher = make_dispatcher(store, tmp_path, gpu, {"T2V": 1}, shutdown_grace_s=5.0)
+    task_id = store.add("t2v", {"prompt": "x"}).id
+    later = store.add("t2v", {"prompt": "y"}).id
+    dispatcher.start()
+    await until(lambda: gpu.started == [task_id])
+    asyncio.get_running_loop().call_later(0.2, gpu.go.set)
+    await dispatcher.stop()
+    assert store.get(task_id).status == TaskStatus.COMPLETE and gpu.cancelled == []
+    assert store.get(later).status == TaskStatus.QUEUED  # nothing new is claimed while stopping
+
+
+@in_loop
 async def test_rows_written_directly_are_checked_at_claim_and_unknown_types_fail(store, tmp_path, running):
     gpu = FakeGpu()
     gpu.go.set()
@@ -387,6 +413,32 @@ def test_api_healthz_reports_the_dispatcher_view(client: TestClient):
     assert body["status"] == "ok" and body["capacity"] == {"T2V": 1, DAG_POOL: 1, UTILITY_POOL: 1}
     assert body["in_flight"] == {"T2V": 0, DAG_POOL: 0, UTILITY_POOL: 0}
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/tasks", "/healthz"}
+
+
+def test_the_registry_routes_every_task_type():
+    assert pool_task_types("T2V") == (
+        "t2v",
+        "t2v_22",
+        "i2v",
+        "i2v_22",
+        "flf2v",
+        "single_image",
+        "generate_video",
+    )
+    assert pool_task_types("VACE") == ("vace", "vace_21", "vace_22")
+    assert pool_task_types("Flux") == ("flux", "magic_edit")
+    assert pool_task_types(DAG_POOL) == ("travel_orchestrator", "different_perspective_orchestrator")
+    assert set(pool_task_types(UTILITY_POOL)) == {
+        "generate_openpose", "rife_interpolate_images", "extract_frame", "join_clips"
+    }  # fmt: skip
+    assert step_deployment("travel_orchestrator") == "VACE"
+    assert of_kind(MANAGED) == (TRAVEL_SEGMENT, TRAVEL_STITCH, PERSPECTIVE_FINAL)
+    # without the deployment their steps need, orchestrations are not served
+    routing = Routing(CATALOG, MODELS, InputFetcher([]), ["T2V", "Flux"])
+    assert "travel_orchestrator" not in routing.served_task_types and "vace" not in routing.served_task_types
+    assert routing.route("single_image", {"model": "tiny-flux"}).pool == "Flux"
+    with pytest.raises(InvalidTask, match="not served"):
+        routing.route("vace", {})
 
 
 def test_families_is_a_deprecated_alias_of_deployments(caplog: pytest.LogCaptureFixture):
