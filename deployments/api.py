@@ -21,9 +21,10 @@ from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db.models import Task, TaskStatus
-from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStore, TaskStoreError, new_task
+from db.store import TaskStore, new_task
 from deployments.dispatcher import BlockingPool, DispatcherStatus
-from deployments.routing import InvalidParams, Routing
+from deployments.errors import InvalidParams, InvalidTask, TaskConflict, TaskNotFound, TaskStoreError
+from deployments.routing import Routing
 from storage import OutputStorage
 
 

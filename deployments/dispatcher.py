@@ -27,8 +27,9 @@ from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from db.models import Task, TaskStatus
-from db.store import InvalidTask, TaskConflict, TaskStore
+from db.store import TaskStore
 from deployments.config import IngressConfig
+from deployments.errors import InvalidTask, TaskConflict
 from deployments.routing import Route, Routing
 from storage import OutputStorage, StorageError
 from Wan2GP.artifact import Artifact

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
-from deployments.routing import describe_validation_error
+from deployments.errors import describe_validation_error
 from Wan2GP.engine import Engine
 from Wan2GP.errors import Cancelled, EngineError
 

@@ -3,7 +3,7 @@
 The api calls `check` when a task is posted (nothing is written when it raises); the dispatcher
 calls `route` when it claims a row (rows written straight into the table were never checked) and
 `fetch_inputs` before a generation takes GPU capacity. Problems are raised as domain errors
-(`InvalidTask` naming the field, `InvalidParams` carrying pydantic's errors); the api maps them to
+(`deployments.errors`: `InvalidTask` naming the field, `InvalidParams` carrying pydantic's errors); the api maps them to
 422 and the dispatcher to a `Failed` row.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from db.store import InvalidTask
+from deployments.errors import InvalidParams, InvalidTask
 from deployments.task_types import (
     DAG_POOL,
     FAMILY_DEPLOYMENT,
@@ -36,23 +36,6 @@ from Wan2GP.errors import EngineError
 from Wan2GP.params import parse_params
 
 VIDEO_FIELDS = ("video_guide", "video_mask")
-
-
-class InvalidParams(InvalidTask):
-    """Params failed their model's validation; `errors` holds each (location within params, message)."""
-
-    def __init__(self, error: ValidationError):
-        self.errors = [(tuple(str(p) for p in e["loc"]), e["msg"]) for e in error.errors()]
-        super().__init__("params", describe_validation_error(error))
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """`resolution: expected WxH, got 'abc'; …` — field names first, as a user reads them."""
-    parts = []
-    for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "params"
-        parts.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -95,26 +78,23 @@ class Routing:
         default_models: dict[str, str],
         fetcher: InputFetcher,
         deployments: Iterable[str],
-        orchestrations: bool = True,
-        utilities: bool = True,
     ):
         self.catalog = catalog
         self.default_models = default_models
         self.fetcher = fetcher
         self.deployments = frozenset(deployments)
-        served: dict[str, TaskType] = {}
-        for name, entry in TASK_TYPES.items():
-            if (
-                entry.kind == GENERATION
-                and entry.pool in self.deployments
-                or entry.kind == ORCHESTRATION
-                and orchestrations
-                and step_deployment(name) in self.deployments
-                or entry.kind == UTILITY
-                and utilities
-            ):
-                served[name] = entry
-        self.served = served
+        # What this app serves: generations of its deployments, orchestrations whose steps it can run,
+        # and every utility.
+        self.served: dict[str, TaskType] = {
+            name: entry for name, entry in TASK_TYPES.items() if self._can_serve(entry)
+        }
+
+    def _can_serve(self, entry: TaskType) -> bool:
+        if entry.kind == GENERATION:
+            return entry.pool in self.deployments
+        if entry.kind == ORCHESTRATION:
+            return step_deployment(entry.name) in self.deployments
+        return entry.kind == UTILITY
 
     @property
     def served_task_types(self) -> set[str]:

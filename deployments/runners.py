@@ -23,9 +23,10 @@ from dag.orchestrations import RunContext, StepTarget
 from dag.steps import StepFailed
 from dag.utility_tasks import utility_node
 from db.models import TaskStatus
-from db.store import InvalidTask, TaskNotFound, TaskStore
+from db.store import TaskStore
 from deployments.dispatcher import Job, RunCancelled, RunResult, TaskFailure, failure_message
-from deployments.routing import Routing, describe_validation_error
+from deployments.errors import InvalidTask, TaskNotFound, describe_validation_error
+from deployments.routing import Routing
 from deployments.task_types import orchestration, task_type
 from storage import InputError, InputFetcher, OutputStorage
 
