@@ -159,9 +159,6 @@ class Routing:
         except (EngineError, ValueError) as error:
             raise InvalidTask("params.model", str(error)) from None
 
-    def model_id(self, task_type: str, params: dict[str, Any]) -> str:
-        return self.model(task_type, params).id
-
     def _check_local_input(self, name: str, value: Any) -> None:
         refs = value if isinstance(value, list) else [value]
         for i, ref in enumerate(refs):
