@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.scale_out import PROMPT, prepare_models, require_gpus, start_ray
-from deployments.local import free_port
+from hwgp_testing import free_port
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:

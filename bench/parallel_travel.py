@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.scale_out import post, prepare_models, require_gpus, run_app, start_ray
-from deployments.local import free_port, wait_complete
+from hwgp_testing import free_port, wait_complete
 
 
 def anchors(folder: Path, count: int, width: int, height: int) -> list[str]:
@@ -79,7 +79,7 @@ def main() -> None:
             "input_dirs": [str(tmp)],
             "models": "tiny" if args.tiny else "real",
             "models_dir": models_dir,
-            "families": {"VACE": family},
+            "deployments": {"VACE": family},
             "ingress": {"poll_interval_s": 0.05},
         }
         client = run_app(config, port)

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from deployments.local import free_port, wait_complete
+from hwgp_testing import free_port, wait_complete
 
 T2V_MODEL = "bench-wan2.1-t2v-1.3b"
 VACE_MODEL = "bench-wan2.1-vace-1.3b"
@@ -194,7 +194,7 @@ def main() -> None:
             "storage": {"root": str(tmp / "files")},
             "models": "tiny" if args.tiny else "real",
             "models_dir": models_dir,
-            "families": {"T2V": family},
+            "deployments": {"T2V": family},
             "ingress": {"poll_interval_s": 0.05},
         }
         client = run_app(config, port)

@@ -19,7 +19,7 @@ import time
 
 import httpx
 
-from deployments.local import free_port, wait_complete
+from hwgp_testing import free_port, wait_complete
 
 PARAMS = {"prompt": "a red square", "resolution": "32x32", "num_inference_steps": 2, "seed": 1}
 
@@ -46,7 +46,7 @@ def main() -> None:
         "db": f"sqlite:///{tmp}/tasks.db",
         "storage": {"root": f"{tmp}/files"},
         "models": "tiny",
-        "families": {"T2V": family, "VACE": family, "Flux": family},
+        "deployments": {"T2V": family, "VACE": family, "Flux": family},
         "ingress": {"poll_interval_s": 0.05, "progress_interval_s": 1.0},
     }
     serve.run(build_app(config), name="hwgp", route_prefix="/")

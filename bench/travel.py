@@ -18,7 +18,7 @@ import time
 import httpx
 import numpy as np
 
-from deployments.local import free_port, wait_complete
+from hwgp_testing import free_port, wait_complete
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
             "storage": {"root": f"{tmp}/files"},
             "input_dirs": [tmp],
             "models": "tiny",
-            "families": {"T2V": small, "VACE": {**small, "replicas": replicas}, "Flux": small},
+            "deployments": {"T2V": small, "VACE": {**small, "replicas": replicas}, "Flux": small},
             "ingress": {"poll_interval_s": 0.05},
         }
         serve.run(build_app(config), name="hwgp", route_prefix="/")

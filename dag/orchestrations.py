@@ -1,10 +1,75 @@
-"""Multi-step task types. Each orchestration module offers the same five functions, which the
-ingress calls: `validate(params)` at the API, then `prepare(ctx, task)`, `execute(ctx, run)`,
-`finish(ctx, run, output_location)`, or `abort(ctx, run, message, cancelled)`."""
+"""What an orchestration (a multi-step task type run as a Ray DAG) is given and must offer.
 
-from dag import perspective, travel
+The registry (`deployments.task_types`) names the module implementing each orchestration task type;
+the dispatcher's DAG runner calls `prepare`, `execute`, then `finish` (or `abort`); the API calls
+`validate` through the registry. Ray-free: the handles are opaque here.
+"""
 
-ORCHESTRATIONS = {
-    "travel_orchestrator": travel,
-    "different_perspective_orchestrator": perspective,
-}
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from db.models import Task
+from db.store import TaskStore
+from storage import InputFetcher, OutputStorage
+from Wan2GP.artifact import Artifact
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StepTarget:
+    """Where an orchestration's generation steps go: the deployment handle and the model to ask for."""
+
+    task_type: str  # the generation task type of the steps ("vace")
+    handle: Any  # a DeploymentHandle of the family deployment serving that model
+    model_id: str
+
+
+@dataclass
+class RunContext:
+    """Everything an orchestration may use while it runs."""
+
+    store: TaskStore
+    storage: OutputStorage
+    fetcher: InputFetcher
+    worker_id: str
+    # The step target for a step's params (model resolution and the deployment serving it).
+    step: Callable[[dict[str, Any]], StepTarget]
+    # Runs a blocking call (store, storage, fetch) on the dispatcher's thread pool.
+    blocking: Callable[..., Awaitable[Any]]
+
+
+class OrchestrationRun(Protocol):
+    task: Task
+
+    @property
+    def row_ids(self) -> list[str]:
+        """Rows mirroring the steps: heartbeated with the orchestrator so they never look stale."""
+        ...
+
+    def cancel(self) -> None: ...
+
+
+class Orchestration(Protocol):
+    """A module such as `dag.travel` or `dag.perspective`."""
+
+    def validate(self, params: dict[str, Any]) -> list[tuple[str, Any]]:
+        """Check a payload (pydantic.ValidationError names the field); returns its input references."""
+        ...
+
+    def prepare(self, ctx: RunContext, task: Task) -> OrchestrationRun:
+        """Parse, plan and create the mirror rows (blocking)."""
+        ...
+
+    async def execute(self, ctx: RunContext, run: Any) -> Artifact: ...
+
+    def finish(self, ctx: RunContext, run: Any, output_location: str) -> None:
+        """The output is stored: complete the mirror rows (blocking)."""
+        ...
+
+    def abort(self, ctx: RunContext, run: Any, message: str, cancelled: bool) -> None:
+        """The run failed or was cancelled: its unfinished rows say so (blocking)."""
+        ...

@@ -1,6 +1,6 @@
 """`travel_orchestrator` as a Ray DAG: segment nodes (VACE generations) → stitch node.
 
-The ingress calls `validate` at the API, then `prepare`, `execute` and `finish` (or `abort`). It plans the segments, mirrors them in the tasks table (one
+The dispatcher's DAG runner calls `validate` at the API, then `prepare`, `execute` and `finish` (or `abort`). It plans the segments, mirrors them in the tasks table (one
 `travel_segment` row per segment and one `travel_stitch` row, with deterministic ids so a re-claimed
 orchestrator finds them again), then executes a DAG built with `.bind()`:
 
@@ -14,17 +14,17 @@ already `Complete` (a resumed run) enter the DAG as constants loaded from their 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import ray
 from ray.dag import InputNode, MultiOutputNode
 
+from dag.orchestrations import RunContext, StepTarget
 from dag.steps import StepFailed, generate_step
 from dag.travel_plan import (
     TravelPlan,
@@ -35,29 +35,17 @@ from dag.travel_plan import (
     segment_guide,
     segment_params,
     stitch_segments,
+    validate,
 )
 from db.models import NewTask, Task, TaskStatus
 from db.store import TaskNotFound, TaskStore
-from storage import InputFetcher, OutputStorage
+from deployments.task_types import TRAVEL_SEGMENT, TRAVEL_STITCH
 from Wan2GP.artifact import Artifact
 from Wan2GP.video import decode_video, encode_mp4, load_image, mask_to_video
 
+__all__ = ["abort", "execute", "finish", "prepare", "validate"]  # the Orchestration protocol
+
 logger = logging.getLogger("ray.serve")
-
-SEGMENT_TYPE = "travel_segment"
-STITCH_TYPE = "travel_stitch"
-
-
-class RunContext(Protocol):
-    """What an orchestration needs from the ingress that runs it."""
-
-    store: TaskStore
-    storage: OutputStorage
-    fetcher: InputFetcher
-    worker_id: str
-    handles: dict[str, Any]
-
-    def model_id(self, task_type: str, params: dict[str, Any]) -> str: ...
 
 
 # --- DAG nodes (Ray tasks: CPU work, never on a GPU replica's time) ---------------------------------
@@ -65,15 +53,15 @@ class RunContext(Protocol):
 
 @ray.remote(num_cpus=0.05, max_retries=0)
 def segment_node(
-    plan: TravelPlan, spec: Any, previous: dict | np.ndarray | None, anchors: list[np.ndarray], vace, model_id: str,
+    plan: TravelPlan, spec: Any, previous: dict | np.ndarray | None, anchors: list[np.ndarray], step: StepTarget,
     task_id: str,
 ) -> dict[str, Any]:  # fmt: skip
-    """Build segment `spec`'s guide and mask, generate it on the VACE deployment, return its frames."""
+    """Build segment `spec`'s guide and mask, generate it on the step deployment (VACE), return its frames."""
     previous_frames = previous["frames"] if isinstance(previous, dict) else previous
     guide, mask = segment_guide(plan, spec, previous_frames, anchors)
     params = segment_params(plan, spec, guide, mask)
     try:
-        artifact = generate_step(vace, model_id, "vace", params, task_id)
+        artifact = generate_step(step.handle, step.model_id, step.task_type, params, task_id)
     except StepFailed as error:
         raise StepFailed(f"segment {spec.index}: {error}") from None
     frames, _ = decode_video(artifact.data)
@@ -117,7 +105,7 @@ def stitch_node(
     )
 
 
-# --- orchestration (runs in the ingress) --------------------------------------------------------------
+# --- orchestration (runs in the dispatcher) --------------------------------------------------------------
 
 
 def mirror_id(orchestrator_id: str, name: str) -> str:
@@ -142,21 +130,12 @@ class TravelRun:
         return [*self.segment_ids, self.stitch_id]
 
 
-def validate(params: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Check a payload at the API (pydantic.ValidationError names the field); returns its input references."""
-    plan = parse_travel(params)
-    refs: list[tuple[str, Any]] = [("anchors", list(plan.anchors))]
-    if plan.continue_from_video:
-        refs.append(("continue_from_video", plan.continue_from_video))
-    return refs
-
-
 def prepare(ctx: RunContext, task: Task) -> TravelRun:
     """Parse and plan (raises pydantic.ValidationError naming the field), then make the mirror rows."""
     plan = parse_travel(task.params, default_run_id=task.id)  # a resumed run keeps its file names
     specs = plan_segments(plan)
-    segment_ids = [mirror_id(task.id, f"{SEGMENT_TYPE}:{spec.index}") for spec in specs]
-    stitch_id = mirror_id(task.id, STITCH_TYPE)
+    segment_ids = [mirror_id(task.id, f"{TRAVEL_SEGMENT}:{spec.index}") for spec in specs]
+    stitch_id = mirror_id(task.id, TRAVEL_STITCH)
     for spec, row_id in zip(specs, segment_ids, strict=True):
         depends = segment_ids[spec.index - 1] if spec.index > 0 and plan.chain_segments else None
         params = {
@@ -167,13 +146,13 @@ def prepare(ctx: RunContext, task: Task) -> TravelRun:
             "frames": spec.frames,
             "prompt": spec.prompt,
         }
-        _ensure_row(ctx.store, row_id, SEGMENT_TYPE, params, depends, task.project_id)
+        _ensure_row(ctx.store, row_id, TRAVEL_SEGMENT, params, depends, task.project_id)
     stitch_params = {
         "orchestrator_task_id": task.id,
         "run_id": plan.run_id,
         "expected_frames": plan.total_frames,
     }
-    _ensure_row(ctx.store, stitch_id, STITCH_TYPE, stitch_params, segment_ids[-1], task.project_id)
+    _ensure_row(ctx.store, stitch_id, TRAVEL_STITCH, stitch_params, segment_ids[-1], task.project_id)
     return TravelRun(task=task, plan=plan, segment_ids=segment_ids, stitch_id=stitch_id)
 
 
@@ -219,12 +198,11 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
                 reused[spec.index] = frames
         return anchors, continued, reused
 
-    anchors, continued, reused = await asyncio.to_thread(load_inputs)
+    anchors, continued, reused = await ctx.blocking(load_inputs)
     if reused:
         logger.info("travel %s: reusing stored segments %s", plan.run_id, sorted(reused))
-    # The model a VACE step resolves to (the guide is only a stand-in: steps make their own).
-    model_id = ctx.model_id("vace", {"video_guide": "guide", **({"model": plan.model} if plan.model else {})})
-    vace = ctx.handles["VACE"]
+    # Where the steps go (the guide is only a stand-in for model resolution: steps make their own).
+    step = ctx.step({"video_guide": "guide", **({"model": plan.model} if plan.model else {})})
 
     with InputNode() as anchors_input:
         nodes: list[Any] = []
@@ -238,8 +216,7 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
                     spec,
                     previous if plan.chain_segments else None,
                     anchors_input,
-                    vace,
-                    model_id,
+                    step,
                     row_id,
                 )
             nodes.append(node)
@@ -248,18 +225,18 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
         stitch = stitch_node.bind(plan, anchors_input, continued, *nodes)
         dag = MultiOutputNode([*generated, stitch]) if generated else MultiOutputNode([stitch])
 
-    await asyncio.to_thread(_start_rows, store, ctx.worker_id, run, specs, reused)
+    await ctx.blocking(_start_rows, store, ctx.worker_id, run, specs, reused)
     run.refs = dag.execute(anchors)
     segment_refs, stitch_ref = run.refs[:-1], run.refs[-1]
     pending_ids = [rid for spec, rid in zip(specs, run.segment_ids, strict=True) if spec.index not in reused]
     for ref, row_id in zip(segment_refs, pending_ids, strict=True):
         result = await ref  # in order: chained segments finish in order anyway
-        await asyncio.to_thread(_record_segment, ctx, plan, row_id, result)
+        await ctx.blocking(_record_segment, ctx, plan, row_id, result)
         if plan.chain_segments:
             next_index = result["index"] + 1
             if next_index < len(specs) and next_index not in reused:
-                await asyncio.to_thread(store.start, run.segment_ids[next_index], ctx.worker_id)
-    await asyncio.to_thread(store.start, run.stitch_id, ctx.worker_id)
+                await ctx.blocking(store.start, run.segment_ids[next_index], ctx.worker_id)
+    await ctx.blocking(store.start, run.stitch_id, ctx.worker_id)
     artifact: Artifact = await stitch_ref
     if plan.debug:
         logger.info("[FRAME_DEBUG] travel %s final: expected %d frames, got %d",

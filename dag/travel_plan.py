@@ -670,3 +670,12 @@ def stitch_segments(
     if post.upscale_factor:
         video = upscale(video, post.upscale_factor)
     return video
+
+
+def validate(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Check a payload at the API (pydantic.ValidationError names the field); returns its input references."""
+    plan = parse_travel(params)
+    refs: list[tuple[str, Any]] = [("anchors", list(plan.anchors))]
+    if plan.continue_from_video:
+        refs.append(("continue_from_video", plan.continue_from_video))
+    return refs

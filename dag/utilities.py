@@ -16,13 +16,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dag.interpolate import rife_interpolate_images
 from dag.pose import detect_pose, generate_openpose, mirror_pose, pose_guide_video, rotate_pose, yaw_pose
+from Wan2GP.params import parse_resolution
 from Wan2GP.video import decode_video, encode_png, fit_resolution, probe_video, stitch, to_uint8_frames
 from Wan2GP.video import extract_frame as _extract_frame
 
 __all__ = [
+    "UTILITY_INPUT_FIELDS",
+    "ExtractFrameParams",
+    "InterpolateParams",
+    "JoinClipsParams",
+    "OpenposeParams",
     "detect_pose",
     "extract_frame",
     "extract_frame_array",
@@ -108,3 +115,62 @@ def join_clips(
     if not isinstance(overlaps, Sequence) or len(overlaps) != len(frames) - 1:
         raise ValueError(f"overlaps must be one integer or {len(frames) - 1} integers, got {overlaps!r}")
     return stitch(frames, list(overlaps), sharpness=sharpness)
+
+
+# --- params models of the utility task types (Ray-free: the API and routing validate with them) ---
+
+# Params holding input references, fetched by the dispatcher before the task runs.
+UTILITY_INPUT_FIELDS = (
+    "input_image_path",
+    "input_video_path",
+    "input_image_path1",
+    "input_image_path2",
+    "clips",
+)
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="allow")  # keep unknown keys from existing clients
+
+    fps: int = Field(default=16, ge=1, le=120)
+
+
+class OpenposeParams(_Params):
+    input_image_path: Any = None
+    input_video_path: Any = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> OpenposeParams:
+        if (self.input_image_path is None) == (self.input_video_path is None):
+            raise ValueError("input_image_path / input_video_path: give exactly one")
+        return self
+
+
+class InterpolateParams(_Params):
+    input_image_path1: Any
+    input_image_path2: Any
+    frames: int = Field(default=16, ge=2, le=1000, description="frames in the output, both images included")
+    resolution: tuple[int, int] | None = None
+
+    _resolution = field_validator("resolution", mode="before")(lambda value: parse_resolution(value))
+
+
+class ExtractFrameParams(_Params):
+    frame_index: int
+    input_video_path: Any = None
+    input_video_task_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExtractFrameParams:
+        if self.input_video_path is None and self.input_video_task_id is None:
+            raise ValueError("input_video_path / input_video_task_id: give one")
+        return self
+
+
+class JoinClipsParams(_Params):
+    clips: list[Any] = Field(min_length=2)
+    overlap: int | list[int] = 0
+    crossfade_sharpness: float = Field(default=0.0, ge=0.0, le=10.0)
+    resolution: tuple[int, int] | None = None
+
+    _resolution = field_validator("resolution", mode="before")(lambda value: parse_resolution(value))

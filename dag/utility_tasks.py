@@ -6,7 +6,8 @@
     extract_frame            frame `frame_index` of `input_video_path`, or of `input_video_task_id`'s output, as PNG
     join_clips               `clips` cross-faded in order over `overlap` frames each
 
-The ingress fetches every input (path, URL, output location) and passes bytes here.
+The dispatcher fetches every input (path, URL, output location) and passes bytes here; the params
+models live Ray-free in `dag.utilities`.
 """
 
 from __future__ import annotations
@@ -14,83 +15,19 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dag.interpolate import rife_interpolate_images
 from dag.pose import generate_openpose
-from dag.utilities import extract_frame, join_clips
-from Wan2GP.artifact import Artifact
-from Wan2GP.params import parse_resolution
-from Wan2GP.video import encode_mp4, encode_png, load_image
-
-# Params holding input references, fetched by the ingress before the task runs.
-UTILITY_INPUT_FIELDS = (
-    "input_image_path",
-    "input_video_path",
-    "input_image_path1",
-    "input_image_path2",
-    "clips",
+from dag.utilities import (
+    ExtractFrameParams,
+    InterpolateParams,
+    OpenposeParams,
+    extract_frame,
+    join_clips,
 )
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="allow")  # keep unknown keys from existing clients
-
-    fps: int = Field(default=16, ge=1, le=120)
-
-
-class OpenposeParams(_Params):
-    input_image_path: Any = None
-    input_video_path: Any = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> OpenposeParams:
-        if (self.input_image_path is None) == (self.input_video_path is None):
-            raise ValueError("input_image_path / input_video_path: give exactly one")
-        return self
-
-
-class InterpolateParams(_Params):
-    input_image_path1: Any
-    input_image_path2: Any
-    frames: int = Field(default=16, ge=2, le=1000, description="frames in the output, both images included")
-    resolution: tuple[int, int] | None = None
-
-    _resolution = field_validator("resolution", mode="before")(lambda value: parse_resolution(value))
-
-
-class ExtractFrameParams(_Params):
-    frame_index: int
-    input_video_path: Any = None
-    input_video_task_id: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ExtractFrameParams:
-        if self.input_video_path is None and self.input_video_task_id is None:
-            raise ValueError("input_video_path / input_video_task_id: give one")
-        return self
-
-
-class JoinClipsParams(_Params):
-    clips: list[Any] = Field(min_length=2)
-    overlap: int | list[int] = 0
-    crossfade_sharpness: float = Field(default=0.0, ge=0.0, le=10.0)
-    resolution: tuple[int, int] | None = None
-
-    _resolution = field_validator("resolution", mode="before")(lambda value: parse_resolution(value))
-
-
-PARAMS: dict[str, type[_Params]] = {
-    "generate_openpose": OpenposeParams,
-    "rife_interpolate_images": InterpolateParams,
-    "extract_frame": ExtractFrameParams,
-    "join_clips": JoinClipsParams,
-}
-
-
-def validate_utility(task_type: str, params: dict[str, Any]) -> _Params:
-    """The params model for `task_type` (pydantic.ValidationError names the field)."""
-    return PARAMS[task_type].model_validate(params)
+from deployments.task_types import parse_task_params
+from Wan2GP.artifact import Artifact
+from Wan2GP.video import encode_mp4, encode_png, load_image
 
 
 def _video_artifact(frames, fps: int, filename: str, metadata: dict[str, Any]) -> Artifact:
@@ -101,7 +38,7 @@ def _video_artifact(frames, fps: int, filename: str, metadata: dict[str, Any]) -
 
 def run_utility(task_type: str, params: dict[str, Any], task_id: str) -> Artifact:
     """Run one utility task on already fetched inputs (bytes)."""
-    parsed = validate_utility(task_type, params)
+    parsed = parse_task_params(task_type, params)
     size = getattr(parsed, "resolution", None)
     if isinstance(parsed, OpenposeParams):
         source = (

@@ -32,7 +32,7 @@ def real_models_available(config: AppConfig) -> bool:
         return False
     catalog = Catalog.load(config.models_dir)
     try:
-        for name in config.families:
+        for name in config.deployments:
             for model_id in REAL_DEFAULT_MODELS[name].values():
                 catalog.resolve_source(catalog.get(model_id).source)
     except WeightsNotFound as missing:
@@ -45,40 +45,42 @@ def default_models_for(config: AppConfig) -> dict[str, dict[str, str]]:
     """Each family deployment's default models (family or task type -> model id)."""
     real = config.models == "real" or (config.models == "auto" and real_models_available(config))
     presets = REAL_DEFAULT_MODELS if real else TINY_DEFAULT_MODELS
-    return {name: family.default_models or presets[name] for name, family in config.families.items()}
+    return {
+        name: deployment.default_models or presets[name] for name, deployment in config.deployments.items()
+    }
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
     defaults = default_models_for(config)
     handles = {}
-    for name, family in config.families.items():
-        preload = next(iter(defaults[name].values())) if family.preload else None
-        if family.gpus_per_replica > 1:
+    for name, deployment in config.deployments.items():
+        preload = next(iter(defaults[name].values())) if deployment.preload else None
+        if deployment.gpus_per_replica > 1:
             # One replica spans several GPUs: a placement group, one rank worker per GPU.
             options: dict[str, Any] = {
                 "name": name,
-                **multi_gpu_options(family.gpus_per_replica, cpus_per_rank=family.num_cpus),
-                "max_ongoing_requests": family.max_ongoing_requests,
+                **multi_gpu_options(deployment.gpus_per_replica, cpus_per_rank=deployment.num_cpus),
+                "max_ongoing_requests": deployment.max_ongoing_requests,
             }
         else:
             options = {
                 "name": name,
-                "max_ongoing_requests": family.max_ongoing_requests,
-                "ray_actor_options": {"num_gpus": family.num_gpus, "num_cpus": family.num_cpus},
+                "max_ongoing_requests": deployment.max_ongoing_requests,
+                "ray_actor_options": {"num_gpus": deployment.num_gpus, "num_cpus": deployment.num_cpus},
             }
-        if family.autoscaling is not None:
-            options["autoscaling_config"] = family.autoscaling.model_dump()
+        if deployment.autoscaling is not None:
+            options["autoscaling_config"] = deployment.autoscaling.model_dump()
         else:
-            options["num_replicas"] = family.replicas
-        if family.gpus_per_replica > 1:
+            options["num_replicas"] = deployment.replicas
+        if deployment.gpus_per_replica > 1:
             handles[name] = MultiGpuGenerationDeployment.options(**options).bind(
                 family=name,
                 default_models=defaults[name],
-                world_size=family.gpus_per_replica,
-                mode=family.parallel_mode,
-                cpus_per_rank=family.num_cpus,  # must match the bundles multi_gpu_options reserved
-                device=family.device,
+                world_size=deployment.gpus_per_replica,
+                mode=deployment.parallel_mode,
+                cpus_per_rank=deployment.num_cpus,  # must match the bundles multi_gpu_options reserved
+                device=deployment.device,
                 models_dir=config.models_dir,
                 preload=preload,
             )
@@ -86,8 +88,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             handles[name] = GenerationDeployment.options(**options).bind(
                 family=name,
                 default_models=defaults[name],
-                memory_profile=family.memory_profile,
-                device=family.device,
+                memory_profile=deployment.memory_profile,
+                device=deployment.device,
                 models_dir=config.models_dir,
                 preload=preload,
             )

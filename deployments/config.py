@@ -6,41 +6,14 @@ Every field has a default that runs on one machine: SQLite `tasks.db`, local fil
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Which deployment runs each model family. A task goes where its resolved model's family lives.
-FAMILY_DEPLOYMENT: dict[str, str] = {
-    "t2v": "T2V",
-    "i2v": "T2V",
-    "flf2v": "T2V",
-    "vace": "VACE",
-    "flux": "Flux",
-    "flux_kontext": "Flux",
-}
+from deployments.task_types import DEPLOYMENTS
 
-# The task types each deployment claims. `single_image` and `generate_video` are claimed by T2V's
-# capacity and re-routed at dispatch when their model belongs to another family.
-DEPLOYMENT_TASK_TYPES: dict[str, tuple[str, ...]] = {
-    "T2V": ("t2v", "t2v_22", "i2v", "i2v_22", "flf2v", "generate_video", "single_image"),
-    "VACE": ("vace", "vace_21", "vace_22"),
-    "Flux": ("flux", "magic_edit"),
-}
-
-# Multi-step task types, run as Ray DAGs by the ingress (their steps go to the family deployments).
-ORCHESTRATION = "DAG"
-ORCHESTRATION_TASK_TYPES: tuple[str, ...] = ("travel_orchestrator", "different_perspective_orchestrator")
-# CPU utility task types, run as Ray tasks.
-UTILITY = "Utility"
-UTILITY_TASK_TYPES: tuple[str, ...] = (
-    "generate_openpose",
-    "rife_interpolate_images",
-    "extract_frame",
-    "join_clips",
-)
-# Rows that mirror an orchestration's steps: driven by their orchestrator, never claimed on their own.
-MANAGED_TASK_TYPES: tuple[str, ...] = ("travel_segment", "travel_stitch", "dp_final_gen")
+logger = logging.getLogger("ray.serve")
 
 TINY_DEFAULT_MODELS: dict[str, dict[str, str]] = {
     "T2V": {"t2v": "tiny-t2v", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v"},
@@ -62,8 +35,8 @@ class AutoscalingConfig(BaseModel):
     target_ongoing_requests: float = Field(default=1.0, gt=0)
 
 
-class FamilyConfig(BaseModel):
-    """One family deployment: its models, its share of a GPU and how many replicas run it."""
+class DeploymentConfig(BaseModel):
+    """One family deployment (T2V, VACE, Flux): its models, its share of a GPU and how many replicas run it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -116,6 +89,9 @@ class IngressConfig(BaseModel):
     max_request_bytes: int = Field(default=2_000_000, gt=0)
     orchestration_capacity: int = Field(default=2, ge=0, description="multi-step tasks (DAGs) run at once")
     utility_capacity: int = Field(default=2, ge=0, description="CPU utility tasks run at once")
+    threads: int = Field(
+        default=16, ge=2, description="the thread pool for blocking store, storage and input-fetching calls"
+    )
 
 
 class AppConfig(BaseModel):
@@ -134,16 +110,28 @@ class AppConfig(BaseModel):
         default="auto", description="auto: real models when a GPU and their weights are present, else tiny"
     )
     models_dir: str | None = Field(default=None, description="extra model JSON folder ($HWGP_MODELS_DIR)")
-    families: dict[str, FamilyConfig] = Field(
-        default_factory=lambda: {name: FamilyConfig() for name in DEPLOYMENT_TASK_TYPES}
+    deployments: dict[str, DeploymentConfig] = Field(
+        default_factory=lambda: {name: DeploymentConfig() for name in DEPLOYMENTS},
+        description="the family deployments to run (T2V, VACE, Flux) and their resources",
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _families_alias(cls, data: Any) -> Any:
+        """`families:` is the deprecated name of `deployments:` (a family is a model family now)."""
+        if isinstance(data, dict) and "families" in data:
+            if "deployments" in data:
+                raise ValueError("families: deprecated name of deployments; give only deployments")
+            logger.warning("config: `families:` is deprecated; rename it to `deployments:`")
+            data = {("deployments" if key == "families" else key): value for key, value in data.items()}
+        return data
+
     @model_validator(mode="after")
-    def _known_families(self) -> AppConfig:
-        unknown = set(self.families) - set(DEPLOYMENT_TASK_TYPES)
+    def _known_deployments(self) -> AppConfig:
+        unknown = set(self.deployments) - set(DEPLOYMENTS)
         if unknown:
             raise ValueError(
-                f"families: unknown deployment(s) {sorted(unknown)}; known: {sorted(DEPLOYMENT_TASK_TYPES)}"
+                f"deployments: unknown deployment(s) {sorted(unknown)}; known: {sorted(DEPLOYMENTS)}"
             )
         return self

@@ -23,19 +23,11 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
+from deployments.errors import describe_validation_error
 from Wan2GP.engine import Engine
 from Wan2GP.errors import Cancelled, EngineError
 
 logger = logging.getLogger("ray.serve")
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """`params.resolution: expected WxH, got 'abc'; …` — field names first, as a user reads them."""
-    parts = []
-    for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "params"
-        parts.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
 
 
 class _LoadedModel:

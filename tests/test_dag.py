@@ -16,7 +16,7 @@ from ray import serve
 
 from db.store import open_store
 from deployments.app import build_app
-from deployments.local import running_app, wait_final
+from hwgp_testing import running_app, wait_final
 from Wan2GP.video import encode_mp4, encode_png, load_image, probe_video
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "storage": {"root": str(root / "public" / "files")},
         "input_dirs": [str(inputs)],
         "models": "tiny",
-        "families": {"T2V": small, "VACE": {**small, "replicas": 2}, "Flux": small},
+        "deployments": {"T2V": small, "VACE": {**small, "replicas": 2}, "Flux": small},
         # A short stale timeout: segment rows must be heartbeated with their orchestrator.
         "ingress": {
             "heartbeat_interval_s": 0.5,

@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from PIL import Image
 from pydantic import ValidationError
 
-from deployments.local import free_port
+from hwgp_testing import free_port
 from storage import InputError, InputFetcher, InputSettings
 from storage.guarded_http import Budget, default_ssl_context, open_url
 from storage.url_guard import FetchProblem, parse_allowlist

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from deployments.local import free_port
+from hwgp_testing import free_port
 from Wan2GP.catalog import Catalog
 from Wan2GP.engine import Engine
 from Wan2GP.parallel import MODES, NCCL_SAFE_ENV, plan_degrees
@@ -289,14 +289,14 @@ def test_parallel_engine_needs_the_resident_profile(catalog: Catalog) -> None:
 
 def test_app_with_a_two_gpu_replica_completes_tasks_over_http(tmp_path: Path) -> None:
     """`gpus_per_replica: 2` in the application config: the ingress routes to the multi-GPU replica."""
-    from deployments.local import running_app, wait_final
+    from hwgp_testing import running_app, wait_final
     from Wan2GP.video import probe_video
 
     config = {
         "db": f"sqlite:///{tmp_path / 'tasks.db'}",
         "storage": {"root": str(tmp_path / "files")},
         "models": "tiny",
-        "families": {
+        "deployments": {
             "T2V": {"gpus_per_replica": 2, "parallel_mode": "cfg", "num_cpus": 0.3, "device": "cpu"}
         },
     }

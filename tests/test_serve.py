@@ -22,7 +22,7 @@ from conftest import raw_execute
 from ray import serve
 
 from db.store import open_store
-from deployments.local import FINAL, running_app, wait_final
+from hwgp_testing import FINAL, running_app, wait_final
 from Wan2GP.video import encode_mp4, encode_png, probe_video
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "storage": {"root": str(root / "public" / "files")},
         "input_dirs": [str(inputs)],
         "models": "tiny",
-        "families": {"T2V": family, "VACE": family, "Flux": family},
+        "deployments": {"T2V": family, "VACE": family, "Flux": family},
         "ingress": {
             "heartbeat_interval_s": 0.5,
             "poll_interval_s": 0.2,

@@ -23,7 +23,7 @@ from pyarrow import fs as pafs
 from pydantic import ValidationError
 from storage_fixtures import MediaServer, S3Server
 
-from deployments.local import free_port
+from hwgp_testing import free_port
 from storage import (
     InputError,
     InputFetcher,

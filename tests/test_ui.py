@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.local import running_app
+from hwgp_testing import running_app
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

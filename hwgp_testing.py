@@ -1,4 +1,5 @@
-"""Running the application on this machine and talking to it: used by tests, benchmarks and scripts."""
+"""Running the application on this machine and talking to it: helpers for tests, benchmarks and scripts
+(kept out of the production packages)."""
 
 from __future__ import annotations
 

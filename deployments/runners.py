@@ -1,0 +1,174 @@
+"""The Ray runners the dispatcher runs tasks through (see `deployments.dispatcher.Runner`).
+
+    GenerationRunner    one generation streamed from a family deployment (progress, then the artifact)
+    OrchestrationRunner a multi-step task: plan it, mirror its steps as rows, run its Ray DAG
+    UtilityRunner       a CPU utility as a Ray task (never on a GPU replica's time)
+
+They turn Ray's errors into the dispatcher's: `TaskFailure` (readable; retryable when the cluster,
+not the input, failed) and `RunCancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+import ray
+from pydantic import ValidationError
+from ray.exceptions import RayTaskError, TaskCancelledError
+from ray.serve.handle import DeploymentHandle
+
+from dag.orchestrations import RunContext, StepTarget
+from dag.steps import StepFailed
+from dag.utility_tasks import utility_node
+from db.models import TaskStatus
+from db.store import TaskStore
+from deployments.dispatcher import Job, RunCancelled, RunResult, TaskFailure, failure_message
+from deployments.errors import InvalidTask, TaskNotFound, describe_validation_error
+from deployments.routing import Routing
+from deployments.task_types import orchestration, task_type
+from storage import InputError, InputFetcher, OutputStorage
+
+
+def _cause(error: BaseException) -> str:
+    """The message of what really failed inside a Ray task, without Ray's traceback wrapper."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}" if not isinstance(cause, ValueError) else str(cause)
+
+
+class GenerationRunner:
+    def __init__(self, handles: dict[str, DeploymentHandle], routing: Routing):
+        self.handles = handles
+        self.routing = routing
+
+    async def run(self, job: Job) -> RunResult:
+        task, route = job.task, job.route
+        assert route is not None
+        try:
+            params = await job.blocking(self.routing.fetch_inputs, task.params, route.task_type.input_fields)
+        except InputError as error:
+            raise TaskFailure(str(error)) from None
+        handle = self.handles[route.pool].options(stream=True, multiplexed_model_id=route.model_id)
+        stream = handle.generate.remote(task.task_type, params, task.id)
+        job.on_cancel(stream.cancel)
+        artifact = None
+        try:
+            async for event in stream:
+                kind = event["event"]
+                if kind == "progress":
+                    await job.progress(event["step"], event["total"])
+                elif kind == "done":
+                    artifact = event["artifact"]
+                elif kind == "error":
+                    if event["kind"] == "cancelled":
+                        raise RunCancelled
+                    raise TaskFailure(event["message"])
+        except TaskCancelledError:
+            raise RunCancelled from None
+        if artifact is None:
+            raise RunCancelled
+        return RunResult(artifact, route.model_id)
+
+
+class OrchestrationRunner:
+    def __init__(
+        self,
+        store: TaskStore,
+        storage: OutputStorage,
+        fetcher: InputFetcher,
+        routing: Routing,
+        handles: dict[str, DeploymentHandle],
+        worker_id: str,
+    ):
+        self.store, self.storage, self.fetcher = store, storage, fetcher
+        self.routing = routing
+        self.handles = handles
+        self.worker_id = worker_id
+
+    def context(self, orchestrator_type: str, job: Job) -> RunContext:
+        step_type = task_type(orchestrator_type).step_type  # type: ignore[union-attr]
+        return RunContext(
+            store=self.store,
+            storage=self.storage,
+            fetcher=self.fetcher,
+            worker_id=self.worker_id,
+            step=partial(self._step_target, step_type),
+            blocking=job.blocking,
+        )
+
+    def _step_target(self, step_type: str, params: dict[str, Any]) -> StepTarget:
+        route = self.routing.route(step_type, params)
+        return StepTarget(step_type, self.handles[route.pool], route.model_id or "")
+
+    async def run(self, job: Job) -> RunResult:
+        task = job.task
+        steps = orchestration(task.task_type)
+        ctx = self.context(task.task_type, job)
+        try:
+            run = await job.blocking(steps.prepare, ctx, task)
+        except ValidationError as error:
+            raise TaskFailure(describe_validation_error(error)) from None
+        except InvalidTask as error:
+            raise TaskFailure(failure_message(error)) from None
+        except (InputError, ValueError) as error:
+            raise TaskFailure(str(error)) from None
+        job.on_cancel(run.cancel)
+        job.watch_rows(run.row_ids)  # heartbeated with the orchestrator, so they never look stale
+        try:
+            artifact = await steps.execute(ctx, run)
+        except BaseException as error:
+            cancelled = job.cancelled or isinstance(
+                error, asyncio.CancelledError | TaskCancelledError | RunCancelled
+            )
+            message = f"orchestrator {task.id} was cancelled" if cancelled else _cause(error)
+            if cancelled and not job.cancelled:  # shutting down: leave the rows for the resumed run
+                if isinstance(error, asyncio.CancelledError):
+                    raise
+                raise RunCancelled from None
+            await job.blocking(steps.abort, ctx, run, message, cancelled)
+            if cancelled:
+                raise RunCancelled from None
+            failed_in_code = isinstance(error, RayTaskError) and isinstance(
+                error.cause, StepFailed | ValueError
+            )
+            raise TaskFailure(message, retryable=not failed_in_code) from None
+        model = artifact.metadata.get("model", task.task_type)
+        return RunResult(artifact, model, finish=partial(steps.finish, ctx, run))
+
+
+class UtilityRunner:
+    def __init__(self, store: TaskStore, routing: Routing):
+        self.store = store
+        self.routing = routing
+
+    async def run(self, job: Job) -> RunResult:
+        task, route = job.task, job.route
+        assert route is not None
+        params = dict(task.params)
+        source_id = params.get("input_video_task_id")
+        if source_id and params.get("input_video_path") is None:
+            try:
+                source = await job.blocking(self.store.get, source_id)
+            except TaskNotFound:
+                raise TaskFailure(f"input_video_task_id: no task with id {source_id!r}") from None
+            if source.status != TaskStatus.COMPLETE:
+                raise TaskFailure(
+                    f"input_video_task_id: task {source_id} is {source.status.value}; it has no output"
+                )
+            params["input_video_path"] = source.output_location
+        try:
+            params = await job.blocking(self.routing.fetch_inputs, params, route.task_type.input_fields)
+            ref = utility_node.remote(task.task_type, params, task.id)
+            job.on_cancel(lambda: ray.cancel(ref))
+            return RunResult(await ref, task.task_type)
+        except ValidationError as error:
+            raise TaskFailure(describe_validation_error(error)) from None
+        except (InputError, ValueError) as error:
+            raise TaskFailure(str(error)) from None
+        except TaskCancelledError:
+            raise RunCancelled from None
+        except RayTaskError as error:
+            if isinstance(error.cause, ValueError | InputError | ValidationError):
+                raise TaskFailure(_cause(error)) from None
+            raise

@@ -1,0 +1,170 @@
+"""The task-type registry: every task type this application knows, in one place (Ray-free).
+
+Each task type has a kind, the capacity pool the dispatcher claims it from and a params check:
+
+    generation     one diffusers generation on a family deployment (T2V, VACE, Flux); the engine's own
+                   `Wan2GP.catalog.TASK_FAMILIES` says which model family a type belongs to
+    orchestration  a multi-step Ray DAG (travel, different perspective) whose steps are generations
+    utility        a CPU utility run as a Ray task (pose, interpolation, frame extraction, joining clips)
+    managed-row    a row mirroring an orchestration's step: driven by its orchestrator, never claimed
+
+The config (which deployments exist), routing (what a task runs on) and the DAGs (what their steps
+and mirror rows are called) all read it from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from dag import perspective_plan, travel_plan
+from dag.utilities import (
+    UTILITY_INPUT_FIELDS,
+    ExtractFrameParams,
+    InterpolateParams,
+    JoinClipsParams,
+    OpenposeParams,
+)
+from Wan2GP.catalog import TASK_FAMILIES
+from Wan2GP.params import parse_params
+
+if TYPE_CHECKING:
+    from dag.orchestrations import Orchestration
+
+GENERATION = "generation"
+ORCHESTRATION = "orchestration"
+UTILITY = "utility"
+MANAGED = "managed-row"
+
+# The family deployments, and which one runs each model family: a generation goes where its resolved
+# model's family lives.
+DEPLOYMENTS: tuple[str, ...] = ("T2V", "VACE", "Flux")
+FAMILY_DEPLOYMENT: dict[str, str] = {
+    "t2v": "T2V",
+    "i2v": "T2V",
+    "flf2v": "T2V",
+    "vace": "VACE",
+    "flux": "Flux",
+    "flux_kontext": "Flux",
+}
+# Capacity pools of the dispatcher besides the family deployments.
+DAG_POOL = "DAG"
+UTILITY_POOL = "Utility"
+
+# Params of a generation that name input files: the dispatcher fetches them (URL, output location,
+# allowed local path) and hands the replica their bytes, so a replica on another node needs no shared
+# filesystem.
+GENERATION_INPUT_FIELDS = ("image_start", "image_end", "video_guide", "video_mask", "image_url", "image_refs")
+
+
+@dataclass(frozen=True)
+class TaskType:
+    name: str
+    kind: str
+    # The capacity pool the dispatcher claims it from: a family deployment, DAG_POOL or UTILITY_POOL;
+    # None for managed rows. `single_image` / `generate_video` are claimed on T2V's capacity and
+    # re-routed when their model belongs to another family.
+    pool: str | None
+    # Validates params (raises pydantic.ValidationError / ValueError naming the field); for
+    # orchestrations it returns the payload's input references as (field, value) pairs.
+    validate: Callable[[dict[str, Any]], Any] | None = None
+    input_fields: tuple[str, ...] = ()  # params holding input references (generation, utility)
+    step_type: str | None = None  # orchestrations: the generation task type their steps run
+    implementation: str | None = None  # orchestrations: the module implementing `Orchestration`
+
+
+def _generation(name: str) -> TaskType:
+    family = TASK_FAMILIES[name]
+    return TaskType(
+        name=name,
+        kind=GENERATION,
+        pool=FAMILY_DEPLOYMENT.get(family, "T2V"),
+        validate=partial(parse_params, name),
+        input_fields=GENERATION_INPUT_FIELDS,
+    )
+
+
+def _utility(name: str, params: type) -> TaskType:
+    return TaskType(
+        name=name,
+        kind=UTILITY,
+        pool=UTILITY_POOL,
+        validate=params.model_validate,
+        input_fields=UTILITY_INPUT_FIELDS,
+    )
+
+
+TASK_TYPES: dict[str, TaskType] = {
+    t.name: t
+    for t in [
+        *(_generation(name) for name in TASK_FAMILIES),
+        TaskType(
+            "travel_orchestrator",
+            ORCHESTRATION,
+            DAG_POOL,
+            validate=travel_plan.validate,
+            step_type="vace",
+            implementation="dag.travel",
+        ),
+        TaskType(
+            "different_perspective_orchestrator",
+            ORCHESTRATION,
+            DAG_POOL,
+            validate=perspective_plan.validate,
+            step_type="vace",
+            implementation="dag.perspective",
+        ),
+        _utility("generate_openpose", OpenposeParams),
+        _utility("rife_interpolate_images", InterpolateParams),
+        _utility("extract_frame", ExtractFrameParams),
+        _utility("join_clips", JoinClipsParams),
+        TaskType("travel_segment", MANAGED, None),
+        TaskType("travel_stitch", MANAGED, None),
+        TaskType("dp_final_gen", MANAGED, None),
+    ]
+}
+
+# Names the DAGs give their mirror rows.
+TRAVEL_SEGMENT = TASK_TYPES["travel_segment"].name
+TRAVEL_STITCH = TASK_TYPES["travel_stitch"].name
+PERSPECTIVE_FINAL = TASK_TYPES["dp_final_gen"].name
+
+
+def task_type(name: str) -> TaskType | None:
+    return TASK_TYPES.get(name)
+
+
+def of_kind(kind: str) -> tuple[str, ...]:
+    return tuple(name for name, t in TASK_TYPES.items() if t.kind == kind)
+
+
+def pool_task_types(pool: str) -> tuple[str, ...]:
+    """The task types claimed from one capacity pool."""
+    return tuple(name for name, t in TASK_TYPES.items() if t.pool == pool)
+
+
+def step_deployment(name: str) -> str:
+    """The family deployment an orchestration's steps run on (by default: its step type's pool)."""
+    step_type = TASK_TYPES[name].step_type
+    if step_type is None:
+        raise ValueError(f"{name!r} is not an orchestration")
+    return TASK_TYPES[step_type].pool or ""
+
+
+def parse_task_params(name: str, params: dict[str, Any]) -> Any:
+    """Validate `params` with the task type's check (pydantic.ValidationError names the field)."""
+    validate = TASK_TYPES[name].validate
+    if validate is None:
+        raise ValueError(f"task_type {name!r} has no params of its own")
+    return validate(params)
+
+
+def orchestration(name: str) -> Orchestration:
+    """The module running an orchestration task type (imported on first use: it builds Ray DAGs)."""
+    implementation = TASK_TYPES[name].implementation
+    if implementation is None:
+        raise ValueError(f"{name!r} is not an orchestration")
+    return importlib.import_module(implementation)  # type: ignore[return-value]
