@@ -37,8 +37,8 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from db.supabase.local import make_jwt, prepare_database, start_edge_functions
 from db.supabase_store import SupabaseDirectStore
+from tests.supabase_local import make_jwt, prepare_database, start_edge_functions
 
 # Fixed, so spawned worker processes compute the same key; the scratch database lives only for the run.
 JWT_SECRET = "bench-jwt-secret-for-a-scratch-database-only"
