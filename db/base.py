@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from db.errors import InvalidTask
+from db.errors import InvalidTask, TaskConflict
 from db.models import NewTask, Task, TaskStatus
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -101,6 +101,25 @@ class TaskStore(abc.ABC):
         if not output_location:
             raise InvalidTask("output_location", "must not be empty")
         return self._complete(task_id, output_location, worker_id)
+
+    def complete_idempotent(self, task_id: str, output_location: str, worker_id: str | None = None) -> Task:
+        """`complete`, safe to retry after a lost reply (a timeout, `StoreUnavailable`).
+
+        When the task is already `Complete` with this `output_location` (and, given `worker_id`, by this
+        worker), an earlier call went through: that task comes back instead of `TaskConflict`. Any other
+        state raises as `complete` does, so a retry never overwrites another attempt's output.
+        """
+        try:
+            return self.complete(task_id, output_location, worker_id)
+        except TaskConflict:
+            task = self.get(task_id)
+            if (
+                task.status == TaskStatus.COMPLETE
+                and task.output_location == output_location
+                and (worker_id is None or task.worker_id == worker_id)
+            ):
+                return task
+            raise
 
     @abc.abstractmethod
     def fail(

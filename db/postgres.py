@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.rows import dict_row
@@ -65,7 +65,7 @@ class PoolSettings:
                 raise InvalidTask(key, f"must be more than 0, got {value!r}")
             values[key] = number
         kept = [(k, v) for k, v in query if k not in cls.__dataclass_fields__]
-        return urlunsplit(parts._replace(query=urlencode(kept))), cls(**values)
+        return urlunsplit(parts._replace(query=urlencode(kept, quote_via=quote))), cls(**values)
 
 
 def store_error(error: psycopg.Error, task_id: str | None = None) -> Exception:
