@@ -151,10 +151,10 @@ class PostgresTaskStore(TaskStore):
             raise translated from None
 
     def _task(self, sql: str, args: Any, task_id: str | None = None) -> Task:
-        return task_from_row(self._call(sql, args, task_id)[0])
+        return Task.model_validate(self._call(sql, args, task_id)[0])
 
     def _tasks(self, sql: str, args: Any = None) -> list[Task]:
-        return [task_from_row(r) for r in self._call(sql, args)]
+        return [Task.model_validate(r) for r in self._call(sql, args)]
 
     # --- TaskStore ----------------------------------------------------------------------------------
     def create(self, new: NewTask) -> Task:
@@ -323,10 +323,6 @@ def migration_files(folder: str) -> list[tuple[str, str]]:
     """(version, sql) of `db/migrations/<folder>/*.sql` in name order; version is the file's stem."""
     files = resources.files("db").joinpath("migrations", folder).iterdir()
     return sorted((f.name.removesuffix(".sql"), f.read_text()) for f in files if f.name.endswith(".sql"))
-
-
-def task_from_row(row: dict[str, Any]) -> Task:
-    return Task.model_validate(row)
 
 
 def _where(conninfo: str) -> str:

@@ -45,7 +45,6 @@ from db.models import NewTask, Task, TaskStatus
 from db.postgres import PostgresTaskStore
 
 SUPABASE_MIGRATIONS = Path(__file__).parent / "supabase" / "migrations"
-FUNCTIONS_DIR = Path(__file__).parent / "supabase" / "functions"
 SUPABASE_ROLES = ("anon", "authenticated", "service_role")
 
 
