@@ -19,7 +19,6 @@ elsewhere, say), raises `StoreUnavailable`.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -116,7 +115,9 @@ class PostgresTaskStore(TaskStore):
             timeout=self.settings.connect_timeout_s,
             configure=self._configure,
             check=ConnectionPool.check_connection,  # a dropped connection is replaced, not handed out
-            reconnect_timeout=max(60.0, self.settings.connect_timeout_s),
+            # While the server is away the pool retries in the background with growing pauses; giving up
+            # soon keeps those pauses short, and the next call then tries again at once.
+            reconnect_timeout=max(5.0, self.settings.connect_timeout_s),
             num_workers=1,
             name=f"hwgp-tasks-{id(self):x}",
             open=True,
@@ -283,31 +284,23 @@ class PostgresTaskStore(TaskStore):
 
     # --- waiting for work ---------------------------------------------------------------------------------
     def wait_for_work(self, timeout_s: float) -> bool:
-        """LISTEN on a dedicated connection. When that connection drops (a server restart), it is reopened
-        at once and the call returns True: notifications sent meanwhile are lost, so the caller should look.
-        `StoreUnavailable` when it cannot be reopened."""
-        started = time.monotonic()
+        """LISTEN on a dedicated connection. When there is none yet, or the server dropped it (a restart),
+        it is opened and the call returns True at once: notifications sent while nobody listened are lost,
+        so the caller should look. `StoreUnavailable` when it cannot be opened."""
         try:
-            listener = self._listening()
-            return any(True for _ in listener.notifies(timeout=timeout_s, stop_after=1))
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            self._close_listener()
-        try:
-            self._listening()
+            if self._listener is not None:
+                try:
+                    return any(True for _ in self._listener.notifies(timeout=timeout_s, stop_after=1))
+                except (psycopg.OperationalError, psycopg.InterfaceError):
+                    self._close_listener()  # reopened below
+            self._listener = psycopg.connect(self._conninfo, **self._connect_kwargs())
+            self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         except (psycopg.OperationalError, psycopg.InterfaceError) as error:
             self._close_listener()
             raise StoreUnavailable(
-                f"lost the LISTEN connection to {_where(self._conninfo)} after "
-                f"{time.monotonic() - started:.1f} s and cannot reopen it: {error}"
+                f"cannot LISTEN on {_where(self._conninfo)}: {str(error).strip().splitlines()[0]}"
             ) from None
         return True
-
-    def _listening(self) -> psycopg.Connection:
-        if self._listener is None or self._listener.closed or self._listener.broken:
-            self._close_listener()
-            self._listener = psycopg.connect(self._conninfo, **self._connect_kwargs())
-            self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
-        return self._listener
 
     def _close_listener(self) -> None:
         if self._listener is not None:

@@ -7,10 +7,13 @@ killed with `pg_terminate_backend` (the shared server itself keeps running).
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sqlite3
 import threading
 import time
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -203,3 +206,85 @@ def test_http_stores_raise_store_unavailable_when_nothing_answers():
     finally:
         supabase.close()
         api.close()
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of PostgreSQL that can go down and come back on the same port:
+    what clients see of a server restart (connections dropped, then refused, then accepted again)."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._server: socket.socket | None = None
+        self.start()
+
+    def start(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._server.settimeout(0.1)
+        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        server.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._sockets.clear()
+
+    def _accept(self, server: socket.socket) -> None:
+        while self._server is server:
+            try:
+                client, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def test_postgres_store_survives_a_server_restart(pg_schema_url: str):
+    parts = urlsplit(pg_schema_url)
+    proxy = TcpProxy((parts.hostname, parts.port))
+    via_proxy = urlunsplit(parts._replace(netloc=f"postgres@127.0.0.1:{proxy.port}"))
+    try:
+        with open_store(f"{via_proxy}&connect_timeout_s=1") as store:
+            task = store.add("t2v", {})
+            store.wait_for_work(0.05)
+            proxy.stop()  # the server goes away
+            for _ in range(3):  # every call fails fast with StoreUnavailable while it is away
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    store.get(task.id)
+                assert time.monotonic() - started < 3.0
+            with pytest.raises(StoreUnavailable):
+                store.wait_for_work(1.0)
+            time.sleep(6.0)  # longer than the pool keeps retrying in the background
+            proxy.start()  # and comes back
+            deadline = time.monotonic() + 10.0
+            while True:
+                try:
+                    claimed = store.claim_next("w")
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() < deadline, "the store did not reconnect within 10 s"
+                    time.sleep(0.2)
+            assert [t.id for t in claimed] == [task.id]
+            assert store.wait_for_work(5.0) is True  # the listener reconnects too
+            assert store.wait_for_work(0.2) is False  # and is quiet again, listening
+    finally:
+        proxy.stop()
