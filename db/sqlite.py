@@ -64,9 +64,12 @@ class SqliteTaskStore(SqlTaskStore):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # Two connections, each guarded by a lock (the store may be called from worker threads): a write
         # waiting for the database's lock must not hold up reads.
-        self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
+        self._write_lock = threading.Lock()
         self._writer = self._connect(wal=True)
-        self._reader = self._writer if self.path == ":memory:" else self._connect(wal=False)
+        if self.path == ":memory:":  # a second connection would open a second, empty database
+            self._read_lock, self._reader = self._write_lock, self._writer
+        else:
+            self._read_lock, self._reader = threading.Lock(), self._connect(wal=False)
         self._data_version = self._read_data_version()
 
     def _connect(self, *, wal: bool) -> sqlite3.Connection:
@@ -149,6 +152,7 @@ class SqliteTaskStore(SqlTaskStore):
             time.sleep(min(0.05, remaining))
 
     def close(self) -> None:
-        with self._write_lock, self._read_lock:
+        with self._write_lock:
             self._writer.close()
+        with self._read_lock:
             self._reader.close()
