@@ -21,12 +21,14 @@ from db.errors import InvalidTask, StoreUnavailable
 from db.sql_store import SqlTaskStore
 
 DEFAULT_BUSY_TIMEOUT_S = 30.0
-# SQLite's messages for "cannot answer now" (another process holds the lock, the file is unreachable).
+# SQLite's messages for "cannot answer now": another process holds the lock, the file is unreachable,
+# the disk is full.
 _UNAVAILABLE = (
     "database is locked",
     "database table is locked",
     "unable to open database file",
     "disk i/o error",
+    "database or disk is full",
 )
 
 
