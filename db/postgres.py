@@ -1,8 +1,10 @@
 """PostgreSQL task store (psycopg 3 + psycopg_pool): `postgresql://user@host:port/db`.
 
 Every operation is one call of a SQL function from `db/migrations/postgres/0002_task_functions.sql`
-(as procrastinate's manager calls its functions), so the rules live once, in SQL, for this store and
-for the Supabase edge functions. Claims lock rows with `FOR UPDATE SKIP LOCKED` inside one statement:
+(as procrastinate's manager calls its functions), so the rules live once, in SQL. The store sends each
+call over a transport: `SqlTransport` (a connection pool, here) or, in Supabase mode, the edge functions
+over HTTP (`db/supabase_store.py`), which call the same SQL functions. Claims lock rows with
+`FOR UPDATE SKIP LOCKED` inside one statement:
 concurrent claimers never wait on each other nor take the same row. A trigger NOTIFYs `hwgp_tasks`
 whenever a task may have become claimable, and `wait_for_work` LISTENs for it.
 
@@ -19,10 +21,11 @@ elsewhere, say), raises `StoreUnavailable`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -89,8 +92,83 @@ def store_error(error: psycopg.Error, task_id: str | None = None) -> Exception:
     return error
 
 
-class PostgresTaskStore(TaskStore):
-    migration_folders: tuple[str, ...] = ("postgres",)  # under db/migrations/, applied in this order
+@dataclass(frozen=True)
+class Call:
+    """One task operation: the SQL function call and the edge function that makes it over HTTP.
+
+    Arguments are named as the edge function's JSON body names them, and the SQL uses the same names.
+    `returns` says how the SQL rows become the answer the edge function gives (`answer_key`: the key of
+    its JSON object that holds it)."""
+
+    sql: str
+    edge_function: str
+    returns: Literal["row", "rows", "optional row", "ok", "counts"]
+    answer_key: str | None = None
+
+
+CREATE = Call(
+    "SELECT * FROM create_task(%(task_type)s, %(params)s, %(task_id)s, %(dependant_on)s, %(project_id)s,"
+    " %(priority)s)",
+    "create-task",
+    "row",
+)
+GET = Call("SELECT * FROM get_task(%(task_id)s)", "get-task", "row")
+LIST = Call(
+    "SELECT * FROM list_tasks(%(status)s, %(task_type)s, %(project_id)s, %(limit)s, %(offset)s)",
+    "list-tasks",
+    "rows",
+)
+COUNT = Call("SELECT status, n FROM count_tasks_by_status(%(task_types)s)", "count-tasks", "counts")
+CLAIM = Call(
+    "SELECT * FROM claim_next_task(%(worker_id)s, %(task_types)s, NULL, %(limit)s)",
+    "claim-next-task",
+    "rows",
+    answer_key="tasks",
+)
+HEARTBEAT = Call("SELECT heartbeat_task(%(task_id)s, %(worker_id)s) AS ok", "heartbeat-task", "ok", "ok")
+SET_PROGRESS = Call(
+    "SELECT set_task_progress(%(task_id)s, %(worker_id)s, %(progress)s, %(message)s) AS ok",
+    "set-task-progress",
+    "ok",
+    "ok",
+)
+COMPLETE = Call(
+    "SELECT * FROM complete_task(%(task_id)s, %(output_location)s, %(worker_id)s)", "complete-task", "row"
+)
+FAIL = Call(
+    "SELECT * FROM fail_task(%(task_id)s, %(error_message)s, %(worker_id)s, %(retryable)s, %(max_attempts)s)",
+    "fail-task",
+    "row",
+)
+START = Call("SELECT * FROM start_task(%(task_id)s, %(worker_id)s)", "start-task", "row")
+RELEASE = Call(
+    "SELECT release_task(%(task_id)s, %(worker_id)s, %(reason)s) AS ok", "release-task", "ok", "ok"
+)
+CANCEL = Call("SELECT * FROM cancel_task(%(task_id)s)", "cancel-task", "row")
+REQUEUE_STALE = Call(
+    "SELECT * FROM requeue_stale_tasks(%(older_than_s)s, %(max_attempts)s)", "requeue-stale-tasks", "rows"
+)
+PROPAGATE = Call("SELECT * FROM propagate_task_failures()", "propagate-failures", "rows")
+
+
+class Transport(Protocol):
+    """How a `PostgresTaskStore` reaches the SQL functions."""
+
+    url: str
+
+    def call(self, call: Call, args: dict[str, Any]) -> Any:
+        """The answer of one call (see `Call.returns`), or the store's exceptions."""
+
+    def migrate(self, migrations: list[tuple[str, str]], check: Callable[[Any, str], None]) -> list[str]:
+        """Apply the pending (version, sql) migrations, calling `check(cursor, version)` before each."""
+
+    def wait_for_work(self, timeout_s: float) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class SqlTransport:
+    """The SQL functions over a pool of direct connections; see the module docstring for the settings."""
 
     def __init__(
         self,
@@ -133,156 +211,62 @@ class PostgresTaskStore(TaskStore):
     def _configure(self, conn: psycopg.Connection) -> None:
         conn.execute(f"SET statement_timeout = {int(self.settings.statement_timeout_s * 1000)}")
 
-    # --- calling the SQL functions ----------------------------------------------------------------
-    def _call(self, sql: str, args: Any = None, task_id: str | None = None) -> list[dict[str, Any]]:
-        """Run one statement on a pooled connection (autocommit: the statement is its transaction)."""
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection (autocommit: each statement is its transaction), errors translated."""
         try:
             with self._pool.connection() as conn:
-                cur = conn.execute(sql, args)
-                return cur.fetchall() if cur.description else []
+                yield conn
         except PoolTimeout:
             raise StoreUnavailable(
                 f"no database connection within {self.settings.connect_timeout_s:g} s "
                 f"({_where(self._conninfo)} unreachable or every connection busy)"
             ) from None
+
+    def call(self, call: Call, args: dict[str, Any]) -> Any:
+        params = {k: Jsonb(v) if isinstance(v, dict) else v for k, v in args.items()}
+        try:
+            with self._connection() as conn:
+                rows = conn.execute(call.sql, params).fetchall()
         except psycopg.Error as error:
-            translated = store_error(error, task_id)
+            translated = store_error(error, args.get("task_id"))
             if translated is error:
                 raise
             raise translated from None
+        if call.returns == "row":
+            return rows[0]
+        if call.returns == "optional row":
+            return rows[0] if rows else None
+        if call.returns == "ok":
+            return rows[0]["ok"]
+        if call.returns == "counts":
+            return {r["status"]: r["n"] for r in rows}
+        return rows
 
-    def _task(self, sql: str, args: Any, task_id: str | None = None) -> Task:
-        return Task.model_validate(self._call(sql, args, task_id)[0])
-
-    def _tasks(self, sql: str, args: Any = None) -> list[Task]:
-        return [Task.model_validate(r) for r in self._call(sql, args)]
-
-    # --- TaskStore ----------------------------------------------------------------------------------
-    def create(self, new: NewTask) -> Task:
-        return self._task(
-            "SELECT * FROM create_task(%(task_type)s, %(params)s, %(id)s, %(dependant_on)s, %(project_id)s,"
-            " %(priority)s)",
-            {
-                "task_type": new.task_type,
-                "params": Jsonb(new.params),
-                "id": new.id,
-                "dependant_on": new.dependant_on,
-                "project_id": new.project_id,
-                "priority": new.priority,
-            },
-        )
-
-    def get(self, task_id: str) -> Task:
-        return self._task("SELECT * FROM get_task(%s)", (task_id,), task_id)
-
-    def _list(
-        self,
-        *,
-        status: TaskStatus | None,
-        task_type: str | None,
-        project_id: str | None,
-        limit: int,
-        offset: int,
-    ) -> list[Task]:
-        return self._tasks(
-            "SELECT * FROM list_tasks(%s, %s, %s, %s, %s)",
-            (status.value if status is not None else None, task_type, project_id, limit, offset),
-        )
-
-    def count_by_status(self, task_types: Sequence[str] | None = None) -> dict[TaskStatus, int]:
-        rows = self._call(
-            "SELECT status, n FROM count_tasks_by_status(%s)",
-            (list(task_types) if task_types is not None else None,),
-        )
-        counts = {TaskStatus(r["status"]): int(r["n"]) for r in rows}
-        return {status: counts.get(status, 0) for status in TaskStatus}
-
-    def _claim_next(self, worker_id: str, task_types: list[str] | None, limit: int) -> list[Task]:
-        return self._tasks("SELECT * FROM claim_next_task(%s, %s, NULL, %s)", (worker_id, task_types, limit))
-
-    def heartbeat(self, task_id: str, worker_id: str) -> bool:
-        return bool(self._call("SELECT heartbeat_task(%s, %s) AS ok", (task_id, worker_id))[0]["ok"])
-
-    def _set_progress(self, task_id: str, worker_id: str, progress: float, message: str | None) -> bool:
-        rows = self._call(
-            "SELECT set_task_progress(%s, %s, %s, %s) AS ok", (task_id, worker_id, progress, message)
-        )
-        return bool(rows[0]["ok"])
-
-    def _complete(self, task_id: str, output_location: str, worker_id: str | None) -> Task:
-        return self._task(
-            "SELECT * FROM complete_task(%s, %s, %s)", (task_id, output_location, worker_id), task_id
-        )
-
-    def fail(
-        self,
-        task_id: str,
-        error_message: str,
-        *,
-        worker_id: str | None = None,
-        retryable: bool = False,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    ) -> Task:
-        return self._task(
-            "SELECT * FROM fail_task(%s, %s, %s, %s, %s)",
-            (task_id, error_message, worker_id, retryable, max_attempts),
-            task_id,
-        )
-
-    def _start(self, task_id: str, worker_id: str) -> Task:
-        return self._task("SELECT * FROM start_task(%s, %s)", (task_id, worker_id), task_id)
-
-    def release(self, task_id: str, worker_id: str, reason: str) -> bool:
-        rows = self._call("SELECT release_task(%s, %s, %s) AS ok", (task_id, worker_id, reason))
-        return bool(rows[0]["ok"])
-
-    def cancel(self, task_id: str) -> Task:
-        return self._task("SELECT * FROM cancel_task(%s)", (task_id,), task_id)
-
-    def requeue_stale(self, older_than_s: float, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]:
-        return self._tasks("SELECT * FROM requeue_stale_tasks(%s, %s)", (float(older_than_s), max_attempts))
-
-    def propagate_failures(self) -> list[Task]:
-        return self._tasks("SELECT * FROM propagate_task_failures()")
-
-    # --- schema ----------------------------------------------------------------------------------------
-    def migrate(self) -> list[str]:
-        """Apply the pending files of each folder in `migration_folders`, in one transaction."""
+    def migrate(self, migrations: list[tuple[str, str]], check: Callable[[Any, str], None]) -> list[str]:
         applied: list[str] = []
         try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
                 # Several processes may open a fresh database at once; one migrates, the others wait.
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext('hwgp_migrate:' || current_schema()))")
                 cur.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, applied_at text NOT NULL)"
                 )
                 done = {r["version"] for r in cur.execute("SELECT version FROM schema_migrations")}
-                for version, sql in self.migrations():
+                for version, sql in migrations:
                     if version in done:
                         continue
-                    self._before_migration(cur, version)
+                    check(cur, version)
                     cur.execute(sql.encode())  # bytes: sent as one multi-statement script, no parameters
                     cur.execute(
                         "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, clock_timestamp()::text)",
                         (version,),
                     )
                     applied.append(version)
-        except PoolTimeout:
-            raise StoreUnavailable(
-                f"no database connection within {self.settings.connect_timeout_s:g} s"
-            ) from None
         except psycopg.OperationalError as error:
             raise store_error(error) from None
         return applied
 
-    def migrations(self) -> list[tuple[str, str]]:
-        """(version, sql) of every migration this store applies, in order."""
-        return [m for folder in self.migration_folders for m in migration_files(folder)]
-
-    def _before_migration(self, cur: psycopg.Cursor, version: str) -> None:
-        """A hook to refuse a migration the database is not ready for."""
-
-    # --- waiting for work ---------------------------------------------------------------------------------
     def wait_for_work(self, timeout_s: float) -> bool:
         """LISTEN on a dedicated connection. When there is none yet, or the server dropped it (a restart),
         it is opened and the call returns True at once: notifications sent while nobody listened are lost,
@@ -310,6 +294,129 @@ class PostgresTaskStore(TaskStore):
     def close(self) -> None:
         self._pool.close()
         self._close_listener()
+
+
+class PostgresTaskStore(TaskStore):
+    """Every `TaskStore` operation as one call of a SQL function, over `transport`."""
+
+    migration_folders: tuple[str, ...] = ("postgres",)  # under db/migrations/, applied in this order
+
+    def __init__(self, url: str, *, transport: Transport | None = None, **pool_settings: Any):
+        """`pool_settings`: `connect_timeout_s`, `statement_timeout_s`, `pool_size` (see `PoolSettings`)."""
+        self.transport = transport or SqlTransport(url, **pool_settings)
+        self.url = self.transport.url
+
+    @property
+    def settings(self) -> PoolSettings:
+        """The pool's settings (SQL transport only)."""
+        if not isinstance(self.transport, SqlTransport):
+            raise AttributeError(f"{type(self.transport).__name__} has no connection pool")
+        return self.transport.settings
+
+    def _task(self, call: Call, **args: Any) -> Task:
+        return Task.model_validate(self.transport.call(call, args))
+
+    def _tasks(self, call: Call, **args: Any) -> list[Task]:
+        return [Task.model_validate(row) for row in self.transport.call(call, args)]
+
+    # --- TaskStore ----------------------------------------------------------------------------------
+    def create(self, new: NewTask) -> Task:
+        return self._task(
+            CREATE,
+            task_id=new.id,
+            task_type=new.task_type,
+            params=new.params,
+            dependant_on=new.dependant_on,
+            project_id=new.project_id,
+            priority=new.priority,
+        )
+
+    def get(self, task_id: str) -> Task:
+        return self._task(GET, task_id=task_id)
+
+    def _list(
+        self,
+        *,
+        status: TaskStatus | None,
+        task_type: str | None,
+        project_id: str | None,
+        limit: int,
+        offset: int,
+    ) -> list[Task]:
+        status_value = status.value if status is not None else None
+        return self._tasks(
+            LIST, status=status_value, task_type=task_type, project_id=project_id, limit=limit, offset=offset
+        )
+
+    def count_by_status(self, task_types: Sequence[str] | None = None) -> dict[TaskStatus, int]:
+        types = list(task_types) if task_types is not None else None
+        counts = {TaskStatus(k): int(v) for k, v in self.transport.call(COUNT, {"task_types": types}).items()}
+        return {status: counts.get(status, 0) for status in TaskStatus}
+
+    def _claim_next(self, worker_id: str, task_types: list[str] | None, limit: int) -> list[Task]:
+        return self._tasks(CLAIM, worker_id=worker_id, task_types=task_types, limit=limit)
+
+    def heartbeat(self, task_id: str, worker_id: str) -> bool:
+        return bool(self.transport.call(HEARTBEAT, {"task_id": task_id, "worker_id": worker_id}))
+
+    def _set_progress(self, task_id: str, worker_id: str, progress: float, message: str | None) -> bool:
+        args = {"task_id": task_id, "worker_id": worker_id, "progress": progress, "message": message}
+        return bool(self.transport.call(SET_PROGRESS, args))
+
+    def _complete(self, task_id: str, output_location: str, worker_id: str | None) -> Task:
+        return self._task(COMPLETE, task_id=task_id, output_location=output_location, worker_id=worker_id)
+
+    def fail(
+        self,
+        task_id: str,
+        error_message: str,
+        *,
+        worker_id: str | None = None,
+        retryable: bool = False,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> Task:
+        return self._task(
+            FAIL,
+            task_id=task_id,
+            error_message=error_message,
+            worker_id=worker_id,
+            retryable=retryable,
+            max_attempts=max_attempts,
+        )
+
+    def _start(self, task_id: str, worker_id: str) -> Task:
+        return self._task(START, task_id=task_id, worker_id=worker_id)
+
+    def release(self, task_id: str, worker_id: str, reason: str) -> bool:
+        return bool(
+            self.transport.call(RELEASE, {"task_id": task_id, "worker_id": worker_id, "reason": reason})
+        )
+
+    def cancel(self, task_id: str) -> Task:
+        return self._task(CANCEL, task_id=task_id)
+
+    def requeue_stale(self, older_than_s: float, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]:
+        return self._tasks(REQUEUE_STALE, older_than_s=float(older_than_s), max_attempts=max_attempts)
+
+    def propagate_failures(self) -> list[Task]:
+        return self._tasks(PROPAGATE)
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        return self.transport.wait_for_work(timeout_s)
+
+    def migrate(self) -> list[str]:
+        """Apply the pending files of each folder in `migration_folders`, in one transaction."""
+        return self.transport.migrate(self.migrations(), self._before_migration)
+
+    def migrations(self) -> list[tuple[str, str]]:
+        """(version, sql) of every migration this store applies, in order."""
+        return [m for folder in self.migration_folders for m in migration_files(folder)]
+
+    def _before_migration(self, cur: psycopg.Cursor, version: str) -> None:
+        """A hook to refuse a migration the database is not ready for."""
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 def migration_files(folder: str) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ from db.errors import (
 )
 from db.postgres import PostgresTaskStore
 from db.sqlite import SqliteTaskStore
-from db.supabase_store import open_supabase_store
+from db.supabase_store import SupabaseTaskStore
 
 __all__ = [
     "DEFAULT_DB_URL",
@@ -53,7 +53,7 @@ def open_store(url: str | None = None, *, migrate: bool = True) -> TaskStore:
     elif url.startswith(("postgresql:", "postgres:")):
         store = PostgresTaskStore(url)
     elif url.startswith("supabase+"):
-        store = open_supabase_store(url)
+        store = SupabaseTaskStore(url)
     else:
         raise InvalidTask(
             "db", f"unsupported database URL {url!r}; use sqlite:///FILE, postgresql://… or supabase+…"

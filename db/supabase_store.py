@@ -1,14 +1,14 @@
-"""Supabase mode: the tasks table of a Supabase project, through either of two transports.
+"""Supabase mode: the tasks table of a Supabase project, one store (`SupabaseTaskStore`) over either of
+two transports:
 
-* SQL: `SupabaseDirectStore` — a direct PostgreSQL connection (`supabase+postgresql://…`), for
-  service-role workers inside the database's network: `PostgresTaskStore` (every operation one call of
-  the SQL functions of `db/migrations/postgres/0002_task_functions.sql`) plus the Supabase migrations.
-* HTTP: `SupabaseHttpStore` — the edge functions over HTTP (`supabase+https://<ref>.supabase.co`), which
-  call those same SQL functions, with the service key (sees every task) or a user's JWT / personal
-  access token (only that user's projects).
+* SQL — a direct PostgreSQL connection pool (`supabase+postgresql://…`), for service-role workers inside
+  the database's network: the SQL functions of `db/migrations/postgres/0002_task_functions.sql`;
+* HTTP — the edge functions (`supabase+https://<ref>.supabase.co`, `HttpTransport`), which call those
+  same SQL functions, with the service key (sees every task) or a user's JWT / personal access token
+  (only that user's projects).
 
-Both are one store: the claim / complete / fail rules exist once, in SQL, behind either transport, and
-the argument checks once, in the `TaskStore` front.
+The claim / complete / fail rules exist once, in SQL, behind either transport; the store's methods once,
+in `PostgresTaskStore`; the argument checks once, in the `TaskStore` front.
 
 URLs (what `open_store` and `hwgp --db` accept):
 
@@ -17,14 +17,15 @@ URLs (what `open_store` and `hwgp --db` accept):
     supabase+https://<ref>.supabase.co                      (key from $SUPABASE_SERVICE_KEY or
                                                              $SUPABASE_ACCESS_TOKEN)
 
-`migrate()` of the direct store applies `db/migrations/postgres/*.sql` then `db/supabase/migrations/*.sql`;
-the HTTP store cannot change the schema and reports nothing to apply.
+`migrate()` over SQL applies `db/migrations/postgres/*.sql` then `db/supabase/migrations/*.sql`; over HTTP
+it cannot change the schema and reports nothing to apply.
 """
 
 from __future__ import annotations
 
+import base64
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -32,7 +33,6 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import httpx
 import psycopg
 
-from db.base import DEFAULT_MAX_ATTEMPTS, TaskStore
 from db.errors import (
     InvalidTask,
     StoreUnavailable,
@@ -41,8 +41,8 @@ from db.errors import (
     TaskNotFound,
     TaskStoreError,
 )
-from db.models import NewTask, Task, TaskStatus
-from db.postgres import PostgresTaskStore
+from db.models import Task, TaskStatus
+from db.postgres import Call, PostgresTaskStore
 
 SUPABASE_MIGRATIONS = Path(__file__).parent / "supabase" / "migrations"
 SUPABASE_ROLES = ("anon", "authenticated", "service_role")
@@ -54,11 +54,39 @@ def supabase_migrations() -> list[tuple[str, str]]:
     return [(f"supabase/{f.stem}", f.read_text()) for f in files]
 
 
-class SupabaseDirectStore(PostgresTaskStore):
-    """The Supabase tasks table over a direct PostgreSQL connection (`supabase+postgresql://…`).
+UPDATE_STATUS = Call(
+    "SELECT * FROM update_task_status(%(task_id)s, %(status)s, %(output_location)s)",
+    "update-task-status",
+    "row",
+)
+PREDECESSOR_OUTPUT = Call(
+    "SELECT predecessor_id, output_location, predecessor_status AS status FROM get_predecessor_output(%(task_id)s)",
+    "get-predecessor-output",
+    "optional row",
+)
+COMPLETED_SEGMENTS = Call(
+    "SELECT segment_index, output_location FROM get_completed_segments(%(run_id)s, %(project_id)s)",
+    "get-completed-segments",
+    "rows",
+)
 
-    The same SQL functions as `PostgresTaskStore` (and as the edge functions); this adds the Supabase
-    migrations (after PostgreSQL's) and the operations only Supabase clients use."""
+
+class SupabaseTaskStore(PostgresTaskStore):
+    """The Supabase tasks table: the PostgreSQL store's SQL functions over a direct connection
+    (`supabase+postgresql://…`) or the edge functions (`supabase+https://…`), plus the Supabase migrations
+    and the operations only Supabase clients use."""
+
+    def __init__(self, url: str, **transport_settings: Any):
+        """`transport_settings`: the pool's (`connect_timeout_s`, …) for SQL; `service_key`, `access_token`,
+        `timeout` for HTTP."""
+        if url.startswith(("supabase+postgresql:", "supabase+postgres:")):
+            super().__init__(url, **transport_settings)
+        elif url.startswith(("supabase+https:", "supabase+http:")):
+            super().__init__(url, transport=HttpTransport(url, **transport_settings))
+        else:
+            raise InvalidTask(
+                "db", f"unsupported Supabase URL {url!r}; use supabase+postgresql://… or supabase+https://…"
+            )
 
     def migrations(self) -> list[tuple[str, str]]:
         return super().migrations() + supabase_migrations()
@@ -83,32 +111,40 @@ class SupabaseDirectStore(PostgresTaskStore):
     ) -> Task:
         """What `update-task-status` does: set a status as existing clients do (message in output_location)."""
         value = status.value if isinstance(status, TaskStatus) else status
-        return self._task(
-            "SELECT * FROM update_task_status(%s, %s, %s)", (task_id, value, output_location), task_id
-        )
+        return self._task(UPDATE_STATUS, task_id=task_id, status=value, output_location=output_location)
 
     def predecessor_output(self, task_id: str) -> dict[str, Any] | None:
         """`{predecessor_id, output_location, status}` of the task this one depends on, or None."""
-        rows = self._call("SELECT * FROM get_predecessor_output(%s)", (task_id,), task_id)
-        if not rows:
-            return None
-        row = rows[0]
-        return {
-            "predecessor_id": row["predecessor_id"],
-            "output_location": row["output_location"],
-            "status": row["predecessor_status"],
-        }
+        answer = self.transport.call(PREDECESSOR_OUTPUT, {"task_id": task_id})
+        return dict(answer) if answer is not None else None
 
     def completed_segments(self, run_id: str, project_id: str | None = None) -> list[dict[str, Any]]:
         """`[{segment_index, output_location}]` of a travel run's completed segments, by index."""
-        rows = self._call(
-            "SELECT segment_index, output_location FROM get_completed_segments(%s, %s)", (run_id, project_id)
-        )
-        return [dict(r) for r in rows]
+        return [
+            dict(r)
+            for r in self.transport.call(COMPLETED_SEGMENTS, {"run_id": run_id, "project_id": project_id})
+        ]
+
+    def complete_with_file(
+        self, task_id: str, data: bytes, filename: str, worker_id: str | None = None
+    ) -> Task:
+        """Upload `data` through `complete-task` (Supabase Storage) and complete the task with its URL."""
+        if not isinstance(self.transport, HttpTransport):
+            raise InvalidTask(
+                "db", "complete_with_file uploads through the edge functions: use supabase+https://…"
+            )
+        body = {
+            "task_id": task_id,
+            "file_data": base64.b64encode(data).decode(),
+            "filename": filename,
+            "worker_id": worker_id,
+        }
+        return Task.model_validate(self.transport.post("complete-task", body))
 
 
-class SupabaseHttpStore(TaskStore):
-    """The Supabase tasks table through the edge functions (`{project}/functions/v1/<name>`)."""
+class HttpTransport:
+    """The SQL functions through the edge functions (`{project}/functions/v1/<name>`), with the service key
+    (sees every task) or a user's JWT / personal access token (only that user's projects)."""
 
     def __init__(
         self,
@@ -145,7 +181,11 @@ class SupabaseHttpStore(TaskStore):
             headers={"Authorization": f"Bearer {token}", "apikey": token},
         )
 
-    def call(self, function: str, body: Mapping[str, Any], *, timeout: float | None = None) -> Any:
+    def call(self, call: Call, args: dict[str, Any]) -> Any:
+        answer = self.post(call.edge_function, args)
+        return answer[call.answer_key] if call.answer_key else answer
+
+    def post(self, function: str, body: Mapping[str, Any], *, timeout: float | None = None) -> Any:
         """POST `body` to one edge function; its JSON answer (None for 204), or the store's exceptions."""
         try:
             extra = {"timeout": timeout} if timeout is not None else {}
@@ -175,135 +215,20 @@ class SupabaseHttpStore(TaskStore):
             raise StoreUnavailable(f"{function}: HTTP {response.status_code}: {message}")
         raise TaskStoreError(f"{function}: HTTP {response.status_code}: {message}")
 
-    def create(self, new: NewTask) -> Task:
-        body = {
-            "task_id": new.id,
-            "task_type": new.task_type,
-            "params": new.params,
-            "dependant_on": new.dependant_on,
-            "project_id": new.project_id,
-            "priority": new.priority,
-        }
-        return Task.model_validate(self.call("create-task", body))
-
-    def get(self, task_id: str) -> Task:
-        return Task.model_validate(self.call("get-task", {"task_id": task_id}))
-
-    def _list(
-        self,
-        *,
-        status: TaskStatus | None,
-        task_type: str | None,
-        project_id: str | None,
-        limit: int,
-        offset: int,
-    ) -> list[Task]:
-        body = {
-            "status": status.value if status is not None else None,
-            "task_type": task_type,
-            "project_id": project_id,
-            "limit": limit,
-            "offset": offset,
-        }
-        return [Task.model_validate(t) for t in self.call("list-tasks", body)]
-
-    def count_by_status(self, task_types: Sequence[str] | None = None) -> dict[TaskStatus, int]:
-        body = {"task_types": list(task_types) if task_types is not None else None}
-        counts = {TaskStatus(k): int(v) for k, v in self.call("count-tasks", body).items()}
-        return {status: counts.get(status, 0) for status in TaskStatus}
-
-    def _claim_next(self, worker_id: str, task_types: list[str] | None, limit: int) -> list[Task]:
-        body = {"worker_id": worker_id, "task_types": task_types, "limit": limit}
-        answer = self.call("claim-next-task", body)
-        return [Task.model_validate(t) for t in answer["tasks"]]
-
-    def heartbeat(self, task_id: str, worker_id: str) -> bool:
-        return bool(self.call("heartbeat-task", {"task_id": task_id, "worker_id": worker_id})["ok"])
-
-    def _set_progress(self, task_id: str, worker_id: str, progress: float, message: str | None) -> bool:
-        body = {"task_id": task_id, "worker_id": worker_id, "progress": progress, "message": message}
-        return bool(self.call("set-task-progress", body)["ok"])
-
-    def _complete(self, task_id: str, output_location: str, worker_id: str | None) -> Task:
-        body = {"task_id": task_id, "output_location": output_location, "worker_id": worker_id}
-        return Task.model_validate(self.call("complete-task", body))
-
-    def complete_with_file(
-        self, task_id: str, data: bytes, filename: str, worker_id: str | None = None
-    ) -> Task:
-        """Upload `data` through `complete-task` (Supabase Storage) and complete the task with its URL."""
-        import base64
-
-        body = {
-            "task_id": task_id,
-            "file_data": base64.b64encode(data).decode(),
-            "filename": filename,
-            "worker_id": worker_id,
-        }
-        return Task.model_validate(self.call("complete-task", body))
-
-    def fail(
-        self,
-        task_id: str,
-        error_message: str,
-        *,
-        worker_id: str | None = None,
-        retryable: bool = False,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    ) -> Task:
-        body = {
-            "task_id": task_id,
-            "error_message": error_message,
-            "worker_id": worker_id,
-            "retryable": retryable,
-            "max_attempts": max_attempts,
-        }
-        return Task.model_validate(self.call("fail-task", body))
-
-    def _start(self, task_id: str, worker_id: str) -> Task:
-        return Task.model_validate(self.call("start-task", {"task_id": task_id, "worker_id": worker_id}))
-
-    def release(self, task_id: str, worker_id: str, reason: str) -> bool:
-        body = {"task_id": task_id, "worker_id": worker_id, "reason": reason}
-        return bool(self.call("release-task", body)["ok"])
-
-    def cancel(self, task_id: str) -> Task:
-        return Task.model_validate(self.call("cancel-task", {"task_id": task_id}))
-
-    def requeue_stale(self, older_than_s: float, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]:
-        body = {"older_than_s": float(older_than_s), "max_attempts": max_attempts}
-        return [Task.model_validate(t) for t in self.call("requeue-stale-tasks", body)]
-
-    def propagate_failures(self) -> list[Task]:
-        return [Task.model_validate(t) for t in self.call("propagate-failures", {})]
-
     def wait_for_work(self, timeout_s: float) -> bool:
         # The function long-polls LISTEN hwgp_tasks for at most 60 s a call.
         deadline = max(0.0, float(timeout_s))
         while True:
             chunk = min(deadline, 60.0)
-            if self.call("wait-for-work", {"timeout_s": chunk}, timeout=chunk + 30.0)["woke"]:
+            if self.post("wait-for-work", {"timeout_s": chunk}, timeout=chunk + 30.0)["woke"]:
                 return True
             deadline -= chunk
             if deadline <= 0:
                 return False
 
-    def migrate(self) -> list[str]:
+    def migrate(self, migrations: list[tuple[str, str]], check: Callable[[Any, str], None]) -> list[str]:
         # Migrations need a database connection: `hwgp db init --db supabase+postgresql://…`.
         return []
-
-    def update_status(
-        self, task_id: str, status: TaskStatus | str, output_location: str | None = None
-    ) -> Task:
-        value = status.value if isinstance(status, TaskStatus) else status
-        body = {"task_id": task_id, "status": value, "output_location": output_location}
-        return Task.model_validate(self.call("update-task-status", body))
-
-    def predecessor_output(self, task_id: str) -> dict[str, Any] | None:
-        return self.call("get-predecessor-output", {"task_id": task_id})
-
-    def completed_segments(self, run_id: str, project_id: str | None = None) -> list[dict[str, Any]]:
-        return self.call("get-completed-segments", {"run_id": run_id, "project_id": project_id})
 
     def close(self) -> None:
         self._client.close()
@@ -312,17 +237,6 @@ class SupabaseHttpStore(TaskStore):
 def _first(query: dict[str, list[str]], key: str) -> str | None:
     values = query.get(key)
     return values[0] if values else None
-
-
-def open_supabase_store(url: str) -> TaskStore:
-    """`supabase+postgresql://…` → direct store; `supabase+http(s)://…` → edge-function store."""
-    if url.startswith(("supabase+postgresql:", "supabase+postgres:")):
-        return SupabaseDirectStore(url)
-    if url.startswith(("supabase+https:", "supabase+http:")):
-        return SupabaseHttpStore(url)
-    raise InvalidTask(
-        "db", f"unsupported Supabase URL {url!r}; use supabase+postgresql://… or supabase+https://…"
-    )
 
 
 def supabase_url_from_settings(

@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 import httpx
 import psycopg
 
-from db.supabase_store import SupabaseDirectStore
+from db.supabase_store import SupabaseTaskStore
 
 SUPABASE_DIR = Path(__file__).resolve().parent.parent / "db" / "supabase"
 FUNCTIONS_DIR = SUPABASE_DIR / "functions"
@@ -47,7 +47,7 @@ def prepare_database(db_url: str) -> list[str]:
     """Create Supabase's roles and auth functions in `db_url`, then apply every migration."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(ROLES_SQL.read_text().encode())
-    with SupabaseDirectStore("supabase+" + db_url) as store:
+    with SupabaseTaskStore("supabase+" + db_url) as store:
         return store.migrate()
 
 

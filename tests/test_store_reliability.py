@@ -24,7 +24,7 @@ from db.models import TaskStatus
 from db.postgres import PostgresTaskStore
 from db.sqlite import SqliteTaskStore
 from db.store import InvalidTask, StoreUnavailable, TaskConflict, TaskStore, open_store
-from db.supabase_store import SupabaseHttpStore
+from db.supabase_store import SupabaseTaskStore
 
 # --- completing after a lost reply (every backend) ---------------------------------------------------
 
@@ -196,7 +196,7 @@ def test_postgres_bad_pool_settings_name_the_setting(query: str, field: str):
 
 
 def test_http_stores_raise_store_unavailable_when_nothing_answers():
-    supabase = SupabaseHttpStore("supabase+http://127.0.0.1:1?service_key=key", timeout=2.0)
+    supabase = SupabaseTaskStore("supabase+http://127.0.0.1:1?service_key=key", timeout=2.0)
     api = HttpTasks("http://127.0.0.1:1", timeout=2.0)
     try:
         with pytest.raises(StoreUnavailable, match="cannot reach"):
