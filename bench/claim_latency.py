@@ -9,7 +9,7 @@ it is blocked until that one completes, and a claimer has to skip it). Three cla
 
 * edge functions — `POST /functions/v1/claim-next-task` with the service key (HTTP → Deno → one SQL
   statement, `claim_next_task`);
-* direct SQL — `SupabaseDirectStore.claim_next` (one `claim_next_task` call over a direct connection);
+* direct SQL — `SupabaseTaskStore.claim_next` (one `claim_next_task` call over a direct connection);
 * original style — what the original worker did: read every queued row, check each row's dependency
   with one query at a time, then UPDATE the first claimable row (no lock between read and update).
   It runs over a direct connection here, which is kinder to it than the original's HTTP round trips.
@@ -37,8 +37,8 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from db.supabase.local import make_jwt, prepare_database, start_edge_functions
-from db.supabase_store import SupabaseDirectStore
+from db.supabase_store import SupabaseTaskStore
+from tests.supabase_local import make_jwt, prepare_database, start_edge_functions
 
 # Fixed, so spawned worker processes compute the same key; the scratch database lives only for the run.
 JWT_SECRET = "bench-jwt-secret-for-a-scratch-database-only"
@@ -112,7 +112,7 @@ class EdgeClaimer:
 
 class DirectClaimer:
     def __init__(self, db_url: str):
-        self.store = SupabaseDirectStore("supabase+" + db_url)
+        self.store = SupabaseTaskStore("supabase+" + db_url)
 
     def claim(self, worker_id: str) -> str | None:
         tasks = self.store.claim_next(worker_id)

@@ -15,7 +15,7 @@ functions at `--supabase-url` (`$SUPABASE_URL`) with `$SUPABASE_SERVICE_KEY`, or
 `--supabase-access-token` (`$SUPABASE_ACCESS_TOKEN`). `hwgp db init --db postgresql://… --supabase`
 applies the Supabase migrations (projects, tokens, RLS, SQL functions) after the tasks table.
 Exit codes: 0 ok; 1 the awaited task failed or was cancelled; 2 bad input (one line on stderr,
-nothing written); 3 `wait` timed out.
+nothing written); 3 `wait` timed out; 75 the database (or API) cannot answer now: try again later.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from pathlib import Path
 
 from db.http_client import HttpTasks, open_tasks
 from db.models import TaskStatus
-from db.store import TaskConflict, TaskNotFound, TaskStore, TaskStoreError, new_task
+from db.store import StoreUnavailable, TaskConflict, TaskNotFound, TaskStore, TaskStoreError, new_task
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
+EXIT_UNAVAILABLE = 75  # sysexits' EX_TEMPFAIL
 
 
 class UsageError(Exception):
@@ -117,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
+    except StoreUnavailable as exc:
+        print(f"hwgp: unavailable, try again later: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except (UsageError, TaskStoreError) as exc:
         print(f"hwgp: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

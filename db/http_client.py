@@ -12,7 +12,15 @@ from typing import Any
 import httpx
 
 from db.models import NewTask, Task, TaskStatus
-from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStore, TaskStoreError, open_store
+from db.store import (
+    InvalidTask,
+    StoreUnavailable,
+    TaskConflict,
+    TaskNotFound,
+    TaskStore,
+    TaskStoreError,
+    open_store,
+)
 
 
 class HttpTasks:
@@ -23,8 +31,8 @@ class HttpTasks:
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as error:
-            raise TaskStoreError(f"cannot reach {self.url}: {error}") from None
+        except httpx.TransportError as error:  # refused, timed out, dropped
+            raise StoreUnavailable(f"cannot reach {self.url}: {error!r}") from None
         if response.status_code < 400:
             return response.json()
         detail = _detail(response)
@@ -36,6 +44,8 @@ class HttpTasks:
             first = response.json()["detail"][0]
             field = ".".join(str(p) for p in first.get("loc", []) if p not in ("body", "query"))
             raise InvalidTask(field or "request", first.get("msg", detail))
+        if response.status_code == 503:
+            raise StoreUnavailable(f"{self.url}{path}: HTTP 503: {detail}")
         raise TaskStoreError(f"{self.url}{path}: HTTP {response.status_code}: {detail}")
 
     def create(self, new: NewTask) -> Task:

@@ -1,8 +1,8 @@
-"""The SQL behind both task stores, written once.
+"""SQLite's task rules: what each operation does to the tasks table, in SQLite's SQL.
 
-Statements use `:name` parameters and a few `{placeholders}` (the clock, the lock clause, the type
-filter) that each dialect fills in. Everything that decides what a task's status may become is here,
-so SQLite and PostgreSQL cannot drift apart.
+PostgreSQL's rules are SQL functions (`db/migrations/postgres/0002_task_functions.sql`); the shared
+behaviour suite (tests/test_store.py) holds both to one behaviour. The connection, its locking and
+the waiting live in `db/sqlite.py`.
 """
 
 from __future__ import annotations
@@ -10,19 +10,15 @@ from __future__ import annotations
 import abc
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
+from db.base import DEFAULT_MAX_ATTEMPTS, TaskStore
+from db.errors import InvalidTask, TaskConflict, TaskNotFound
 from db.models import NewTask, Task, TaskStatus
-from db.store import (
-    DEFAULT_MAX_ATTEMPTS,
-    InvalidTask,
-    TaskConflict,
-    TaskNotFound,
-    TaskStore,
-)
 
 COLUMNS = (
     "id, task_type, params, status, dependant_on, project_id, priority, output_location, error_message, "
@@ -30,80 +26,44 @@ COLUMNS = (
     "generation_started_at, generation_processed_at"
 )
 RETURNING = "RETURNING " + ", ".join(f"tasks.{c.strip()}" for c in COLUMNS.split(","))
+NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 MAX_MESSAGE = 4000
 
-# Queued tasks whose dependency failed, was cancelled or does not exist, and (transitively) their
-# queued dependants. The depth cap stops a cycle written directly into the table from looping.
-_DOOMED = """
-WITH RECURSIVE doomed(id, task_type, message, depth) AS (
-    SELECT t.id, t.task_type,
-           CASE WHEN d.id IS NULL THEN 'dependency ' || t.dependant_on || ' does not exist'
-                WHEN d.status = 'Cancelled' THEN 'dependency ' || d.id || ' (' || d.task_type || ') was cancelled'
-                ELSE 'dependency ' || d.id || ' (' || d.task_type || ') failed: '
-                     || coalesce(d.error_message, 'no error message')
-           END,
-           0
+# One step of failure propagation: queued tasks whose dependency failed, was cancelled or does not exist
+# fail with a message naming it. Repeated until nothing changes, it reaches dependants of dependants.
+_FAIL_ORPHANS = f"""
+UPDATE tasks SET status = 'Failed', error_message = orphan.message, output_location = orphan.message,
+                 worker_id = NULL, generation_processed_at = {NOW}, updated_at = {NOW}
+FROM (
+    SELECT t.id, substr(CASE WHEN d.id IS NULL THEN 'dependency ' || t.dependant_on || ' does not exist'
+                             WHEN d.status = 'Cancelled' THEN 'dependency ' || d.id || ' (' || d.task_type
+                                                              || ') was cancelled'
+                             ELSE 'dependency ' || d.id || ' (' || d.task_type || ') failed: '
+                                  || coalesce(d.error_message, 'no error message') END, 1, {MAX_MESSAGE}) AS message
     FROM tasks t LEFT JOIN tasks d ON d.id = t.dependant_on
-    WHERE t.status = 'Queued' AND t.dependant_on IS NOT NULL
-      AND (d.id IS NULL OR d.status IN ('Failed', 'Cancelled'))
-    UNION ALL
-    SELECT t.id, t.task_type,
-           substr('dependency ' || doomed.id || ' (' || doomed.task_type || ') failed: ' || doomed.message, 1, 4000),
-           doomed.depth + 1
-    FROM tasks t JOIN doomed ON t.dependant_on = doomed.id
-    WHERE t.status = 'Queued' AND doomed.depth < 100
-)
-UPDATE tasks
-SET status = 'Failed', error_message = doomed.message, output_location = doomed.message,
-    worker_id = NULL, generation_processed_at = {now}, updated_at = {now}
-FROM doomed
-WHERE tasks.id = doomed.id AND tasks.status = 'Queued'
+    WHERE t.status = 'Queued' AND t.dependant_on IS NOT NULL AND (d.id IS NULL OR d.status IN ('Failed', 'Cancelled'))
+) AS orphan
+WHERE tasks.id = orphan.id
+{RETURNING}
 """
 
 
 class SqlTaskStore(TaskStore):
-    """`TaskStore` over a DB-API connection; subclasses supply the connection and the dialect."""
+    """`TaskStore` over a SQLite connection that a subclass provides."""
 
-    # Dialect pieces, set by subclasses.
-    now_sql: str
-    lock_sql: str  # row locking for the claim subquery ("" where the database serialises writers)
-    insertion_order_sql: str  # tie-break for equal created_at
-    migrations_dir: str  # folder under db/migrations/
-
-    # --- what subclasses provide -------------------------------------------------------------
     @abc.abstractmethod
-    def _transaction(self) -> AbstractContextManager[Any]:
-        """A context manager yielding a cursor inside one transaction (write-locked where needed)."""
+    def _write(self) -> AbstractContextManager[Any]:
+        """A cursor inside one transaction holding the write lock from its start."""
+
+    @abc.abstractmethod
+    def _read(self) -> AbstractContextManager[Any]:
+        """A cursor inside one read transaction: a consistent snapshot, never the write lock."""
 
     @abc.abstractmethod
     def _execute(self, cur: Any, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Run one statement with `:name` parameters; return the rows as dicts."""
 
-    @abc.abstractmethod
-    def _types_filter(self, column: str) -> str:
-        """SQL testing `column` against the `:task_types` parameter (a list)."""
-
-    @abc.abstractmethod
-    def _encode_types(self, task_types: list[str]) -> Any: ...
-
-    @abc.abstractmethod
-    def _encode_params(self, params: dict[str, Any]) -> Any: ...
-
-    @abc.abstractmethod
-    def _cutoff_sql(self) -> str:
-        """SQL for `now - :older_than_s seconds`."""
-
-    @abc.abstractmethod
-    def _apply_migration(self, cur: Any, sql: str) -> None: ...
-
-    @abc.abstractmethod
-    def _migration_lock(self, cur: Any) -> None:
-        """Serialise concurrent `migrate()` calls from several processes."""
-
     # --- helpers ---------------------------------------------------------------------------------
-    def _sql(self, template: str, **extra: str) -> str:
-        return template.format(now=self.now_sql, **extra)
-
     def _one(self, rows: list[dict[str, Any]]) -> Task | None:
         return task_from_row(rows[0]) if rows else None
 
@@ -114,8 +74,10 @@ class SqlTaskStore(TaskStore):
         return task_from_row(rows[0])
 
     def _propagate_in(self, cur: Any) -> list[Task]:
-        rows = self._execute(cur, self._sql(_DOOMED) + RETURNING)
-        return [task_from_row(r) for r in rows]
+        failed: list[Task] = []
+        while step := [task_from_row(r) for r in self._execute(cur, _FAIL_ORPHANS)]:
+            failed += step
+        return failed
 
     def _conflict(self, cur: Any, task_id: str, action: str, worker_id: str | None = None) -> TaskConflict:
         task = self._get_in(cur, task_id)
@@ -131,17 +93,15 @@ class SqlTaskStore(TaskStore):
         files = sorted(
             (
                 f
-                for f in resources.files("db").joinpath("migrations", self.migrations_dir).iterdir()
+                for f in resources.files("db").joinpath("migrations", "sqlite").iterdir()
                 if f.name.endswith(".sql")
             ),
             key=lambda f: f.name,
         )
-        with self._transaction() as cur:
-            self._migration_lock(cur)
+        with self._write() as cur:
             self._execute(
                 cur,
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
             )
             done = {r["version"] for r in self._execute(cur, "SELECT version FROM schema_migrations")}
             for f in files:
@@ -152,14 +112,17 @@ class SqlTaskStore(TaskStore):
                 self._execute(
                     cur,
                     "INSERT INTO schema_migrations (version, applied_at) VALUES (:v, :at)",
-                    {"v": version, "at": _utc_now_text()},
+                    {"v": version, "at": datetime.now(UTC).isoformat()},
                 )
                 applied.append(version)
         return applied
 
+    @abc.abstractmethod
+    def _apply_migration(self, cur: Any, sql: str) -> None: ...
+
     def create(self, new: NewTask) -> Task:
         task_id = new.id or str(uuid.uuid4())
-        with self._transaction() as cur:
+        with self._write() as cur:
             if self._execute(cur, "SELECT 1 AS x FROM tasks WHERE id = :id", {"id": task_id}):
                 raise InvalidTask("id", f"a task with id {task_id} already exists")
             if new.dependant_on is not None and not self._execute(
@@ -173,7 +136,7 @@ class SqlTaskStore(TaskStore):
                 {
                     "id": task_id,
                     "task_type": new.task_type,
-                    "params": self._encode_params(new.params),
+                    "params": json.dumps(new.params),
                     "dependant_on": new.dependant_on,
                     "project_id": new.project_id,
                     "priority": new.priority,
@@ -185,22 +148,18 @@ class SqlTaskStore(TaskStore):
             return self._get_in(cur, task_id)
 
     def get(self, task_id: str) -> Task:
-        with self._transaction() as cur:
+        with self._read() as cur:
             return self._get_in(cur, task_id)
 
-    def list(
+    def _list(
         self,
         *,
-        status: TaskStatus | None = None,
-        task_type: str | None = None,
-        project_id: str | None = None,
-        limit: int = 100,
-        offset: int = 0,
+        status: TaskStatus | None,
+        task_type: str | None,
+        project_id: str | None,
+        limit: int,
+        offset: int,
     ) -> list[Task]:
-        if not 1 <= limit <= 10_000:
-            raise InvalidTask("limit", "must be between 1 and 10000")
-        if offset < 0:
-            raise InvalidTask("offset", "must be 0 or more")
         where, args = [], {"limit": limit, "offset": offset}
         for column, value in (("status", status), ("task_type", task_type), ("project_id", project_id)):
             if value is not None:
@@ -209,94 +168,74 @@ class SqlTaskStore(TaskStore):
         sql = f"SELECT {COLUMNS} FROM tasks"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY created_at DESC, {self.insertion_order_sql} DESC LIMIT :limit OFFSET :offset"
-        with self._transaction() as cur:
+        sql += " ORDER BY created_at DESC, rowid DESC LIMIT :limit OFFSET :offset"
+        with self._read() as cur:
             return [task_from_row(r) for r in self._execute(cur, sql, args)]
 
     def count_by_status(self, task_types: Sequence[str] | None = None) -> dict[TaskStatus, int]:
         sql, args = "SELECT status, count(*) AS n FROM tasks", {}
         if task_types is not None:
-            sql += " WHERE " + self._types_filter("task_type")
-            args["task_types"] = self._encode_types(list(task_types))
+            sql += " WHERE task_type IN (SELECT value FROM json_each(:task_types))"
+            args["task_types"] = json.dumps(list(task_types))
         sql += " GROUP BY status"
-        with self._transaction() as cur:
+        with self._read() as cur:
             counts = {TaskStatus(r["status"]): int(r["n"]) for r in self._execute(cur, sql, args)}
         return {status: counts.get(status, 0) for status in TaskStatus}
 
-    def claim_next(
-        self, worker_id: str, task_types: Iterable[str] | None = None, limit: int = 1
-    ) -> list[Task]:
-        if not worker_id:
-            raise InvalidTask("worker_id", "must not be empty")
-        if limit < 1:
-            return []
+    def _claim_next(self, worker_id: str, task_types: list[str] | None, limit: int) -> list[Task]:
         args: dict[str, Any] = {"worker_id": worker_id, "limit": limit}
         type_filter = ""
         if task_types is not None:
-            types = sorted(set(task_types))
-            if not types:
-                return []
-            type_filter = "AND " + self._types_filter("t.task_type")
-            args["task_types"] = self._encode_types(types)
-        sql = self._sql(
-            """
+            type_filter = "AND t.task_type IN (SELECT value FROM json_each(:task_types))"
+            args["task_types"] = json.dumps(task_types)
+        # The write transaction holds SQLite's write lock: no other claimer runs between select and update.
+        sql = f"""
             WITH next AS MATERIALIZED (
                 SELECT t.id FROM tasks t LEFT JOIN tasks d ON d.id = t.dependant_on
-                WHERE t.status = 'Queued' AND (t.dependant_on IS NULL OR d.status = 'Complete')
-                {type_filter}
-                ORDER BY t.priority DESC, t.created_at ASC, {order}
+                WHERE t.status = 'Queued' AND (t.dependant_on IS NULL OR d.status = 'Complete') {type_filter}
+                ORDER BY t.priority DESC, t.created_at ASC, t.rowid
                 LIMIT :limit
-                {lock}
             )
             UPDATE tasks
             SET status = 'In Progress', worker_id = :worker_id, attempts = attempts + 1,
-                heartbeat_at = {now}, generation_started_at = {now}, updated_at = {now},
+                heartbeat_at = {NOW}, generation_started_at = {NOW}, updated_at = {NOW},
                 progress = 0, progress_message = NULL, error_message = NULL
             FROM next
             WHERE tasks.id = next.id AND tasks.status = 'Queued'
-            """,
-            type_filter=type_filter,
-            order="t." + self.insertion_order_sql,
-            lock=self.lock_sql,
-        )
-        with self._transaction() as cur:
-            tasks = [task_from_row(r) for r in self._execute(cur, sql + RETURNING, args)]
+            {RETURNING}
+        """
+        with self._write() as cur:
+            tasks = [task_from_row(r) for r in self._execute(cur, sql, args)]
         # RETURNING order is unspecified: hand tasks out in claim order.
         tasks.sort(key=lambda t: (-t.priority, t.created_at))
         return tasks
 
     def heartbeat(self, task_id: str, worker_id: str) -> bool:
-        sql = self._sql(
-            "UPDATE tasks SET heartbeat_at = {now}, updated_at = {now} "
-            "WHERE id = :id AND worker_id = :worker_id AND status = 'In Progress' "
+        sql = (
+            f"UPDATE tasks SET heartbeat_at = {NOW}, updated_at = {NOW} "
+            "WHERE id = :id AND worker_id = :worker_id AND status = 'In Progress' RETURNING tasks.id"
         )
-        with self._transaction() as cur:
-            return bool(
-                self._execute(cur, sql + "RETURNING tasks.id", {"id": task_id, "worker_id": worker_id})
-            )
+        with self._write() as cur:
+            return bool(self._execute(cur, sql, {"id": task_id, "worker_id": worker_id}))
 
-    def set_progress(self, task_id: str, worker_id: str, progress: float, message: str | None = None) -> bool:
-        if not 0.0 <= progress <= 1.0:
-            raise InvalidTask("progress", f"must be between 0 and 1, got {progress}")
-        sql = self._sql(
+    def _set_progress(self, task_id: str, worker_id: str, progress: float, message: str | None) -> bool:
+        sql = (
             "UPDATE tasks SET progress = :progress, progress_message = :message, "
-            "heartbeat_at = {now}, updated_at = {now} "
-            "WHERE id = :id AND worker_id = :worker_id AND status = 'In Progress' "
+            f"heartbeat_at = {NOW}, updated_at = {NOW} "
+            "WHERE id = :id AND worker_id = :worker_id AND status = 'In Progress' RETURNING tasks.id"
         )
         args = {"id": task_id, "worker_id": worker_id, "progress": progress, "message": _clip(message)}
-        with self._transaction() as cur:
-            return bool(self._execute(cur, sql + "RETURNING tasks.id", args))
+        with self._write() as cur:
+            return bool(self._execute(cur, sql, args))
 
-    def complete(self, task_id: str, output_location: str, worker_id: str | None = None) -> Task:
-        if not output_location:
-            raise InvalidTask("output_location", "must not be empty")
-        sql = self._sql(
+    def _complete(self, task_id: str, output_location: str, worker_id: str | None) -> Task:
+        sql = (
             "UPDATE tasks SET status = 'Complete', output_location = :output_location, error_message = NULL, "
-            "progress = 1, generation_processed_at = {now}, updated_at = {now} "
-            "WHERE id = :id AND status = 'In Progress' AND (CAST(:worker_id AS TEXT) IS NULL OR worker_id = :worker_id) "
+            f"progress = 1, generation_processed_at = {NOW}, updated_at = {NOW} "
+            "WHERE id = :id AND status = 'In Progress' AND (:worker_id IS NULL OR worker_id = :worker_id) "
         )
         args = {"id": task_id, "output_location": output_location, "worker_id": worker_id}
-        with self._transaction() as cur:
+        with self._write() as cur:
             task = self._one(self._execute(cur, sql + RETURNING, args))
             if task is None:
                 raise self._conflict(cur, task_id, "complete", worker_id)
@@ -313,20 +252,18 @@ class SqlTaskStore(TaskStore):
     ) -> Task:
         message = _clip(error_message) or "failed without an error message"
         # A retryable failure with attempts left goes back to the queue, keeping the last error for the record.
-        sql = self._sql(
-            """
+        sql = f"""
             UPDATE tasks SET
                 status = CASE WHEN :retryable AND attempts < :max_attempts THEN 'Queued' ELSE 'Failed' END,
                 output_location = CASE WHEN :retryable AND attempts < :max_attempts THEN NULL ELSE :message END,
-                generation_processed_at = CASE WHEN :retryable AND attempts < :max_attempts
-                                               THEN NULL ELSE {now} END,
+                generation_processed_at = CASE WHEN :retryable AND attempts < :max_attempts THEN NULL ELSE {NOW} END,
                 worker_id = CASE WHEN :retryable AND attempts < :max_attempts THEN NULL ELSE worker_id END,
-                error_message = :message, updated_at = {now}
+                error_message = :message, updated_at = {NOW}
             WHERE id = :id
-              AND ((CAST(:worker_id AS TEXT) IS NULL AND status IN ('Queued', 'In Progress'))
+              AND ((:worker_id IS NULL AND status IN ('Queued', 'In Progress'))
                    OR (status = 'In Progress' AND worker_id = :worker_id))
-            """
-        )
+            {RETURNING}
+        """
         args = {
             "id": task_id,
             "message": message,
@@ -334,47 +271,44 @@ class SqlTaskStore(TaskStore):
             "retryable": retryable,
             "max_attempts": max_attempts,
         }
-        with self._transaction() as cur:
-            task = self._one(self._execute(cur, sql + RETURNING, args))
+        with self._write() as cur:
+            task = self._one(self._execute(cur, sql, args))
             if task is None:
                 raise self._conflict(cur, task_id, "fail", worker_id)
             if task.status == TaskStatus.FAILED:
                 self._propagate_in(cur)
             return task
 
-    def start(self, task_id: str, worker_id: str) -> Task:
-        if not worker_id:
-            raise InvalidTask("worker_id", "must not be empty")
-        sql = self._sql(
+    def _start(self, task_id: str, worker_id: str) -> Task:
+        sql = (
             "UPDATE tasks SET status = 'In Progress', worker_id = :worker_id, attempts = attempts + 1, "
-            "heartbeat_at = {now}, generation_started_at = {now}, updated_at = {now}, progress = 0, "
+            f"heartbeat_at = {NOW}, generation_started_at = {NOW}, updated_at = {NOW}, progress = 0, "
             "progress_message = NULL, error_message = NULL, output_location = NULL, generation_processed_at = NULL "
             "WHERE id = :id AND status <> 'Complete' "
         )
-        with self._transaction() as cur:
+        with self._write() as cur:
             task = self._one(self._execute(cur, sql + RETURNING, {"id": task_id, "worker_id": worker_id}))
             if task is None:
                 raise self._conflict(cur, task_id, "start")
             return task
 
     def release(self, task_id: str, worker_id: str, reason: str) -> bool:
-        sql = self._sql(
+        sql = (
             "UPDATE tasks SET status = 'Queued', worker_id = NULL, heartbeat_at = NULL, progress = 0, "
-            "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, "
-            "progress_message = :reason, updated_at = {now} "
-            "WHERE id = :id AND worker_id = :worker_id AND status = 'In Progress' "
+            f"attempts = max(attempts - 1, 0), progress_message = :reason, updated_at = {NOW} "
+            "WHERE id = :id AND worker_id = :worker_id AND status = 'In Progress' RETURNING tasks.id"
         )
         args = {"id": task_id, "worker_id": worker_id, "reason": _clip(reason)}
-        with self._transaction() as cur:
-            return bool(self._execute(cur, sql + "RETURNING tasks.id", args))
+        with self._write() as cur:
+            return bool(self._execute(cur, sql, args))
 
     def cancel(self, task_id: str) -> Task:
-        sql = self._sql(
+        sql = (
             "UPDATE tasks SET status = 'Cancelled', error_message = 'cancelled', "
-            "generation_processed_at = {now}, updated_at = {now} "
+            f"generation_processed_at = {NOW}, updated_at = {NOW} "
             "WHERE id = :id AND status IN ('Queued', 'In Progress') "
         )
-        with self._transaction() as cur:
+        with self._write() as cur:
             task = self._one(self._execute(cur, sql + RETURNING, {"id": task_id}))
             if task is None:
                 raise self._conflict(cur, task_id, "cancel")
@@ -382,40 +316,35 @@ class SqlTaskStore(TaskStore):
             return task
 
     def requeue_stale(self, older_than_s: float, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]:
-        stale = f"status = 'In Progress' AND coalesce(heartbeat_at, updated_at) < {self._cutoff_sql()}"
-        give_up = self._sql(
-            "UPDATE tasks SET status = 'Failed', "
-            "error_message = 'worker ' || coalesce(worker_id, '?') || ' stopped heartbeating; gave up after ' "
-            "|| attempts || ' attempts', "
-            "output_location = 'worker ' || coalesce(worker_id, '?') || ' stopped heartbeating; gave up after ' "
-            "|| attempts || ' attempts', "
-            "generation_processed_at = {now}, updated_at = {now} "
-            f"WHERE {stale} AND attempts >= :max_attempts "
+        cutoff = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || :older_than_s || ' seconds')"
+        stale = f"status = 'In Progress' AND coalesce(heartbeat_at, updated_at) < {cutoff}"
+        gave_up = "'worker ' || coalesce(worker_id, '?') || ' stopped heartbeating; gave up after ' || attempts || ' attempts'"
+        give_up = (
+            f"UPDATE tasks SET status = 'Failed', error_message = {gave_up}, output_location = {gave_up}, "
+            f"generation_processed_at = {NOW}, updated_at = {NOW} "
+            f"WHERE {stale} AND attempts >= :max_attempts {RETURNING}"
         )
-        retry = self._sql(
+        retry = (
             "UPDATE tasks SET status = 'Queued', "
             "progress_message = 'requeued: worker ' || coalesce(worker_id, '?') || ' stopped heartbeating', "
-            "worker_id = NULL, heartbeat_at = NULL, progress = 0, updated_at = {now} "
-            f"WHERE {stale} "
+            f"worker_id = NULL, heartbeat_at = NULL, progress = 0, updated_at = {NOW} "
+            f"WHERE {stale} {RETURNING}"
         )
         args = {"older_than_s": float(older_than_s), "max_attempts": max_attempts}
-        with self._transaction() as cur:
-            changed = [task_from_row(r) for r in self._execute(cur, give_up + RETURNING, args)]
-            changed += [task_from_row(r) for r in self._execute(cur, retry + RETURNING, args)]
+        with self._write() as cur:
+            changed = [task_from_row(r) for r in self._execute(cur, give_up, args)]
+            changed += [task_from_row(r) for r in self._execute(cur, retry, args)]
             changed += self._propagate_in(cur)
         return changed
 
     def propagate_failures(self) -> list[Task]:
-        with self._transaction() as cur:
+        with self._write() as cur:
             return self._propagate_in(cur)
 
 
 def task_from_row(row: Mapping[str, Any]) -> Task:
     data = dict(row)
-    if isinstance(data.get("params"), str | bytes):
-        data["params"] = json.loads(data["params"] or "{}")
-    if data.get("params") is None:
-        data["params"] = {}
+    data["params"] = json.loads(data.get("params") or "{}")
     return Task.model_validate(data)
 
 
@@ -423,9 +352,3 @@ def _clip(message: str | None) -> str | None:
     if message is None:
         return None
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
-
-
-def _utc_now_text() -> str:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).isoformat()

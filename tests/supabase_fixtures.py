@@ -4,7 +4,7 @@
 `service_role`), its `auth` schema and `auth.uid()` (reading `request.jwt.claims`), exactly as
 Supabase defines them (`db/supabase/supabase_roles.sql`), then applies our migrations (Postgres +
 Supabase). `edge_functions` serves every function of `db/supabase/functions/` from one Deno process
-on a loopback port (`db/supabase/local.py`). Tests start each from an empty tasks table
+on a loopback port (`tests/supabase_local.py`). Tests start each from an empty tasks table
 (`clean_supabase`).
 """
 
@@ -23,8 +23,7 @@ from urllib.parse import unquote
 
 import psycopg
 import pytest
-
-from db.supabase.local import EdgeFunctions, make_jwt, prepare_database, start_edge_functions
+from supabase_local import EdgeFunctions, make_jwt, prepare_database, start_edge_functions
 
 PG_URL = os.environ.get("HWGP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 JWT_SECRET = "test-jwt-secret-with-at-least-32-characters"

@@ -140,3 +140,11 @@ def test_postgres_url(pg_schema_url: str):
     assert added.returncode == 0, added.stderr
     shown = json.loads(hwgp("show", added.stdout.strip(), "--json", db=pg_schema_url).stdout)
     assert shown["params"] == {"prompt": "pg"}
+
+
+def test_an_unreachable_database_exits_75_saying_to_try_again():
+    started = time.monotonic()
+    result = hwgp("list", db="postgresql://postgres@127.0.0.1:1/test?connect_timeout_s=1")
+    assert result.returncode == 75
+    assert "unavailable, try again later" in result.stderr and "1 s" in result.stderr
+    assert time.monotonic() - started < 20

@@ -23,9 +23,10 @@ from supabase_fixtures import (
     make_jwt,
 )
 
+from db.errors import TaskForbidden
 from db.models import TaskStatus
 from db.store import TaskStore, open_store
-from db.supabase_store import SupabaseDirectStore, SupabaseHttpStore, TaskForbidden
+from db.supabase_store import HttpTransport, SupabaseTaskStore
 
 FACTS_FUNCTIONS = (
     "claim-next-task",
@@ -49,7 +50,7 @@ def fn(edge_functions: EdgeFunctions, db: str) -> EdgeFunctions:
 
 @pytest.fixture
 def direct(db: str):
-    with SupabaseDirectStore("supabase+" + db) as store:
+    with SupabaseTaskStore("supabase+" + db) as store:
         yield store
 
 
@@ -322,7 +323,7 @@ def test_http_store_with_a_user_token_sees_only_that_users_tasks(
 ):
     direct.add("t2v", {}, project_id=bob.project_id)
     with open_store(fn.store_url(access_token=alice.access_token)) as store:
-        assert isinstance(store, SupabaseHttpStore) and alice.access_token not in store.url
+        assert isinstance(store.transport, HttpTransport) and alice.access_token not in store.url
         mine = store.add("t2v", {"n": 1}, project_id=alice.project_id)
         assert [t.id for t in store.list()] == [mine.id]
         assert [t.id for t in store.claim_next("alice-gpu", limit=10)] == [mine.id]

@@ -18,7 +18,7 @@ from supabase_fixtures import SupabaseUser, add_user
 
 from db.models import TaskStatus
 from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStoreError
-from db.supabase_store import SupabaseDirectStore, supabase_migrations
+from db.supabase_store import SupabaseTaskStore, supabase_migrations
 
 
 @contextmanager
@@ -59,9 +59,9 @@ def test_migrations_apply_to_an_empty_schema_and_reapply_cleanly(supabase_db: st
         conn.execute(f"CREATE SCHEMA {schema}")
     url = f"supabase+{supabase_db}?options=-csearch_path%3D{schema}"
     try:
-        with SupabaseDirectStore(url) as store:
+        with SupabaseTaskStore(url) as store:
             applied = store.migrate()
-            assert applied == ["0001_tasks"] + [v for v, _ in supabase_migrations()]
+            assert applied == ["0001_tasks", "0002_task_functions"] + [v for v, _ in supabase_migrations()]
             assert store.migrate() == []
             task = store.add("t2v", {"x": 1})
         # The scripts themselves are idempotent: running them again changes nothing and loses nothing.
@@ -75,7 +75,7 @@ def test_migrations_apply_to_an_empty_schema_and_reapply_cleanly(supabase_db: st
                 "SELECT relrowsecurity FROM pg_class WHERE oid = %s::regclass", (f"{schema}.tasks",)
             ).fetchone()[0]
         assert policies == 4 and rls is True
-        with SupabaseDirectStore(url) as store:
+        with SupabaseTaskStore(url) as store:
             assert store.get(task.id).params == {"x": 1}
     finally:
         with psycopg.connect(supabase_db, autocommit=True) as conn:
@@ -84,7 +84,7 @@ def test_migrations_apply_to_an_empty_schema_and_reapply_cleanly(supabase_db: st
 
 def test_migrating_a_database_without_supabase_roles_says_what_is_missing(pg_schema_url: str):
     # The `test` database has no auth schema: Supabase migrations must refuse, naming auth.uid().
-    store = SupabaseDirectStore("supabase+" + pg_schema_url)
+    store = SupabaseTaskStore("supabase+" + pg_schema_url)
     try:
         with pytest.raises(TaskStoreError, match=r"not a Supabase database: missing .*auth\.uid\(\)"):
             store.migrate()
@@ -136,7 +136,7 @@ def test_a_user_can_neither_claim_nor_complete_nor_update_another_users_task(cle
         mine_id = mine.fetchone()["id"]
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("UPDATE tasks SET project_id = %s WHERE id = %s", (bob.project_id, mine_id))
-    with SupabaseDirectStore("supabase+" + clean_supabase) as store:
+    with SupabaseTaskStore("supabase+" + clean_supabase) as store:
         task = store.get(b["id"])
     assert (
         task.status == TaskStatus.IN_PROGRESS
@@ -183,12 +183,12 @@ def test_project_scope_narrows_a_claim(clean_supabase: str, two_users):
 
 
 @pytest.fixture
-def direct(clean_supabase: str) -> Iterator[SupabaseDirectStore]:
-    with SupabaseDirectStore("supabase+" + clean_supabase) as store:
+def direct(clean_supabase: str) -> Iterator[SupabaseTaskStore]:
+    with SupabaseTaskStore("supabase+" + clean_supabase) as store:
         yield store
 
 
-def test_claim_is_one_statement_with_the_dependency_check_inside(direct: SupabaseDirectStore):
+def test_claim_is_one_statement_with_the_dependency_check_inside(direct: SupabaseTaskStore):
     first = direct.add("t2v", {})
     second = direct.add("vace", {}, dependant_on=first.id)
     with psycopg.connect(direct.url.removeprefix("supabase+")) as conn:
@@ -200,7 +200,7 @@ def test_claim_is_one_statement_with_the_dependency_check_inside(direct: Supabas
     assert [t.id for t in direct.claim_next("w", limit=5)] == [second.id]
 
 
-def test_predecessor_output(direct: SupabaseDirectStore):
+def test_predecessor_output(direct: SupabaseTaskStore):
     first = direct.add("t2v", {})
     second = direct.add("vace", {}, dependant_on=first.id)
     assert direct.predecessor_output(first.id) is None
@@ -216,7 +216,7 @@ def test_predecessor_output(direct: SupabaseDirectStore):
         direct.predecessor_output(str(uuid.uuid4()))
 
 
-def test_completed_segments_of_a_run(direct: SupabaseDirectStore):
+def test_completed_segments_of_a_run(direct: SupabaseTaskStore):
     def segment(index: int, run_key: str, run: str, *, done: bool = True, project: str | None = None) -> None:
         task = direct.add("travel_segment", {run_key: run, "segment_index": index}, project_id=project)
         direct.start(task.id, "w")
@@ -238,7 +238,7 @@ def test_completed_segments_of_a_run(direct: SupabaseDirectStore):
     assert direct.completed_segments("nope") == []
 
 
-def test_update_status_as_existing_clients_send_it(direct: SupabaseDirectStore):
+def test_update_status_as_existing_clients_send_it(direct: SupabaseTaskStore):
     task = direct.add("t2v", {})
     dependant = direct.add("t2v", {}, dependant_on=task.id)
     running = direct.update_status(task.id, "In Progress")

@@ -1,7 +1,7 @@
 """Running Supabase mode on a plain PostgreSQL: what tests, benchmarks and local development need.
 
 `prepare_database` gives a database what every Supabase project has (roles, `auth.uid()`; see
-`supabase_roles.sql`) and applies our migrations. `start_edge_functions` serves every function of
+`db/supabase/supabase_roles.sql`) and applies our migrations. `start_edge_functions` serves every function of
 `functions/` from one Deno process on a loopback port, with the environment Supabase gives functions
 (`SUPABASE_URL`, `SUPABASE_DB_URL`, `SUPABASE_SERVICE_ROLE_KEY`) and the JWT secret.
 """
@@ -24,9 +24,11 @@ from urllib.parse import urlencode
 import httpx
 import psycopg
 
-HERE = Path(__file__).parent
-FUNCTIONS_DIR = HERE / "functions"
-ROLES_SQL = HERE / "supabase_roles.sql"
+from db.supabase_store import SupabaseTaskStore
+
+SUPABASE_DIR = Path(__file__).resolve().parent.parent / "db" / "supabase"
+FUNCTIONS_DIR = SUPABASE_DIR / "functions"
+ROLES_SQL = SUPABASE_DIR / "supabase_roles.sql"
 
 
 def make_jwt(claims: dict, secret: str) -> str:
@@ -43,11 +45,9 @@ def make_jwt(claims: dict, secret: str) -> str:
 
 def prepare_database(db_url: str) -> list[str]:
     """Create Supabase's roles and auth functions in `db_url`, then apply every migration."""
-    from db.supabase_store import SupabaseDirectStore
-
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(ROLES_SQL.read_text().encode())
-    with SupabaseDirectStore("supabase+" + db_url) as store:
+    with SupabaseTaskStore("supabase+" + db_url) as store:
         return store.migrate()
 
 
