@@ -17,6 +17,8 @@ pytest_plugins = ["supabase_fixtures"]
 # Tests never reach a hub: every model they use is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every test's ray.init() starts a cluster of its own, never joins one a developer left running.
+os.environ.setdefault("RAY_ADDRESS", "local")
 
 PG_URL = os.environ.get("HWGP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
