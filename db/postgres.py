@@ -270,7 +270,9 @@ class SqlTransport:
                 if supabase_cli:
                     done |= {
                         f"{r['version']}_{r['name']}"
-                        for r in cur.execute("SELECT version, name FROM supabase_migrations.schema_migrations")
+                        for r in cur.execute(
+                            "SELECT version, name FROM supabase_migrations.schema_migrations"
+                        )
                     }
                 for version, sql in migrations:
                     if version in done:
@@ -324,7 +326,6 @@ class SqlTransport:
 
 class PostgresTaskStore(TaskStore):
     """Every `TaskStore` operation as one call of a SQL function, over `transport`."""
-
 
     def __init__(self, url: str, *, transport: Transport | None = None, **pool_settings: Any):
         """`pool_settings`: `connect_timeout_s`, `statement_timeout_s`, `pool_size` (see `PoolSettings`)."""

@@ -65,7 +65,9 @@ def push_migrations(db_url: str) -> list[str]:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS supabase_migrations.schema_migrations (version text NOT NULL PRIMARY KEY)"
         )
-        conn.execute("ALTER TABLE supabase_migrations.schema_migrations ADD COLUMN IF NOT EXISTS statements text[]")
+        conn.execute(
+            "ALTER TABLE supabase_migrations.schema_migrations ADD COLUMN IF NOT EXISTS statements text[]"
+        )
         conn.execute("ALTER TABLE supabase_migrations.schema_migrations ADD COLUMN IF NOT EXISTS name text")
         done = {r[0] for r in conn.execute("SELECT version FROM supabase_migrations.schema_migrations")}
         for path in sorted(MIGRATIONS_DIR.iterdir()):

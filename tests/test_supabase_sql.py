@@ -17,8 +17,8 @@ from psycopg.rows import dict_row
 from supabase_fixtures import SupabaseUser, add_user
 
 from db.models import TaskStatus
-from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStoreError
 from db.postgres import migration_files
+from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStoreError
 from db.supabase_store import SupabaseTaskStore, supabase_migrations
 
 
