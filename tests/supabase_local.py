@@ -6,7 +6,7 @@ does (`push_migrations`: every `db/supabase/migrations/<timestamp>_<name>.sql` i
 one transaction, recorded in `supabase_migrations.schema_migrations`) — straight from the files, not
 through hwgp. `start_edge_functions` serves every function of `functions/` from one Deno process on a
 loopback port (`main.ts`), with the environment Supabase gives functions (`SUPABASE_URL`,
-`SUPABASE_DB_URL`, `SUPABASE_SERVICE_ROLE_KEY`) and the JWT secret; `serve_one_function` runs one
+`SUPABASE_DB_URL`, `SUPABASE_SERVICE_ROLE_KEY`) and the JWT secret; with `function=NAME` it runs one
 function's own `index.ts`, as `supabase functions serve` / the edge runtime does.
 """
 
@@ -145,9 +145,12 @@ def start_edge_functions(
     jwt_secret: str,
     log_path: Path,
     extra_env: dict[str, str] | None = None,
+    function: str | None = None,
     startup_timeout_s: float = 180.0,
 ) -> EdgeFunctions:
-    """Start `deno run main.ts` on a free loopback port and wait until it answers."""
+    """Start Deno on a free loopback port and wait until it answers: `main.ts` (every function, routed by
+    name), or with `function` that function's own `index.ts` alone, as the edge runtime runs it (its
+    `Deno.serve` listens where `DENO_SERVE_ADDRESS` says)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ)
@@ -155,24 +158,19 @@ def start_edge_functions(
         SUPABASE_URL=url,
         SUPABASE_DB_URL=db_url,
         SUPABASE_SERVICE_ROLE_KEY=service_key,
-        SUPABASE_JWT_SECRET=jwt_secret,
+        HWGP_JWT_SECRET=jwt_secret,
         NO_COLOR="1",
     )
     env.update(extra_env or {})
-    command = [
-        deno_binary(),
-        "run",
-        "--allow-net",
-        "--allow-env",
-        "--allow-read",
-        "--allow-sys",
-        "--allow-write=node_modules",
-        "main.ts",
-        "--port",
-        str(port),
-    ]
+    permissions = ["--allow-net", "--allow-env", "--allow-read", "--allow-sys"]
+    permissions.append(f"--allow-write={FUNCTIONS_DIR / 'node_modules'}")
+    if function is None:
+        cwd, command = FUNCTIONS_DIR, [deno_binary(), "run", *permissions, "main.ts", "--port", str(port)]
+    else:
+        cwd, command = FUNCTIONS_DIR / function, [deno_binary(), "run", *permissions, "index.ts"]
+        env["DENO_SERVE_ADDRESS"] = f"tcp:127.0.0.1:{port}"
     log = log_path.open("w")
-    process = subprocess.Popen(command, cwd=FUNCTIONS_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()  # the child keeps its own descriptor
     deadline = time.monotonic() + startup_timeout_s  # a first start downloads npm:postgres
     while time.monotonic() < deadline:
