@@ -181,3 +181,28 @@ def test_a_task_runs_through_standalone_functions(
     assert done["status"] == "Complete" and done["output_location"].endswith(f"/{created['task_id']}/out.png")
     assert storage_objects.objects[f"image_uploads/{created['task_id']}/out.png"][1] == b"hello"
     assert call("get-task", {"task_id": created["task_id"]})["status"] == "Complete"
+
+
+def test_the_official_supabase_client_invokes_the_functions(
+    edge_functions: EdgeFunctions, clean_supabase: str
+):
+    """What the original's clients do: `supabase.functions.invoke(name, {"body": …})`."""
+    from supabase import create_client
+    from supabase_functions.errors import FunctionsHttpError
+
+    alice = add_user(clean_supabase, "alice")
+    client = create_client(edge_functions.url, SERVICE_KEY)
+    as_alice = {"Authorization": f"Bearer {alice.access_token}"}
+    created = client.functions.invoke(
+        "create-task",
+        {
+            "body": {"task_type": "t2v", "project_id": alice.project_id},
+            "headers": as_alice,
+            "responseType": "json",
+        },
+    )
+    claimed = client.functions.invoke("claim-next-task", {"body": {"worker_id": "w"}, "responseType": "json"})
+    assert claimed["task_id"] == created["task_id"] and claimed["project_id"] == alice.project_id
+    with pytest.raises(FunctionsHttpError) as refused:
+        client.functions.invoke("create-task", {"body": {"task_type": "t2v", "priority": "high"}})
+    assert refused.value.status == 400 and "priority" in refused.value.message
