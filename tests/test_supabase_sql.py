@@ -188,10 +188,14 @@ def test_a_user_cannot_insert_or_update_tasks_directly_not_even_their_own(clean_
         ("UPDATE tasks SET priority = 1000000 WHERE id = %s", (mine["id"],)),
         ("UPDATE tasks SET status = 'Complete', output_location = 'x' WHERE id = %s", (mine["id"],)),
         ("DELETE FROM tasks WHERE id = %s", (mine["id"],)),
+        ("TRUNCATE tasks", ()),  # row-level security does not apply to TRUNCATE: only privileges stop it
+        # Supabase grants every role everything on new tables by default; the migrations take it back.
+        ("INSERT INTO projects (id, user_id) VALUES ('stolen', %s)", (alice.user_id,)),
+        ("UPDATE projects SET user_id = %s", (alice.user_id,)),
     ]  # fmt: skip
     for sql, args in statements:
         with (
-            pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for table tasks"),
+            pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for table"),
             session_as(clean_supabase, "authenticated", alice.user_id) as conn,
         ):
             conn.execute(sql, args)

@@ -41,8 +41,10 @@ $$;
 GRANT SELECT, INSERT, UPDATE ON tasks TO hwgp_task_writer;
 GRANT SELECT ON projects TO hwgp_task_writer;
 
--- Users read tasks; they no longer write them directly.
-REVOKE INSERT, UPDATE, DELETE ON tasks FROM authenticated, anon;
+-- Users read tasks and projects; they no longer write tasks directly. Supabase's default privileges
+-- grant anon and authenticated everything on new tables in `public`: take it all back and grant reads.
+REVOKE ALL ON tasks, projects, user_api_tokens FROM anon, authenticated;
+GRANT SELECT ON tasks, projects TO authenticated;
 DROP POLICY IF EXISTS tasks_owner_insert ON tasks;
 DROP POLICY IF EXISTS tasks_owner_update ON tasks;
 
@@ -102,6 +104,6 @@ BEGIN
     END LOOP;
 END;
 $$;
-REVOKE ALL ON FUNCTION hwgp_secure_task_writers() FROM PUBLIC;
+REVOKE ALL ON FUNCTION hwgp_secure_task_writers() FROM PUBLIC, anon, authenticated;
 
 SELECT hwgp_secure_task_writers();
