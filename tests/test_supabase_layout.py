@@ -206,3 +206,43 @@ def test_the_official_supabase_client_invokes_the_functions(
     with pytest.raises(FunctionsHttpError) as refused:
         client.functions.invoke("create-task", {"body": {"task_type": "t2v", "priority": "high"}})
     assert refused.value.status == 400 and "priority" in refused.value.message
+
+
+def test_migrations_push_as_a_non_superuser_like_a_hosted_projects_postgres(fresh_database: str):
+    """On a hosted project `postgres` is no superuser: it has CREATEROLE, owns the database, may use the
+    `auth` schema and SET ROLE to anon / authenticated / service_role. The migrations must apply as such."""
+    admin = f"hwgp_admin_{uuid.uuid4().hex[:8]}"
+    database = fresh_database.rsplit("/", 1)[1]
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {admin} LOGIN CREATEROLE NOSUPERUSER")
+        conn.execute(f"GRANT anon, authenticated, service_role TO {admin}")
+        conn.execute(f"ALTER DATABASE {database} OWNER TO {admin}")
+        conn.execute(f"GRANT USAGE ON SCHEMA auth TO {admin}")
+        for what in ("TABLES", "FUNCTIONS", "SEQUENCES"):
+            conn.execute(
+                f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA public"
+                f" GRANT ALL ON {what} TO anon, authenticated, service_role"
+            )
+    as_admin = fresh_database.replace("postgres@", f"{admin}@", 1)
+    try:
+        assert push_migrations(as_admin) == sorted(p.name for p in MIGRATIONS_DIR.iterdir())
+        user = add_user(as_admin, "alice")
+        with psycopg.connect(as_admin) as conn, conn.transaction():
+            conn.execute(
+                "SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', %s, true)",
+                (f'{{"role": "authenticated", "sub": "{user.user_id}"}}',),
+            )
+            created = conn.execute(
+                "SELECT id, project_id FROM create_task('t2v', '{}'::jsonb, NULL, NULL, %s)",
+                (user.project_id,),
+            ).fetchone()
+            claimed = conn.execute("SELECT id FROM claim_next_task('w')").fetchall()
+        assert created[1] == user.project_id and claimed == [(created[0],)]
+    finally:
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {database} OWNER TO postgres")
+            conn.execute(f"REASSIGN OWNED BY {admin} TO postgres")
+            conn.execute(f"DROP OWNED BY {admin}")
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            conn.execute(f"DROP ROLE {admin}")

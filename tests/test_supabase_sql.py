@@ -294,7 +294,9 @@ def test_every_function_writing_tasks_runs_as_the_task_writer(clean_supabase: st
     must call hwgp_secure_task_writers() again: this names the function that was missed."""
     with psycopg.connect(clean_supabase, row_factory=dict_row) as conn:
         writer = conn.execute(
-            "SELECT rolcanlogin, rolbypassrls, rolsuper FROM pg_roles WHERE rolname = 'hwgp_task_writer'"
+            "SELECT rolcanlogin, rolbypassrls, rolsuper,"
+            " has_schema_privilege('hwgp_task_writer', 'public', 'CREATE') AS creates"
+            " FROM pg_roles WHERE rolname = 'hwgp_task_writer'"
         ).fetchone()
         functions = conn.execute(
             """SELECT p.oid::regprocedure::text AS name, p.prosecdef, pg_get_userbyid(p.proowner) AS owner,
@@ -303,7 +305,7 @@ def test_every_function_writing_tasks_runs_as_the_task_writer(clean_supabase: st
                WHERE p.pronamespace = 'public'::regnamespace
                  AND p.prosrc ~* '(update[[:space:]]+tasks[[:space:]]+set|insert[[:space:]]+into[[:space:]]+tasks)'"""
         ).fetchall()
-    assert writer == {"rolcanlogin": False, "rolbypassrls": False, "rolsuper": False}
+    assert writer == {"rolcanlogin": False, "rolbypassrls": False, "rolsuper": False, "creates": False}
     names = {f["name"].split("(")[0] for f in functions}
     assert {"create_task", "claim_next_task", "complete_task", "fail_task", "update_task_status"} <= names
     wrong = [

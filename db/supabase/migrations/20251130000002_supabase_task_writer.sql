@@ -90,6 +90,9 @@ DECLARE
     fn regprocedure;
     name text;
 BEGIN
+    -- A new owner needs CREATE on the schema at the moment it takes a function over (a superuser skips
+    -- this check; a hosted project's postgres does not): granted for the hand-over only.
+    EXECUTE format('GRANT CREATE ON SCHEMA %I TO hwgp_task_writer', current_schema());
     FOR fn, name IN
         SELECT p.oid::regprocedure, p.proname FROM pg_proc p
         WHERE p.pronamespace = current_schema()::regnamespace AND p.proname = ANY (writers || service_only)
@@ -102,6 +105,7 @@ BEGIN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO authenticated', fn);
         END IF;
     END LOOP;
+    EXECUTE format('REVOKE CREATE ON SCHEMA %I FROM hwgp_task_writer', current_schema());
 END;
 $$;
 REVOKE ALL ON FUNCTION hwgp_secure_task_writers() FROM PUBLIC, anon, authenticated;
