@@ -4,6 +4,7 @@ served alone from its own `index.ts`, as the edge runtime serves it."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tomllib
@@ -76,12 +77,18 @@ def test_functions_import_only_relative_paths_and_versioned_npm_packages():
             assert name in {"SUPABASE_URL", "SUPABASE_DB_URL", "SUPABASE_SERVICE_ROLE_KEY"}, (source, name)
 
 
-def test_deno_check_passes_for_every_function_on_its_own():
+def test_deno_check_lint_and_fmt_pass_for_every_function_on_its_own():
     entries = [f"{name}/index.ts" for name in FUNCTION_NAMES] + ["main.ts"]
-    done = subprocess.run(
-        [deno_binary(), "check", *entries], cwd=FUNCTIONS_DIR, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
+    for command in (["check", *entries], ["lint"], ["fmt", "--check"]):
+        done = subprocess.run(
+            [deno_binary(), *command],
+            cwd=FUNCTIONS_DIR,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        assert done.returncode == 0, (command[0], done.stdout + done.stderr)
 
 
 @pytest.fixture
