@@ -1,6 +1,6 @@
 """PostgreSQL task store (psycopg 3 + psycopg_pool): `postgresql://user@host:port/db`.
 
-Every operation is one call of a SQL function from `db/migrations/postgres/0002_task_functions.sql`
+Every operation is one call of a SQL function from `db/supabase/migrations/*_task_functions.sql`
 (as procrastinate's manager calls its functions), so the rules live once, in SQL. The store sends each
 call over a transport: `SqlTransport` (a connection pool, here) or, in Supabase mode, the edge functions
 over HTTP (`db/supabase_store.py`), which call the same SQL functions. Claims lock rows with
@@ -21,6 +21,7 @@ elsewhere, say), raises `StoreUnavailable`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +35,14 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from db.base import DEFAULT_MAX_ATTEMPTS, TaskStore
-from db.errors import InvalidTask, StoreUnavailable, TaskConflict, TaskForbidden, TaskNotFound
+from db.errors import (
+    InvalidTask,
+    StoreUnavailable,
+    TaskConflict,
+    TaskForbidden,
+    TaskNotFound,
+    TaskStoreError,
+)
 from db.models import NewTask, Task, TaskStatus
 
 NOTIFY_CHANNEL = "hwgp_tasks"
@@ -253,6 +261,19 @@ class SqlTransport:
                     "CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, applied_at text NOT NULL)"
                 )
                 done = {r["version"] for r in cur.execute("SELECT version FROM schema_migrations")}
+                # A Supabase project records what `supabase db push` applied in its own table (version =
+                # the file's timestamp, schema public): those count as applied, and what hwgp applies is recorded there too.
+                supabase_cli = cur.execute(
+                    "SELECT to_regclass('supabase_migrations.schema_migrations') IS NOT NULL"
+                    " AND current_schema() = 'public' AS present"
+                ).fetchone()["present"]
+                if supabase_cli:
+                    done |= {
+                        f"{r['version']}_{r['name']}"
+                        for r in cur.execute(
+                            "SELECT version, name FROM supabase_migrations.schema_migrations"
+                        )
+                    }
                 for version, sql in migrations:
                     if version in done:
                         continue
@@ -262,6 +283,13 @@ class SqlTransport:
                         "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, clock_timestamp()::text)",
                         (version,),
                     )
+                    if supabase_cli:
+                        timestamp, _, name = version.partition("_")
+                        cur.execute(
+                            "INSERT INTO supabase_migrations.schema_migrations (version, name, statements)"
+                            " VALUES (%s, %s, ARRAY[%s]) ON CONFLICT (version) DO NOTHING",
+                            (timestamp, name, sql),
+                        )
                     applied.append(version)
         except psycopg.OperationalError as error:
             raise store_error(error) from None
@@ -298,8 +326,6 @@ class SqlTransport:
 
 class PostgresTaskStore(TaskStore):
     """Every `TaskStore` operation as one call of a SQL function, over `transport`."""
-
-    migration_folders: tuple[str, ...] = ("postgres",)  # under db/migrations/, applied in this order
 
     def __init__(self, url: str, *, transport: Transport | None = None, **pool_settings: Any):
         """`pool_settings`: `connect_timeout_s`, `statement_timeout_s`, `pool_size` (see `PoolSettings`)."""
@@ -405,12 +431,12 @@ class PostgresTaskStore(TaskStore):
         return self.transport.wait_for_work(timeout_s)
 
     def migrate(self) -> list[str]:
-        """Apply the pending files of each folder in `migration_folders`, in one transaction."""
+        """Apply the pending migrations of `migrations()`, in one transaction."""
         return self.transport.migrate(self.migrations(), self._before_migration)
 
     def migrations(self) -> list[tuple[str, str]]:
-        """(version, sql) of every migration this store applies, in order."""
-        return [m for folder in self.migration_folders for m in migration_files(folder)]
+        """(version, sql) of every migration this store applies, in order: the plain PostgreSQL ones."""
+        return [(v, sql) for v, sql in migration_files() if not is_supabase_only(v)]
 
     def _before_migration(self, cur: psycopg.Cursor, version: str) -> None:
         """A hook to refuse a migration the database is not ready for."""
@@ -419,10 +445,30 @@ class PostgresTaskStore(TaskStore):
         self.transport.close()
 
 
-def migration_files(folder: str) -> list[tuple[str, str]]:
-    """(version, sql) of `db/migrations/<folder>/*.sql` in name order; version is the file's stem."""
-    files = resources.files("db").joinpath("migrations", folder).iterdir()
-    return sorted((f.name.removesuffix(".sql"), f.read_text()) for f in files if f.name.endswith(".sql"))
+# Every PostgreSQL migration lives once, in the Supabase CLI project's folder, named as the CLI wants
+# them (`<timestamp>_<name>.sql`), so `supabase db push` applies the same files in the same order.
+# Those named `<timestamp>_supabase_<name>.sql` need Supabase's roles and `auth.uid()`: only the
+# Supabase store applies them; the plain PostgreSQL store applies the others.
+MIGRATIONS = ("supabase", "migrations")  # under the `db` package
+MIGRATION_NAME = re.compile(r"^(?P<version>[0-9]{14})_(?P<name>[a-z0-9_]+)$")
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """(version, sql) of `db/supabase/migrations/*.sql` in name order; version is the file's stem."""
+    files = resources.files("db").joinpath(*MIGRATIONS).iterdir()
+    found = sorted((f.name.removesuffix(".sql"), f.read_text()) for f in files if f.name.endswith(".sql"))
+    for version, _ in found:
+        if not MIGRATION_NAME.match(version):
+            raise TaskStoreError(
+                f"db/supabase/migrations/{version}.sql: migrations are named <14-digit timestamp>_<name>.sql "
+                "(what `supabase migration new` creates), so the Supabase CLI applies them in the same order"
+            )
+    return found
+
+
+def is_supabase_only(version: str) -> bool:
+    """Whether a migration needs a Supabase database (roles, `auth.uid()`)."""
+    return MIGRATION_NAME.match(version)["name"].startswith("supabase_")
 
 
 def _where(conninfo: str) -> str:

@@ -1,6 +1,6 @@
 """SQLite's task rules: what each operation does to the tasks table, in SQLite's SQL.
 
-PostgreSQL's rules are SQL functions (`db/migrations/postgres/0002_task_functions.sql`); the shared
+PostgreSQL's rules are SQL functions (`db/supabase/migrations/*_task_functions.sql`); the shared
 behaviour suite (tests/test_store.py) holds both to one behaviour. The connection, its locking and
 the waiting live in `db/sqlite.py`.
 """

@@ -2,7 +2,7 @@
 two transports:
 
 * SQL — a direct PostgreSQL connection pool (`supabase+postgresql://…`), for service-role workers inside
-  the database's network: the SQL functions of `db/migrations/postgres/0002_task_functions.sql`;
+  the database's network: the SQL functions of `db/supabase/migrations/*_task_functions.sql`;
 * HTTP — the edge functions (`supabase+https://<ref>.supabase.co`, `HttpTransport`), which call those
   same SQL functions, with the service key (sees every task) or a user's JWT / personal access token
   (only that user's projects).
@@ -17,8 +17,9 @@ URLs (what `open_store` and `hwgp --db` accept):
     supabase+https://<ref>.supabase.co                      (key from $SUPABASE_SERVICE_KEY or
                                                              $SUPABASE_ACCESS_TOKEN)
 
-`migrate()` over SQL applies `db/migrations/postgres/*.sql` then `db/supabase/migrations/*.sql`; over HTTP
-it cannot change the schema and reports nothing to apply.
+`migrate()` over SQL applies every file of `db/supabase/migrations/` in name order, as `supabase db push`
+does (and shares its bookkeeping, `supabase_migrations.schema_migrations`, when the project has it); over
+HTTP it cannot change the schema and reports nothing to apply.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
@@ -42,16 +42,14 @@ from db.errors import (
     TaskStoreError,
 )
 from db.models import Task, TaskStatus
-from db.postgres import Call, PostgresTaskStore
+from db.postgres import Call, PostgresTaskStore, is_supabase_only, migration_files
 
-SUPABASE_MIGRATIONS = Path(__file__).parent / "supabase" / "migrations"
 SUPABASE_ROLES = ("anon", "authenticated", "service_role")
 
 
 def supabase_migrations() -> list[tuple[str, str]]:
-    """(version, sql) of the Supabase migrations, in order; versions are prefixed `supabase/`."""
-    files = sorted(SUPABASE_MIGRATIONS.glob("*.sql"))
-    return [(f"supabase/{f.stem}", f.read_text()) for f in files]
+    """(version, sql) of the migrations only Supabase databases get (`*_supabase_*.sql`), in order."""
+    return [(v, sql) for v, sql in migration_files() if is_supabase_only(v)]
 
 
 UPDATE_STATUS = Call(
@@ -89,10 +87,11 @@ class SupabaseTaskStore(PostgresTaskStore):
             )
 
     def migrations(self) -> list[tuple[str, str]]:
-        return super().migrations() + supabase_migrations()
+        """Every file of `db/supabase/migrations/`, in order: what `supabase db push` applies."""
+        return migration_files()
 
     def _before_migration(self, cur: psycopg.Cursor, version: str) -> None:
-        if not version.startswith("supabase/"):
+        if not is_supabase_only(version):
             return
         row = cur.execute(
             "SELECT array(SELECT r FROM unnest(%s::text[]) r WHERE r NOT IN (SELECT rolname FROM pg_roles))"

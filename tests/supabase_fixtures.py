@@ -167,7 +167,7 @@ def edge_functions(
         log_path=tmp_path_factory.mktemp("deno") / "edge-functions.log",
         extra_env={
             "SUPABASE_ANON_KEY": ANON_KEY,
-            "SUPABASE_STORAGE_URL": storage_objects.url,
+            "HWGP_STORAGE_URL": storage_objects.url,
             "HWGP_CORS_ORIGINS": CORS_ORIGIN,
         },
     )

@@ -1,9 +1,13 @@
 """Running Supabase mode on a plain PostgreSQL: what tests, benchmarks and local development need.
 
 `prepare_database` gives a database what every Supabase project has (roles, `auth.uid()`; see
-`db/supabase/supabase_roles.sql`) and applies our migrations. `start_edge_functions` serves every function of
-`functions/` from one Deno process on a loopback port, with the environment Supabase gives functions
-(`SUPABASE_URL`, `SUPABASE_DB_URL`, `SUPABASE_SERVICE_ROLE_KEY`) and the JWT secret.
+`db/supabase/supabase_roles.sql`), then applies the Supabase CLI project's migrations as `supabase db push`
+does (`push_migrations`: every `db/supabase/migrations/<timestamp>_<name>.sql` in filename order, each in
+one transaction, recorded in `supabase_migrations.schema_migrations`) — straight from the files, not
+through hwgp. `start_edge_functions` serves every function of `functions/` from one Deno process on a
+loopback port (`main.ts`), with the environment Supabase gives functions (`SUPABASE_URL`,
+`SUPABASE_DB_URL`, `SUPABASE_SERVICE_ROLE_KEY`) and the JWT secret; with `function=NAME` it runs one
+function's own `index.ts`, as `supabase functions serve` / the edge runtime does.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,11 +29,12 @@ from urllib.parse import urlencode
 import httpx
 import psycopg
 
-from db.supabase_store import SupabaseTaskStore
-
-SUPABASE_DIR = Path(__file__).resolve().parent.parent / "db" / "supabase"
+SUPABASE_DIR = Path(__file__).resolve().parent.parent / "db" / "supabase"  # the Supabase CLI project
 FUNCTIONS_DIR = SUPABASE_DIR / "functions"
+MIGRATIONS_DIR = SUPABASE_DIR / "migrations"
 ROLES_SQL = SUPABASE_DIR / "supabase_roles.sql"
+# The Supabase CLI's rule for migration files (supabase/cli, pkg/migration): others are skipped.
+CLI_MIGRATION_FILE = re.compile(r"^([0-9]+)_(.*)\.sql$")
 
 
 def make_jwt(claims: dict, secret: str) -> str:
@@ -44,11 +50,40 @@ def make_jwt(claims: dict, secret: str) -> str:
 
 
 def prepare_database(db_url: str) -> list[str]:
-    """Create Supabase's roles and auth functions in `db_url`, then apply every migration."""
+    """Create Supabase's roles and auth functions in `db_url`, then push every migration."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(ROLES_SQL.read_text().encode())
-    with SupabaseTaskStore("supabase+" + db_url) as store:
-        return store.migrate()
+    return push_migrations(db_url)
+
+
+def push_migrations(db_url: str) -> list[str]:
+    """What `supabase db push` does: its history table, then each pending migration file in filename
+    order, in its own transaction, recorded by version. Returns the file names applied."""
+    applied = []
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS supabase_migrations")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS supabase_migrations.schema_migrations (version text NOT NULL PRIMARY KEY)"
+        )
+        conn.execute(
+            "ALTER TABLE supabase_migrations.schema_migrations ADD COLUMN IF NOT EXISTS statements text[]"
+        )
+        conn.execute("ALTER TABLE supabase_migrations.schema_migrations ADD COLUMN IF NOT EXISTS name text")
+        done = {r[0] for r in conn.execute("SELECT version FROM supabase_migrations.schema_migrations")}
+        for path in sorted(MIGRATIONS_DIR.iterdir()):
+            match = CLI_MIGRATION_FILE.match(path.name)
+            if not match or match[1] in done:
+                continue
+            sql = path.read_text()
+            with conn.transaction():
+                conn.execute(sql.encode())
+                conn.execute(
+                    "INSERT INTO supabase_migrations.schema_migrations (version, name, statements)"
+                    " VALUES (%s, %s, ARRAY[%s])",
+                    (match[1], match[2], sql),
+                )
+            applied.append(path.name)
+    return applied
 
 
 def deno_binary() -> str:
@@ -110,9 +145,12 @@ def start_edge_functions(
     jwt_secret: str,
     log_path: Path,
     extra_env: dict[str, str] | None = None,
+    function: str | None = None,
     startup_timeout_s: float = 180.0,
 ) -> EdgeFunctions:
-    """Start `deno run main.ts` on a free loopback port and wait until it answers."""
+    """Start Deno on a free loopback port and wait until it answers: `main.ts` (every function, routed by
+    name), or with `function` that function's own `index.ts` alone, as the edge runtime runs it (its
+    `Deno.serve` listens where `DENO_SERVE_ADDRESS` says)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ)
@@ -120,24 +158,19 @@ def start_edge_functions(
         SUPABASE_URL=url,
         SUPABASE_DB_URL=db_url,
         SUPABASE_SERVICE_ROLE_KEY=service_key,
-        SUPABASE_JWT_SECRET=jwt_secret,
+        HWGP_JWT_SECRET=jwt_secret,
         NO_COLOR="1",
     )
     env.update(extra_env or {})
-    command = [
-        deno_binary(),
-        "run",
-        "--allow-net",
-        "--allow-env",
-        "--allow-read",
-        "--allow-sys",
-        "--allow-write=node_modules",
-        "main.ts",
-        "--port",
-        str(port),
-    ]
+    permissions = ["--allow-net", "--allow-env", "--allow-read", "--allow-sys"]
+    permissions.append(f"--allow-write={FUNCTIONS_DIR / 'node_modules'}")
+    if function is None:
+        cwd, command = FUNCTIONS_DIR, [deno_binary(), "run", *permissions, "main.ts", "--port", str(port)]
+    else:
+        cwd, command = FUNCTIONS_DIR / function, [deno_binary(), "run", *permissions, "index.ts"]
+        env["DENO_SERVE_ADDRESS"] = f"tcp:127.0.0.1:{port}"
     log = log_path.open("w")
-    process = subprocess.Popen(command, cwd=FUNCTIONS_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()  # the child keeps its own descriptor
     deadline = time.monotonic() + startup_timeout_s  # a first start downloads npm:postgres
     while time.monotonic() < deadline:

@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 from supabase_fixtures import SupabaseUser, add_user
 
 from db.models import TaskStatus
+from db.postgres import migration_files
 from db.store import InvalidTask, TaskConflict, TaskNotFound, TaskStoreError
 from db.supabase_store import SupabaseTaskStore, supabase_migrations
 
@@ -61,7 +62,8 @@ def test_migrations_apply_to_an_empty_schema_and_reapply_cleanly(supabase_db: st
     try:
         with SupabaseTaskStore(url) as store:
             applied = store.migrate()
-            assert applied == ["0001_tasks", "0002_task_functions"] + [v for v, _ in supabase_migrations()]
+            assert applied == [v for v, _ in migration_files()]
+            assert [v for v, _ in supabase_migrations()] == [v for v in applied if "_supabase_" in v]
             assert store.migrate() == []
             task = store.add("t2v", {"x": 1})
         # The scripts themselves are idempotent: running them again changes nothing and loses nothing.
@@ -74,7 +76,7 @@ def test_migrations_apply_to_an_empty_schema_and_reapply_cleanly(supabase_db: st
             rls = conn.execute(
                 "SELECT relrowsecurity FROM pg_class WHERE oid = %s::regclass", (f"{schema}.tasks",)
             ).fetchone()[0]
-        assert policies == 4 and rls is True
+        assert policies == 3 and rls is True  # service_role, owner select, hwgp_task_writer
         with SupabaseTaskStore(url) as store:
             assert store.get(task.id).params == {"x": 1}
     finally:
@@ -126,16 +128,11 @@ def test_a_user_can_neither_claim_nor_complete_nor_update_another_users_task(cle
         session_as(clean_supabase, "authenticated", alice.user_id) as conn,
     ):
         conn.execute("SELECT * FROM complete_task(%s, 'https://evil/x.mp4')", (b["id"],))
-    with session_as(clean_supabase, "authenticated", alice.user_id) as conn:
-        updated = conn.execute("UPDATE tasks SET status = 'Complete' WHERE id = %s", (b["id"],)).rowcount
-        assert updated == 0
-        # Nor move her own task into Bob's project.
-        mine = conn.execute(
-            "SELECT * FROM create_task('t2v', '{}'::jsonb, NULL, NULL, %s)", (alice.project_id,)
-        )
-        mine_id = mine.fetchone()["id"]
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("UPDATE tasks SET project_id = %s WHERE id = %s", (bob.project_id, mine_id))
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"),
+        session_as(clean_supabase, "authenticated", alice.user_id) as conn,
+    ):
+        conn.execute("UPDATE tasks SET status = 'Complete' WHERE id = %s", (b["id"],))
     with SupabaseTaskStore("supabase+" + clean_supabase) as store:
         task = store.get(b["id"])
     assert (
@@ -177,6 +174,150 @@ def test_project_scope_narrows_a_claim(clean_supabase: str, two_users):
             "SELECT * FROM claim_next_task('w', NULL, %s, 10)", ([bob.project_id],)
         ).fetchall()
     assert [r["id"] for r in claimed] == [b["id"]]
+
+
+# --- tasks only through the functions (issue 16 item 9) ------------------------------------------------
+
+
+def test_a_user_cannot_insert_or_update_tasks_directly_not_even_their_own(clean_supabase: str, two_users):
+    alice, _ = two_users
+    mine = create_as(clean_supabase, alice)
+    statements = [
+        ("INSERT INTO tasks (id, task_type, project_id) VALUES (gen_random_uuid()::text, 't2v', %s)",
+         (alice.project_id,)),
+        ("UPDATE tasks SET priority = 1000000 WHERE id = %s", (mine["id"],)),
+        ("UPDATE tasks SET status = 'Complete', output_location = 'x' WHERE id = %s", (mine["id"],)),
+        ("DELETE FROM tasks WHERE id = %s", (mine["id"],)),
+        ("TRUNCATE tasks", ()),  # row-level security does not apply to TRUNCATE: only privileges stop it
+        # Supabase grants every role everything on new tables by default; the migrations take it back.
+        ("INSERT INTO projects (id, user_id) VALUES ('stolen', %s)", (alice.user_id,)),
+        ("UPDATE projects SET user_id = %s", (alice.user_id,)),
+    ]  # fmt: skip
+    for sql, args in statements:
+        with (
+            pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for table"),
+            session_as(clean_supabase, "authenticated", alice.user_id) as conn,
+        ):
+            conn.execute(sql, args)
+    with SupabaseTaskStore("supabase+" + clean_supabase) as store:
+        task = store.get(mine["id"])
+        counts = {status.value: n for status, n in store.count_by_status().items() if n}
+    assert task.status == TaskStatus.QUEUED and task.priority == 0 and counts == {"Queued": 1}
+
+
+def test_a_user_runs_their_own_tasks_through_the_functions(clean_supabase: str, two_users):
+    alice, _ = two_users
+    first = create_as(clean_supabase, alice, params={"n": 1})
+    second = create_as(clean_supabase, alice, params={"n": 2})
+    with session_as(clean_supabase, "authenticated", alice.user_id) as conn:
+        [claimed] = conn.execute("SELECT * FROM claim_next_task('alice-gpu')").fetchall()
+        assert claimed["id"] == first["id"] and claimed["status"] == "In Progress"
+        assert conn.execute("SELECT set_task_progress(%s, 'alice-gpu', 0.5, 'half') AS ok", (first["id"],)
+                            ).fetchone()["ok"] is True  # fmt: skip
+        assert conn.execute("SELECT heartbeat_task(%s, 'alice-gpu') AS ok", (first["id"],)).fetchone()["ok"]
+        done = conn.execute(
+            "SELECT * FROM complete_task(%s, 'https://cdn/a.mp4', 'alice-gpu')", (first["id"],)
+        )
+        assert done.fetchone()["status"] == "Complete"
+        conn.execute("SELECT * FROM claim_next_task('alice-gpu')")
+        failed = conn.execute("SELECT * FROM fail_task(%s, 'OOM', 'alice-gpu')", (second["id"],)).fetchone()
+        assert failed["status"] == "Failed" and failed["error_message"] == "OOM"
+        third = conn.execute(
+            "SELECT * FROM create_task('t2v', '{}'::jsonb, NULL, NULL, %s)", (alice.project_id,)
+        ).fetchone()
+        assert (
+            conn.execute("SELECT * FROM cancel_task(%s)", (third["id"],)).fetchone()["status"] == "Cancelled"
+        )
+    with SupabaseTaskStore("supabase+" + clean_supabase) as store:
+        assert store.get(first["id"]).output_location == "https://cdn/a.mp4"
+        assert store.get(first["id"]).progress == 1.0
+
+
+def test_a_user_cannot_write_another_users_task_through_the_functions(clean_supabase: str, two_users):
+    alice, bob = two_users
+    b = create_as(clean_supabase, bob)
+    for sql in (
+        "SELECT * FROM cancel_task(%s)",
+        "SELECT * FROM fail_task(%s, 'sabotage')",
+        "SELECT * FROM complete_task(%s, 'https://evil/x.mp4')",
+    ):
+        with (
+            pytest.raises(psycopg.errors.NoDataFound),
+            session_as(clean_supabase, "authenticated", alice.user_id) as c,
+        ):
+            c.execute(sql, (b["id"],))
+    with session_as(clean_supabase, "authenticated", alice.user_id) as conn:
+        assert conn.execute("SELECT heartbeat_task(%s, 'w') AS ok", (b["id"],)).fetchone()["ok"] is False
+        assert conn.execute("SELECT count(*) AS n FROM propagate_task_failures()").fetchone()["n"] == 0
+    with SupabaseTaskStore("supabase+" + clean_supabase) as store:
+        assert store.get(b["id"]).status == TaskStatus.QUEUED
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        None,  # SET ROLE authenticated without any claims: still a user's session, owning nothing
+        {"role": "service_role"},  # claims saying service_role under the authenticated role
+    ],
+)
+def test_the_request_role_decides_not_only_the_claims(clean_supabase: str, two_users, claims):
+    create_as(clean_supabase, two_users[0])
+    with psycopg.connect(clean_supabase, row_factory=dict_row) as conn, conn.transaction():
+        conn.execute("SELECT set_config('role', 'authenticated', true)")
+        if claims is not None:
+            conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+        assert conn.execute("SELECT * FROM claim_next_task('w', NULL, NULL, 10)").fetchall() == []
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM start_task(%s, 'w')",
+        "SELECT * FROM update_task_status(%s, 'In Progress')",
+        "SELECT * FROM requeue_stale_tasks(0) WHERE id = %s",
+    ],
+)
+def test_lifecycle_functions_are_for_service_role_only(clean_supabase: str, two_users, sql: str):
+    alice, _ = two_users
+    mine = create_as(clean_supabase, alice)
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for function"),
+        session_as(clean_supabase, "authenticated", alice.user_id) as conn,
+    ):
+        conn.execute(sql, (mine["id"],))
+    with session_as(clean_supabase, "service_role") as conn:
+        conn.execute(sql, (mine["id"],))
+
+
+def test_every_function_writing_tasks_runs_as_the_task_writer(clean_supabase: str):
+    """A migration re-creating a writing function (CREATE OR REPLACE resets SECURITY DEFINER) or adding one
+    must call hwgp_secure_task_writers() again: this names the function that was missed."""
+    with psycopg.connect(clean_supabase, row_factory=dict_row) as conn:
+        writer = conn.execute(
+            "SELECT rolcanlogin, rolbypassrls, rolsuper,"
+            " has_schema_privilege('hwgp_task_writer', 'public', 'CREATE') AS creates"
+            " FROM pg_roles WHERE rolname = 'hwgp_task_writer'"
+        ).fetchone()
+        functions = conn.execute(
+            """SELECT p.oid::regprocedure::text AS name, p.prosecdef, pg_get_userbyid(p.proowner) AS owner,
+                      p.proconfig
+               FROM pg_proc p
+               WHERE p.pronamespace = 'public'::regnamespace
+                 AND p.prosrc ~* '(update[[:space:]]+tasks[[:space:]]+set|insert[[:space:]]+into[[:space:]]+tasks)'"""
+        ).fetchall()
+    assert writer == {"rolcanlogin": False, "rolbypassrls": False, "rolsuper": False, "creates": False}
+    names = {f["name"].split("(")[0] for f in functions}
+    assert {"create_task", "claim_next_task", "complete_task", "fail_task", "update_task_status"} <= names
+    wrong = [
+        f["name"]
+        for f in functions
+        if not (
+            f["prosecdef"]
+            and f["owner"] == "hwgp_task_writer"
+            and "search_path=public, pg_temp" in (f["proconfig"] or [])
+        )
+    ]
+    assert wrong == []
 
 
 # --- the SQL functions behind the edge functions ----------------------------------------------------------

@@ -1,6 +1,8 @@
 -- What every Supabase project already has, for a plain PostgreSQL (local development, CI, benchmarks):
--- the roles anon / authenticated / service_role and the auth schema's uid() / role() / jwt(), as
--- Supabase defines them (supabase/postgres). Never apply this to a Supabase project.
+-- the roles anon / authenticated / service_role, the auth schema's uid() / role() / jwt(), and the
+-- default privileges that grant those roles everything on new objects in `public` (RLS and explicit
+-- REVOKEs are what limit them), as Supabase defines them (supabase/postgres). Never apply this to a
+-- Supabase project.
 -- Roles are cluster-wide: another database may create them at the same moment, hence the handlers.
 DO $$
 DECLARE
@@ -41,3 +43,6 @@ CREATE OR REPLACE FUNCTION auth.jwt() RETURNS jsonb LANGUAGE sql STABLE AS $$
 $$;
 GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role;
 GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO anon, authenticated, service_role;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON FUNCTIONS TO anon, authenticated, service_role;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON SEQUENCES TO anon, authenticated, service_role;

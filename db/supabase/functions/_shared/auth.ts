@@ -1,7 +1,7 @@
 // Who is calling: `Authorization: Bearer <token>` where the token is
 //  - the service key (`SUPABASE_SERVICE_ROLE_KEY`, or any HS256 JWT with role service_role signed
-//    with `SUPABASE_JWT_SECRET`): sees and claims every task;
-//  - a user's JWT (HS256, `SUPABASE_JWT_SECRET`, role authenticated, `sub` = user id);
+//    with `HWGP_JWT_SECRET`): sees and claims every task;
+//  - a user's JWT (HS256, `HWGP_JWT_SECRET`, role authenticated, `sub` = user id);
 //  - a personal access token, looked up by its SHA-256 in `user_api_tokens(token_sha256 → user_id)`,
 //    unless its `expires_at` has passed.
 // A user sees only tasks of their own projects (row-level security does the filtering).
@@ -21,8 +21,10 @@ const encoder = new TextEncoder();
 let hmacKey: Promise<CryptoKey> | null = null;
 
 function jwtKey(): Promise<CryptoKey> {
-  const secret = Deno.env.get("SUPABASE_JWT_SECRET");
-  if (!secret) throw new HttpError(403, "JWTs are not accepted: SUPABASE_JWT_SECRET is not set");
+  // The project's JWT secret, set as a function secret (`supabase secrets set HWGP_JWT_SECRET=…`:
+  // names starting with SUPABASE_ are reserved for the platform's own).
+  const secret = Deno.env.get("HWGP_JWT_SECRET");
+  if (!secret) throw new HttpError(403, "JWTs are not accepted: HWGP_JWT_SECRET is not set");
   hmacKey ??= crypto.subtle.importKey(
     "raw",
     encoder.encode(secret),

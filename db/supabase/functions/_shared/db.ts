@@ -2,7 +2,7 @@
 // functions) and `asCaller`, which runs SQL as the caller's Postgres role so row-level security
 // applies: `service_role` for the service key, `authenticated` with the user's JWT claims otherwise.
 
-import postgres from "postgres";
+import postgres from "npm:postgres@3.4.5";
 import type { Caller } from "./auth.ts";
 
 const TIMESTAMP_OIDS = [1114, 1184];

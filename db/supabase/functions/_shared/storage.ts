@@ -1,11 +1,12 @@
 // Uploads for complete-task's `file_data`: Supabase Storage's object API
 // (`POST {storage}/object/image_uploads/{task_id}/{filename}` with the service key), public URL
 // `{SUPABASE_URL}/storage/v1/object/public/image_uploads/{task_id}/{filename}` as the original.
-// `{storage}` is SUPABASE_STORAGE_URL when set, else `{SUPABASE_URL}/storage/v1`.
+// `{storage}` is HWGP_STORAGE_URL when set, else `{SUPABASE_URL}/storage/v1`; the bucket HWGP_VIDEO_BUCKET.
+// (Function secrets may not start with SUPABASE_: that prefix is the platform's.)
 
 import { HttpError } from "./http.ts";
 
-const BUCKET = Deno.env.get("SUPABASE_VIDEO_BUCKET") ?? "image_uploads";
+const BUCKET = Deno.env.get("HWGP_VIDEO_BUCKET") ?? "image_uploads";
 const MAX_UPLOAD_BYTES = Number(Deno.env.get("HWGP_MAX_UPLOAD_BYTES") ?? String(200 * 1024 * 1024));
 
 /** The largest complete-task body: a base64 file of MAX_UPLOAD_BYTES (4/3 larger) and its fields. */
@@ -57,7 +58,7 @@ export async function uploadToStorage(objectPath: string, bytes: Uint8Array<Arra
   const projectUrl = (Deno.env.get("SUPABASE_URL") ?? "").replace(/\/+$/, "");
   const serviceKey = Deno.env.get("SUPABASE_SERVICE_ROLE_KEY");
   if (!projectUrl || !serviceKey) throw new Error("uploads need SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY");
-  const storageUrl = (Deno.env.get("SUPABASE_STORAGE_URL") ?? `${projectUrl}/storage/v1`).replace(/\/+$/, "");
+  const storageUrl = (Deno.env.get("HWGP_STORAGE_URL") ?? `${projectUrl}/storage/v1`).replace(/\/+$/, "");
   const ext = objectPath.split(".").pop()?.toLowerCase() ?? "";
   const encoded = objectPath.split("/").map(encodeURIComponent).join("/");
   const response = await fetch(`${storageUrl}/object/${BUCKET}/${encoded}`, {

@@ -1,6 +1,6 @@
 -- Supabase mode, part 1: ownership tables, grants and row-level security.
 --
--- Applied after db/migrations/postgres/*.sql (the tasks table). Expects what every Supabase project
+-- Applied after the tasks table and task functions (the migrations before it). Expects what every Supabase project
 -- has: the roles anon / authenticated / service_role and auth.uid() reading request.jwt.claims.
 -- A user owns projects; a user's requests (JWT or personal access token) see, create, claim and
 -- complete only tasks of those projects. service_role has BYPASSRLS and also gets explicit policies.

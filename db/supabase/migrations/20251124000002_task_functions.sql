@@ -3,8 +3,9 @@
 -- `PostgresTaskStore` calls these (db/postgres.py), and so do the Supabase edge functions
 -- (db/supabase/functions/), so both transports follow the same rules. SQLite's rules are in
 -- db/sql_store.py; the shared behaviour suite (tests/test_store.py) holds the two to one behaviour.
--- All are SECURITY INVOKER: in Supabase mode, called as `authenticated`, row-level security limits them
--- to the caller's projects; called as service_role or the table owner, they see every task.
+-- Created SECURITY INVOKER. In Supabase mode *_supabase_task_writer.sql makes the writing ones SECURITY
+-- DEFINER functions of the role hwgp_task_writer, whose row-level security limits a user's call to the
+-- user's projects; called as service_role or the table owner, they see every task.
 --
 -- Errors carry SQLSTATEs the callers map: P0002 no such task (HTTP 404), 55000 wrong state
 -- (HTTP 409), 22023 bad argument with the field name in DETAIL (HTTP 400), 42501 not the owner (403).
