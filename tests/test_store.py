@@ -215,7 +215,12 @@ def test_complete_stores_the_result_with_the_row(store: TaskStore):
     task = store.add("t2v", {})
     assert task.result is None
     store.claim_next("w1")
-    result = {"model": "tiny-t2v", "seed": 7, "loras": [{"name": "a", "multiplier": 0.5}], "timings": {"denoise": 1.5}}
+    result = {
+        "model": "tiny-t2v",
+        "seed": 7,
+        "loras": [{"name": "a", "multiplier": 0.5}],
+        "timings": {"denoise": 1.5},
+    }
     with pytest.raises(InvalidTask) as bad:
         store.complete(task.id, "files/x.mp4", worker_id="w1", result=["not", "an", "object"])  # type: ignore[arg-type]
     assert bad.value.field == "result"
