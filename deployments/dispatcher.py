@@ -407,10 +407,15 @@ class Dispatcher:
         # Denoising is most of the work; decoding and saving come after the last step.
         fraction = min(0.99, step / max(total, 1))
         message = f"step {step}/{total}, ETA {eta:.0f} s"
-        for observer in self.observers:  # every step: in-process listeners are cheap
-            self._tell(observer.task_progress, job.task.id, {
-                "step": step, "total": total, "progress": fraction, "eta_s": round(eta, 2), "message": message
-            })  # fmt: skip
+        progress = {
+            "step": step,
+            "total": total,
+            "progress": fraction,
+            "eta_s": round(eta, 2),
+            "message": message,
+        }
+        for observer in self.observers:  # every step (in-process listeners are cheap); the row less often
+            self._tell(observer.task_progress, job.task.id, progress)
         if now - job._last_progress_write < self.settings.progress_interval_s and step < total:
             return
         job._last_progress_write = now
