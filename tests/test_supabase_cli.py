@@ -35,7 +35,8 @@ def test_db_init_supabase_applies_every_migration_once(supabase_db: str, capsys:
         assert main(["db", "init", "--db", url, "--supabase"]) == 0
         out = capsys.readouterr().out
         assert (
-            "applied 0001_tasks, 0002_task_functions, " + ", ".join(v for v, _ in supabase_migrations())
+            "applied 0001_tasks, 0002_task_functions, 0003_result, "
+            + ", ".join(v for v, _ in supabase_migrations())
             in out
         )
         assert main(["db", "init", "--db", url, "--supabase"]) == 0

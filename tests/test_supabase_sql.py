@@ -61,7 +61,9 @@ def test_migrations_apply_to_an_empty_schema_and_reapply_cleanly(supabase_db: st
     try:
         with SupabaseTaskStore(url) as store:
             applied = store.migrate()
-            assert applied == ["0001_tasks", "0002_task_functions"] + [v for v, _ in supabase_migrations()]
+            assert applied == ["0001_tasks", "0002_task_functions", "0003_result"] + [
+                v for v, _ in supabase_migrations()
+            ]
             assert store.migrate() == []
             task = store.add("t2v", {"x": 1})
         # The scripts themselves are idempotent: running them again changes nothing and loses nothing.
