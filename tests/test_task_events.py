@@ -302,3 +302,38 @@ async def test_webhook_url_is_refused_when_the_service_sends_none(store, tmp_pat
         "msg": "this service does not send webhooks",
     }
     await client.aclose()
+
+
+class BrokenObserver:
+    def task_changed(self, task) -> None:
+        raise RuntimeError("observer bug")
+
+    def task_progress(self, task_id, progress) -> None:
+        raise RuntimeError("observer bug")
+
+
+@in_loop
+async def test_a_broken_observer_does_not_fail_the_task(store, tmp_path, running):
+    dispatcher, client = make(store, tmp_path, SteppingGpu())
+    dispatcher.observers.append(BrokenObserver())
+    dispatcher.start()
+    running.append(dispatcher)
+    task = store.add("t2v", {"prompt": "x"})
+    await until(lambda: store.get(task.id).status.is_final)
+    assert store.get(task.id).status == TaskStatus.COMPLETE and store.get(task.id).result["seed"] == 1234
+    await client.aclose()
+
+
+@in_loop
+async def test_a_task_given_up_by_maintenance_calls_its_webhook(store, tmp_path, running, receiver):
+    dispatcher, client = make(store, tmp_path, SteppingGpu(), webhook_sender())
+    dispatcher.settings = IngressConfig(**{**FAST, "stale_after_s": 0.05, "max_attempts": 1})
+    task = store.add("t2v", {"prompt": "x", "webhook_url": receiver.url})
+    store.claim_next("a-worker-that-died")
+    await asyncio.sleep(0.1)
+    await dispatcher.maintenance()
+    await until(lambda: len(receiver.received) == 1, timeout_s=10)
+    payload = json.loads(receiver.received[0][2])
+    assert payload["event"] == "task.failed" and payload["task"]["id"] == task.id
+    assert "stopped heartbeating" in payload["task"]["error_message"]
+    await client.aclose()
