@@ -5,7 +5,7 @@
     hwgp list [--status Queued] [--type t2v] [--json]
     hwgp show ID [--json]
     hwgp cancel ID
-    hwgp wait ID [--timeout 600]
+    hwgp wait ID [--timeout 600]       # a progress bar on stderr (live events with --api)
 
 The database comes from `--db URL`, else `$HWGP_DB`, else `sqlite:///tasks.db`. With `--api URL`
 (or `$HWGP_API`), add-task / list / show / cancel / wait go through a running service's HTTP API.
