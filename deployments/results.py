@@ -27,19 +27,23 @@ ENGINE_TIMINGS = {"encode_prompt": "text_encode", "encode_file": "encode"}
 
 
 def task_result(
-    task: Task, artifact: Artifact, uploaded: bool, deployment_timings: Mapping[str, float]
+    task: Task | None,
+    artifact: Artifact,
+    uploaded: bool,
+    deployment_timings: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The `result` of `task`, completed with `artifact` (`deployment_timings`: the dispatcher's and the
-    runner's stages, e.g. `Job.timings`)."""
+    runner's stages, e.g. `Job.timings`). Without `task` (a row an orchestration drives) there is no
+    queue wait."""
     metadata = dict(artifact.metadata)
     engine_timings = metadata.pop("timings", None) or {}
     timings: dict[str, float] = {}
-    if task.generation_started_at is not None:
+    if task is not None and task.generation_started_at is not None:
         timings["queue_wait"] = (task.generation_started_at - task.created_at).total_seconds()
     for name, seconds in engine_timings.items():
         if isinstance(seconds, int | float):
             timings[ENGINE_TIMINGS.get(name, name)] = float(seconds)
-    for name, seconds in deployment_timings.items():
+    for name, seconds in (deployment_timings or {}).items():
         timings[name] = timings.get(name, 0.0) + seconds  # e.g. the replica's load + the engine's
     result = {
         **metadata,
