@@ -337,3 +337,19 @@ async def test_a_task_given_up_by_maintenance_calls_its_webhook(store, tmp_path,
     assert payload["event"] == "task.failed" and payload["task"]["id"] == task.id
     assert "stopped heartbeating" in payload["task"]["error_message"]
     await client.aclose()
+
+
+@in_loop
+async def test_the_configured_default_webhook_gets_tasks_that_name_none(store, tmp_path, running, receiver):
+    settings = WebhookSettings(
+        default_url=receiver.url, secret=SECRET, url_allow=["127.0.0.1"], first_backoff_s=0.05
+    )
+    dispatcher, client = make(store, tmp_path, SteppingGpu(steps=1), WebhookSender(settings, env={}))
+    dispatcher.start()
+    running.append(dispatcher)
+    task_id = (await client.post("/tasks", json={"task_type": "t2v", "params": {"prompt": "x"}})).json()["id"]
+    await until(lambda: len(receiver.received) == 1, timeout_s=10)
+    _, headers, body = receiver.received[0]
+    assert verify_signature(SECRET, body, headers[SIGNATURE_HEADER])
+    assert json.loads(body)["task"]["id"] == task_id and json.loads(body)["event"] == "task.completed"
+    await client.aclose()
