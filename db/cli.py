@@ -261,14 +261,22 @@ def _wait(store: TaskStore | HttpTasks, task_id: str, timeout: float | None) -> 
 
 
 def _follow_events(store: HttpTasks, task: Task, bar: _ProgressBar, timeout: float | None) -> Task:
-    """Follow `GET /tasks/{id}/events` until a final event (the task then) or the timeout."""
-    for event, data in store.events(task.id, timeout_s=timeout):
-        if event == "progress":
-            bar.show_progress(data)
-        elif event in ("status", "done", "failed", "cancelled"):
-            task = Task.model_validate(data)
-            bar.show_row(task)
-        elif event == "timeout":
+    """Follow `GET /tasks/{id}/events` until a final event (the task then) or the timeout; a stream the
+    server ended at its own deadline is opened again."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not task.status.is_final:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            break
+        events = 0
+        for event, data in store.events(task.id, timeout_s=remaining):
+            events += 1
+            if event == "progress":
+                bar.show_progress(data)
+            elif event in ("status", "done", "failed", "cancelled"):
+                task = Task.model_validate(data)
+                bar.show_row(task)
+        if events == 0:  # the server closed the stream at once (shutting down?): poll instead
             break
     return task
 
