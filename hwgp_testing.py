@@ -22,15 +22,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(config: dict[str, Any], num_gpus: int = 2, num_cpus: int = 2) -> Iterator[httpx.Client]:
-    """A local Ray cluster (`num_gpus` may be fake), the application built from `config`, and a client for it."""
+def running_app(
+    config: dict[str, Any], num_gpus: int = 2, num_cpus: int = 2, ray_init: dict[str, Any] | None = None
+) -> Iterator[httpx.Client]:
+    """A local Ray cluster (`num_gpus` may be fake), the application built from `config`, and a client for it.
+
+    `ray_init`: more `ray.init` keywords, e.g. `{"_metrics_export_port": port}` for Prometheus metrics."""
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
     port = free_port()
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    options = {"include_dashboard": False, "log_to_driver": False, **(ray_init or {})}
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **options)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name="hwgp", route_prefix="/")

@@ -253,6 +253,7 @@ class Engine:
         metadata = {
             "task_type": task_type,
             "model": definition.id,
+            "model_source": definition.source,
             "family": definition.family,
             "frames": int(frames.shape[0]),
             "fps": settings.fps,

@@ -39,6 +39,7 @@ from dag.travel_plan import (
 )
 from db.models import NewTask, Task, TaskStatus
 from db.store import TaskNotFound, TaskStore
+from deployments.results import task_result
 from deployments.task_types import TRAVEL_SEGMENT, TRAVEL_STITCH
 from Wan2GP.artifact import Artifact
 from Wan2GP.video import decode_video, encode_mp4, load_image, mask_to_video
@@ -264,7 +265,8 @@ def _record_segment(ctx: RunContext, plan: TravelPlan, row_id: str, result: dict
         base = segment_filename(plan.run_id, result["index"]).removesuffix("_output.mp4")
         ctx.storage.save_bytes(row_id, result["guide"], f"{base}_guide.mp4", "video/mp4")
         ctx.storage.save_bytes(row_id, result["mask"], f"{base}_mask.mp4", "video/mp4")
-    ctx.store.complete(row_id, saved.output_location, worker_id=ctx.worker_id)
+    report = task_result(None, result["artifact"], saved.uploaded)  # the segment's own seed, steps, timings
+    ctx.store.complete(row_id, saved.output_location, worker_id=ctx.worker_id, result=report)
     if plan.debug:
         logger.info(
             "[SEGMENT_DEBUG] %s segment %d: %d frames", plan.run_id, result["index"], len(result["frames"])

@@ -8,13 +8,14 @@ before touching the database. Backends implement the rules; open one with `db.st
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
 from db.errors import InvalidTask, TaskConflict
-from db.models import NewTask, Task, TaskStatus
+from db.models import MAX_PARAMS_BYTES, NewTask, Task, TaskStatus
 
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_LIST_LIMIT = 10_000
@@ -92,17 +93,30 @@ class TaskStore(abc.ABC):
             raise InvalidTask("progress", f"must be between 0 and 1, got {progress}")
         return self._set_progress(task_id, worker_id, float(progress), message)
 
-    def complete(self, task_id: str, output_location: str, worker_id: str | None = None) -> Task:
-        """`In Progress` → `Complete`. With `worker_id`, only that worker's claim may complete it.
+    def complete(
+        self,
+        task_id: str,
+        output_location: str,
+        worker_id: str | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> Task:
+        """`In Progress` → `Complete`, recording `result` (a JSON object, see `Task.result`) with the output.
+        With `worker_id`, only that worker's claim may complete it.
 
         Raises `TaskConflict` when the task is not in progress (cancelled, requeued, already finished), so an
         abandoned attempt can never record an output.
         """
         if not output_location:
             raise InvalidTask("output_location", "must not be empty")
-        return self._complete(task_id, output_location, worker_id)
+        return self._complete(task_id, output_location, worker_id, _json_object(result, "result"))
 
-    def complete_idempotent(self, task_id: str, output_location: str, worker_id: str | None = None) -> Task:
+    def complete_idempotent(
+        self,
+        task_id: str,
+        output_location: str,
+        worker_id: str | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> Task:
         """`complete`, safe to retry after a lost reply (a timeout, `StoreUnavailable`).
 
         When the task is already `Complete` with this `output_location` (and, given `worker_id`, by this
@@ -110,7 +124,7 @@ class TaskStore(abc.ABC):
         state raises as `complete` does, so a retry never overwrites another attempt's output.
         """
         try:
-            return self.complete(task_id, output_location, worker_id)
+            return self.complete(task_id, output_location, worker_id, result)
         except TaskConflict:
             task = self.get(task_id)
             if (
@@ -203,10 +217,28 @@ class TaskStore(abc.ABC):
     def _set_progress(self, task_id: str, worker_id: str, progress: float, message: str | None) -> bool: ...
 
     @abc.abstractmethod
-    def _complete(self, task_id: str, output_location: str, worker_id: str | None) -> Task: ...
+    def _complete(
+        self, task_id: str, output_location: str, worker_id: str | None, result: dict[str, Any] | None
+    ) -> Task:
+        """`result` is None or a JSON-serialisable dict."""
 
     @abc.abstractmethod
     def _start(self, task_id: str, worker_id: str) -> Task: ...
+
+
+def _json_object(value: dict[str, Any] | None, field: str) -> dict[str, Any] | None:
+    """`value` as a plain JSON object (None stays None); `InvalidTask` naming `field` otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidTask(field, f"must be a JSON object, got {type(value).__name__}")
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidTask(field, f"is not JSON-serialisable: {exc}") from None
+    if len(encoded) > MAX_PARAMS_BYTES:
+        raise InvalidTask(field, f"is {len(encoded)} bytes of JSON; the limit is {MAX_PARAMS_BYTES}")
+    return json.loads(encoded)
 
 
 def new_task(**fields: Any) -> NewTask:

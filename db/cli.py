@@ -5,7 +5,7 @@
     hwgp list [--status Queued] [--type t2v] [--json]
     hwgp show ID [--json]
     hwgp cancel ID
-    hwgp wait ID [--timeout 600]
+    hwgp wait ID [--timeout 600]       # a progress bar on stderr (live events with --api)
 
 The database comes from `--db URL`, else `$HWGP_DB`, else `sqlite:///tasks.db`. With `--api URL`
 (or `$HWGP_API`), add-task / list / show / cancel / wait go through a running service's HTTP API.
@@ -21,6 +21,7 @@ nothing written); 3 `wait` timed out; 75 the database (or API) cannot answer now
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from db.http_client import HttpTasks, open_tasks
-from db.models import TaskStatus
+from db.models import Task, TaskStatus
 from db.store import StoreUnavailable, TaskConflict, TaskNotFound, TaskStore, TaskStoreError, new_task
 
 EXIT_FAILED = 1
@@ -174,6 +175,10 @@ def _run(args: argparse.Namespace) -> int:
                 print(task.model_dump_json(indent=2))
             else:
                 for key, value in task.model_dump(mode="json").items():
+                    if key == "result" and isinstance(value, dict):
+                        for name, part in value.items():  # one line per part: model, seed, timings, ...
+                            print(f"{'result.' + name:24} {json.dumps(part)}")
+                        continue
                     shown = json.dumps(value) if isinstance(value, dict) else value
                     print(f"{key:24} {shown}")
             return 0
@@ -229,27 +234,94 @@ def _read_params(args: argparse.Namespace) -> str:
 
 
 def _wait(store: TaskStore | HttpTasks, task_id: str, timeout: float | None) -> int:
+    """Wait for the task, drawing a progress bar on stderr: from the API's live events with `--api`,
+    else from the row, polled. Prints the final status (and output or error) on stdout."""
     deadline = None if timeout is None else time.monotonic() + timeout
     task = store.get(task_id)  # TaskNotFound → exit 2 before any waiting
-    last_progress = None
-    while not task.status.is_final:
-        if task.progress_message and task.progress_message != last_progress:
-            print(
-                f"{task.id} {task.status.value} {task.progress:.0%} {task.progress_message}", file=sys.stderr
-            )
-            last_progress = task.progress_message
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            print(f"{task.id} {task.status.value} (timed out)")
-            return EXIT_TIMEOUT
-        store.wait_for_work(min(1.0, remaining) if remaining is not None else 1.0)
-        try:
-            task = store.get(task_id)
-        except TaskNotFound:
-            raise UsageError(f"task {task_id} disappeared while waiting") from None
+    with _ProgressBar(task) as bar:
+        if isinstance(store, HttpTasks):
+            with contextlib.suppress(StoreUnavailable):  # the stream broke: go on by polling
+                task = _follow_events(store, task, bar, timeout)
+        while not task.status.is_final:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            store.wait_for_work(min(1.0, remaining) if remaining is not None else 1.0)
+            try:
+                task = store.get(task_id)
+            except TaskNotFound:
+                raise UsageError(f"task {task_id} disappeared while waiting") from None
+            bar.show_row(task)
+    if not task.status.is_final:
+        print(f"{task.id} {task.status.value} (timed out)")
+        return EXIT_TIMEOUT
     detail = task.output_location if task.status == TaskStatus.COMPLETE else task.error_message
     print(f"{task.id} {task.status.value} {detail or ''}".rstrip())
     return 0 if task.status == TaskStatus.COMPLETE else EXIT_FAILED
+
+
+def _follow_events(store: HttpTasks, task: Task, bar: _ProgressBar, timeout: float | None) -> Task:
+    """Follow `GET /tasks/{id}/events` until a final event (the task then) or the timeout; a stream the
+    server ended at its own deadline is opened again."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not task.status.is_final:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            break
+        events = 0
+        for event, data in store.events(task.id, timeout_s=remaining):
+            events += 1
+            if event == "progress":
+                bar.show_progress(data)
+            elif event in ("status", "done", "failed", "cancelled"):
+                task = Task.model_validate(data)
+                bar.show_row(task)
+        if events == 0:  # the server closed the stream at once (shutting down?): poll instead
+            break
+    return task
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr: denoising steps when the events give them, else percent of the row."""
+
+    def __init__(self, task: Task):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=100, desc=task.id[:8], unit="%", file=sys.stderr, dynamic_ncols=True, leave=True
+        )
+        self.by_steps = False
+        self.show_row(task)
+
+    def show_progress(self, progress: dict) -> None:
+        if "step" in progress and "total" in progress:
+            if not self.by_steps:
+                self.by_steps = True
+                self.bar.unit = "step"
+            self.bar.total = int(progress["total"])
+            self.bar.n = int(progress["step"])
+            eta = progress.get("eta_s")
+            self.bar.set_postfix_str(f"ETA {eta:.0f} s" if eta is not None else "", refresh=False)
+        else:
+            self.bar.n = round(float(progress.get("progress", 0)) * (self.bar.total or 100))
+            self.bar.set_postfix_str(progress.get("message") or "", refresh=False)
+        self.bar.refresh()
+
+    def show_row(self, task: Task) -> None:
+        self.bar.set_description_str(f"{task.id[:8]} {task.status.value}", refresh=False)
+        if task.status == TaskStatus.COMPLETE:
+            self.bar.n = self.bar.total or 100
+        elif not self.by_steps:
+            self.bar.n = round(task.progress * (self.bar.total or 100))
+            if task.progress_message:
+                self.bar.set_postfix_str(task.progress_message, refresh=False)
+        self.bar.refresh()
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 def _print_table(tasks: list) -> None:

@@ -6,7 +6,9 @@ HTTP errors back to the store's exceptions, so the CLI behaves the same over eit
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -35,6 +37,9 @@ class HttpTasks:
             raise StoreUnavailable(f"cannot reach {self.url}: {error!r}") from None
         if response.status_code < 400:
             return response.json()
+        self._raise_for(response, path)
+
+    def _raise_for(self, response: httpx.Response, path: str) -> None:
         detail = _detail(response)
         if response.status_code == 404:
             raise TaskNotFound(path.split("/")[2] if path.count("/") >= 2 else path)
@@ -72,8 +77,30 @@ class HttpTasks:
         return Task.model_validate(self._call("POST", f"/tasks/{task_id}/cancel"))
 
     def wait_for_work(self, timeout_s: float) -> bool:
-        time.sleep(timeout_s)  # no push channel over HTTP: the caller polls
+        time.sleep(timeout_s)  # the caller polls; `events` is the push channel
         return False
+
+    def events(self, task_id: str, timeout_s: float | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The task's server-sent events (`GET /tasks/{id}/events`) as (event, data) until the stream ends:
+        status, progress, then done / failed / cancelled (or timeout after `timeout_s`)."""
+        params = {"timeout_s": timeout_s} if timeout_s is not None else {}
+        path = f"/tasks/{task_id}/events"
+        try:
+            with self._client.stream("GET", path, params=params) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response, path)
+                event, data = "message", ""
+                for line in response.iter_lines():
+                    if line.startswith("event:"):
+                        event = line.removeprefix("event:").strip()
+                    elif line.startswith("data:"):
+                        data += line.removeprefix("data:").strip()
+                    elif not line and data:
+                        yield event, json.loads(data)
+                        event, data = "message", ""
+        except httpx.TransportError as error:
+            raise StoreUnavailable(f"cannot reach {self.url}: {error!r}") from None
 
     def close(self) -> None:
         self._client.close()

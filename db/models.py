@@ -65,6 +65,10 @@ class Task(BaseModel):
     heartbeat_at: datetime | None = None
     generation_started_at: datetime | None = None
     generation_processed_at: datetime | None = None
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="What a completed task reports: model, seed and settings as applied, output size, timings.",
+    )
 
 
 class NewTask(BaseModel):

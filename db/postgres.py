@@ -141,7 +141,9 @@ SET_PROGRESS = Call(
     "ok",
 )
 COMPLETE = Call(
-    "SELECT * FROM complete_task(%(task_id)s, %(output_location)s, %(worker_id)s)", "complete-task", "row"
+    "SELECT * FROM complete_task(%(task_id)s, %(output_location)s, %(worker_id)s, %(result)s)",
+    "complete-task",
+    "row",
 )
 FAIL = Call(
     "SELECT * FROM fail_task(%(task_id)s, %(error_message)s, %(worker_id)s, %(retryable)s, %(max_attempts)s)",
@@ -389,8 +391,12 @@ class PostgresTaskStore(TaskStore):
         args = {"task_id": task_id, "worker_id": worker_id, "progress": progress, "message": message}
         return bool(self.transport.call(SET_PROGRESS, args))
 
-    def _complete(self, task_id: str, output_location: str, worker_id: str | None) -> Task:
-        return self._task(COMPLETE, task_id=task_id, output_location=output_location, worker_id=worker_id)
+    def _complete(
+        self, task_id: str, output_location: str, worker_id: str | None, result: dict[str, Any] | None
+    ) -> Task:
+        return self._task(
+            COMPLETE, task_id=task_id, output_location=output_location, worker_id=worker_id, result=result
+        )
 
     def fail(
         self,

@@ -23,7 +23,7 @@ from db.models import NewTask, Task, TaskStatus
 COLUMNS = (
     "id, task_type, params, status, dependant_on, project_id, priority, output_location, error_message, "
     "worker_id, attempts, progress, progress_message, created_at, updated_at, heartbeat_at, "
-    "generation_started_at, generation_processed_at"
+    "generation_started_at, generation_processed_at, result"
 )
 RETURNING = "RETURNING " + ", ".join(f"tasks.{c.strip()}" for c in COLUMNS.split(","))
 NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
@@ -228,13 +228,21 @@ class SqlTaskStore(TaskStore):
         with self._write() as cur:
             return bool(self._execute(cur, sql, args))
 
-    def _complete(self, task_id: str, output_location: str, worker_id: str | None) -> Task:
+    def _complete(
+        self, task_id: str, output_location: str, worker_id: str | None, result: dict[str, Any] | None
+    ) -> Task:
         sql = (
             "UPDATE tasks SET status = 'Complete', output_location = :output_location, error_message = NULL, "
+            "result = :result, "
             f"progress = 1, generation_processed_at = {NOW}, updated_at = {NOW} "
             "WHERE id = :id AND status = 'In Progress' AND (:worker_id IS NULL OR worker_id = :worker_id) "
         )
-        args = {"id": task_id, "output_location": output_location, "worker_id": worker_id}
+        args = {
+            "id": task_id,
+            "output_location": output_location,
+            "worker_id": worker_id,
+            "result": json.dumps(result) if result is not None else None,
+        }
         with self._write() as cur:
             task = self._one(self._execute(cur, sql + RETURNING, args))
             if task is None:
@@ -345,6 +353,7 @@ class SqlTaskStore(TaskStore):
 def task_from_row(row: Mapping[str, Any]) -> Task:
     data = dict(row)
     data["params"] = json.loads(data.get("params") or "{}")
+    data["result"] = json.loads(data["result"]) if data.get("result") else None
     return Task.model_validate(data)
 
 

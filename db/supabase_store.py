@@ -125,9 +125,15 @@ class SupabaseTaskStore(PostgresTaskStore):
         ]
 
     def complete_with_file(
-        self, task_id: str, data: bytes, filename: str, worker_id: str | None = None
+        self,
+        task_id: str,
+        data: bytes,
+        filename: str,
+        worker_id: str | None = None,
+        result: dict[str, Any] | None = None,
     ) -> Task:
-        """Upload `data` through `complete-task` (Supabase Storage) and complete the task with its URL."""
+        """Upload `data` through `complete-task` (Supabase Storage) and complete the task with its URL
+        (and `result`, see `Task.result`)."""
         if not isinstance(self.transport, HttpTransport):
             raise InvalidTask(
                 "db", "complete_with_file uploads through the edge functions: use supabase+https://…"
@@ -137,6 +143,7 @@ class SupabaseTaskStore(PostgresTaskStore):
             "file_data": base64.b64encode(data).decode(),
             "filename": filename,
             "worker_id": worker_id,
+            "result": result,
         }
         return Task.model_validate(self.transport.post("complete-task", body))
 

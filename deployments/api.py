@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.params import Depends
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,7 +25,9 @@ from db.models import Task, TaskStatus
 from db.store import TaskStore, new_task
 from deployments.dispatcher import BlockingPool, DispatcherStatus
 from deployments.errors import InvalidParams, InvalidTask, TaskConflict, TaskNotFound, TaskStoreError
+from deployments.events import EventBus, task_events
 from deployments.routing import Routing
+from deployments.webhooks import WebhookSender
 from storage import OutputStorage
 
 UI_PAGE = Path(__file__).with_name("ui") / "index.html"
@@ -40,6 +42,10 @@ class CreateTaskRequest(BaseModel):
     project_id: str | None = None
     priority: int = 0
     task_id: str | None = Field(default=None, description="Client-chosen id (a UUID); generated when absent.")
+    webhook_url: str | None = Field(
+        default=None,
+        description="POSTed (signed) when the task completes or fails; stored as params.webhook_url.",
+    )
 
 
 class DispatcherView(Protocol):
@@ -132,7 +138,13 @@ def create_app(
     max_request_bytes: int,
     replica_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     dependencies: Sequence[Depends] = (),
+    events: EventBus | None = None,
+    webhooks: WebhookSender | None = None,
+    events_poll_s: float = 1.0,
+    events_keepalive_s: float = 15.0,
 ) -> FastAPI:
+    """`events`: the dispatcher's event bus, for live `/tasks/{id}/events` (without it they poll the row);
+    `webhooks`: checks a task's `webhook_url` at POST (without it a `webhook_url` is refused)."""
     app = FastAPI(
         title="Headless-Wan2GP Serve",
         description="Queue video and image generation tasks; the tasks table is the source of truth.",
@@ -142,18 +154,39 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     app.add_exception_handler(TaskStoreError, _domain_error)
 
+    async def checked_webhook(body: CreateTaskRequest) -> dict[str, Any]:
+        """The params to store: `webhook_url` (top-level or in params) checked and moved into them."""
+        in_params = body.params.get("webhook_url")
+        field = "webhook_url" if body.webhook_url is not None else "params.webhook_url"
+        url = body.webhook_url if body.webhook_url is not None else in_params
+        if url is None:
+            return body.params
+        if body.webhook_url is not None and in_params is not None and in_params != body.webhook_url:
+            raise InvalidTask("webhook_url", "given twice (top level and in params) with different values")
+        if not isinstance(url, str) or not url:
+            raise InvalidTask(field, "must be an http(s) URL")
+        if webhooks is None:
+            raise InvalidTask(field, "this service does not send webhooks")
+        try:
+            await pool.run(webhooks.check_url, url)
+        except ValueError as error:
+            raise InvalidTask(field, str(error).removeprefix("webhook_url: ")) from None
+        return {**body.params, "webhook_url": url}
+
     @app.post("/tasks", status_code=201, response_model=Task)
     async def create_task(body: CreateTaskRequest) -> Task:
         """Queue a task. 422 names the field that is wrong; nothing is written then."""
+        params = await checked_webhook(body)
         new = new_task(
             task_type=body.task_type,
-            params=body.params,
+            params=params,
             dependant_on=body.dependant_on,
             project_id=body.project_id,
             priority=body.priority,
             id=body.task_id,
         )
-        await pool.run(routing.check, new.task_type, new.params)
+        engine_params = {k: v for k, v in new.params.items() if k != "webhook_url"}  # not the engine's
+        await pool.run(routing.check, new.task_type, engine_params)
         task = await pool.run(store.create, new)
         dispatcher.wake()
         return task
@@ -183,7 +216,37 @@ def create_app(
         """Cancel a queued or running task; a running one stops at its next denoising step."""
         task = await pool.run(store.cancel, task_id)
         dispatcher.stop_task(task_id)
+        if events is not None:
+            events.task_changed(task)
         return task
+
+    @app.get("/tasks/{task_id}/events")
+    async def task_event_stream(
+        task_id: str, timeout_s: float = Query(default=3600.0, gt=0, le=86_400)
+    ) -> StreamingResponse:
+        """Server-sent events: status changes, step progress with ETA, then done / failed / cancelled with
+        the task (and its result); the stream ends there, or with `timeout` after `timeout_s`."""
+        subscription = events.subscribe(task_id) if events is not None else None
+        try:
+            task = await pool.run(store.get, task_id)  # 404 before the stream starts
+        except BaseException:
+            if subscription is not None:
+                subscription.close()
+            raise
+
+        async def get(wanted: str) -> Task:
+            return await pool.run(store.get, wanted)
+
+        stream = task_events(
+            task,
+            subscription,
+            get,
+            poll_s=events_poll_s,
+            keepalive_s=events_keepalive_s,
+            timeout_s=timeout_s,
+        )
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
     @app.get("/tasks/{task_id}/output")
     async def get_output(task_id: str):

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.task_types import DEPLOYMENTS
+from deployments.webhooks import WebhookSettings
 
 logger = logging.getLogger("ray.serve")
 
@@ -115,6 +116,9 @@ class AppConfig(BaseModel):
         description="the family deployments to run (T2V, VACE, Flux) and their resources",
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    webhooks: WebhookSettings = Field(
+        default_factory=WebhookSettings, description="signed POSTs when tasks complete or fail"
+    )
 
     @model_validator(mode="before")
     @classmethod

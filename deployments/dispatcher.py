@@ -20,7 +20,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +30,9 @@ from db.models import Task, TaskStatus
 from db.store import TaskStore
 from deployments.config import IngressConfig
 from deployments.errors import InvalidTask, TaskConflict
+from deployments.results import task_result
 from deployments.routing import Route, Routing
+from deployments.webhooks import without_delivery_keys
 from storage import OutputStorage, StorageError
 from Wan2GP.artifact import Artifact
 
@@ -76,6 +78,7 @@ class Job:
         self.released = False  # handed back at shutdown: drop the result, leave the rows for the next run
         self.child_rows: list[str] = []  # rows mirroring an orchestration's steps, heartbeated with it
         self.started = time.monotonic()
+        self.timings: dict[str, float] = {}  # seconds per stage (input_fetch, load, save): the task's result
         self._dispatcher = dispatcher
         self._on_cancel: list[Callable[[], None]] = []
         self._last_progress_write = 0.0
@@ -113,6 +116,15 @@ class Job:
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self._dispatcher.pool.run(fn, *args, **kwargs)
 
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the time the block takes to `timings[stage]`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
 
 @dataclass
 class RunResult:
@@ -134,6 +146,14 @@ class DispatchMetrics(Protocol):
     def failed(self, task: Task) -> None: ...
     def queue_depth(self, queued: int) -> None: ...
     def in_flight(self, running: int) -> None: ...
+
+
+class TaskObserver(Protocol):
+    """Told, on the event loop, of every row the dispatcher changes and of each denoising step (live
+    progress, webhooks). Must not block; an exception is logged and ignored."""
+
+    def task_changed(self, task: Task) -> None: ...
+    def task_progress(self, task_id: str, progress: dict[str, Any]) -> None: ...
 
 
 class NoMetrics:
@@ -179,6 +199,7 @@ class Dispatcher:
         pool: BlockingPool | None = None,
         metrics: DispatchMetrics | None = None,
         worker_id: str | None = None,
+        observers: Sequence[TaskObserver] = (),
     ):
         """`runners`: route kind (generation / orchestration / utility) -> runner. `capacity`: how many
         tasks may run at once per pool of `routing.pools()`; a pool left out is not claimed from."""
@@ -193,6 +214,7 @@ class Dispatcher:
         self.pool = pool or BlockingPool(self.settings.threads)
         self.metrics: DispatchMetrics = metrics or NoMetrics()
         self.worker_id = worker_id or new_worker_id()
+        self.observers = list(observers)
         self.served_task_types = {t for types in self.pools.values() for t in types}
         self.in_flight: dict[str, Job] = {}
         self.stopping = False
@@ -286,6 +308,7 @@ class Dispatcher:
             logger.warning(
                 "task %s -> %s (%s)", task.id, task.status.value, task.error_message or task.progress_message
             )
+            self._notify(task)
         if self.settings.fail_unknown_task_types:
             queued = await self.pool.run(self.store.list, status=TaskStatus.QUEUED, limit=1000)
             for task in queued:
@@ -296,7 +319,7 @@ class Dispatcher:
                         f"task_type {task.task_type!r} is not served by this application; "
                         f"served: {', '.join(sorted(self.served_task_types))}"
                     )
-                    await self.pool.run(self.store.fail, task.id, message)
+                    self._notify(await self.pool.run(self.store.fail, task.id, message))
                     self.metrics.failed(task)
         counts = await self.pool.run(self.store.count_by_status, sorted(self.served_task_types))
         self.metrics.queue_depth(counts[TaskStatus.QUEUED])
@@ -311,7 +334,8 @@ class Dispatcher:
             tasks = await self.pool.run(self.store.claim_next, self.worker_id, task_types, free)
             for task in tasks:
                 self.metrics.claimed(task)
-                job = Job(self, task, pool)
+                self._notify(task)
+                job = Job(self, without_delivery_keys(task), pool)  # runners never see webhook_url
                 self.in_flight[task.id] = job
                 run = asyncio.get_running_loop().create_task(self._run(job))
                 self._runs.add(run)
@@ -334,12 +358,17 @@ class Dispatcher:
             if job.dropped:
                 raise RunCancelled
             try:
-                saved = await self.pool.run(self.storage.save, task.id, result.artifact)
+                with job.timed("save"):
+                    saved = await self.pool.run(self.storage.save, task.id, result.artifact)
             except StorageError as error:
                 raise TaskFailure(f"storing the output failed: {error}") from None
             if result.finish is not None:
                 await self.pool.run(result.finish, saved.output_location)
-            await self.pool.run(self.store.complete, task.id, saved.output_location, self.worker_id)
+            report = task_result(task, result.artifact, saved.uploaded, job.timings)
+            done = await self.pool.run(
+                self.store.complete, task.id, saved.output_location, self.worker_id, report
+            )
+            self._notify(done)
             self.metrics.completed(task, time.monotonic() - job.started, result.model_id or job.model_id)
         except TaskFailure as failure:
             await self._fail(job, str(failure), retryable=failure.retryable)
@@ -368,27 +397,44 @@ class Dispatcher:
             )
         except TaskConflict:
             return  # cancelled or requeued meanwhile: nothing of ours to record
+        self._notify(task)
         if task.status == TaskStatus.FAILED:
             self.metrics.failed(job.task)
 
     async def _progress(self, job: Job, step: int, total: int) -> None:
         now = time.monotonic()
+        eta = (now - job.started) / max(step, 1) * (total - step)
+        # Denoising is most of the work; decoding and saving come after the last step.
+        fraction = min(0.99, step / max(total, 1))
+        message = f"step {step}/{total}, ETA {eta:.0f} s"
+        progress = {
+            "step": step,
+            "total": total,
+            "progress": fraction,
+            "eta_s": round(eta, 2),
+            "message": message,
+        }
+        for observer in self.observers:  # every step (in-process listeners are cheap); the row less often
+            self._tell(observer.task_progress, job.task.id, progress)
         if now - job._last_progress_write < self.settings.progress_interval_s and step < total:
             return
         job._last_progress_write = now
-        elapsed = now - job.started
-        eta = elapsed / max(step, 1) * (total - step)
-        # Denoising is most of the work; decoding and saving come after the last step.
-        fraction = min(0.99, step / max(total, 1))
         still_ours = await self.pool.run(
-            self.store.set_progress,
-            job.task.id,
-            self.worker_id,
-            fraction,
-            f"step {step}/{total}, ETA {eta:.0f} s",
+            self.store.set_progress, job.task.id, self.worker_id, fraction, message
         )
         if not still_ours:
             job.stop()
+
+    def _notify(self, task: Task) -> None:
+        for observer in self.observers:
+            self._tell(observer.task_changed, task)
+
+    @staticmethod
+    def _tell(hook: Callable[..., None], *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:  # an observer's bug must not fail the task
+            logger.exception("task observer %r failed", hook)
 
     async def _heartbeat_loop(self) -> None:
         while not self.stopping:

@@ -23,9 +23,11 @@ from db.store import TaskStore, open_store
 from deployments.api import create_app
 from deployments.config import AppConfig
 from deployments.dispatcher import BlockingPool, Dispatcher, new_worker_id
+from deployments.events import EventBus
 from deployments.routing import Routing
 from deployments.runners import GenerationRunner, OrchestrationRunner, UtilityRunner
 from deployments.task_types import DAG_POOL, GENERATION, ORCHESTRATION, UTILITY, UTILITY_POOL
+from deployments.webhooks import WebhookNotifier, WebhookSender
 from storage import InputFetcher, OutputStorage
 from Wan2GP.catalog import Catalog
 
@@ -95,6 +97,12 @@ class Ingress:
             ),
             UTILITY: UtilityRunner(self.store, self.routing),
         }
+        # Live events for /tasks/{id}/events and webhooks: both observe the dispatcher.
+        self.events = EventBus()
+        self.webhook_sender = WebhookSender(self.config.webhooks)
+        if self.config.webhooks.default_url:
+            self.webhook_sender.check_url(self.config.webhooks.default_url)  # a bad default fails at start
+        self.webhooks = WebhookNotifier(self.webhook_sender)
         self.dispatcher = Dispatcher(
             self.store,
             self.storage,
@@ -105,6 +113,7 @@ class Ingress:
             pool=self.pool,
             metrics=ServeMetrics(),
             worker_id=worker_id,
+            observers=[self.events, self.webhooks],
         )
         self.dispatcher.start()
         logger.info(
@@ -120,6 +129,8 @@ class Ingress:
             pool=self.pool,
             max_request_bytes=self.config.ingress.max_request_bytes,
             replica_stats=self.replica_stats,
+            events=self.events,
+            webhooks=self.webhook_sender,
         )
 
     async def replica_stats(self) -> dict[str, Any]:
@@ -134,5 +145,6 @@ class Ingress:
     async def __del__(self) -> None:
         """Graceful shutdown: stop claiming, let in-flight work finish, give the rest back."""
         await self.dispatcher.stop()
+        await self.webhooks.close()
         self.store.close()
         self.pool.close()

@@ -46,7 +46,10 @@ class GenerationRunner:
         task, route = job.task, job.route
         assert route is not None
         try:
-            params = await job.blocking(self.routing.fetch_inputs, task.params, route.task_type.input_fields)
+            with job.timed("input_fetch"):
+                params = await job.blocking(
+                    self.routing.fetch_inputs, task.params, route.task_type.input_fields
+                )
         except InputError as error:
             raise TaskFailure(str(error)) from None
         handle = self.handles[route.pool].options(stream=True, multiplexed_model_id=route.model_id)
@@ -56,7 +59,9 @@ class GenerationRunner:
         try:
             async for event in stream:
                 kind = event["event"]
-                if kind == "progress":
+                if kind == "loaded":  # the replica made the model resident (0 s when it already was)
+                    job.timings["load"] = job.timings.get("load", 0.0) + event["seconds"]
+                elif kind == "progress":
                     await job.progress(event["step"], event["total"])
                 elif kind == "done":
                     artifact = event["artifact"]

@@ -6,6 +6,12 @@ deadline, and redirects are not followed (a webhook endpoint answers, it does no
 Failed attempts (no answer, 429, 5xx) are retried with exponential backoff; 2xx ends delivery, and so
 does any other 4xx (the receiver refused it: retrying will not help).
 
+`webhook_url` is a task's own (a top-level field of POST /tasks, stored in its params, or
+`params.webhook_url`), else `args.webhooks.default_url`. It is checked when the task is posted (422
+naming `webhook_url`), and the engine never sees it: the dispatcher hands runners the task without it
+(`without_delivery_keys`). `WebhookNotifier` is the dispatcher's observer that sends the events:
+`task.completed` / `task.failed` with `{"event", "task": <the row, result included>}`.
+
 Each request carries:
 - `X-HWGP-Event`: `task.completed` or `task.failed`;
 - `X-HWGP-Delivery`: one id per delivery, the same on every retry (receivers can drop duplicates);
@@ -31,6 +37,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from db.models import Task, TaskStatus
 from storage.guarded_http import Budget, default_ssl_context, open_url
 from storage.url_guard import (
     Allowlist,
@@ -45,6 +52,9 @@ from storage.url_guard import (
 logger = logging.getLogger("ray.serve")
 
 SIGNATURE_HEADER = "X-HWGP-Signature"
+# Params that say where a task's events go, not how to generate: kept from the engine.
+DELIVERY_KEYS = ("webhook_url",)
+EVENTS = {TaskStatus.COMPLETE: "task.completed", TaskStatus.FAILED: "task.failed"}
 SIGNATURE_TOLERANCE_S = 300
 
 
@@ -209,3 +219,48 @@ class WebhookSender:
     def close(self) -> None:
         self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def without_delivery_keys(task: Task) -> Task:
+    """The task as runners and the engine see it: without `webhook_url`."""
+    if not any(key in task.params for key in DELIVERY_KEYS):
+        return task
+    params = {k: v for k, v in task.params.items() if k not in DELIVERY_KEYS}
+    return task.model_copy(update={"params": params})
+
+
+class WebhookNotifier:
+    """A dispatcher observer (`deployments.dispatcher.TaskObserver`) that POSTs each task's final event to
+    its webhook; deliveries run as tasks on the event loop, so the dispatcher never waits for them."""
+
+    def __init__(self, sender: WebhookSender):
+        self.sender = sender
+        self.deliveries: set[asyncio.Task[Delivery]] = set()
+
+    def task_changed(self, task: Task) -> None:
+        event = EVENTS.get(task.status)
+        url = self.sender.url_for(task.params) if event else None
+        if event is None or not url:
+            return
+        delivery = asyncio.get_running_loop().create_task(
+            self._deliver(url, event, task), name=f"webhook-{task.id}"
+        )
+        self.deliveries.add(delivery)
+        delivery.add_done_callback(self.deliveries.discard)
+
+    def task_progress(self, task_id: str, progress: dict[str, Any]) -> None:
+        """Webhooks are sent for final events only."""
+
+    async def _deliver(self, url: str, event: str, task: Task) -> Delivery:
+        outcome = await self.sender.deliver(url, event, {"task": task.model_dump(mode="json")})
+        if outcome.delivered:
+            logger.info("task %s: %s delivered to %s", task.id, event, redact_url(url))
+        return outcome
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Let deliveries under way finish for up to `timeout_s`, then stop them and the sender."""
+        if self.deliveries:
+            await asyncio.wait(list(self.deliveries), timeout=timeout_s)
+        for delivery in list(self.deliveries):
+            delivery.cancel()
+        self.sender.close()

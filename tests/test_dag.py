@@ -114,6 +114,14 @@ def test_three_anchor_chained_travel(service: dict):
         "run3_seg00_output.mp4",
         "run3_seg01_output.mp4",
     ]
+    # Each segment row records what its generation reported; the orchestrator's result is the final video's.
+    for segment in segments:
+        assert (
+            segment.result["steps"] == 2
+            and segment.result["model"]
+            and "denoise" in segment.result["timings"]
+        )
+    assert orchestrator["result"]["output"]["bytes"] == len(final)
 
 
 def test_original_payload_form(service: dict):

@@ -211,6 +211,28 @@ def test_complete_records_output_once(store: TaskStore):
     assert store.get(task.id).output_location == "files/x.mp4"
 
 
+def test_complete_stores_the_result_with_the_row(store: TaskStore):
+    task = store.add("t2v", {})
+    assert task.result is None
+    store.claim_next("w1")
+    result = {
+        "model": "tiny-t2v",
+        "seed": 7,
+        "loras": [{"name": "a", "multiplier": 0.5}],
+        "timings": {"denoise": 1.5},
+    }
+    with pytest.raises(InvalidTask) as bad:
+        store.complete(task.id, "files/x.mp4", worker_id="w1", result=["not", "an", "object"])  # type: ignore[arg-type]
+    assert bad.value.field == "result"
+    assert store.get(task.id).status == TaskStatus.IN_PROGRESS  # nothing written
+    done = store.complete(task.id, "files/x.mp4", worker_id="w1", result=result)
+    assert done.result == result and store.get(task.id).result == result
+    assert store.list(status=TaskStatus.COMPLETE)[0].result == result
+    # A retry after a lost reply returns the stored row, result included.
+    again = store.complete_idempotent(task.id, "files/x.mp4", worker_id="w1", result=result)
+    assert again.result == result
+
+
 def test_retryable_failure_requeues_until_attempts_run_out(store: TaskStore):
     task = store.add("t2v", {})
     store.claim_next("w")

@@ -104,10 +104,18 @@ def test_create_task_accepts_params_as_a_json_string_and_a_dependency(fn: EdgeFu
 def test_complete_task_with_an_output_location(fn: EdgeFunctions, direct: TaskStore):
     task = direct.add("t2v", {})
     direct.claim_next("w")
-    answer = fn.post("complete-task", {"task_id": task.id, "output_location": "https://cdn/x.mp4"})
+    bad = fn.post(
+        "complete-task", {"task_id": task.id, "output_location": "https://cdn/x.mp4", "result": [1]}
+    )
+    assert bad.status_code == 400 and bad.json()["field"] == "result"
+    result = {"seed": 5, "timings": {"denoise": 2.5}}
+    answer = fn.post(
+        "complete-task", {"task_id": task.id, "output_location": "https://cdn/x.mp4", "result": result}
+    )
     assert answer.status_code == 200, answer.text
     done = direct.get(task.id)
     assert done.status == TaskStatus.COMPLETE and done.output_location == "https://cdn/x.mp4"
+    assert answer.json()["result"] == done.result == result
 
 
 def test_complete_task_uploads_file_data_to_storage(

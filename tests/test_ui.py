@@ -67,6 +67,14 @@ def test_submit_watch_and_play(app_url: str, browser) -> None:
     )
     played = video.evaluate("v => v.play().then(() => true)")
     assert played is True
+    # The result and where the time went, as the task reports them.
+    details = page.locator(f"tr[data-detail-of='{task_id}']")
+    assert details.locator("table.result tr[data-key='seed'] td").nth(1).inner_text().isdigit()
+    assert details.locator("table.result tr[data-key='resolution'] td").nth(1).inner_text() == "64x48"
+    assert details.locator("table.result tr[data-key='steps'] td").nth(1).inner_text() == "2"
+    assert "tiny-t2v" in details.locator("table.result tr[data-key='model'] td").nth(1).inner_text()
+    for stage in ("queue wait", "load", "denoise", "decode", "encode", "save"):
+        assert details.locator(f"table.timings tr[data-key='{stage}'] .timing").count() == 1, stage
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
     assert errors == []

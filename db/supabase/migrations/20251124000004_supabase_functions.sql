@@ -1,5 +1,5 @@
 -- Supabase mode, part 2: the operations only Supabase clients use, on top of the task functions of
--- db/migrations/postgres/0002_task_functions.sql (applied before these). SECURITY INVOKER, like those:
+-- 20251124000002_task_functions.sql (applied before these). SECURITY INVOKER, like those:
 -- row-level security applies to a user's calls.
 
 -- What existing clients send to `update-task-status`: a status with its output (or failure message).

@@ -1,4 +1,5 @@
-// POST {task_id, output_location} or {task_id, file_data (base64), filename} [, worker_id] → 200 the task.
+// POST {task_id, output_location} or {task_id, file_data (base64), filename} [, worker_id] [, result]
+// → 200 the task. `result` (a JSON object: model, seed, timings…) is stored with the row.
 // With file_data the file goes to Supabase Storage (bucket image_uploads, object {task_id}/{filename})
 // and output_location becomes its public URL. Only a task In Progress (and, with worker_id, that
 // worker's claim) completes: 409 otherwise; 404 when the caller cannot see the task.
@@ -18,6 +19,10 @@ export const handler = endpoint(async (req, body) => {
   const workerId = optionalString(body, "worker_id");
   let outputLocation = optionalString(body, "output_location");
   const fileData = optionalString(body, "file_data");
+  const result = body.result ?? null;
+  if (result !== null && (typeof result !== "object" || Array.isArray(result))) {
+    throw new HttpError(400, "result: must be a JSON object", "result");
+  }
   if (outputLocation === null && fileData === null) {
     throw new HttpError(
       400,
@@ -34,7 +39,7 @@ export const handler = endpoint(async (req, body) => {
   }
   const [row] = await asCaller(
     caller,
-    (tx) => tx`select * from complete_task(${taskId}, ${outputLocation}, ${workerId})`,
+    (tx) => tx`select * from complete_task(${taskId}, ${outputLocation}, ${workerId}, ${result}::jsonb)`,
   );
   return json(taskJson(row));
 }, maxUploadBodyBytes);
