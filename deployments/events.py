@@ -128,7 +128,7 @@ async def task_events(
         yield sse("status", _task_json(task))
         status, row_message = task.status, task.progress_message
         last_sent = last_poll = time.monotonic()
-        pushed_progress = False  # the bus gave progress since the last poll: the row's is older
+        pushed_progress = False  # this process runs the task: its bus progress is finer than the row's
         while not status.is_final:
             now = time.monotonic()
             if now >= deadline:
@@ -155,7 +155,7 @@ async def task_events(
                         out.append(sse("status", _task_json(task)))
                 elif task.progress_message != row_message and task.progress_message and not pushed_progress:
                     out.append(sse("progress", {"progress": task.progress, "message": task.progress_message}))
-                row_message, pushed_progress = task.progress_message, False
+                row_message = task.progress_message
             for block in out:
                 yield block
             if out:
