@@ -91,6 +91,8 @@ class Engine:
         self._component_keys: dict[str, tuple] = {}
         self._base_scheduler = None
         self._lock = threading.Lock()  # one load or generation at a time
+        # (frames, fps) -> MP4 bytes; None: Wan2GP.video.encode_mp4. Wan2GP.parallel swaps in a split encoder.
+        self.video_encoder: Callable[..., bytes] | None = None
 
     @property
     def loaded_model_id(self) -> str | None:
@@ -247,7 +249,8 @@ class Engine:
         if len(frames) == 1:
             data, extension, media_type = encode_png(frames[0]), "png", "image/png"
         else:
-            data, extension, media_type = encode_mp4(frames, fps=settings.fps), "mp4", "video/mp4"
+            encode = self.video_encoder or encode_mp4
+            data, extension, media_type = encode(frames, fps=settings.fps), "mp4", "video/mp4"
         timings["encode_file"] = time.perf_counter() - start
 
         metadata = {
