@@ -95,11 +95,13 @@ def init_distributed(
     master_port: int,
     device: str | None = None,
     timeout_s: float = 600.0,
+    backend: str | None = None,
 ) -> torch.device:
     """Join the process group (NCCL for a CUDA ``device``, gloo for CPU) and return this rank's device.
 
     ``device`` defaults to ``cuda:<rank % visible GPUs>`` when CUDA is present, else ``cpu``. The NVLink
-    multicast switches of :data:`NCCL_SAFE_ENV` are set before NCCL starts.
+    multicast switches of :data:`NCCL_SAFE_ENV` are set before NCCL starts. ``backend="gloo"`` with CUDA
+    devices lets several ranks share one GPU (for checks, not for speed: NCCL refuses that).
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
@@ -111,7 +113,7 @@ def init_distributed(
         if resolved.index is None:
             resolved = torch.device("cuda", 0)
         torch.cuda.set_device(resolved)
-    backend = "nccl" if resolved.type == "cuda" else "gloo"
+    backend = backend or ("nccl" if resolved.type == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,

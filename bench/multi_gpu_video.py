@@ -152,46 +152,109 @@ def _replica(args, gpus, mode, options, models_dir, model_id, steps_list, baseli
 # ---- the decode on its own: whole on one GPU vs split over the GPUs (plain processes) ------------------------
 
 
-def _decode_rank(rank: int, world_size: int, port: int, vae_folder: str, latents_path: str, out: str) -> None:
+def _decode_rank(
+    rank: int, world_size: int, port: int, vae_folder: str, latents_path: str, out: str, shared: bool
+) -> None:
+    """One rank of the decode/encode check: the VAE decode split vs whole, the MP4 encode in pieces vs whole.
+    ``shared``: every rank on cuda:0 over gloo (one GPU: the errors count, the split decode's time does not)."""
     import torch
     from diffusers import AutoencoderKLWan
 
-    from Wan2GP.parallel import decode_split, init_distributed
+    from Wan2GP.parallel import decode_split, encode_mp4_split, init_distributed
+    from Wan2GP.video import decode_video, encode_mp4, to_uint8_frames
 
-    device = init_distributed(rank, world_size, "127.0.0.1", port, device=f"cuda:{rank}")
+    cuda = torch.cuda.is_available()
+    device = ("cuda:0" if shared else f"cuda:{rank}") if cuda else "cpu"
+    device = init_distributed(
+        rank, world_size, "127.0.0.1", port, device=device, backend="gloo" if shared else None
+    )
+
+    def sync() -> None:
+        if cuda:
+            sync()
+
     vae = AutoencoderKLWan.from_pretrained(vae_folder, torch_dtype=torch.float32).to(device)
     z = torch.from_numpy(np.load(latents_path)).to(device)
-    result = {}
+    result = {"shared_gpu": shared}
     with torch.no_grad():
         for _ in range(2):  # the first of each is a warm-up
             torch.distributed.barrier()
-            torch.cuda.synchronize(device)
+            sync()
             start = time.perf_counter()
             split = decode_split(vae, z, rank, world_size)
-            torch.cuda.synchronize(device)
+            sync()
             result["split_s"] = time.perf_counter() - start
+        whole = None
         if rank == 0:
             for _ in range(2):
-                torch.cuda.synchronize(device)
+                sync()
                 start = time.perf_counter()
                 whole = vae.decode(z).sample
-                torch.cuda.synchronize(device)
+                sync()
                 result["whole_s"] = time.perf_counter() - start
             result["rel_error"] = float((split - whole).norm() / whole.norm())
             result["max_abs_error"] = float((split - whole).abs().max())
-            result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            Path(out).write_text(json.dumps(result))
+            result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+    # The MP4: every rank encodes its share in parallel and the pieces are joined, vs one encode of all frames.
+    frames = to_uint8_frames((split[0].permute(1, 2, 3, 0).float().cpu().numpy() + 1) / 2)
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    joined = encode_mp4_split(frames, 16, rank, world_size)
+    result["encode_split_s"] = time.perf_counter() - start
+    if rank == 0:
+        start = time.perf_counter()
+        single = encode_mp4(frames, fps=16)
+        result["encode_whole_s"] = time.perf_counter() - start
+        result["encode_rel_error"] = relative_error(decode_video(joined)[0], decode_video(single)[0])
+        result["encode_bytes"] = [len(single), len(joined)]
+        Path(out).write_text(json.dumps(result))
     torch.distributed.destroy_process_group()
 
 
-def _decode_check(gpus: int, vae_folder: str, latents: np.ndarray) -> dict:
+def _decode_check(gpus: int, vae_folder: str, latents: np.ndarray, shared: bool) -> dict:
     import torch.multiprocessing as mp
 
     tmp = Path(tempfile.mkdtemp(prefix="hwgp-decode-"))
     np.save(tmp / "latents.npy", latents)
-    args = (gpus, free_port(), vae_folder, str(tmp / "latents.npy"), str(tmp / "decode.json"))
+    args = (gpus, free_port(), vae_folder, str(tmp / "latents.npy"), str(tmp / "decode.json"), shared)
     mp.spawn(_decode_rank, args=args, nprocs=gpus, join=True)
     return json.loads((tmp / "decode.json").read_text())
+
+
+def _print_decode(decode: dict, gpus: int) -> None:
+    where = (
+        "2 ranks sharing one GPU over gloo (its time is not a speed)"
+        if decode["shared_gpu"]
+        else f"{gpus} GPUs"
+    )
+    print(f"VAE decode alone, {where}: whole on 1 GPU {decode['whole_s']:.2f}s, split {decode['split_s']:.2f}s; "
+          f"rel. error {decode['rel_error']:.2e}, max-abs {decode['max_abs_error']:.2e}, "
+          f"peak {decode['peak_gib']:.1f} GiB on rank 0")  # fmt: skip
+    print(f"MP4 encode of the decoded frames: whole {decode['encode_whole_s']:.2f}s, {gpus} pieces in parallel + "
+          f"join {decode['encode_split_s']:.2f}s; decoded-frame rel. error {decode['encode_rel_error']:.2e}; "
+          f"bytes {decode['encode_bytes']}")  # fmt: skip
+
+
+def one_gpu_checks(args, gpus: int) -> None:
+    """On one GPU: the split decode's error at full size (ranks share the GPU over gloo) and the split encode."""
+    import torch
+
+    from bench.common import build_t2v
+
+    folder = models_root(Path(tempfile.mkdtemp(prefix="hwgp-mgv-"))) / "bench-wan2.1-t2v-1.3b"
+    if args.tiny:  # a narrower Wan VAE on CPU
+        from diffusers import AutoencoderKLWan
+
+        folder = Path(tempfile.mkdtemp(prefix="hwgp-vae-"))
+        AutoencoderKLWan(base_dim=8).save_pretrained(str(folder / "vae"))
+    elif not (folder / "model_index.json").exists():
+        build_t2v(folder)
+        torch.cuda.empty_cache()
+    latent_frames = (args.frames - 1) // 4 + 1
+    latents = torch.randn(
+        1, 16, latent_frames, args.height // 8, args.width // 8, generator=torch.Generator().manual_seed(0)
+    )
+    _print_decode(_decode_check(gpus, str(folder / "vae"), latents.numpy(), shared=True), gpus)
 
 
 def main() -> None:
@@ -204,6 +267,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--compare-whole", action="store_true", help="also time cfg with nothing else split")
     parser.add_argument("--decode-check", action="store_true", help="time the decode alone, whole vs split")
+    parser.add_argument(
+        "--one-gpu-checks", action="store_true", help="only the decode/encode checks, on 1 GPU"
+    )
     parser.add_argument("--tiny", action="store_true", help="CPU smoke check: tiny model, gloo")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -219,6 +285,8 @@ def main() -> None:
             plan_degrees(mode, args.gpus)  # a mode that cannot split over --gpus fails now, with the reason
         except ValueError as error:
             raise SystemExit(f"bench.multi_gpu_video: --modes/--gpus: {error}") from None
+    if args.one_gpu_checks:
+        return one_gpu_checks(args, args.gpus)
     gpus = require_gpus(args.gpus, args.tiny, "bench.multi_gpu_video")
 
     tmp = Path(tempfile.mkdtemp(prefix="hwgp-mgv-"))
@@ -241,7 +309,9 @@ def main() -> None:
     decode = None
     if args.decode_check and not args.tiny:
         folder = json.loads(Path(models_dir, f"{model_id}.json").read_text())["source"]
-        decode = _decode_check(gpus, str(Path(folder) / "vae"), baseline[steps_list[0]]["latents"])
+        decode = _decode_check(
+            gpus, str(Path(folder) / "vae"), baseline[steps_list[0]]["latents"], shared=False
+        )
 
     print(f"# one video across GPUs (Ray Serve multi-GPU replica vs the engine on 1 GPU): "
           f"{model_label(args.tiny)}, {args.width}x{args.height}, {args.frames} frames, CFG 5.0")  # fmt: skip
@@ -259,10 +329,7 @@ def main() -> None:
     for steps, run in baseline.items():
         print(f"1 GPU timings at {steps} steps: {run['timings']}")
     if decode is not None:
-        print(f"VAE decode alone, 81 frames: whole on 1 GPU {decode['whole_s']:.2f}s, split over {gpus} GPUs "
-              f"{decode['split_s']:.2f}s ({decode['whole_s'] / decode['split_s']:.2f}x); rel. error "
-              f"{decode['rel_error']:.2e}, max-abs {decode['max_abs_error']:.2e}, "
-              f"peak {decode['peak_gib']:.1f} GiB on rank 0")  # fmt: skip
+        _print_decode(decode, gpus)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "decode": decode}, indent=2, default=str))
 
