@@ -10,5 +10,5 @@ show() { grep --line-buffered -vE 'Warning|warn\(|^\s*$|Loading|it/s\]|experimen
 nvidia-smi -L; python3 -c 'import torch, diffusers; print(torch.__version__, diffusers.__version__)'
 python3 -c 'import flash_attn' 2>/dev/null && echo flash-attn present || echo flash-attn absent
 timeout ${SERVED_S:-450} python3 -m bench.served_gpu --steps 10 --long-steps 50 --calib-steps 20 --multiplier 3.0 \
-  --json "$OUT/served.json" 2>&1 | tee "$OUT/served.log" | show | tail -40
-timeout ${CHECKS_S:-110} python3 -m bench.multi_gpu_video --one-gpu-checks --gpus 2 2>&1 | tee "$OUT/checks.log" | show | tail -6
+  --json "$OUT/served.json" 2>&1 | tee "$OUT/served.log" | show
+timeout ${CHECKS_S:-110} python3 -m bench.multi_gpu_video --one-gpu-checks --gpus 2 2>&1 | tee "$OUT/checks.log" | show
