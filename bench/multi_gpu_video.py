@@ -171,7 +171,7 @@ def _decode_rank(
 
     def sync() -> None:
         if cuda:
-            sync()
+            torch.cuda.synchronize(device)
 
     vae = AutoencoderKLWan.from_pretrained(vae_folder, torch_dtype=torch.float32).to(device)
     z = torch.from_numpy(np.load(latents_path)).to(device)
@@ -254,7 +254,8 @@ def one_gpu_checks(args, gpus: int) -> None:
     latents = torch.randn(
         1, 16, latent_frames, args.height // 8, args.width // 8, generator=torch.Generator().manual_seed(0)
     )
-    _print_decode(_decode_check(gpus, str(folder / "vae"), latents.numpy(), shared=True), gpus)
+    shared = not torch.cuda.is_available() or torch.cuda.device_count() < gpus
+    _print_decode(_decode_check(gpus, str(folder / "vae"), latents.numpy(), shared=shared), gpus)
 
 
 def main() -> None:
