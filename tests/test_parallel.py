@@ -361,8 +361,14 @@ def test_multi_gpu_replica_serves_one_video_across_two_ranks(tiny_dir: Path, ref
         frames, _ = decode_video(artifact.data)
         assert frames.shape == (9, 48, 64, 3)
         error = relative_error(frames, ref_frames)
-        print(f"multi-GPU replica (ulysses, 2 ranks): relative error of decoded frames = {error:.3e}")
-        assert error < 1e-2
+        latents = handle.last_latents.remote().result()
+        latent_error = relative_error(latents, reference["latents"])
+        print(
+            f"multi-GPU replica (ulysses, 2 ranks): final latents rel. error {latent_error:.3e}, "
+            f"decoded frames {error:.3e}"
+        )
+        assert latent_error < 1e-5
+        assert error < 0.05  # the MP4 is encoded in two pieces (other key frames than one encode)
 
         # Bad params come back as an error event naming the field; the ranks stay usable.
         bad = list(handle.generate.options(stream=True).remote("t2v", {"prompt": "x", "resolution": "abc"}))
