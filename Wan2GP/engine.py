@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from Wan2GP.acceleration import AccelerationConfig, apply_acceleration, parse_step_cache, step_cache
 from Wan2GP.artifact import Artifact
 from Wan2GP.catalog import (
     COMPATIBLE_FAMILIES,
@@ -70,6 +71,7 @@ class Engine:
         catalog: the model catalog (default :meth:`Catalog.load`).
         default_models: task type or family -> model id used when a task names no model.
         lora_dirs: folders searched for LoRA names (default ``$HWGP_LORA_DIR``, ``$WAN2GP_CACHE/loras``).
+        acceleration: compile / attention backend for every loaded pipeline (see :mod:`Wan2GP.acceleration`).
     """
 
     def __init__(
@@ -79,8 +81,11 @@ class Engine:
         catalog: Catalog | None = None,
         default_models: dict[str, str] | None = None,
         lora_dirs: list[str | Path] | None = None,
+        acceleration: AccelerationConfig | None = None,
     ):
         self.memory_profile = check_profile(memory_profile)
+        self.acceleration = acceleration.check(memory_profile) if acceleration is not None else None
+        self.applied_acceleration: dict[str, Any] = {}
         self.device = "cpu" if memory_profile == "cpu" else (device or default_device())
         self.catalog = catalog if catalog is not None else Catalog.load()
         self.default_models = dict(default_models or {})
@@ -91,6 +96,8 @@ class Engine:
         self._component_keys: dict[str, tuple] = {}
         self._base_scheduler = None
         self._lock = threading.Lock()  # one load or generation at a time
+        # (frames, fps) -> MP4 bytes; None: Wan2GP.video.encode_mp4. Wan2GP.parallel swaps in a split encoder.
+        self.video_encoder: Callable[..., bytes] | None = None
 
     @property
     def loaded_model_id(self) -> str | None:
@@ -144,6 +151,7 @@ class Engine:
         pipe = pipeline_class.from_pretrained(str(folder), dtype=dtypes, local_files_only=True, **reuse)
         pipe.set_progress_bar_config(disable=True)
         apply_memory_profile(pipe, self.memory_profile, self.device)
+        self.applied_acceleration = apply_acceleration(pipe, self.acceleration)
         self.load_count += 1
 
         self.pipe = pipe
@@ -229,6 +237,7 @@ class Engine:
             task_family = "flux"
             parsed = parse_params("flux", {**params, "video_length": 1})
         runner = RUNNERS[task_family]
+        step_request = parse_step_cache(parsed)  # skip_steps_*: a bad value fails here, naming the field
 
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled before start")
@@ -238,7 +247,8 @@ class Engine:
             loras = apply_loras(self.pipe, settings.loras)
             self.pipe.scheduler = self._scheduler(settings)
             timings: dict[str, float] = {"load": load_report.seconds}
-            frames = runner(self.pipe, parsed, settings, timings, progress, should_cancel)
+            with step_cache(self.pipe, step_request, settings.steps, definition.id) as cache_report:
+                frames = runner(self.pipe, parsed, settings, timings, progress, should_cancel)
 
         from Wan2GP.video import encode_mp4, encode_png, to_uint8_frames
 
@@ -247,7 +257,8 @@ class Engine:
         if len(frames) == 1:
             data, extension, media_type = encode_png(frames[0]), "png", "image/png"
         else:
-            data, extension, media_type = encode_mp4(frames, fps=settings.fps), "mp4", "video/mp4"
+            encode = self.video_encoder or encode_mp4
+            data, extension, media_type = encode(frames, fps=settings.fps), "mp4", "video/mp4"
         timings["encode_file"] = time.perf_counter() - start
 
         metadata = {
@@ -265,6 +276,10 @@ class Engine:
             "flow_shift": settings.flow_shift,
             "loras": loras,
             "timings": {k: round(v, 4) for k, v in timings.items()},
+            "acceleration": {
+                **self.applied_acceleration,
+                "step_cache": cache_report and cache_report.as_dict(),
+            },
         }
         return Artifact(
             data=data, filename=f"{task_id or 'output'}.{extension}", media_type=media_type, metadata=metadata

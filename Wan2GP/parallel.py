@@ -18,6 +18,11 @@ Modes (``world_size`` = number of ranks):
 - ``"cfg+ulysses"`` (2·M ranks, M ≥ 2): both; ranks ``[0, M)`` compute the conditional branch with Ulysses
   over M ranks, ranks ``[M, 2M)`` the unconditional one.
 
+What is not denoising is split as well (:class:`ParallelEngine` switches): the prompt is encoded on rank 0 and
+broadcast; the VAE decode runs split over time (each rank decodes its latent frames as one chunk, the causal
+caches of the decoder's 3D convolutions handed from rank to rank, so the result equals the whole decode up to
+rounding); the MP4 is encoded in pieces, one per rank, joined without re-encoding.
+
 Ring attention is not offered: diffusers' ring path needs an attention kernel that returns the log-sum-exp
 (flash-attn, cuDNN), which cannot run — and so cannot be tested — on CPU.
 
@@ -54,14 +59,20 @@ __all__ = [
     "NCCL_SAFE_ENV",
     "ParallelEngine",
     "ParallelLayout",
+    "DecodeRecorder",
     "build_layout",
     "check_sequence_split",
     "context_parallel_config",
+    "decode_split",
     "enable_cfg_parallel",
     "enable_context_parallel",
+    "encode_mp4_split",
     "init_distributed",
     "plan_degrees",
     "run_parallel_generation",
+    "share_prompt_encoding",
+    "split_latent_frames",
+    "wrap_vae_decode",
 ]
 
 MODES = ("cfg", "ulysses", "cfg+ulysses")
@@ -84,11 +95,13 @@ def init_distributed(
     master_port: int,
     device: str | None = None,
     timeout_s: float = 600.0,
+    backend: str | None = None,
 ) -> torch.device:
     """Join the process group (NCCL for a CUDA ``device``, gloo for CPU) and return this rank's device.
 
     ``device`` defaults to ``cuda:<rank % visible GPUs>`` when CUDA is present, else ``cpu``. The NVLink
-    multicast switches of :data:`NCCL_SAFE_ENV` are set before NCCL starts.
+    multicast switches of :data:`NCCL_SAFE_ENV` are set before NCCL starts. ``backend="gloo"`` with CUDA
+    devices lets several ranks share one GPU (for checks, not for speed: NCCL refuses that).
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
@@ -100,7 +113,7 @@ def init_distributed(
         if resolved.index is None:
             resolved = torch.device("cuda", 0)
         torch.cuda.set_device(resolved)
-    backend = "nccl" if resolved.type == "cuda" else "gloo"
+    backend = backend or ("nccl" if resolved.type == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -333,6 +346,239 @@ def enable_cfg_parallel(pipe, layout: ParallelLayout) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# What is not denoising: prompt encoding once, VAE decode split over time, MP4 encode split over time
+# ----------------------------------------------------------------------------------------------------------
+
+
+def share_prompt_encoding(pipe, layout: ParallelLayout) -> None:
+    """Encode the prompt on rank 0 only and broadcast the embeddings: the other ranks skip the text encoder.
+
+    Wraps ``pipe.encode_prompt`` (the engine's runners call it before the pipeline, by keyword). The shapes go
+    first (one small object broadcast), then each tensor; ``None`` (no negative prompt without CFG) travels too.
+    """
+    encode_prompt = pipe.encode_prompt
+    device = layout.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def shared_encode_prompt(*args, **kwargs):
+        if layout.rank == 0:
+            embeds = encode_prompt(*args, **kwargs)
+            header = [[None if e is None else (tuple(e.shape), e.dtype) for e in embeds]]
+        else:
+            embeds, header = None, [None]
+        dist.broadcast_object_list(header, src=0)
+        out = []
+        for index, spec in enumerate(header[0]):
+            if spec is None:
+                out.append(None)
+                continue
+            shape, dtype = spec
+            if layout.rank == 0:
+                buffer = embeds[index].to(device).contiguous()
+            else:
+                buffer = torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(buffer, src=0)
+            target = kwargs.get("device") or layout.device
+            out.append(embeds[index] if layout.rank == 0 else buffer.to(target))
+        return tuple(out)
+
+    pipe.encode_prompt = shared_encode_prompt
+
+
+class DecodeRecorder:
+    """Wraps ``vae.decode``: records the latents it is given (the final latents, for equivalence checks) and,
+    with a ``layout``, decodes them split over time across the ranks (:func:`decode_split`).
+
+    One per VAE instance (pipelines that share a VAE share it): :func:`wrap_vae_decode` returns the existing one.
+    """
+
+    def __init__(self, vae, layout: ParallelLayout | None = None):
+        self.vae = vae
+        self.layout = layout
+        self.original = vae.decode
+        self.last_latents: torch.Tensor | None = None  # on the CPU, float32
+        self.split_used = False
+
+    def __call__(self, z: torch.Tensor, return_dict: bool = True):
+        self.last_latents = z.detach().to("cpu", torch.float32)
+        video = None
+        if self.layout is not None and self.layout.world_size > 1:
+            video = decode_split(self.vae, z, self.layout.rank, self.layout.world_size)
+        self.split_used = video is not None
+        if video is None:
+            return self.original(z, return_dict=return_dict)
+        if not return_dict:
+            return (video,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=video)
+
+
+def wrap_vae_decode(vae, layout: ParallelLayout | None = None) -> DecodeRecorder:
+    """Install (once) a :class:`DecodeRecorder` on ``vae``; a later call with a layout turns the split on."""
+    recorder = getattr(vae, "_hwgp_decode_recorder", None)
+    if recorder is None:
+        recorder = DecodeRecorder(vae, layout)
+        vae.decode = recorder
+        vae._hwgp_decode_recorder = recorder
+    elif layout is not None:
+        recorder.layout = layout
+    return recorder
+
+
+def split_latent_frames(latent_frames: int, world_size: int) -> list[tuple[int, int]] | None:
+    """Latent frames ``[start, end)`` per rank for :func:`decode_split`, or None when it cannot split.
+
+    Latent frame 0 decodes to 1 frame and each later one to 4, so rank 0 takes frame 0 plus an even share of
+    the rest. Rank 0 needs at least one frame past frame 0 (frame 0 is decoded alone, as the first chunk).
+    """
+    rest = latent_frames - 1
+    if world_size < 2 or rest < world_size:
+        return None
+    bounds = [1 + rest * r // world_size for r in range(world_size + 1)]
+    bounds[0] = 0
+    return [(bounds[r], bounds[r + 1]) for r in range(world_size)]
+
+
+class _HaloCache(list):
+    """The Wan VAE decoder's ``feat_cache`` list, whose slots come from / go to the neighbouring ranks.
+
+    The decoder's causal 3D convolutions read slot ``i`` (the last two input frames of conv ``i`` of the
+    previous chunk) and then write it for the next chunk. A rank starting in the middle of the video receives
+    each slot from the rank before it at its first read; a rank with a rank after it sends each slot as it
+    writes it in its last chunk. So every rank computes exactly what one process decoding the whole video
+    computes, layer by layer in step with its neighbours.
+    """
+
+    def __init__(self, size: int, device: torch.device, dtype: torch.dtype, previous: int | None):
+        super().__init__([None] * size)
+        self.device, self.dtype, self.previous = device, dtype, previous
+        self.next: int | None = None
+        self.received: set[int] = set()
+        self.pending: list = []  # isend handles and the buffers they read
+
+    def __getitem__(self, index):
+        if self.previous is not None and index not in self.received:
+            self.received.add(index)
+            header = torch.empty(5, dtype=torch.int64, device=self.device)
+            dist.recv(header, src=self.previous)
+            slot = torch.empty(tuple(header.tolist()), dtype=self.dtype, device=self.device)
+            dist.recv(slot, src=self.previous)
+            super().__setitem__(index, slot)
+        return super().__getitem__(index)
+
+    def __setitem__(self, index, value) -> None:
+        super().__setitem__(index, value)
+        if self.next is not None and isinstance(value, torch.Tensor):
+            header = torch.tensor(value.shape, dtype=torch.int64, device=self.device)
+            data = value.to(self.device, self.dtype).contiguous()
+            self.pending.append((dist.isend(header, dst=self.next), header))
+            self.pending.append((dist.isend(data, dst=self.next), data))
+
+    def wait(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+
+def _splittable(vae) -> bool:
+    """The Wan2.1-style VAE (no residual up blocks, no patching), with tiling off."""
+    config = vae.config
+    return (
+        type(vae).__name__ == "AutoencoderKLWan"
+        and not getattr(config, "is_residual", False)
+        and getattr(config, "patch_size", None) in (None, 1)
+        and not getattr(vae, "use_tiling", False)
+    )
+
+
+def decode_split(vae, z: torch.Tensor, rank: int, world_size: int) -> torch.Tensor | None:
+    """Decode latents ``z`` (B, C, T, H, W) with the frames split across the ranks; every rank gets the video.
+
+    A collective: every rank calls it with the same ``z``. Rank r decodes its latent frames of
+    :func:`split_latent_frames` as one chunk (rank 0 first decodes frame 0 alone, as the VAE does), the
+    decoder's causal caches passing from rank to rank (:class:`_HaloCache`); the pieces are then gathered.
+    Equal to ``vae.decode(z)`` up to the convolution kernels' rounding on the larger chunks. Returns None
+    (decode whole) for a VAE or a length it cannot split.
+    """
+    plan = split_latent_frames(z.shape[2], world_size)
+    if plan is None or not _splittable(vae):
+        return None
+    start, end = plan[rank]
+    decoder = vae.decoder
+    vae.clear_cache()
+    x = vae.post_quant_conv(z[:, :, start:end])
+    transport = x.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    cache = _HaloCache(len(vae._feat_map), transport, x.dtype, previous=rank - 1 if rank > 0 else None)
+    pieces = []
+    if rank == 0:
+        pieces.append(decoder(x[:, :, :1], feat_cache=cache, feat_idx=[0], first_chunk=True))
+        x = x[:, :, 1:]
+    cache.next = rank + 1 if rank < world_size - 1 else None
+    pieces.append(decoder(x, feat_cache=cache, feat_idx=[0]))
+    cache.wait()
+    vae.clear_cache()
+    mine = torch.clamp(torch.cat(pieces, dim=2), min=-1.0, max=1.0)
+
+    # Gather the pieces (of different lengths: padded to the longest, then trimmed).
+    gather_device = mine.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    length = torch.tensor([mine.shape[2]], dtype=torch.int64, device=gather_device)
+    lengths = [torch.empty_like(length) for _ in range(world_size)]
+    dist.all_gather(lengths, length)
+    lengths = [int(n.item()) for n in lengths]
+    longest = max(lengths)
+    padded = torch.zeros((*mine.shape[:2], longest, *mine.shape[3:]), dtype=mine.dtype, device=gather_device)
+    padded[:, :, : mine.shape[2]] = mine
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    video = torch.cat([piece[:, :, :n] for piece, n in zip(gathered, lengths, strict=True)], dim=2)
+    return video.to(z.device)
+
+
+def encode_mp4_split(frames, fps: int, rank: int, world_size: int) -> bytes:
+    """Encode a video as every rank encoding its share of the frames (a collective), then one stream copy.
+
+    Each rank encodes frames ``[r·T/N, (r+1)·T/N)`` with :func:`Wan2GP.video.encode_mp4` (same codec and
+    settings, so the pieces join without re-encoding); the pieces are all-gathered and joined with ffmpeg's
+    concat demuxer (``-c copy``, no re-encode). Every rank returns the same bytes. The joined file differs
+    from one encode of the whole video only by where the encoder put key frames (a new one at each join).
+    """
+    import subprocess
+    import tempfile
+
+    import imageio_ffmpeg
+
+    from Wan2GP.video import encode_mp4
+
+    count = len(frames)
+    if world_size < 2 or count < 2 * world_size:
+        return encode_mp4(frames, fps=fps)
+    bounds = [count * r // world_size for r in range(world_size + 1)]
+    mine = encode_mp4(frames[bounds[rank] : bounds[rank + 1]], fps=fps)
+    pieces: list = [None] * world_size
+    dist.all_gather_object(pieces, mine)
+    with tempfile.TemporaryDirectory(prefix="hwgp_join_") as tmp:
+        listing = []
+        for index, piece in enumerate(pieces):
+            path = os.path.join(tmp, f"piece{index}.mp4")
+            with open(path, "wb") as handle:
+                handle.write(piece)
+            listing.append(f"file '{path}'")
+        list_path = os.path.join(tmp, "pieces.txt")
+        with open(list_path, "w") as handle:
+            handle.write("\n".join(listing) + "\n")
+        out_path = os.path.join(tmp, "out.mp4")
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+                   "-f", "concat", "-safe", "0", "-i", list_path, "-c", "copy",
+                   "-movflags", "+faststart", out_path]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, check=False)
+        if result.returncode != 0:
+            message = result.stderr.decode("utf-8", errors="replace").strip()
+            raise RuntimeError(f"ffmpeg failed to join {world_size} encoded pieces: {message}")
+        with open(out_path, "rb") as handle:
+            return handle.read()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The engine, parallel
 # ----------------------------------------------------------------------------------------------------------
 
@@ -343,9 +589,24 @@ class ParallelEngine:
     Every rank builds its own engine (same catalog, its own device) and calls :meth:`generate` with the same
     arguments. Parallelism is applied to each pipeline the engine loads, once; resident memory profile only
     (offloading hooks would fight the context-parallel hooks).
+
+    Besides the denoising split of ``mode``, what is not denoising is split too (each switch can be turned
+    off, for comparison): ``share_prompt`` encodes the prompt on rank 0 only and broadcasts the embeddings;
+    ``split_decode`` decodes the final latents split over time across all ranks (:func:`decode_split`,
+    exact); ``split_encode`` has every rank encode its share of the frames into the MP4
+    (:func:`encode_mp4_split`).
     """
 
-    def __init__(self, engine, mode: str = "cfg", layout: ParallelLayout | None = None):
+    def __init__(
+        self,
+        engine,
+        mode: str = "cfg",
+        layout: ParallelLayout | None = None,
+        *,
+        share_prompt: bool = True,
+        split_decode: bool = True,
+        split_encode: bool = True,
+    ):
         if engine.memory_profile != "resident":
             raise ValueError(
                 f"memory_profile: parallel generation needs 'resident', got {engine.memory_profile!r}"
@@ -353,7 +614,17 @@ class ParallelEngine:
         self.engine = engine
         self.layout = layout if layout is not None else build_layout(mode, engine.device)
         self.mode = self.layout.mode
+        self.share_prompt, self.split_decode, self.split_encode = share_prompt, split_decode, split_encode
         self._prepared: set[int] = set()
+        if split_encode:
+            rank, world_size = self.layout.rank, self.layout.world_size
+            engine.video_encoder = lambda frames, fps: encode_mp4_split(frames, fps, rank, world_size)
+
+    @property
+    def last_latents(self) -> torch.Tensor | None:
+        """The final latents of the last generation (what the VAE decoded), on the CPU in float32."""
+        recorder = getattr(getattr(self.engine.pipe, "vae", None), "_hwgp_decode_recorder", None)
+        return recorder.last_latents if recorder is not None else None
 
     @property
     def rank(self) -> int:
@@ -373,7 +644,10 @@ class ParallelEngine:
                 f"model {model_id!r}: parallel generation supports Wan pipelines, not {type(pipe).__name__}"
             )
         enable_context_parallel(pipe.transformer, self.layout)
+        if self.share_prompt:
+            share_prompt_encoding(pipe, self.layout)
         enable_cfg_parallel(pipe, self.layout)
+        wrap_vae_decode(pipe.vae, self.layout if self.split_decode else None)
         pipe._hwgp_parallel_layout = self.layout
         self._prepared.add(id(pipe))
 
@@ -444,15 +718,17 @@ def run_parallel_generation(
     task_id: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    **options: bool,
 ) -> Artifact:
     """Run one task across the (initialized) process group; every rank calls it with the same arguments.
 
     The first call for an ``engine`` builds its layout and :class:`ParallelEngine` (kept for the next calls,
-    so a model is made parallel once); an engine stays in the mode of its first call.
+    so a model is made parallel once; ``options`` are its switches); an engine stays in the mode of its first
+    call.
     """
     parallel = _PARALLEL_ENGINES.get(engine)
     if parallel is None:
-        parallel = _PARALLEL_ENGINES[engine] = ParallelEngine(engine, mode=mode)
+        parallel = _PARALLEL_ENGINES[engine] = ParallelEngine(engine, mode=mode, **options)
     elif parallel.mode != mode:
         raise ValueError(f"mode: this engine already runs {parallel.mode!r}; use a new engine for {mode!r}")
     return parallel.generate(

@@ -3,10 +3,8 @@ diffusers WanPipeline call on the same weights in the same run.
 
     python -m bench.engine_gpu [--steps 8] [--width 832 --height 480 --frames 81] [--profiles resident,...]
 
-The transformer and VAE have the real 1.3B configuration; the text encoder is the real UMT5 class with the
-real output width (4096) but a single small layer, since its weights are random anyway and it runs once
-per task. Reports s/step of the denoising loop (classifier-free guidance on: two transformer passes per
-step), the achieved TFLOP/s of the transformer (analytic count), and the engine / bare ratio.
+The model is bench/common.py's random-weight build. Reports s/step of the denoising loop (classifier-free
+guidance on: two transformer passes per step), the achieved TFLOP/s of the transformer (analytic count), and the engine / bare ratio.
 """
 
 from __future__ import annotations
@@ -21,66 +19,7 @@ from pathlib import Path
 
 import torch
 
-# Wan2.1 T2V 1.3B (Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json).
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
-TEXT_TOKENS = 512
-
-
-def build(folder: Path) -> None:
-    """Save a random-weight Wan2.1 1.3B pipeline in diffusers format (bf16 transformer, fp32 VAE)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from Wan2GP.tiny import build_t5_tokenizer
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):  # initialising 1.3B parameters is much faster on the GPU
-        transformer = WanTransformer3DModel(**WAN_1_3B).to(torch.bfloat16)
-        vae = AutoencoderKLWan()  # the default config is Wan2.1's VAE
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=256, d_model=4096, d_kv=64, d_ff=256, num_layers=1, num_heads=2)
-    ).to(torch.bfloat16)
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
-    )
-    pipe = WanPipeline(
-        tokenizer=build_t5_tokenizer(),
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=scheduler,
-        transformer=transformer,
-    )
-    pipe.save_pretrained(str(folder))
-
-
-def transformer_flops(width: int, height: int, frames: int) -> float:
-    """FLOPs of one transformer forward pass (matmuls and attention; norms and elementwise ignored)."""
-    c = WAN_1_3B
-    dim = c["num_attention_heads"] * c["attention_head_dim"]
-    tokens = ((frames - 1) // 4 + 1) * (height // 8 // 2) * (width // 8 // 2)
-    per_layer = (
-        2 * 4 * tokens * dim * dim  # self-attention q, k, v, out projections
-        + 2 * 2 * tokens * tokens * dim  # self-attention scores and weighted sum
-        + 2 * 2 * tokens * dim * dim  # cross-attention q, out
-        + 2 * 2 * TEXT_TOKENS * dim * dim  # cross-attention k, v on the text
-        + 2 * 2 * tokens * TEXT_TOKENS * dim  # cross-attention scores and sum
-        + 2 * 2 * tokens * dim * c["ffn_dim"]  # feed-forward
-    )
-    return float(per_layer * c["num_layers"])
+from bench.common import PROMPT, build_t2v, transformer_flops
 
 
 def _bare(folder: Path, args, prompt: str) -> dict:
@@ -185,14 +124,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    prompt = "a cat walking in the city at night, cinematic"
+    prompt = PROMPT
 
     flops_step = 2 * transformer_flops(args.width, args.height, args.frames)  # CFG: two passes per step
     results: dict = {"device": torch.cuda.get_device_name(), "flops_per_step": flops_step, "engine": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "wan2.1-1.3b-random"
         start = time.perf_counter()
-        build(folder)
+        build_t2v(folder)
         results["build_s"] = time.perf_counter() - start
         results["engine"].append(_engine(folder, args, prompt, "resident", args.steps))
         results["bare"] = _bare(folder, args, prompt)

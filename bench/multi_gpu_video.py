@@ -1,204 +1,284 @@
-"""One video split across GPUs: seconds per video with the multi-GPU replica on 2 (and 4) GPUs vs 1 GPU.
+"""One video split across GPUs: seconds per video through the multi-GPU Serve replica vs one GPU, same run.
 
-    python -m bench.multi_gpu_video [--gpus 2] [--modes cfg,ulysses] [--steps 10] [--frames 81]
-    python -m bench.multi_gpu_video --gpus 4 --modes ulysses,cfg+ulysses
-    python -m bench.multi_gpu_video --direct  # the same runs without Ray: one process per GPU (mp.spawn)
+    python -m bench.multi_gpu_video [--gpus 2] [--modes cfg] [--steps 10,50] [--compare-whole]
     python -m bench.multi_gpu_video --tiny    # CPU smoke check: tiny model, gloo, fake GPUs
 
-The full-size Wan2.1-T2V-1.3B architecture with random weights (no downloads) at 832x480, 81 frames. The
-1-GPU baseline is a normal one-GPU replica (``GenerationDeployment``); each parallel run is a
-``MultiGpuGenerationDeployment`` whose replica spans ``--gpus`` GPUs (one worker actor per GPU, NCCL with
-NVLink multicast off). With ``--direct`` the same engine runs in plain processes (``torch.multiprocessing``,
-one per GPU, :mod:`Wan2GP.parallel` over NCCL) instead of Ray, for a machine without Ray. Every
-configuration is warmed once, then timed over ``--repeats`` videos (median). Reports s/video, speed-up
-(goal >= 1.8x on 2 GPUs) and the relative error of the decoded frames against the 1-GPU output (same seed).
+The full-size Wan2.1-T2V-1.3B architecture with random weights (bench/common.py, no downloads) at 832x480,
+81 frames, CFG 5.0. The 1-GPU baseline is the engine in this process (no Ray hop, which favours it); each
+parallel run is a ``MultiGpuGenerationDeployment`` whose replica spans ``--gpus`` GPUs (one worker actor
+per GPU, NCCL with NVLink multicast off), with the prompt encoded once, the VAE decode and the MP4 encode
+split across the ranks (Wan2GP/parallel.py). ``--compare-whole`` also times the replica with those three
+off (every rank decodes and encodes the whole video), at the first step count. Every configuration is
+warmed by a 2-step video, then one video per step count is timed (stream start to ``done``).
+
+Equivalence against the 1-GPU run (same seed): the final latents (what the VAE decodes: relative and
+max-abs error) and the decoded MP4 frames. With ``--decode-check`` the baseline's latents are also decoded
+whole on one GPU and split over ``--gpus`` GPUs in plain processes: decode seconds and relative error.
+Goals (issue 22, 2 GPUs, CFG parallel): >= 1.8x at 10 steps, >= 1.9x at 50.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.scale_out import PROMPT, prepare_models, require_gpus, start_ray
+from bench.common import (
+    PROMPT,
+    max_abs_error,
+    model_label,
+    models_root,
+    prepare_models,
+    relative_error,
+    require_gpus,
+    start_ray,
+)
 from hwgp_testing import free_port
 
-
-def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+GOALS = {10: 1.8, 50: 1.9}
+WHOLE = {"share_prompt": False, "split_decode": False, "split_encode": False}
 
 
-def _row(gpus: int, mode: str, seconds: float, base_s: float, frames, base_frames) -> dict:
-    error = relative_error(frames, base_frames)
-    print(
-        f"{gpus} GPU(s) {mode}: {seconds:.1f}s/video, {base_s / seconds:.2f}x, rel. error {error:.2e}",
-        flush=True,
-    )
-    return {
-        "gpus": gpus,
-        "mode": mode,
-        "s_per_video": seconds,
-        "speedup": base_s / seconds,
-        "rel_error": error,
-    }
+def _video_params(model_id: str, args, steps: int) -> dict:
+    return {"model": model_id, "prompt": PROMPT, "resolution": f"{args.width}x{args.height}",
+            "video_length": args.frames, "num_inference_steps": steps, "guidance_scale": 5.0,
+            "seed": 3}  # fmt: skip
 
 
-# ---- through Ray Serve: the multi-GPU replica ---------------------------------------------------------------
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def _stream(handle, params: dict) -> tuple[float, object]:
-    start = time.perf_counter()
-    events = list(handle.generate.options(stream=True).remote("t2v", params, "bench"))
-    seconds = time.perf_counter() - start
-    last = events[-1]
-    if last["event"] != "done":
-        raise RuntimeError(f"generation failed: {last}")
-    return seconds, last["artifact"]
-
-
-def _time(handle, params: dict, repeats: int) -> tuple[float, object]:
-    _stream(handle, params)  # warm: CUDA kernels, NCCL communicators
-    runs = [_stream(handle, params) for _ in range(repeats)]
-    return statistics.median(s for s, _ in runs), runs[-1][1]
-
-
-def _run_serve(args, gpus: int, modes: list[str], models_dir: str, model_id: str, params: dict) -> list[dict]:
-    import ray
-    from ray import serve
-
-    from deployments.generation import GenerationDeployment
-    from deployments.multi_gpu import MultiGpuGenerationDeployment, multi_gpu_options
-    from Wan2GP.video import decode_video
-
-    start_ray(gpus, args.tiny)
-    device = "cpu" if args.tiny else None
-    cpus = 0.5 if args.tiny else 2.0
-    single = GenerationDeployment.options(ray_actor_options={"num_gpus": 1, "num_cpus": cpus}).bind(
-        family="T2V", default_models={"t2v": model_id}, device=device, models_dir=models_dir, preload=model_id
-    )
-    handle = serve.run(single, name="single", route_prefix=None)
-    base_s, base_artifact = _time(handle, params, args.repeats)
-    base_frames, _ = decode_video(base_artifact.data)
-    rows = [_row(1, "single", base_s, base_s, base_frames, base_frames)]
-    serve.delete("single")
-    for mode in modes:
-        replica = MultiGpuGenerationDeployment.options(**multi_gpu_options(gpus, cpus_per_rank=cpus)).bind(
-            family="T2V",
-            default_models={"t2v": model_id},
-            world_size=gpus,
-            mode=mode,
-            device=device,
-            models_dir=models_dir,
-            cpus_per_rank=cpus,
-            preload=model_id,
-        )
-        handle = serve.run(replica, name=f"multi-{mode}", route_prefix=None)
-        seconds, artifact = _time(handle, params, args.repeats)
-        rows.append(_row(gpus, mode, seconds, base_s, decode_video(artifact.data)[0], base_frames))
-        serve.delete(f"multi-{mode}")
-    serve.shutdown()
-    ray.shutdown()
-    return rows
-
-
-# ---- without Ray: one plain process per GPU ------------------------------------------------------------------
-
-
-def _direct_rank(
-    rank: int,
-    world_size: int,
-    port: int,
-    mode: str | None,
-    device_kind: str,
-    models_dir: str,
-    params: dict,
-    repeats: int,
-    out: str,
-) -> None:
-    """One process of a ``--direct`` run: rank ``rank`` of ``mode`` (None: the plain 1-GPU engine)."""
+def _baseline(args, models_dir: str, model_id: str, steps_list: list[int]) -> dict[int, dict]:
+    """The engine on one GPU in this process: seconds, final latents and decoded frames per step count."""
     import torch
 
     from Wan2GP.catalog import Catalog
     from Wan2GP.engine import Engine
-    from Wan2GP.parallel import init_distributed, run_parallel_generation
-
-    device = f"cuda:{rank}" if device_kind == "cuda" else "cpu"
-    if mode is not None:
-        device = str(init_distributed(rank, world_size, "127.0.0.1", port, device=device))
-    engine = Engine(device=device, catalog=Catalog.load(models_dir), lora_dirs=[])
-
-    def once() -> tuple[float, object]:
-        if device_kind == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        if mode is None:
-            artifact = engine.generate("t2v", params)
-        else:
-            artifact = run_parallel_generation(engine, "t2v", params, mode)
-        if device_kind == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start, artifact
-
-    once()  # warm: model load, kernels, NCCL communicators
-    runs = [once() for _ in range(repeats)]
-    if rank == 0:
-        Path(out, "video.mp4").write_bytes(runs[-1][1].data)
-        Path(out, "seconds.json").write_text(json.dumps([s for s, _ in runs]))
-    if mode is not None:
-        torch.distributed.destroy_process_group()
-
-
-def _direct(mode: str | None, world_size: int, device_kind: str, models_dir: str, params: dict, repeats: int):
-    import torch.multiprocessing as mp
-
-    out = tempfile.mkdtemp(prefix="hwgp-mgv-rank-")
-    args = (world_size, free_port(), mode, device_kind, models_dir, params, repeats, out)
-    mp.spawn(_direct_rank, args=args, nprocs=world_size, join=True)
-    seconds = statistics.median(json.loads(Path(out, "seconds.json").read_text()))
-    return seconds, Path(out, "video.mp4").read_bytes()
-
-
-def _run_direct(
-    args, gpus: int, modes: list[str], models_dir: str, model_id: str, params: dict
-) -> list[dict]:
+    from Wan2GP.parallel import wrap_vae_decode
     from Wan2GP.video import decode_video
 
-    device_kind = "cpu" if args.tiny else "cuda"
-    base_s, data = _direct(None, 1, device_kind, models_dir, params, args.repeats)
-    base_frames, _ = decode_video(data)
-    rows = [_row(1, "single", base_s, base_s, base_frames, base_frames)]
-    for mode in modes:
-        seconds, data = _direct(mode, gpus, device_kind, models_dir, params, args.repeats)
-        rows.append(_row(gpus, mode, seconds, base_s, decode_video(data)[0], base_frames))
+    engine = Engine(device="cpu" if args.tiny else "cuda:0", catalog=Catalog.load(models_dir), lora_dirs=[])
+    engine.load(model_id)
+    recorder = wrap_vae_decode(engine.pipe.vae)  # records the final latents; decodes whole
+    engine.generate("t2v", _video_params(model_id, args, 2))  # warm: kernels, allocator
+    runs = {}
+    for steps in steps_list:
+        _sync()
+        start = time.perf_counter()
+        artifact = engine.generate("t2v", _video_params(model_id, args, steps))
+        _sync()
+        runs[steps] = {
+            "seconds": time.perf_counter() - start,
+            "latents": recorder.last_latents.numpy(),
+            "frames": decode_video(artifact.data)[0],
+            "timings": artifact.metadata["timings"],
+        }
+        print(f"1 GPU, {steps} steps: {runs[steps]['seconds']:.1f}s {runs[steps]['timings']}", flush=True)
+    del engine, recorder
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return runs
+
+
+def _replica(args, gpus, mode, options, models_dir, model_id, steps_list, baseline) -> list[dict]:
+    """The multi-GPU replica: one row per step count."""
+    from ray import serve
+
+    from deployments.multi_gpu import MultiGpuGenerationDeployment, multi_gpu_options
+    from Wan2GP.video import decode_video
+
+    cpus = 0.5 if args.tiny else 2.0
+    replica = MultiGpuGenerationDeployment.options(**multi_gpu_options(gpus, cpus_per_rank=cpus)).bind(
+        family="T2V",
+        default_models={"t2v": model_id},
+        world_size=gpus,
+        mode=mode,
+        device="cpu" if args.tiny else None,
+        models_dir=models_dir,
+        cpus_per_rank=cpus,
+        preload=model_id,
+        parallel_options=options,
+    )
+    handle = serve.run(replica, name="multi", route_prefix=None)
+
+    def run(steps: int):
+        start = time.perf_counter()
+        events = list(
+            handle.generate.options(stream=True).remote("t2v", _video_params(model_id, args, steps))
+        )
+        seconds = time.perf_counter() - start
+        if events[-1]["event"] != "done":
+            raise RuntimeError(f"generation failed: {events[-1]}")
+        return seconds, events[-1]["artifact"]
+
+    run(2)  # warm: kernels, NCCL communicators
+    label = mode if options is None else f"{mode}, whole decode/encode"
+    rows = []
+    for steps in steps_list:
+        seconds, artifact = run(steps)
+        latents = handle.last_latents.remote().result()
+        base = baseline[steps]
+        row = {
+            "gpus": gpus,
+            "mode": label,
+            "steps": steps,
+            "s_per_video": seconds,
+            "base_s": base["seconds"],
+            "speedup": base["seconds"] / seconds,
+            "latent_rel_error": relative_error(latents, base["latents"]),
+            "latent_max_abs_error": max_abs_error(latents, base["latents"]),
+            "frame_rel_error": relative_error(decode_video(artifact.data)[0], base["frames"]),
+            "timings": artifact.metadata["timings"],
+        }
+        print(f"{gpus} GPUs {label}, {steps} steps: {seconds:.1f}s, {row['speedup']:.2f}x, latents rel "
+              f"{row['latent_rel_error']:.2e} max-abs {row['latent_max_abs_error']:.2e}, frames rel "
+              f"{row['frame_rel_error']:.2e} {row['timings']}", flush=True)  # fmt: skip
+        rows.append(row)
+    serve.delete("multi")
     return rows
+
+
+# ---- the decode on its own: whole on one GPU vs split over the GPUs (plain processes) ------------------------
+
+
+def _decode_rank(
+    rank: int, world_size: int, port: int, vae_folder: str, latents_path: str, out: str, shared: bool
+) -> None:
+    """One rank of the decode/encode check: the VAE decode split vs whole, the MP4 encode in pieces vs whole.
+    ``shared``: every rank on cuda:0 over gloo (one GPU: the errors count, the split decode's time does not)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from Wan2GP.parallel import decode_split, encode_mp4_split, init_distributed
+    from Wan2GP.video import decode_video, encode_mp4, to_uint8_frames
+
+    cuda = torch.cuda.is_available()
+    device = ("cuda:0" if shared else f"cuda:{rank}") if cuda else "cpu"
+    device = init_distributed(
+        rank, world_size, "127.0.0.1", port, device=device, backend="gloo" if shared else None
+    )
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    vae = AutoencoderKLWan.from_pretrained(vae_folder, torch_dtype=torch.float32).to(device)
+    z = torch.from_numpy(np.load(latents_path)).to(device)
+    result = {"shared_gpu": shared}
+    with torch.no_grad():
+        for _ in range(2):  # the first of each is a warm-up
+            torch.distributed.barrier()
+            sync()
+            start = time.perf_counter()
+            split = decode_split(vae, z, rank, world_size)
+            sync()
+            result["split_s"] = time.perf_counter() - start
+        whole = None
+        if rank == 0:
+            for _ in range(2):
+                sync()
+                start = time.perf_counter()
+                whole = vae.decode(z).sample
+                sync()
+                result["whole_s"] = time.perf_counter() - start
+            result["rel_error"] = float((split - whole).norm() / whole.norm())
+            result["max_abs_error"] = float((split - whole).abs().max())
+            result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+    # The MP4: every rank encodes its share in parallel and the pieces are joined, vs one encode of all frames.
+    frames = to_uint8_frames((split[0].permute(1, 2, 3, 0).float().cpu().numpy() + 1) / 2)
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    joined = encode_mp4_split(frames, 16, rank, world_size)
+    result["encode_split_s"] = time.perf_counter() - start
+    if rank == 0:
+        start = time.perf_counter()
+        single = encode_mp4(frames, fps=16)
+        result["encode_whole_s"] = time.perf_counter() - start
+        result["encode_rel_error"] = relative_error(decode_video(joined)[0], decode_video(single)[0])
+        result["encode_bytes"] = [len(single), len(joined)]
+        Path(out).write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def _decode_check(gpus: int, vae_folder: str, latents: np.ndarray, shared: bool) -> dict:
+    import torch.multiprocessing as mp
+
+    tmp = Path(tempfile.mkdtemp(prefix="hwgp-decode-"))
+    np.save(tmp / "latents.npy", latents)
+    args = (gpus, free_port(), vae_folder, str(tmp / "latents.npy"), str(tmp / "decode.json"), shared)
+    mp.spawn(_decode_rank, args=args, nprocs=gpus, join=True)
+    return json.loads((tmp / "decode.json").read_text())
+
+
+def _print_decode(decode: dict, gpus: int) -> None:
+    where = (
+        "2 ranks sharing one GPU over gloo (its time is not a speed)"
+        if decode["shared_gpu"]
+        else f"{gpus} GPUs"
+    )
+    print(f"VAE decode alone, {where}: whole on 1 GPU {decode['whole_s']:.2f}s, split {decode['split_s']:.2f}s; "
+          f"rel. error {decode['rel_error']:.2e}, max-abs {decode['max_abs_error']:.2e}, "
+          f"peak {decode['peak_gib']:.1f} GiB on rank 0")  # fmt: skip
+    print(f"MP4 encode of the decoded frames: whole {decode['encode_whole_s']:.2f}s, {gpus} pieces in parallel + "
+          f"join {decode['encode_split_s']:.2f}s; decoded-frame rel. error {decode['encode_rel_error']:.2e}; "
+          f"bytes {decode['encode_bytes']}")  # fmt: skip
+
+
+def one_gpu_checks(args, gpus: int) -> None:
+    """On one GPU: the split decode's error at full size (ranks share the GPU over gloo) and the split encode."""
+    import torch
+
+    from bench.common import build_t2v
+
+    folder = models_root(Path(tempfile.mkdtemp(prefix="hwgp-mgv-"))) / "bench-wan2.1-t2v-1.3b"
+    if args.tiny:  # a narrower Wan VAE on CPU
+        from diffusers import AutoencoderKLWan
+
+        folder = Path(tempfile.mkdtemp(prefix="hwgp-vae-"))
+        AutoencoderKLWan(base_dim=8).save_pretrained(str(folder / "vae"))
+    elif not (folder / "model_index.json").exists():
+        build_t2v(folder)
+        torch.cuda.empty_cache()
+    latent_frames = (args.frames - 1) // 4 + 1
+    latents = torch.randn(
+        1, 16, latent_frames, args.height // 8, args.width // 8, generator=torch.Generator().manual_seed(0)
+    )
+    shared = not torch.cuda.is_available() or torch.cuda.device_count() < gpus
+    _print_decode(_decode_check(gpus, str(folder / "vae"), latents.numpy(), shared=shared), gpus)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpus", type=int, default=2, help="GPUs of the parallel replica (2 or 4)")
-    parser.add_argument("--modes", default=None, help="comma-separated: cfg, ulysses, cfg+ulysses")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--gpus", type=int, default=2, help="GPUs of the parallel replica")
+    parser.add_argument("--modes", default="cfg", help="comma-separated: cfg, ulysses, cfg+ulysses")
+    parser.add_argument("--steps", default="10,50", help="comma-separated step counts")
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compare-whole", action="store_true", help="also time cfg with nothing else split")
+    parser.add_argument("--decode-check", action="store_true", help="time the decode alone, whole vs split")
     parser.add_argument(
-        "--direct", action="store_true", help="plain processes (mp.spawn) instead of Ray Serve"
+        "--one-gpu-checks", action="store_true", help="only the decode/encode checks, on 1 GPU"
     )
     parser.add_argument("--tiny", action="store_true", help="CPU smoke check: tiny model, gloo")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    steps_list = [int(s) for s in args.steps.split(",")]
     if args.tiny:
-        args.width, args.height, args.frames, args.steps, args.repeats = 64, 48, 9, 2, 1
-    modes = (args.modes or ("cfg,ulysses" if args.gpus == 2 else "ulysses,cfg+ulysses")).split(",")
+        args.width, args.height, args.frames, steps_list = 64, 48, 9, [2]
+    modes = args.modes.split(",")
     from Wan2GP.parallel import plan_degrees
 
     for mode in modes:
@@ -206,35 +286,53 @@ def main() -> None:
             plan_degrees(mode, args.gpus)  # a mode that cannot split over --gpus fails now, with the reason
         except ValueError as error:
             raise SystemExit(f"bench.multi_gpu_video: --modes/--gpus: {error}") from None
+    if args.one_gpu_checks:
+        return one_gpu_checks(args, args.gpus)
     gpus = require_gpus(args.gpus, args.tiny, "bench.multi_gpu_video")
 
     tmp = Path(tempfile.mkdtemp(prefix="hwgp-mgv-"))
-    models_dir, ids = prepare_models(tmp, args.tiny)
+    models_dir, ids = prepare_models(models_root(tmp), args.tiny)
     model_id = ids["t2v"]
-    params = {"model": model_id, "prompt": PROMPT, "resolution": f"{args.width}x{args.height}",
-              "video_length": args.frames, "num_inference_steps": args.steps, "guidance_scale": 5.0,
-              "seed": 3}  # fmt: skip
-    runner = _run_direct if args.direct else _run_serve
-    rows = runner(args, gpus, modes, models_dir, model_id, params)
+    baseline = _baseline(args, models_dir, model_id, steps_list)
 
-    how = "plain processes" if args.direct else "Ray Serve multi-GPU replica"
-    model = (
-        "tiny model, CPU + gloo (smoke check)"
-        if args.tiny
-        else "Wan2.1-T2V-1.3B architecture, random weights"
-    )
-    print(f"# one video across GPUs ({how}): {model}, {args.width}x{args.height}, {args.frames} frames, "
-          f"{args.steps} steps, CFG 5.0")  # fmt: skip
-    print("| GPUs | mode | s/video | speed-up | rel. error vs 1 GPU (decoded frames) |")
-    print("|---|---|---|---|---|")
+    start_ray(gpus)
+    rows = []
+    for mode in modes:
+        rows += _replica(args, gpus, mode, None, models_dir, model_id, steps_list, baseline)
+    if args.compare_whole:
+        rows += _replica(args, gpus, "cfg", WHOLE, models_dir, model_id, steps_list[:1], baseline)
+    from ray import serve
+
+    serve.shutdown()
+    import ray
+
+    ray.shutdown()
+    decode = None
+    if args.decode_check and not args.tiny:
+        folder = json.loads(Path(models_dir, f"{model_id}.json").read_text())["source"]
+        decode = _decode_check(
+            gpus, str(Path(folder) / "vae"), baseline[steps_list[0]]["latents"], shared=False
+        )
+
+    print(f"# one video across GPUs (Ray Serve multi-GPU replica vs the engine on 1 GPU): "
+          f"{model_label(args.tiny)}, {args.width}x{args.height}, {args.frames} frames, CFG 5.0")  # fmt: skip
+    print("| GPUs | mode | steps | 1 GPU s | s/video | speed-up | goal | latents rel. err | latents max-abs "
+          "| MP4 frames rel. err | 2-GPU decode s | 2-GPU encode s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['gpus']} | {row['mode']} | {row['s_per_video']:.1f} | {row['speedup']:.2f}x "
-              f"| {row['rel_error']:.2e} |")  # fmt: skip
-    if gpus == 2:
-        best = max(row["speedup"] for row in rows[1:])
-        print(f"best speed-up on 2 GPUs {best:.2f}x; goal >= 1.8x ({'met' if best >= 1.8 else 'NOT met'})")
+        goal = GOALS.get(row["steps"])
+        verdict = "" if goal is None else f">= {goal}x {'met' if row['speedup'] >= goal else 'NOT met'}"
+        t = row["timings"]
+        print(f"| {row['gpus']} | {row['mode']} | {row['steps']} | {row['base_s']:.1f} | {row['s_per_video']:.1f} "
+              f"| {row['speedup']:.2f}x | {verdict} | {row['latent_rel_error']:.2e} "
+              f"| {row['latent_max_abs_error']:.2e} | {row['frame_rel_error']:.2e} | {t.get('decode', 0):.2f} "
+              f"| {t.get('encode_file', 0):.2f} |")  # fmt: skip
+    for steps, run in baseline.items():
+        print(f"1 GPU timings at {steps} steps: {run['timings']}")
+    if decode is not None:
+        _print_decode(decode, gpus)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "decode": decode}, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 import ray
@@ -86,8 +87,11 @@ class RankWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, master_addr: str, master_port: int, mode: str) -> dict[str, Any]:
-        """Join the process group and build the engine (a collective: every rank at once)."""
+    def setup(
+        self, master_addr: str, master_port: int, mode: str, options: dict[str, bool] | None = None
+    ) -> dict[str, Any]:
+        """Join the process group and build the engine (a collective: every rank at once). ``options``: the
+        switches of :class:`~Wan2GP.parallel.ParallelEngine` (share_prompt, split_decode, split_encode)."""
         import torch
 
         from Wan2GP.catalog import Catalog
@@ -101,14 +105,12 @@ class RankWorker:
             catalog=Catalog.load(self.models_dir, tiny_dir=self.tiny_dir),
             default_models=self.default_models,
         )
-        self.parallel = ParallelEngine(engine, mode=mode)
+        self.parallel = ParallelEngine(engine, mode=mode, **(options or {}))
         env = {name: os.environ.get(name) for name in NCCL_SAFE_ENV}
         return {"rank": self.rank, "device": str(resolved), "pid": os.getpid(), "env": env}
 
     def load(self, model_id: str) -> dict[str, Any]:
         """Make ``model_id`` resident and parallel (a collective)."""
-        import time
-
         start = time.perf_counter()
         self.parallel.prepare(model_id)
         return {"model": model_id, "seconds": time.perf_counter() - start}
@@ -146,6 +148,11 @@ class RankWorker:
                 "message": f"rank {self.rank}: {type(error).__name__}: {error}",
             }
 
+    def last_latents(self):
+        """The final latents of this rank's last generation (numpy float32), for equivalence checks."""
+        latents = self.parallel.last_latents
+        return None if latents is None else latents.numpy()
+
     def drain_progress(self) -> list[tuple[int, int]]:
         with self._lock:
             events, self._progress = self._progress, []
@@ -170,6 +177,8 @@ class MultiGpuGenerationDeployment:
         device: "cuda" or "cpu" for every rank; default cuda when the workers see one.
         cpus_per_rank: the CPU share of each worker (must fit its bundle).
         preload: a model id to load at start.
+        parallel_options: switches of :class:`~Wan2GP.parallel.ParallelEngine` (``share_prompt``,
+            ``split_decode``, ``split_encode``; all on by default).
     """
 
     def __init__(
@@ -183,12 +192,15 @@ class MultiGpuGenerationDeployment:
         tiny_dir: str | None = None,
         cpus_per_rank: float = 1.0,
         preload: str | None = None,
+        parallel_options: dict[str, bool] | None = None,
     ):
         plan_degrees(mode, world_size)  # a bad mode / size fails here, with the reason
         self.family, self.mode, self.world_size = family, mode, world_size
         self.broken: str | None = None
         self.generations = 0
         self.loaded_model: str | None = None
+        self.busy = False
+        self.last_task_s: float | None = None
 
         group = get_current_placement_group()
         self.own_group = None
@@ -212,7 +224,7 @@ class MultiGpuGenerationDeployment:
             for rank in range(world_size)
         ]
         address, port = ray.get(self.workers[0].rendezvous.remote())
-        self.ranks = ray.get([w.setup.remote(address, port, mode) for w in self.workers])
+        self.ranks = ray.get([w.setup.remote(address, port, mode, parallel_options) for w in self.workers])
         logger.info("%s: %d ranks (%s) ready: %s", family, world_size, mode, self.ranks)
         if preload:
             ray.get([w.load.remote(preload) for w in self.workers])
@@ -237,6 +249,8 @@ class MultiGpuGenerationDeployment:
             self.loaded_model = model_id
             yield {"event": "loaded", "model": model_id, "seconds": max(r["seconds"] for r in loads)}
 
+        started = time.perf_counter()
+        self.busy = True
         tasks = [asyncio.ensure_future(w.generate.remote(task_type, params, task_id)) for w in self.workers]
         try:
             while not tasks[0].done():
@@ -249,13 +263,16 @@ class MultiGpuGenerationDeployment:
             # until they have stopped, so the next task finds all ranks free.
             await asyncio.gather(*[w.cancel.remote() for w in self.workers], return_exceptions=True)
             await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+            self.busy = False
             raise
+        self.busy = False
         errors = [r for r in results if r["event"] == "error"]
         if errors:
             engine_errors = [e for e in errors if e["kind"] == "engine"]
             yield engine_errors[0] if engine_errors else errors[0]
             return
         self.generations += 1
+        self.last_task_s = time.perf_counter() - started
         yield results[0]
 
     async def _finish(self, tasks: list[asyncio.Future]) -> list[dict[str, Any]]:
@@ -277,6 +294,8 @@ class MultiGpuGenerationDeployment:
         return results
 
     def stats(self) -> dict[str, Any]:
+        """What a router needs to choose between this replica and 1-GPU ones: GPUs it spans (``world_size``),
+        whether a task runs now (``busy``), the last task's seconds (``last_task_s``) and the loaded model."""
         return {
             "family": self.family,
             "mode": self.mode,
@@ -284,7 +303,13 @@ class MultiGpuGenerationDeployment:
             "ranks": self.ranks,
             "loaded_model": self.loaded_model,
             "generations": self.generations,
+            "busy": self.busy,
+            "last_task_s": self.last_task_s,
         }
+
+    async def last_latents(self):
+        """Rank 0's final latents of the last generation (numpy float32): for equivalence checks."""
+        return await self.workers[0].last_latents.remote()
 
     async def check_health(self) -> None:
         """Serve restarts a replica one of whose ranks died or hung (its process group is unusable)."""

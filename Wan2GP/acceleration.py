@@ -1,0 +1,464 @@
+"""Speed on one GPU: compiled transformer blocks, the attention backend, and step caching.
+
+Applied by the engine to a loaded pipeline's transformer(s) (``transformer`` and, for Wan 2.2,
+``transformer_2``):
+
+- **compile** (:func:`compile_transformers`): regional ``torch.compile`` of the repeated transformer blocks
+  (diffusers' ``compile_repeated_blocks(fullgraph=True)``: one compiled block serves all 30 of them, so a new
+  shape compiles in seconds, not minutes). Inductor's artefacts stay on disk (``$TORCHINDUCTOR_CACHE_DIR``,
+  default ``~/.cache/hwgp/inductor``), so a restarted replica of the same node reuses them. Computes the same
+  function as eager up to bf16 rounding (fused kernels round differently). Resident memory profile only.
+- **attention backend** (:func:`set_attention_backend`): diffusers' attention dispatcher (``native``,
+  ``_native_cudnn``, ``_native_flash``, ``flash`` when flash-attn is installed, ...); the one used is
+  recorded in each result.
+- **step caching** (:func:`step_cache`): the original's task params ``skip_steps_cache_type``,
+  ``skip_steps_multiplier`` and ``skip_steps_start_step_perc`` mapped onto diffusers' MagCache hooks:
+  ``"mag"`` skips whole transformer forwards (reusing the last residual) where the calibrated magnitude ratios
+  say the output barely changes. The threshold is solved from the model's ratios so the skipped share meets
+  the asked multiplier (``steps / full forwards``); the first ``start_step_perc`` % of steps always run.
+  Ratios come from a calibration run per model (:func:`calibrate_mag_ratios`, ``python -m
+  Wan2GP.acceleration calibrate``), kept under ``$HWGP_CACHE_DIR/mag_ratios``. ``"tea"`` (TeaCache) has no
+  diffusers implementation and is refused with that reason. Every result reports its forwards and skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AccelerationConfig",
+    "StepCache",
+    "StepCacheReport",
+    "apply_acceleration",
+    "calibrate_mag_ratios",
+    "compile_transformers",
+    "load_mag_ratios",
+    "mag_threshold",
+    "parse_step_cache",
+    "save_mag_ratios",
+    "set_attention_backend",
+    "step_cache",
+]
+
+CACHE_TYPES = ("mag",)  # what skip_steps_cache_type accepts besides "" / None (off)
+TRANSFORMERS = ("transformer", "transformer_2")
+
+
+# A TORCHINDUCTOR_CACHE_DIR given to the process (inductor sets the variable itself once it has run).
+_GIVEN_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HWGP_CACHE_DIR") or Path.home() / ".cache" / "hwgp")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile and attention backend: the same function, faster
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AccelerationConfig:
+    """What an engine applies to every pipeline it loads.
+
+    Args:
+        compile: regional torch.compile of the transformer blocks (resident memory profile only).
+        attention_backend: a diffusers attention backend name (None: diffusers' default, ``native``).
+        inductor_cache_dir: where compiled artefacts live (default ``$TORCHINDUCTOR_CACHE_DIR`` or
+            ``$HWGP_CACHE_DIR/inductor``).
+    """
+
+    compile: bool = False
+    attention_backend: str | None = None
+    inductor_cache_dir: str | None = None
+
+    def check(self, memory_profile: str) -> AccelerationConfig:
+        if self.compile and memory_profile != "resident":
+            raise ValueError(
+                f"compile: needs memory_profile 'resident' (offloading hooks move weights during the compiled "
+                f"forward), got {memory_profile!r}"
+            )
+        if self.attention_backend is not None:
+            from diffusers.models.attention_dispatch import AttentionBackendName
+
+            known = [b.value for b in AttentionBackendName]
+            if self.attention_backend not in known:
+                raise ValueError(
+                    f"attention_backend: {self.attention_backend!r} is not one of {', '.join(known)}"
+                )
+        return self
+
+
+def use_inductor_cache_dir(path: str | None = None) -> str:
+    """Point inductor's on-disk cache at ``path`` (or keep ``$TORCHINDUCTOR_CACHE_DIR``); returns the folder."""
+    folder = path or _GIVEN_INDUCTOR_DIR or str(cache_root() / "inductor")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
+
+
+def _transformers(pipe) -> list[tuple[str, torch.nn.Module]]:
+    return [(name, getattr(pipe, name)) for name in TRANSFORMERS if getattr(pipe, name, None) is not None]
+
+
+def compile_transformers(pipe, cache_dir: str | None = None) -> list[str]:
+    """Compile the repeated blocks of each transformer of ``pipe`` (once; lazily, at the first forward)."""
+    use_inductor_cache_dir(cache_dir)
+    compiled = []
+    for name, transformer in _transformers(pipe):
+        if getattr(transformer, "_hwgp_compiled", False):
+            compiled.append(name)
+            continue
+        if not getattr(transformer, "_repeated_blocks", None):
+            raise ValueError(f"compile: {type(transformer).__name__} declares no repeated blocks to compile")
+        transformer.compile_repeated_blocks(fullgraph=True)
+        transformer._hwgp_compiled = True
+        compiled.append(name)
+    return compiled
+
+
+def set_attention_backend(pipe, backend: str) -> str:
+    """Route every attention call of the pipeline's transformer(s) through ``backend``; returns it."""
+    for _, transformer in _transformers(pipe):
+        transformer.set_attention_backend(backend)
+    return backend
+
+
+def apply_acceleration(pipe, config: AccelerationConfig | None) -> dict[str, Any]:
+    """Apply ``config`` to a freshly loaded ``pipe``; what was applied (recorded in each task's result)."""
+    applied: dict[str, Any] = {"compiled": [], "attention_backend": "native"}
+    if config is None:
+        return applied
+    if config.attention_backend is not None:
+        applied["attention_backend"] = set_attention_backend(pipe, config.attention_backend)
+    if config.compile:
+        applied["compiled"] = compile_transformers(pipe, config.inductor_cache_dir)
+        applied["inductor_cache_dir"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    return applied
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step caching: fewer transformer forwards
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepCache:
+    """A task's step-caching request, in the original's terms."""
+
+    cache_type: str  # "mag"
+    multiplier: float  # target speed-up of the denoising loop: steps / full forwards
+    start_step_perc: float  # % of the steps at the start that always run in full
+
+
+def parse_step_cache(params: Any) -> StepCache | None:
+    """The request in a task's params (``skip_steps_cache_type`` / ``_multiplier`` / ``_start_step_perc``),
+    None when off; a ValueError naming the field for a bad value."""
+
+    def get(name: str):
+        if isinstance(params, dict):
+            return params.get(name)
+        return getattr(params, name, None)
+
+    cache_type = get("skip_steps_cache_type")
+    if cache_type in (None, "", 0):
+        return None
+    if cache_type == "tea":
+        raise ValueError(
+            "skip_steps_cache_type: 'tea' (TeaCache) has no implementation in diffusers' hooks here; "
+            "use 'mag' (MagCache)"
+        )
+    if cache_type not in CACHE_TYPES:
+        raise ValueError(f"skip_steps_cache_type: {cache_type!r} is not one of '', 'mag'")
+    multiplier = get("skip_steps_multiplier")
+    multiplier = 1.5 if multiplier is None else multiplier
+    if isinstance(multiplier, bool) or not isinstance(multiplier, int | float) or not 1.0 <= multiplier <= 10:
+        raise ValueError(f"skip_steps_multiplier: must be a number in [1, 10], got {multiplier!r}")
+    start = get("skip_steps_start_step_perc")
+    start = 20.0 if start is None else start
+    if isinstance(start, bool) or not isinstance(start, int | float) or not 0 <= start <= 100:
+        raise ValueError(f"skip_steps_start_step_perc: must be a percentage in [0, 100], got {start!r}")
+    return StepCache(cache_type, float(multiplier), float(start))
+
+
+def _full_forwards(ratios: list[float], steps: int, threshold: float, start: int, max_skip: int) -> int:
+    """How many of ``steps`` forwards diffusers' MagCache computes in full: its rule, replayed on the ratios.
+
+    As diffusers 0.42.1 runs it on Wan, its step index advances only on computed forwards (a skipped one
+    leaves it, so the next forward reads the same ratio again); replayed as such.
+    """
+    accumulated_ratio, accumulated_err, accumulated_steps, full, index = 1.0, 0.0, 0, 0, 0
+    for _ in range(steps):
+        ratio = ratios[index] if index < len(ratios) else 1.0
+        if index >= start:
+            accumulated_ratio *= ratio
+            accumulated_steps += 1
+            accumulated_err += abs(1.0 - accumulated_ratio)
+            if index > 0 and accumulated_err <= threshold and accumulated_steps <= max_skip:
+                continue  # skipped
+            accumulated_ratio, accumulated_err, accumulated_steps = 1.0, 0.0, 0
+        full += 1
+        index += 1
+    return full
+
+
+def _resample(ratios: list[float], steps: int) -> list[float]:
+    from diffusers.hooks.mag_cache import nearest_interp
+
+    return nearest_interp(torch.tensor(ratios, dtype=torch.float32), steps).tolist()
+
+
+def mag_threshold(
+    ratios: list[float], steps: int, multiplier: float, start_step_perc: float, max_skip_steps: int
+) -> float:
+    """The smallest MagCache threshold whose schedule runs at most ``steps / multiplier`` full forwards
+    (the largest one short of that when even skipping all it may does not reach it)."""
+    ratios = _resample(ratios, steps)
+    start = int(start_step_perc / 100 * steps + 0.5)
+    target = steps / multiplier
+    low, high = 0.0, 1.0
+    while _full_forwards(ratios, steps, high, start, max_skip_steps) > target and high < 1e3:
+        high *= 2
+    for _ in range(40):
+        middle = (low + high) / 2
+        if _full_forwards(ratios, steps, middle, start, max_skip_steps) > target:
+            low = middle
+        else:
+            high = middle
+    return high * 1.001  # clear of the boundary: diffusers accumulates the ratios in float32
+
+
+@dataclass
+class StepCacheReport:
+    """What step caching did in one generation (the task result's ``step_cache``)."""
+
+    cache_type: str
+    multiplier: float
+    start_step_perc: float
+    threshold: float
+    forwards: int = 0  # transformer calls
+    computed: int = 0  # of which ran their blocks
+    skipped_fraction: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ForwardCounter:
+    """Counts transformer calls and the calls whose blocks really ran (the last block's feed-forward)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.forwards = 0
+        self.computed = 0
+        last_block = transformer.blocks[-1]
+        self._handles = [
+            transformer.register_forward_pre_hook(self._count_forward),
+            last_block.ffn.register_forward_pre_hook(self._count_computed),
+        ]
+
+    def _count_forward(self, module, args) -> None:
+        self.forwards += 1
+
+    def _count_computed(self, module, args) -> None:
+        self.computed += 1
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+MAX_SKIP_STEPS = 3
+
+
+@contextlib.contextmanager
+def eager_blocks(transformers: list[torch.nn.Module]) -> Iterator[bool]:
+    """Run compiled blocks eager inside the block (the compiled code is kept for afterwards); yields whether
+    any was compiled. diffusers' cache hooks (and Python hooks that read values) are excluded from
+    compilation, which a fullgraph-compiled block refuses."""
+    compiled = [
+        (block, block._compiled_call_impl)
+        for transformer in transformers
+        for block in transformer.modules()
+        if getattr(block, "_compiled_call_impl", None) is not None
+    ]
+    for block, _ in compiled:
+        block._compiled_call_impl = None
+    try:
+        yield bool(compiled)
+    finally:
+        for block, call in compiled:
+            block._compiled_call_impl = call
+
+
+@contextlib.contextmanager
+def step_cache(
+    pipe, request: StepCache | None, steps: int, model_id: str
+) -> Iterator[StepCacheReport | None]:
+    """MagCache on the pipeline's transformer(s) for one generation (removed after it); yields its report,
+    filled in when the block exits. Raises ValueError when the model has no calibrated ratios."""
+    if request is None:
+        yield None
+        return
+    from diffusers import MagCacheConfig
+
+    ratios = load_mag_ratios(model_id)
+    if ratios is None:
+        raise ValueError(
+            f"skip_steps_cache_type: 'mag' needs the magnitude ratios of model {model_id!r}; calibrate them once "
+            f"with: python -m Wan2GP.acceleration calibrate --model {model_id}"
+        )
+    threshold = mag_threshold(ratios, steps, request.multiplier, request.start_step_perc, MAX_SKIP_STEPS)
+    report = StepCacheReport(request.cache_type, request.multiplier, request.start_step_perc, threshold)
+    start = int(request.start_step_perc / 100 * steps + 0.5)
+    planned = _full_forwards(_resample(ratios, steps), steps, threshold, start, MAX_SKIP_STEPS)
+    if planned > steps / request.multiplier:
+        report.notes.append(
+            f"skip_steps_multiplier {request.multiplier} is out of reach with {steps} steps, "
+            f"{request.start_step_perc:g}% kept at the start and at most {MAX_SKIP_STEPS} skips in a row: "
+            f"{steps / planned:.2f}x planned"
+        )
+    config = MagCacheConfig(
+        threshold=threshold,
+        max_skip_steps=MAX_SKIP_STEPS,
+        retention_ratio=request.start_step_perc / 100,
+        num_inference_steps=steps,
+        mag_ratios=ratios,
+    )
+    transformers = [t for _, t in _transformers(pipe)]
+    unsupported = [type(t).__name__ for t in transformers if not hasattr(t, "blocks")]
+    if unsupported:
+        raise ValueError(f"skip_steps_cache_type: step caching supports Wan models, not {unsupported[0]}")
+    with eager_blocks(transformers) as was_compiled:
+        if was_compiled:
+            report.notes.append(
+                "ran eager: the cache hooks cannot run inside the compiled (fullgraph) blocks"
+            )
+        counters = [ForwardCounter(t) for t in transformers]
+        for transformer in transformers:
+            transformer.enable_cache(config)
+        try:
+            yield report
+        finally:
+            for transformer in transformers:
+                transformer.disable_cache()
+        for counter in counters:
+            counter.remove()
+        report.forwards = sum(c.forwards for c in counters)
+        report.computed = sum(c.computed for c in counters)
+        report.skipped_fraction = 1 - report.computed / report.forwards if report.forwards else 0.0
+
+
+# ---- MagCache calibration ----------------------------------------------------------------------------------
+
+
+def _ratios_file(model_id: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
+    return cache_root() / "mag_ratios" / f"{safe}.json"
+
+
+def save_mag_ratios(model_id: str, ratios: list[float], steps: int) -> Path:
+    path = _ratios_file(model_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": model_id, "steps": steps, "mag_ratios": ratios}))
+    return path
+
+
+def load_mag_ratios(model_id: str) -> list[float] | None:
+    path = _ratios_file(model_id)
+    if not path.exists():
+        return None
+    return list(json.loads(path.read_text())["mag_ratios"])
+
+
+class _ResidualProbe:
+    """Per call of the transformer: ‖residual‖ per token (last block output − first block input), and MagCache's
+    ratio to the previous call of the same branch (cond / uncond alternate under CFG)."""
+
+    def __init__(self, transformer: torch.nn.Module, branches: int):
+        self.branches = branches
+        self.previous: list[torch.Tensor | None] = [None] * branches
+        self.ratios: list[list[float]] = [[] for _ in range(branches)]
+        self.calls = 0
+        self._input: torch.Tensor | None = None
+        self._handles = [
+            transformer.blocks[0].register_forward_pre_hook(self._first, with_kwargs=True),
+            transformer.blocks[-1].register_forward_hook(self._last),
+        ]
+
+    def _first(self, module, args, kwargs) -> None:
+        self._input = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def _last(self, module, args, output) -> None:
+        branch = self.calls % self.branches
+        self.calls += 1
+        residual = (output - self._input).float()
+        norm = torch.linalg.norm(residual, dim=-1)
+        previous = self.previous[branch]
+        ratio = 1.0 if previous is None else float((norm / (previous + 1e-8)).mean())
+        self.ratios[branch].append(ratio)
+        self.previous[branch] = norm
+
+    def remove(self) -> list[float]:
+        for handle in self._handles:
+            handle.remove()
+        # diffusers' MagCache uses one ratio list for every branch: their mean per step.
+        return [sum(values) / len(values) for values in zip(*self.ratios, strict=True)]
+
+
+def calibrate_mag_ratios(engine, task_type: str, params: dict[str, Any]) -> list[float]:
+    """Run one generation on ``engine`` with nothing skipped, measuring MagCache's per-step ratios (the mean
+    over tokens of ‖residual_t‖ / ‖residual_t-1‖, averaged over the CFG branches), and save them for the
+    model. The calibration's steps become the ratios' length (diffusers resamples them to any step count)."""
+    from Wan2GP.params import parse_params
+
+    parsed = parse_params(task_type, params)
+    definition = engine.resolve_model(task_type, parsed)
+    engine.load(definition.id)
+    guidance = (
+        parsed.guidance_scale if parsed.guidance_scale is not None else definition.defaults.guidance_scale
+    )
+    with eager_blocks([engine.pipe.transformer]):
+        probe = _ResidualProbe(engine.pipe.transformer, branches=2 if guidance > 1.0 else 1)
+        try:
+            artifact = engine.generate(task_type, params)
+        finally:
+            ratios = probe.remove()
+    save_mag_ratios(definition.id, ratios, artifact.metadata["steps"])
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m Wan2GP.acceleration calibrate --model ID [--steps 50]``: write a model's MagCache ratios."""
+    import argparse
+
+    from Wan2GP.engine import Engine
+
+    parser = argparse.ArgumentParser(prog="python -m Wan2GP.acceleration")
+    commands = parser.add_subparsers(dest="command", required=True)
+    calibrate = commands.add_parser("calibrate", help="measure and save a model's MagCache ratios")
+    calibrate.add_argument("--model", required=True)
+    calibrate.add_argument("--task-type", default="t2v")
+    calibrate.add_argument("--steps", type=int, default=50)
+    calibrate.add_argument("--prompt", default="a cat walking in the city at night, cinematic")
+    calibrate.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    engine = Engine(device=args.device)
+    params = {"model": args.model, "prompt": args.prompt, "num_inference_steps": args.steps, "seed": 0}
+    ratios = calibrate_mag_ratios(engine, args.task_type, params)
+    print(f"{args.model}: {len(ratios)} ratios -> {_ratios_file(args.model)}")
+
+
+if __name__ == "__main__":
+    main()
