@@ -37,7 +37,10 @@ from pydantic_core import PydanticCustomError
 
 from Wan2GP.params import MAX_FRAMES, MAX_SIDE, BaseParams, quantize_frames
 from Wan2GP.video import (
-    adjust_saturation_brightness,
+    BRIGHTNESS_RANGE,
+    SATURATION_RANGE,
+    adjust_brightness,
+    adjust_saturation,
     build_vace_guide,
     colour_match,
     fade,
@@ -54,15 +57,16 @@ _RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX*×]\s*(\d+)\s*$")
 
 
 class PostProcess(BaseModel):
-    """The stitch's post-processing chain, applied in this order: colour match, saturation/brightness,
-    fades, upscale. ``show_input_images`` is accepted for compatibility and ignored (the original drew the
-    anchor images beside the video; nothing here renders it)."""
+    """The post-processing chain, in the original's order: per clip saturation, brightness (clips after
+    the first), colour match (every clip); then the cross-fade stitch, fades, upscale.
+    ``show_input_images`` is accepted for compatibility and ignored (the original drew the anchor images
+    beside the video; nothing here renders it)."""
 
     model_config = ConfigDict(frozen=True)
 
     colour_match: bool = False
-    saturation: float | None = Field(None, ge=0.0, le=10.0)
-    brightness: float | None = Field(None, ge=0.0, le=10.0)
+    saturation: float = Field(1.0, ge=SATURATION_RANGE[0], le=SATURATION_RANGE[1])  # 1.0 = unchanged
+    brightness: float = Field(0.0, ge=BRIGHTNESS_RANGE[0], le=BRIGHTNESS_RANGE[1])  # additive: 0 = unchanged
     fade_in: int = Field(0, ge=0)
     fade_out: int = Field(0, ge=0)
     upscale_factor: float | None = Field(None, gt=0.0, le=8.0)
@@ -340,6 +344,10 @@ def _fade_frames(fields: _Fields, name: str, total: int) -> int:
     return value
 
 
+def _default(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 def _extras(data: dict, prefix: tuple, original: bool) -> dict[str, Any]:
     extras = {key: data[key] for key in _EXTRA_KEYS if data.get(key) is not None}
     if data.get("apply_causvid"):  # the original's name for the CausVid preset
@@ -469,8 +477,8 @@ def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
 
     post_values = {
         "colour_match": fields.flag("colour_match", False),
-        "saturation": fields.number("saturation"),
-        "brightness": fields.number("brightness"),
+        "saturation": _default(fields.number("saturation"), 1.0),
+        "brightness": _default(fields.number("brightness"), 0.0),
         "fade_in": fade_in,
         "fade_out": fade_out,
         "upscale_factor": upscale_factor,
@@ -622,20 +630,41 @@ def plan_summary(plan: TravelPlan) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def colour_references(
+    plan: TravelPlan, anchors: list[np.ndarray], continued: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(start, end) reference images of each segment's colour match, as the original picks them: the
+    segment's start and end anchors; with a continued video, segment 0 starts from its last frame."""
+    if len(anchors) != len(plan.anchors):
+        raise ValueError(f"anchors has {len(anchors)} images, the plan has {len(plan.anchors)}")
+    references = []
+    for i in range(plan.num_segments):
+        if plan.continue_from_video:
+            if i == 0 and continued is None:
+                raise ValueError("continued is required to colour match the first segment of a continued run")
+            start = continued[-1] if i == 0 else anchors[i - 1]
+            references.append((start, anchors[i]))
+        else:
+            references.append((anchors[i], anchors[i + 1]))
+    return references
+
+
 def stitch_segments(
     plan: TravelPlan,
     clips: list[np.ndarray],
-    first_anchor: np.ndarray | None,
+    anchors: list[np.ndarray] | None,
     continued: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Cross-fade the segment clips into the final video and apply the post-processing chain.
+    """Post-process each clip, cross-fade them into the final video, then fade and upscale.
 
-    Colour matching (to ``first_anchor``) and saturation/brightness apply to every clip after the first
-    (as the original's ``after_first_post_generation_*`` names say) before the cross-fade, so each overlap
-    blends from the unadjusted into the adjusted look instead of jumping. Then fades, then upscaling.
+    Per clip, in the original's order: saturation and brightness (``after_first_post_generation_*``: every
+    clip after the first; with a continued video every new clip, the continued video being the first),
+    then colour matching (every clip, toward its start and end references, see :func:`colour_references`).
+    Adjusting before the cross-fade makes each overlap blend from one look into the next instead of
+    jumping. ``anchors`` are the decoded images of ``plan.anchors`` (needed only for colour matching).
     ``continued`` (the decoded continue_from_video) is prepended with ``plan.continue_overlap`` frames of
-    cross-fade, and is itself left unadjusted. Returns uint8 (T, H, W, 3) frames: plan.total_frames of
-    them, plus len(continued) - plan.continue_overlap with a continued video.
+    cross-fade and left unadjusted. Returns uint8 (T, H, W, 3) frames: plan.total_frames of them, plus
+    len(continued) - plan.continue_overlap with a continued video.
     """
     if len(clips) != plan.num_segments:
         raise ValueError(f"clips has {len(clips)} clips, the plan has {plan.num_segments} segments")
@@ -644,23 +673,28 @@ def stitch_segments(
             raise ValueError(f"clips[{i}] must be a (T, H, W, 3) uint8 array")
         if len(clip) != frames:
             raise ValueError(f"clips[{i}] has {len(clip)} frames, the plan expects {frames}")
-    post = plan.post
-    adjusted = list(clips)
-    if post.colour_match:
-        if first_anchor is None:
-            raise ValueError("first_anchor is required when colour_match is on")
-        adjusted[1:] = [colour_match(clip, first_anchor) for clip in adjusted[1:]]
-    saturation = 1.0 if post.saturation is None else post.saturation
-    brightness = 1.0 if post.brightness is None else post.brightness
-    if (saturation, brightness) != (1.0, 1.0):
-        adjusted[1:] = [adjust_saturation_brightness(clip, saturation, brightness) for clip in adjusted[1:]]
-
-    overlaps = list(plan.overlaps)
     if continued is not None:
         if not isinstance(continued, np.ndarray) or continued.ndim != 4:
             raise ValueError("continued must be a (T, H, W, 3) uint8 array")
         if continued.shape[1:3] != clips[0].shape[1:3]:
             continued = fit_resolution(continued, clips[0].shape[2], clips[0].shape[1], "crop")
+    post = plan.post
+    references = None
+    if post.colour_match:
+        if anchors is None:
+            raise ValueError("anchors are required when colour_match is on")
+        references = colour_references(plan, anchors, continued)
+
+    adjusted = []
+    for i, clip in enumerate(clips):
+        if i > 0 or continued is not None:
+            clip = adjust_brightness(adjust_saturation(clip, post.saturation), post.brightness)
+        if references is not None:
+            clip = colour_match(clip, *references[i])
+        adjusted.append(clip)
+
+    overlaps = list(plan.overlaps)
+    if continued is not None:
         adjusted = [continued, *adjusted]
         overlaps = [min(plan.continue_overlap, len(continued)), *overlaps]
     video = stitch(adjusted, overlaps, sharpness=post.crossfade_sharpness)
