@@ -39,6 +39,7 @@ from Wan2GP.memory import (
 )
 from Wan2GP.params import BaseParams, parse_params, quantize_frames
 from Wan2GP.pipelines import RUNNERS, Settings
+from Wan2GP.schedulers import make_scheduler, steps_run
 
 __all__ = ["Cancelled", "Engine", "LoadReport", "resolve_model"]
 
@@ -262,7 +263,9 @@ class Engine:
             "steps": settings.steps,
             "guidance": settings.guidance_scale,
             "flow_shift": settings.flow_shift,
+            "sample_solver": settings.sample_solver,
             "loras": loras,
+            "ignored_params": parsed.ignored_params(),
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
         return Artifact(
@@ -314,9 +317,11 @@ class Engine:
             frames = frames or quantize_frames(defaults.frames)
 
         seed = params.seed if params.seed >= 0 else random.SystemRandom().randrange(2**32)
+        solver = params.sample_solver or defaults.sample_solver
         steps = params.num_inference_steps or int(
             preset_settings.get("num_inference_steps", defaults.num_inference_steps)
         )
+        steps = steps_run(solver, steps)
         guidance = params.guidance_scale
         if guidance is None:
             guidance = float(preset_settings.get("guidance_scale", defaults.guidance_scale))
@@ -330,7 +335,7 @@ class Engine:
             steps=steps,
             guidance_scale=guidance,
             flow_shift=float(shift) if shift is not None else None,
-            sample_solver=params.sample_solver or defaults.sample_solver,
+            sample_solver=solver,
             negative_prompt=negative,
             max_sequence_length=defaults.max_sequence_length,
             seed=seed,
@@ -339,23 +344,7 @@ class Engine:
 
     def _scheduler(self, settings: Settings):
         """A fresh scheduler per task, with the task's flow shift and solver (no state leaks between tasks)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
-
-        base = self._base_scheduler
-        config = dict(base.config)
-        if settings.sample_solver == "euler":
-            cls = FlowMatchEulerDiscreteScheduler
-        elif settings.sample_solver == "unipc":
-            cls = UniPCMultistepScheduler
-            config.update(prediction_type="flow_prediction", use_flow_sigmas=True)
-        else:
-            cls = type(base)
-        if settings.flow_shift is not None:
-            if cls is FlowMatchEulerDiscreteScheduler:
-                config.update(shift=settings.flow_shift, use_dynamic_shifting=False)
-            else:
-                config["flow_shift"] = settings.flow_shift
-        return cls.from_config(config)
+        return make_scheduler(self._base_scheduler, settings.sample_solver, settings.flow_shift)
 
 
 def resolve_model(

@@ -18,6 +18,7 @@ from PIL import Image
 
 from Wan2GP.errors import Cancelled
 from Wan2GP.loras import LoraRequest
+from Wan2GP.schedulers import STOCHASTIC_SOLVERS
 
 GREY = 127  # the grey VACE reads as "nothing here, generate"
 
@@ -71,6 +72,9 @@ def _pil(image: np.ndarray, width: int, height: int) -> Image.Image:
 
 def _run(pipe, kwargs: dict, settings: Settings, timings: dict, progress, should_cancel) -> np.ndarray:
     hook = _StepHook(progress, should_cancel)
+    if settings.sample_solver in STOCHASTIC_SOLVERS:
+        # The pipelines do not hand their generator to scheduler.step: seed the noise an SDE step draws.
+        torch.manual_seed(settings.seed)
     start = time.perf_counter()
     output = pipe(
         num_inference_steps=settings.steps,
