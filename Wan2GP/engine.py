@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -282,17 +282,17 @@ class Engine:
             search.append(self.catalog.resolve_source(definition.source).parent / "loras")
 
         for builtin in definition.loras:
-            loras.append(LoraRequest(resolve_lora(builtin.file, search), builtin.multiplier))
+            loras.append(replace(resolve_lora(builtin.file, search), multiplier=builtin.multiplier))
         flags = [("causvid", params.use_causvid_lora), ("lighti2x", params.use_lighti2x_lora)]
         flags.append(("in_scene", bool(getattr(params, "in_scene", False))))
         for preset_name, enabled in flags:
             if not enabled or definition.builtin_lora(preset_name) is not None:
                 continue  # a built-in LoRA takes its settings from the model JSON's defaults
             preset = definition.preset(preset_name)
-            loras.append(LoraRequest(resolve_lora(preset.file, search), preset.multiplier))
+            loras.append(replace(resolve_lora(preset.file, search), multiplier=preset.multiplier))
             preset_settings.update(preset.settings)
         for name, multiplier in params.lora_requests():
-            loras.append(LoraRequest(resolve_lora(name, search), multiplier))
+            loras.append(replace(resolve_lora(name, search), multiplier=multiplier))
 
         width, height = params.resolution or (defaults.width, defaults.height)
         multiple = definition.size_multiple

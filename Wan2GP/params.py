@@ -195,6 +195,22 @@ def _asks_nothing(key: str, value: Any) -> bool:
     return value is None or value is False or value == 0 or value in ("", [], {})
 
 
+def refused_reason(key: str, value: Any) -> str | None:
+    """Why ``key: value`` cannot be honoured here, or None when it can be accepted."""
+    if key in REFUSED_KEYS and not _asks_nothing(key, value):
+        return REFUSED_KEYS[key]
+    return None
+
+
+def ignored_reason(key: str, value: Any, what: str) -> str:
+    """Why an accepted ``key`` that ``what`` (e.g. "Video tasks") does not act on is ignored."""
+    if key in IGNORED_KEYS:
+        return IGNORED_KEYS[key]
+    if key in REFUSED_KEYS:
+        return f"{value!r} asks for nothing; {REFUSED_KEYS[key]}"
+    return f"unknown key: not a parameter of {what}"
+
+
 def _names(value: Any) -> list[str]:
     """LoRA names: a list, or one string separated by commas (the original UI's format)."""
     if value is None:
@@ -285,21 +301,16 @@ class BaseParams(BaseModel):
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> BaseParams:
         for key, value in (self.model_extra or {}).items():
-            if key in REFUSED_KEYS and not _asks_nothing(key, value):
-                raise ValueError(f"{key}: {REFUSED_KEYS[key]}")
+            reason = refused_reason(key, value)
+            if reason:
+                raise ValueError(f"{key}: {reason}")
         return self
 
     def ignored_params(self) -> dict[str, str]:
         """key -> why, for every key of this task that the engine accepted and does not act on."""
-        family = type(self).__name__.removesuffix("Params")
-        ignored = {}
-        for key, value in (self.model_extra or {}).items():
-            if key in IGNORED_KEYS:
-                ignored[key] = IGNORED_KEYS[key]
-            elif key in REFUSED_KEYS:
-                ignored[key] = f"{value!r} asks for nothing; {REFUSED_KEYS[key]}"
-            else:
-                ignored[key] = f"unknown key: not a parameter of {family} tasks"
+        what = f"{type(self).__name__.removesuffix('Params')} tasks"
+        extra = (self.model_extra or {}).items()
+        ignored = {key: ignored_reason(key, value, what) for key, value in extra if value is not None}
         ignored.update(self._ignored_by_validation())
         return ignored
 

@@ -35,7 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
-from Wan2GP.params import MAX_FRAMES, MAX_SIDE, BaseParams, quantize_frames
+from Wan2GP.params import MAX_FRAMES, MAX_SIDE, BaseParams, ignored_reason, quantize_frames, refused_reason
 from Wan2GP.video import (
     BRIGHTNESS_RANGE,
     SATURATION_RANGE,
@@ -96,8 +96,8 @@ class TravelPlan(BaseModel):
     post: PostProcess = Field(default_factory=PostProcess)
     debug: bool = False
     skip_cleanup: bool = False
-    output_dir: str | None = None
     segment_params_extra: dict[str, Any] = Field(default_factory=dict)
+    ignored_params: dict[str, str] = Field(default_factory=dict)  # key -> why it was accepted but not used
 
     @property
     def num_segments(self) -> int:
@@ -178,7 +178,7 @@ _ORIGINAL_KEYS: dict[str, tuple[str, ...]] = {
     "show_input_images": ("show_input_images",),
     "debug": ("debug_mode_enabled",),
     "skip_cleanup": ("skip_cleanup_enabled",),
-    "output_dir": ("main_output_dir_for_run",),
+    "independent_segments": ("independent_segments",),
 }
 _NATIVE_KEYS: dict[str, tuple[str, ...]] = {
     "run_id": ("run_id",),
@@ -205,10 +205,17 @@ _NATIVE_KEYS: dict[str, tuple[str, ...]] = {
     "show_input_images": ("show_input_images",),
     "debug": ("debug",),
     "skip_cleanup": ("skip_cleanup",),
-    "output_dir": ("output_dir",),
+    "independent_segments": (),
 }
 # Generation settings passed to every segment's VACE task (validated by the engine's BaseParams).
 _EXTRA_KEYS = (
+    "phase_config",
+    "guidance2_scale",
+    "guidance3_scale",
+    "guidance_phases",
+    "switch_threshold",
+    "switch_threshold2",
+    "model_switch_phase",
     "additional_loras",
     "activated_loras",
     "lora_names",
@@ -344,6 +351,34 @@ def _fade_frames(fields: _Fields, name: str, total: int) -> int:
     return value
 
 
+# Keys of the original's travel payload read elsewhere by the original and not needed here, with why.
+_TRAVEL_IGNORED = {
+    "steps": "the original's UI timeline steps, not denoising steps (the original ignores it for generation too)",
+    "base_prompt": "the per-segment prompts are base_prompts_expanded",
+    "main_output_dir_for_run": "bookkeeping of the original's worker (folders); outputs are stored per task",
+    "orchestrator_task_id": "bookkeeping of the original's worker; the run is this task",
+    "original_task_args": "bookkeeping of the original's worker",
+    "original_common_settings": "bookkeeping of the original's worker",
+    "upscale_model_name": "upscale_factor is 0 or 1: nothing to upscale",
+}
+_CONSUMED = {"apply_causvid", "params_json_str_override", "orchestrator_details", *_EXTRA_KEYS}
+
+
+def _unused_keys(data: dict, keys: dict[str, tuple[str, ...]], prefix: tuple) -> dict[str, str]:
+    """Refuse the keys that would change the output but cannot be honoured; key -> why for the rest
+    of the keys this plan does not read."""
+    consumed = _CONSUMED | {key for names in keys.values() for key in names}
+    ignored = {}
+    for key, value in data.items():
+        if key in consumed or value is None:  # null asks for nothing
+            continue
+        reason = refused_reason(key, value)
+        if reason:
+            raise _error((*prefix, key), reason, value)
+        ignored[key] = _TRAVEL_IGNORED.get(key) or ignored_reason(key, value, "travel_orchestrator")
+    return ignored
+
+
 def _default(value: float | None, default: float) -> float:
     return default if value is None else value
 
@@ -474,6 +509,22 @@ def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
         raise fields.fail("upscale_factor", f"must be >= 0, got {upscale_factor}")
     if upscale_factor in (0.0, 1.0):  # the original sends 0.0 for "no upscale"
         upscale_factor = None
+    ignored = _unused_keys(data, fields.keys, fields.prefix)
+    if original and upscale_factor is not None:
+        # The original upscales only with an upscale model (a generative video-to-video pass).
+        if data.get("upscale_model_name"):
+            raise _error(
+                (*fields.prefix, "upscale_model_name"),
+                "model-based upscaling (a video-to-video generation with that model) is not supported; "
+                "leave upscale_model_name out",
+                data["upscale_model_name"],
+            )
+        ignored["upscale_factor"] = "the original upscales only with an upscale_model_name; none given"
+        upscale_factor = None
+    if fields.get("independent_segments") is not None and fields.get("chain_segments") is None:
+        chain_segments = not fields.flag("independent_segments", False)  # the original's older name
+    else:
+        chain_segments = fields.flag("chain_segments", True)
 
     post_values = {
         "colour_match": fields.flag("colour_match", False),
@@ -503,14 +554,14 @@ def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
         model=fields.text("model"),
         seed_base=seed,
         fps=fps,
-        chain_segments=fields.flag("chain_segments", True),
+        chain_segments=chain_segments,
         continue_from_video=continue_from,
         continue_overlap=continue_overlap,
         post=post,
         debug=fields.flag("debug", False),
         skip_cleanup=fields.flag("skip_cleanup", False),
-        output_dir=fields.text("output_dir"),
         segment_params_extra=_extras(data, fields.prefix, original),
+        ignored_params=ignored,
     )
 
 

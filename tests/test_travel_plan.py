@@ -124,8 +124,10 @@ def test_original_payload_keys_map_to_plan_fields():
     assert plan.post.colour_match and plan.post.show_input_images
     assert (plan.post.saturation, plan.post.brightness) == (0.8, 1.1)
     assert (plan.post.fade_in, plan.post.fade_out) == (3, 6)  # 10% and 20% of 30 frames
-    assert plan.post.upscale_factor == 2.0 and plan.post.crossfade_sharpness == 0.3
-    assert plan.debug and plan.skip_cleanup and plan.output_dir == "/tmp/out"
+    # the original upscales only with an upscale_model_name: upscale_factor alone is reported ignored
+    assert plan.post.upscale_factor is None and plan.post.crossfade_sharpness == 0.3
+    assert plan.debug and plan.skip_cleanup
+    assert set(plan.ignored_params) == {"main_output_dir_for_run", "upscale_factor"}
     assert plan.segment_params_extra == {
         "use_causvid_lora": True,
         "additional_loras": {"style.safetensors": 0.7},
@@ -366,6 +368,33 @@ def test_stitch_with_continued_video_prepends_it():
     video = stitch_segments(plan, clips_for(plan), None, continued=continued)
     assert len(video) == 9 + plan.total_frames - plan.continue_overlap
     assert np.all(video[:5] == 10)
+
+
+def test_original_keys_not_read_are_reported_or_refused():
+    plan = parse_travel(
+        original(
+            steps=6,
+            shot_id="s1",
+            enhance_prompt=False,
+            use_uni3c=False,
+            independent_segments=True,
+            phase_config={"num_phases": 2},
+            my_key=1,
+        )
+    )
+    assert not plan.chain_segments  # the original's older name, inverted
+    assert plan.segment_params_extra["phase_config"] == {"num_phases": 2}
+    assert set(plan.ignored_params) == {"steps", "shot_id", "enhance_prompt", "use_uni3c", "my_key"}
+    assert "timeline steps" in plan.ignored_params["steps"]
+    assert plan.ignored_params["my_key"] == "unknown key: not a parameter of travel_orchestrator"
+    assert parse_travel(original(independent_segments=True, chain_segments=True)).chain_segments
+    for key, value in [("use_uni3c", True), ("enhance_prompt", True), ("structure_video_path", "/g.mp4")]:
+        assert error_loc(original(**{key: value})) == ("orchestrator_details", key)
+    assert error_loc(original(upscale_factor=2.0, upscale_model_name="realesrgan")) == (
+        "orchestrator_details",
+        "upscale_model_name",
+    )
+    assert parse_travel(native(upscale_factor=2.0)).post.upscale_factor == 2.0  # native: Lanczos
 
 
 def test_colour_match_pulls_every_segment_toward_its_own_anchors():
