@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from Wan2GP.errors import WeightsNotFound
+from Wan2GP.phases import Multiplier
 
 LORA_SUFFIX = ".safetensors"  # the only format loaded: no pickle (.pt / .bin / .ckpt) from task input
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".gguf", ".sft")
@@ -46,7 +47,7 @@ class LoraRefused(WeightsNotFound):  # noqa: N818 - a WeightsNotFound, so caller
 @dataclass(frozen=True)
 class LoraRequest:
     path: Path
-    multiplier: float | list[float]  # one value, or one per denoising phase (phase_config)
+    multiplier: Multiplier  # one value, or one per denoising phase / step (see Wan2GP.phases)
     name: str = ""  # the file as its folder names it (what metadata reports: no server paths)
 
 
@@ -99,7 +100,7 @@ def resolve_lora(name: str, search_dirs: list[Path]) -> LoraRequest:
         root = Path(folder).resolve()
         path = (root / file_name).resolve()
         if path.is_relative_to(root) and path.is_file():
-            return LoraRequest(path=path, multiplier=1.0, name=file_name)
+            return LoraRequest(path=path, multiplier=Multiplier.constant(1.0), name=file_name)
     raise LoraRefused(f"LoRA {name!r} is not in the LoRA folders")
 
 
@@ -219,10 +220,13 @@ def apply_loras(pipe, requests: list[LoraRequest]) -> list[dict]:
         for name in stale:
             del state[name]
 
+    two_experts = getattr(pipe, "transformer_2", None) is not None
     for name, request in wanted.items():
         if name not in state:
             pipe.load_lora_weights(str(request.path), adapter_name=name)
+            if two_experts:  # the original applies a LoRA to both experts, with per-phase multipliers
+                pipe.load_lora_weights(str(request.path), adapter_name=name, load_into_transformer_2=True)
             state[name] = str(request.path)
     if wanted:
-        pipe.set_adapters(list(wanted), [r.multiplier for r in wanted.values()])
-    return [{"file": r.name or r.path.name, "multiplier": r.multiplier} for r in wanted.values()]
+        pipe.set_adapters(list(wanted), [r.multiplier.first() for r in wanted.values()])
+    return [{"file": r.name or r.path.name, "multiplier": r.multiplier.describe()} for r in wanted.values()]

@@ -22,6 +22,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, fi
 
 from Wan2GP.catalog import TASK_FAMILIES
 from Wan2GP.errors import UnsupportedTaskType
+from Wan2GP.phases import Multiplier
 from Wan2GP.schedulers import SOLVERS
 
 MAX_SIDE = 4096
@@ -222,23 +223,112 @@ def _names(value: Any) -> list[str]:
     raise ValueError("must be a list of LoRA names or a comma-separated string")
 
 
-def _multipliers(value: Any) -> list[float]:
-    """LoRA multipliers: a list of numbers, or a string separated by spaces or commas ("1.0 0.8")."""
+def _multipliers(value: Any) -> list[Multiplier]:
+    """LoRA multipliers, as the original reads them: a list, or a string separated by spaces or newlines
+    ("1.0 0.8"). Each is a number or a phase string: "1.0;0" (phase 1, phase 2), "0.9,0.7;0" (per step)."""
     if value is None:
         return []
-    items = re.split(r"[\s,]+", value.strip()) if isinstance(value, str) else list(value)
+    if isinstance(value, bool):
+        raise ValueError(f"must be numbers or strings like '1.0;0', got {value!r}")
+    if isinstance(value, int | float):
+        value = [value]
+    if isinstance(value, str):
+        lines = [line.strip() for line in value.replace("\r", "").split("\n")]
+        value = (
+            " ".join(line for line in lines if line and not line.startswith("#")).replace("|", " ").split()
+        )
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"must be a list or a space-separated string, got {type(value).__name__}")
     result = []
-    for item in items:
-        if item == "":
-            continue
-        try:
-            number = float(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"multiplier {item!r} is not a number") from None
-        if not -10.0 <= number <= 10.0:
-            raise ValueError(f"multiplier {number} is outside [-10, 10]")
-        result.append(number)
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int | float | str):
+            raise ValueError(f"multiplier {item!r} is not a number or a string like '1.0;0'")
+        result.append(Multiplier.parse(str(item)))
     return result
+
+
+class PhaseLora(BaseModel):
+    """One LoRA of a phase: ``url`` is a URL, a file name in the LoRA folders, or "" (skipped)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    multiplier: float | str = 1.0
+
+    @field_validator("multiplier")
+    @classmethod
+    def _parse(cls, value: float | str) -> float | str:
+        Multiplier.parse(str(value))  # fails naming the bad value
+        return value
+
+
+class Phase(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    phase: int | None = None
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    loras: list[PhaseLora] = Field(default_factory=list)
+
+
+class PhaseConfig(BaseModel):
+    """The original's ``phase_config``: the run's phases, with their steps, guidance and LoRAs. Its
+    steps, flow shift and solver replace the task's (as the original's parse_phase_config does)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_phases: int | None = Field(None, ge=2, le=3)
+    steps_per_phase: list[int] = Field(default_factory=lambda: [2, 2, 2])
+    flow_shift: float = Field(5.0, gt=0.0, le=100.0)
+    sample_solver: str = "euler"
+    model_switch_phase: int = Field(2, ge=1, le=2)
+    phases: list[Phase]
+    svi2pro: bool = False
+
+    @field_validator("steps_per_phase")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not all(1 <= v <= 100 for v in value):
+            raise ValueError(f"every phase needs 1 to 100 steps, got {value}")
+        return value
+
+    @field_validator("sample_solver")
+    @classmethod
+    def _known_solver(cls, value: str) -> str:
+        if value not in SOLVERS:
+            raise ValueError(f"must be one of {', '.join(SOLVERS)}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PhaseConfig:
+        # The original trusts the phases list when num_phases disagrees with it.
+        count = len(self.phases)
+        if count not in (2, 3):
+            raise ValueError(f"phases: must have 2 or 3 phases, got {count}")
+        if len(self.steps_per_phase) != count:
+            raise ValueError(f"steps_per_phase has {len(self.steps_per_phase)} values for {count} phases")
+        if self.svi2pro:
+            raise ValueError("svi2pro: SVI (stable video infinity) continuation is not supported")
+        self.num_phases = count
+        return self
+
+    def guidance(self) -> list[float]:
+        """Phase guidance, with the original's defaults (3.0 for phase 1, 1.0 after)."""
+        return [p.guidance_scale if p.guidance_scale is not None else (3.0 if i == 0 else 1.0)
+                for i, p in enumerate(self.phases)]  # fmt: skip
+
+    def lora_requests(self) -> list[tuple[str, Multiplier]]:
+        """Each LoRA named in any phase, with its per-phase multiplier ("0" in the phases without it)."""
+        names = list(
+            dict.fromkeys(lora.url.strip() for p in self.phases for lora in p.loras if lora.url.strip())
+        )
+        requests = []
+        for name in names:
+            entries = []
+            for phase in self.phases:
+                lora = next((lo for lo in phase.loras if lo.url.strip() == name), None)
+                entries.append(str(lora.multiplier) if lora is not None else "0")
+            requests.append((name, Multiplier.parse(";".join(entries))))
+        return requests
 
 
 class BaseParams(BaseModel):
@@ -261,12 +351,20 @@ class BaseParams(BaseModel):
     activated_loras: list[str] = Field(
         default_factory=list, validation_alias=AliasChoices("activated_loras", "lora_names")
     )
-    loras_multipliers: list[float] = Field(
+    loras_multipliers: list[Multiplier] = Field(
         default_factory=list, validation_alias=AliasChoices("loras_multipliers", "lora_multipliers")
     )
     additional_loras: dict[str, float] = Field(default_factory=dict)
     use_causvid_lora: bool = False
     use_lighti2x_lora: bool = False
+    # Denoising phases (see Wan2GP.phases); absent values come from the model's definition.
+    guidance_phases: int | None = Field(None, ge=1, le=3)
+    guidance2_scale: float | None = Field(None, ge=0.0, le=50.0)
+    guidance3_scale: float | None = Field(None, ge=0.0, le=50.0)
+    switch_threshold: float | None = Field(None, ge=0.0, le=1000.0)
+    switch_threshold2: float | None = Field(None, ge=0.0, le=1000.0)
+    model_switch_phase: int | None = Field(None, ge=1, le=2)
+    phase_config: PhaseConfig | None = None
     # 1.0 (or absent) = generate from pure noise; lower values would re-noise an input video (refused).
     denoising_strength: float | None = Field(
         None,
@@ -316,7 +414,15 @@ class BaseParams(BaseModel):
 
     def _ignored_by_validation(self) -> dict[str, str]:
         """Declared keys a family's validation decided not to use (e.g. by video_prompt_type letters)."""
-        return dict(getattr(self, "_dropped", None) or {})
+        ignored = dict(getattr(self, "_dropped", None) or {})
+        if self.phase_config is not None:
+            replaced = "replaced by phase_config, as in the original"
+            for name in ("activated_loras", "loras_multipliers", "num_inference_steps", "flow_shift",
+                         "sample_solver", "guidance_phases", "guidance_scale", "guidance2_scale",
+                         "guidance3_scale", "switch_threshold", "switch_threshold2", "model_switch_phase"):  # fmt: skip
+                if name in self.model_fields_set:
+                    ignored[name] = replaced
+        return ignored
 
     @field_validator("activated_loras", mode="before")
     @classmethod
@@ -346,12 +452,16 @@ class BaseParams(BaseModel):
             )
         return self
 
-    def lora_requests(self) -> list[tuple[str, float]]:
-        """(name or path, multiplier) of the LoRAs this task asks for by name."""
-        multipliers = self.loras_multipliers + [1.0] * (
+    def lora_requests(self) -> list[tuple[str, Multiplier]]:
+        """(name, multiplier) of the LoRAs this task asks for. A phase_config's LoRAs replace
+        activated_loras / loras_multipliers, as in the original."""
+        additional = [(name, Multiplier.constant(value)) for name, value in self.additional_loras.items()]
+        if self.phase_config is not None:
+            return self.phase_config.lora_requests() + additional
+        multipliers = self.loras_multipliers + [Multiplier.constant(1.0)] * (
             len(self.activated_loras) - len(self.loras_multipliers)
         )
-        return list(zip(self.activated_loras, multipliers, strict=True)) + list(self.additional_loras.items())
+        return list(zip(self.activated_loras, multipliers, strict=True)) + additional
 
 
 class VideoParams(BaseParams):

@@ -20,7 +20,18 @@ from Wan2GP.loras import LORA_PRESETS
 
 # Bump when the tiny architectures change, so stale caches are rebuilt instead of reused.
 TINY_VERSION = "5"
-TINY_MODELS = ("t2v", "i2v", "flf2v", "vace", "flux", "flux_kontext", "t2v_22", "i2v_22", "ti2v_22", "vace_22")
+TINY_MODELS = (
+    "t2v",
+    "i2v",
+    "flf2v",
+    "vace",
+    "flux",
+    "flux_kontext",
+    "t2v_22",
+    "i2v_22",
+    "ti2v_22",
+    "vace_22",
+)
 # LoRA files the tiny builder writes into ``<cache>/loras``; the preset names match the real file names so
 # ``use_causvid_lora`` / ``use_lighti2x_lora`` / ``in_scene`` work on tiny models with the same code path.
 TINY_WAN_LORA = "tiny-wan-lora.safetensors"
@@ -274,7 +285,11 @@ def _build_vace_22():
         torch.manual_seed(seed)
         experts.append(
             WanVACETransformer3DModel(
-                in_channels=16, num_layers=2, vace_layers=[0], vace_in_channels=96, **_wan_transformer_kwargs()
+                in_channels=16,
+                num_layers=2,
+                vace_layers=[0],
+                vace_in_channels=96,
+                **_wan_transformer_kwargs(),
             )
         )
     return WanVACEPipeline(
