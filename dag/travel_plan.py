@@ -3,7 +3,7 @@
 The Ray DAG (``dag/travel.py``) calls these plain functions; everything here is deterministic and testable
 on its own.
 
-Timeline rules (FACTS.md): each segment's frame count is quantized to 4n+1 (``(f // 4) * 4 + 1``); each of
+Timeline rules (docs/compatibility.md): each segment's frame count is quantized to 4n+1 (``(f // 4) * 4 + 1``); each of
 the N-1 overlaps is made even (rounded down) and capped at the shorter neighbour; the final video has
 Σ segment frames − Σ overlaps frames.
 
