@@ -18,7 +18,17 @@ import re
 from typing import Any
 
 import numpy as np
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from Wan2GP.catalog import TASK_FAMILIES
 from Wan2GP.errors import UnsupportedTaskType
@@ -396,13 +406,22 @@ class BaseParams(BaseModel):
             )
         return value
 
-    @model_validator(mode="after")
-    def _refuse_unsupported(self) -> BaseParams:
-        for key, value in (self.model_extra or {}).items():
-            reason = refused_reason(key, value)
-            if reason:
-                raise ValueError(f"{key}: {reason}")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        """Keys that would change the output but cannot be honoured here: an error located at each."""
+        if not isinstance(data, dict):
+            return data
+        errors = [
+            InitErrorDetails(
+                type=PydanticCustomError("refused", "{reason}", {"reason": reason}), loc=(key,), input=value
+            )
+            for key, value in data.items()
+            if (reason := refused_reason(key, value))
+        ]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
 
     def ignored_params(self) -> dict[str, str]:
         """key -> why, for every key of this task that the engine accepted and does not act on."""
