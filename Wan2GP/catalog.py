@@ -109,6 +109,9 @@ class ModelDefinition(BaseModel):
     description: str = ""
     aliases: list[str] = Field(default_factory=list)
     default: bool = False  # the catalog's default model of its family
+    # Task types this model is the catalog's default for (the original's task-type defaults, e.g. t2v_22).
+    default_for: list[str] = Field(default_factory=list)
+    last_frame: bool = False  # an i2v model that also takes image_end (Wan 2.2 I2V); flf2v models always do
     dtype: str = "bfloat16"
     component_dtypes: dict[str, str] = Field(default_factory=dict)
     # Component name -> share key. Two models whose component has the same key (and dtype) hold the same
@@ -235,6 +238,12 @@ class Catalog:
             raise UnknownModel(f"the catalog has no model of family {family!r}")
         marked = [d for d in candidates if d.default]
         return (marked or sorted(candidates, key=lambda d: d.id))[0]
+
+    def default_for_task_type(self, task_type: str) -> ModelDefinition | None:
+        """The model whose definition names ``task_type`` in ``default_for`` (e.g. t2v_22), if any."""
+        return next(
+            (d for d in sorted(self._models.values(), key=lambda d: d.id) if task_type in d.default_for), None
+        )
 
     def resolve_source(self, source: str) -> Path:
         """The local folder holding ``source``'s weights in diffusers format.

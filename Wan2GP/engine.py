@@ -231,7 +231,7 @@ class Engine:
             # Now that the model's family is known, validate what that family requires.
             task_family = definition.family
             parsed = parse_params(task_family, params)
-            if task_family == "i2v" and parsed.image_end is not None:
+            if task_family == "i2v" and parsed.image_end is not None and not definition.last_frame:
                 raise UnsupportedTaskType(
                     f"image_end: model {definition.id!r} is an i2v model and takes no last frame; use a flf2v model"
                 )
@@ -446,29 +446,45 @@ class Engine:
 def resolve_model(
     catalog: Catalog, default_models: dict[str, str], task_type: str, params: BaseParams
 ) -> ModelDefinition:
-    """The model a task runs on: its ``model`` param, else ``default_models`` (by task type, then family),
-    else the catalog's default. Also used by the Serve ingress to route a task before it runs."""
+    """The model a task runs on: its ``model`` param, else the first default that can run it: the
+    engine's ``default_models`` for the task type, the catalog's default for the task type (t2v_22 ->
+    Wan 2.2), the engine's default for the family, the catalog's default for the family. Also used by the
+    Serve ingress to route a task before it runs."""
     task_family = _task_family(task_type, params)
-    # A task type's own default wins, unless its params changed the family (i2v + image_end -> flf2v).
-    keys = [task_type, task_family] if task_family == family_of_task_type(task_type) else [task_family]
-    model_id = params.model or next((default_models[k] for k in keys if k in default_models), None)
-    if model_id is None and task_family in ("single_image", "generate_video"):
-        model_id = default_models.get("t2v")
-    if model_id is not None:
-        definition = catalog.get(model_id)
-    else:
-        fallback = "t2v" if task_family in ("single_image", "generate_video") else task_family
-        definition = catalog.default_for(fallback)
+    if params.model is not None:
+        definition = catalog.get(params.model)
+        _check_runs(definition, task_type, task_family)
+        return definition
+    fallback = "t2v" if task_family in ("single_image", "generate_video") else task_family
+    candidates = [catalog.get(default_models[task_type])] if task_type in default_models else []
+    candidates += [d for d in (catalog.default_for_task_type(task_type),) if d is not None]
+    candidates += [
+        catalog.get(default_models[key]) for key in (task_family, fallback) if key in default_models
+    ]
+    candidates.append(catalog.default_for(fallback))
+    # An i2v task with image_end (first-last-frame) skips defaults that take no last frame.
+    definition = next((d for d in candidates if _runs(d, task_family)), candidates[0])
+    _check_runs(definition, task_type, task_family)
+    return definition
+
+
+def _runs(definition: ModelDefinition, task_family: str) -> bool:
+    if task_family == "flf2v" and definition.family == "i2v":
+        return definition.last_frame
+    return definition.family in COMPATIBLE_FAMILIES[task_family]
+
+
+def _check_runs(definition: ModelDefinition, task_type: str, task_family: str) -> None:
+    if _runs(definition, task_family):
+        return
     if task_family == "flf2v" and definition.family == "i2v":
         raise UnsupportedTaskType(
             f"image_end: model {definition.id!r} is an i2v model and takes no last frame; use a flf2v model"
         )
-    if definition.family not in COMPATIBLE_FAMILIES[task_family]:
-        raise UnsupportedTaskType(
-            f"model {definition.id!r} is a {definition.family} model; task_type {task_type!r} needs one of: "
-            f"{', '.join(sorted(COMPATIBLE_FAMILIES[task_family]))}"
-        )
-    return definition
+    raise UnsupportedTaskType(
+        f"model {definition.id!r} is a {definition.family} model; task_type {task_type!r} needs one of: "
+        f"{', '.join(sorted(COMPATIBLE_FAMILIES[task_family]))}"
+    )
 
 
 def _task_family(task_type: str, params: BaseParams) -> str:

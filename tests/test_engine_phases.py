@@ -192,3 +192,41 @@ def test_every_tiny_wan22_model_runs_with_the_real_classes(engine):
     assert (ti2v.metadata["width"], ti2v.metadata["height"], ti2v.metadata["frames"]) == (64, 32, 9)
     assert type(engine.pipe.vae).__name__ == "AutoencoderKLWan" and engine.pipe.vae.config.z_dim == 48
     assert engine.pipe.config.expand_timesteps
+
+
+def test_lightning_baseline_defaults_give_the_original_2_2_2_steps(engine):
+    guide = np.full((9, 32, 32, 3), 127, np.uint8)
+    run = engine.generate("vace_22", {"model": "tiny-vace-22-lightning", "seed": 1, "video_guide": guide})
+    phases = run.metadata["phases"]
+    # Euler, shift 5, 6 steps: timesteps 1000, 952, 883, 770, 557, 5; switches at <= 883 and <= 558
+    assert [(p["steps"], p["expert"], p["guidance_scale"]) for p in phases] == [
+        (2, "transformer", 3.0),
+        (2, "transformer", 1.0),
+        (2, "transformer_2", 1.0),
+    ]
+    assert [round(t) for p in phases for t in p["timesteps"]] == [1000, 952, 883, 770, 557, 5]
+
+
+def test_wan22_task_types_route_to_wan22_and_its_i2v_takes_a_last_frame(engine, catalog):
+    from Wan2GP.engine import resolve_model
+
+    def model_of(task_type: str, default_models: dict, **params) -> str:
+        return resolve_model(catalog, default_models, task_type, parse_params(task_type, params)).id
+
+    # the catalog's task-type defaults (the original's): *_22 never quietly runs Wan 2.1
+    assert model_of("t2v_22", {}) == "wan2.2-t2v-a14b"
+    assert model_of("t2v_22", {"t2v": "tiny-t2v"}) == "wan2.2-t2v-a14b"
+    assert model_of("i2v_22", {}, image_start=np.zeros((8, 8, 3), np.uint8)) == "wan2.2-i2v-a14b"
+    assert model_of("vace_22", {}, video_guide=np.zeros((5, 8, 8, 3), np.uint8)) == "vace_14B_cocktail_2_2"
+    assert model_of("t2v", {}) == "wan2.1-t2v-1.3b"
+    # a Wan 2.2 I2V model takes image_end itself; a Wan 2.1 i2v task with image_end goes to a flf2v model
+    ends = {"image_start": np.zeros((8, 8, 3), np.uint8), "image_end": np.zeros((8, 8, 3), np.uint8)}
+    assert model_of("i2v_22", {"i2v_22": "tiny-i2v-22"}, **ends) == "tiny-i2v-22"
+    assert model_of("i2v", {"i2v": "tiny-i2v", "flf2v": "tiny-flf2v"}, **ends) == "tiny-flf2v"
+
+    start = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    end = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    base = {"seed": 1, "image_start": start, "num_inference_steps": 2}
+    with_end = engine.generate("i2v_22", {**base, "image_end": end})
+    assert with_end.metadata["model"] == "tiny-i2v-22"
+    assert np.abs(_frames(with_end) - _frames(engine.generate("i2v_22", base))).mean() > 0.5

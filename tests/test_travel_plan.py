@@ -370,6 +370,27 @@ def test_stitch_with_continued_video_prepends_it():
     assert np.all(video[:5] == 10)
 
 
+PHASES = {
+    "num_phases": 2,
+    "steps_per_phase": [3, 3],
+    "flow_shift": 5,
+    "sample_solver": "euler",
+    "model_switch_phase": 1,
+    "phases": [
+        {
+            "phase": 1,
+            "guidance_scale": 1,
+            "loras": [{"url": "https://h.example/high.safetensors", "multiplier": "1.2"}],
+        },
+        {
+            "phase": 2,
+            "guidance_scale": 1,
+            "loras": [{"url": "https://h.example/low.safetensors", "multiplier": "1.0"}],
+        },
+    ],
+}
+
+
 def test_original_keys_not_read_are_reported_or_refused():
     plan = parse_travel(
         original(
@@ -378,12 +399,12 @@ def test_original_keys_not_read_are_reported_or_refused():
             enhance_prompt=False,
             use_uni3c=False,
             independent_segments=True,
-            phase_config={"num_phases": 2},
+            phase_config=PHASES,
             my_key=1,
         )
     )
     assert not plan.chain_segments  # the original's older name, inverted
-    assert plan.segment_params_extra["phase_config"] == {"num_phases": 2}
+    assert plan.segment_params_extra["phase_config"] == PHASES  # every segment runs these phases
     assert set(plan.ignored_params) == {"steps", "shot_id", "enhance_prompt", "use_uni3c", "my_key"}
     assert "timeline steps" in plan.ignored_params["steps"]
     assert plan.ignored_params["my_key"] == "unknown key: not a parameter of travel_orchestrator"
@@ -395,6 +416,11 @@ def test_original_keys_not_read_are_reported_or_refused():
         "upscale_model_name",
     )
     assert parse_travel(native(upscale_factor=2.0)).post.upscale_factor == 2.0  # native: Lanczos
+    assert error_loc(original(phase_config={"num_phases": 2})) == (
+        "orchestrator_details",
+        "phase_config",
+        "phases",
+    )
 
 
 def test_colour_match_pulls_every_segment_toward_its_own_anchors():
