@@ -12,10 +12,13 @@ How it runs inside one diffusers pipeline call:
 - experts: the pipeline's own ``boundary_ratio`` is set between the last high-noise step and the first
   low-noise step, so the pipeline switches exactly at the phase's step;
 - LoRAs: a step-end callback calls ``set_adapters`` with the next step's multipliers (no reload);
-- guidance: the pipeline applies one guidance scale G (the largest asked for) as
-  ``u + G·(c − u)``; for a step whose phase asks for g ≠ G, a forward hook on the expert replaces the
-  unconditional prediction u by ``u' = (u·(1 − g) + c·(g − G)) / (1 − G)``, which makes the pipeline's
-  own formula give exactly ``u + g·(c − u)`` (g = 1 gives the conditional prediction alone).
+- guidance: the pipeline is called with one guidance scale G (the largest asked for) and applies it as
+  ``u + G·(c − u)``. Before a step whose phase asks for no guidance (g <= 1) the step callback turns the
+  pipeline's classifier-free guidance off (``_guidance_scale = 1``, which its loop reads every step), so
+  that step runs the conditional pass only, as the original does; it turns it back on for a guided
+  phase. For a guided step with another g (and for the first step, which no callback precedes), a forward
+  hook on the expert replaces the unconditional prediction u by ``u' = (u·(1 − g) + c·(g − G)) / (1 − G)``,
+  which makes the pipeline's own formula give exactly ``u + g·(c − u)``.
 """
 
 from __future__ import annotations
@@ -218,6 +221,8 @@ class PhaseRunner:
         self._cond = None
         if self.step < len(self.plan.phase_of_step):
             self._set_loras(self.step)
+            guided = self.plan.guidance[self.plan.phase_of_step[self.step]] > 1.0
+            self.pipe._guidance_scale = self.plan.call_guidance if guided else 1.0
 
     def _set_loras(self, step: int) -> None:
         if not self.plan.lora_steps:

@@ -102,6 +102,21 @@ def test_two_phase_run_switches_expert_guidance_and_loras_at_the_boundary(engine
     # the run equals a denoising loop written out by hand from the same steps (LoRAs still loaded)
     assert run.data == _reference_run(engine, "a cat walking", seed=3)
 
+    # unguided steps run the conditional pass only, as in the original: 2 x 2 passes, then 2 x 1
+    calls = {"transformer": 0, "transformer_2": 0}
+    hooks = [
+        getattr(engine.pipe, name).register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+        for name in calls
+    ]
+    try:
+        assert engine.generate("t2v_22", params).data == run.data
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"transformer": 4, "transformer_2": 2}
+
     # each phase's settings held for the whole run (both phases alike) give other videos
     first = phase_config(*[LIGHTNING["phases"][0]] * 2, switch=2)
     second = phase_config(*[LIGHTNING["phases"][1]] * 2, switch=0 + 1)
