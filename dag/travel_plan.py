@@ -361,6 +361,10 @@ _TRAVEL_IGNORED = {
     "original_common_settings": "bookkeeping of the original's worker",
     "upscale_model_name": "upscale_factor is 0 or 1: nothing to upscale",
 }
+_GUIDE_FADE = (
+    "the original used it to fade anchors into the grey of its guide videos, and its current version "
+    "hardcodes that off (duration_factor 0); it never faded the final video, so nothing is applied"
+)
 _CONSUMED = {"apply_causvid", "params_json_str_override", "orchestrator_details", *_EXTRA_KEYS}
 
 
@@ -510,6 +514,13 @@ def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
     if upscale_factor in (0.0, 1.0):  # the original sends 0.0 for "no upscale"
         upscale_factor = None
     ignored = _unused_keys(data, fields.keys, fields.prefix)
+    if original:
+        # The original's fade params shaped its guide videos (anchors fading into grey), and its current
+        # version hardcodes them off; they never faded the final video. Validated above, not applied.
+        for name, frames_asked in (("fade_in", fade_in), ("fade_out", fade_out)):
+            if frames_asked:
+                ignored[fields.loc(name)[-1]] = _GUIDE_FADE
+        fade_in = fade_out = 0
     if original and upscale_factor is not None:
         # The original upscales only with an upscale model (a generative video-to-video pass).
         if data.get("upscale_model_name"):

@@ -123,11 +123,13 @@ def test_original_payload_keys_map_to_plan_fields():
     assert plan.model == "vace_tiny"
     assert plan.post.colour_match and plan.post.show_input_images
     assert (plan.post.saturation, plan.post.brightness) == (0.8, 1.1)
-    assert (plan.post.fade_in, plan.post.fade_out) == (3, 6)  # 10% and 20% of 30 frames
+    assert (plan.post.fade_in, plan.post.fade_out) == (0, 0)  # the original's guide fades: not applied
     # the original upscales only with an upscale_model_name: upscale_factor alone is reported ignored
     assert plan.post.upscale_factor is None and plan.post.crossfade_sharpness == 0.3
     assert plan.debug and plan.skip_cleanup
-    assert set(plan.ignored_params) == {"main_output_dir_for_run", "upscale_factor"}
+    assert set(plan.ignored_params) == {
+        "main_output_dir_for_run", "upscale_factor", "fade_in_params_json_str", "fade_out_params_json_str",
+    }  # fmt: skip
     assert plan.segment_params_extra == {
         "use_causvid_lora": True,
         "additional_loras": {"style.safetensors": 0.7},
@@ -135,10 +137,11 @@ def test_original_payload_keys_map_to_plan_fields():
     }
 
 
-def test_original_upscale_zero_means_off_and_fade_frames_accepted():
+def test_original_upscale_zero_means_off_and_guide_fades_are_reported_not_applied():
     plan = parse_travel(original(upscale_factor=0.0, fade_in_params_json_str="5"))
-    assert plan.post.upscale_factor is None
-    assert plan.post.fade_in == 5
+    assert plan.post.upscale_factor is None and "upscale_factor" not in plan.ignored_params
+    assert plan.post.fade_in == 0 and "guide videos" in plan.ignored_params["fade_in_params_json_str"]
+    assert parse_travel(original()).ignored_params == {}  # duration_factor 0 (what clients send) asks nothing
 
 
 @pytest.mark.parametrize(
