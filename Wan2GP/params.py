@@ -304,6 +304,8 @@ class PhaseConfig(BaseModel):
     @field_validator("sample_solver")
     @classmethod
     def _known_solver(cls, value: str) -> str:
+        if value == "":  # the original's parse_phase_config schedules "" as unipc
+            return "unipc"
         if value not in SOLVERS:
             raise ValueError(f"must be one of {', '.join(SOLVERS)}, got {value!r}")
         return value
@@ -450,7 +452,7 @@ class BaseParams(BaseModel):
 
     @field_validator("loras_multipliers", mode="before")
     @classmethod
-    def _parse_multipliers(cls, value: Any) -> list[float]:
+    def _parse_multipliers(cls, value: Any) -> list[Multiplier]:
         return _multipliers(value)
 
     @field_validator("additional_loras", mode="before")

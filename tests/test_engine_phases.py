@@ -67,6 +67,11 @@ def test_phase_config_replaces_the_task_loras_and_reports_it():
         parse_params("t2v", {"phase_config": {**LIGHTNING, "steps_per_phase": [1, 1, 1]}})
     with pytest.raises(ValidationError, match="sample_solver"):
         parse_params("t2v", {"phase_config": {**LIGHTNING, "sample_solver": "ddim"}})
+    defaults = parse_params(
+        "t2v", {"phase_config": {"steps_per_phase": [1, 1], "sample_solver": "", "phases": [{}, {}]}}
+    )
+    assert defaults.phase_config.sample_solver == "unipc"  # "" schedules as unipc in the original
+    assert (defaults.phase_config.guidance(), defaults.phase_config.model_switch_phase) == ([3.0, 1.0], 2)
 
 
 def test_phase_switch_steps_follow_the_original_thresholds():
