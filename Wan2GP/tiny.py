@@ -441,23 +441,30 @@ def _build_all(root: Path) -> None:
 def ensure_tiny_models(cache_dir: Path | None = None) -> Path:
     """Build every tiny model once into ``cache_dir`` (default :func:`default_tiny_dir`) and return the folder.
 
-    Safe to call from several processes at once: a file lock serialises the build, and the folder is filled
-    in a temporary directory renamed into place, so a reader never sees a half-written model.
+    Each ``TINY_VERSION`` has its own folder (``v<N>``), so checkouts of different versions sharing one cache
+    never rebuild over each other or delete a folder another process reads. Safe to call from several
+    processes at once: a file lock serialises the build, and the folder is filled in a temporary directory
+    renamed into place, so a reader never sees a half-written model.
     """
     root = Path(cache_dir) if cache_dir is not None else default_tiny_dir()
     root = root.expanduser().resolve()
-    version_file = root / "current" / "VERSION"
+    folder = root / f"v{TINY_VERSION}"
+    version_file = folder / "VERSION"
     if version_file.is_file() and version_file.read_text() == TINY_VERSION:
-        return root / "current"
+        return folder
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if version_file.is_file() and version_file.read_text() == TINY_VERSION:
-            return root / "current"
+            return folder
         staging = Path(tempfile.mkdtemp(prefix="build-", dir=root))
-        _build_all(staging)
-        if (root / "current").exists():
-            shutil.rmtree(root / "current")
-        staging.rename(root / "current")
-        (root / "current" / "build.json").write_text(json.dumps({"models": list(TINY_MODELS)}))
-    return root / "current"
+        try:
+            _build_all(staging)
+            (staging / "build.json").write_text(json.dumps({"models": list(TINY_MODELS)}))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if folder.exists():  # a folder of this version without its VERSION file: an interrupted build
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    return folder
