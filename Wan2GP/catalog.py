@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from Wan2GP.errors import UnknownModel, UnsupportedTaskType, WeightsNotFound
+from Wan2GP.loras import LORA_PRESETS
 
 MODELS_DIR = Path(__file__).parent / "models"
 Family = Literal["t2v", "i2v", "flf2v", "vace", "flux", "flux_kontext"]
@@ -50,22 +51,6 @@ COMPATIBLE_FAMILIES: dict[str, frozenset[str]] = {
     "generate_video": frozenset(FAMILIES),
 }
 
-# LoRAs that task flags switch on, with the settings they imply (FACTS.md). A model JSON may override a
-# preset in its own ``lora_presets``; a LoRA listed in the model's ``loras`` keeps the JSON's defaults.
-LORA_PRESETS: dict[str, dict] = {
-    "causvid": {
-        "file": "Wan21_CausVid_14B_T2V_lora_rank32.safetensors",
-        "multiplier": 1.0,
-        "settings": {"num_inference_steps": 9, "guidance_scale": 1.0, "flow_shift": 1.0},
-    },
-    "lighti2x": {
-        "file": "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
-        "multiplier": 1.0,
-        "settings": {"num_inference_steps": 6, "guidance_scale": 1.0, "flow_shift": 5.0},
-    },
-    "in_scene": {"file": "InScene-v1.0.safetensors", "multiplier": 1.0, "settings": {}},
-}
-
 
 class Defaults(BaseModel):
     """Generation defaults of a model; task params override them."""
@@ -82,6 +67,16 @@ class Defaults(BaseModel):
     max_sequence_length: int = Field(512, ge=8, le=4096)
     negative_prompt: str = ""
     sample_solver: str | None = None
+    # Denoising phases, as the original's model definitions give them: phase 1 runs while the timestep is
+    # >= switch_threshold, phase 2 until switch_threshold2, phase 3 after. Phases 1..model_switch_phase run
+    # on the high-noise expert (``transformer``) of a two-expert Wan 2.2 model, later ones on
+    # ``transformer_2``. Each phase has its own guidance (guidance_scale, guidance2_scale, guidance3_scale).
+    guidance_phases: int = Field(1, ge=1, le=3)
+    guidance2_scale: float | None = Field(None, ge=0.0, le=50.0)
+    guidance3_scale: float | None = Field(None, ge=0.0, le=50.0)
+    switch_threshold: float | None = Field(None, ge=0.0, le=1000.0)
+    switch_threshold2: float | None = Field(None, ge=0.0, le=1000.0)
+    model_switch_phase: int = Field(1, ge=1, le=2)
 
 
 class LoraSpec(BaseModel):
@@ -114,6 +109,9 @@ class ModelDefinition(BaseModel):
     description: str = ""
     aliases: list[str] = Field(default_factory=list)
     default: bool = False  # the catalog's default model of its family
+    # Task types this model is the catalog's default for (the original's task-type defaults, e.g. t2v_22).
+    default_for: list[str] = Field(default_factory=list)
+    last_frame: bool = False  # an i2v model that also takes image_end (Wan 2.2 I2V); flf2v models always do
     dtype: str = "bfloat16"
     component_dtypes: dict[str, str] = Field(default_factory=dict)
     # Component name -> share key. Two models whose component has the same key (and dtype) hold the same
@@ -240,6 +238,12 @@ class Catalog:
             raise UnknownModel(f"the catalog has no model of family {family!r}")
         marked = [d for d in candidates if d.default]
         return (marked or sorted(candidates, key=lambda d: d.id))[0]
+
+    def default_for_task_type(self, task_type: str) -> ModelDefinition | None:
+        """The model whose definition names ``task_type`` in ``default_for`` (e.g. t2v_22), if any."""
+        return next(
+            (d for d in sorted(self._models.values(), key=lambda d: d.id) if task_type in d.default_for), None
+        )
 
     def resolve_source(self, source: str) -> Path:
         """The local folder holding ``source``'s weights in diffusers format.

@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from Wan2GP.catalog import (
     torch_dtype,
 )
 from Wan2GP.errors import Cancelled, UnsupportedTaskType
-from Wan2GP.loras import LoraRequest, apply_loras, default_lora_dirs, resolve_lora
+from Wan2GP.loras import LoraRequest, adapter_name, apply_loras, default_lora_dirs, resolve_lora
 from Wan2GP.memory import (
     apply_memory_profile,
     check_profile,
@@ -39,7 +39,15 @@ from Wan2GP.memory import (
     release_for_reuse,
 )
 from Wan2GP.params import BaseParams, parse_params, quantize_frames
-from Wan2GP.pipelines import RUNNERS, Settings
+from Wan2GP.phases import (
+    Multiplier,
+    PhasePlan,
+    phases_from_steps,
+    phases_from_thresholds,
+    scheduler_timesteps,
+)
+from Wan2GP.pipelines import RUNNERS, PhaseSpec, Settings
+from Wan2GP.schedulers import make_scheduler, steps_run
 
 __all__ = ["Cancelled", "Engine", "LoadReport", "resolve_model"]
 
@@ -95,6 +103,7 @@ class Engine:
         self.load_count = 0
         self._component_keys: dict[str, tuple] = {}
         self._base_scheduler = None
+        self._base_boundary: float | None = None  # a two-expert model's own boundary_ratio
         self._lock = threading.Lock()  # one load or generation at a time
         # (frames, fps) -> MP4 bytes; None: Wan2GP.video.encode_mp4. Wan2GP.parallel swaps in a split encoder.
         self.video_encoder: Callable[..., bytes] | None = None
@@ -158,6 +167,7 @@ class Engine:
         self.definition = definition
         self._component_keys = keys
         self._base_scheduler = pipe.scheduler
+        self._base_boundary = getattr(pipe.config, "boundary_ratio", None)
         seconds = time.perf_counter() - start
         loaded = sorted(
             name for name, module in pipe.components.items() if module is not None and name not in reuse
@@ -229,7 +239,7 @@ class Engine:
             # Now that the model's family is known, validate what that family requires.
             task_family = definition.family
             parsed = parse_params(task_family, params)
-            if task_family == "i2v" and parsed.image_end is not None:
+            if task_family == "i2v" and parsed.image_end is not None and not definition.last_frame:
                 raise UnsupportedTaskType(
                     f"image_end: model {definition.id!r} is an i2v model and takes no last frame; use a flf2v model"
                 )
@@ -246,6 +256,7 @@ class Engine:
             settings = self._settings(definition, task_family, parsed)
             loras = apply_loras(self.pipe, settings.loras)
             self.pipe.scheduler = self._scheduler(settings)
+            settings.phases = self._phase_plan(settings, task_family)
             timings: dict[str, float] = {"load": load_report.seconds}
             with step_cache(self.pipe, step_request, settings.steps, definition.id) as cache_report:
                 frames = runner(self.pipe, parsed, settings, timings, progress, should_cancel)
@@ -274,7 +285,10 @@ class Engine:
             "steps": settings.steps,
             "guidance": settings.guidance_scale,
             "flow_shift": settings.flow_shift,
+            "sample_solver": settings.sample_solver,
             "loras": loras,
+            "phases": settings.phases.describe() if settings.phases is not None else [],
+            "ignored_params": parsed.ignored_params(),
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "acceleration": {
                 **self.applied_acceleration,
@@ -295,17 +309,23 @@ class Engine:
             search.append(self.catalog.resolve_source(definition.source).parent / "loras")
 
         for builtin in definition.loras:
-            loras.append(LoraRequest(resolve_lora(builtin.file, search), builtin.multiplier))
+            loras.append(
+                replace(
+                    resolve_lora(builtin.file, search), multiplier=Multiplier.constant(builtin.multiplier)
+                )
+            )
         flags = [("causvid", params.use_causvid_lora), ("lighti2x", params.use_lighti2x_lora)]
         flags.append(("in_scene", bool(getattr(params, "in_scene", False))))
         for preset_name, enabled in flags:
             if not enabled or definition.builtin_lora(preset_name) is not None:
                 continue  # a built-in LoRA takes its settings from the model JSON's defaults
             preset = definition.preset(preset_name)
-            loras.append(LoraRequest(resolve_lora(preset.file, search), preset.multiplier))
+            loras.append(
+                replace(resolve_lora(preset.file, search), multiplier=Multiplier.constant(preset.multiplier))
+            )
             preset_settings.update(preset.settings)
         for name, multiplier in params.lora_requests():
-            loras.append(LoraRequest(resolve_lora(name, search), multiplier))
+            loras.append(replace(resolve_lora(name, search), multiplier=multiplier))
 
         width, height = params.resolution or (defaults.width, defaults.height)
         multiple = definition.size_multiple
@@ -330,6 +350,7 @@ class Engine:
             frames = frames or quantize_frames(defaults.frames)
 
         seed = params.seed if params.seed >= 0 else random.SystemRandom().randrange(2**32)
+        solver = params.sample_solver or defaults.sample_solver
         steps = params.num_inference_steps or int(
             preset_settings.get("num_inference_steps", defaults.num_inference_steps)
         )
@@ -337,6 +358,14 @@ class Engine:
         if guidance is None:
             guidance = float(preset_settings.get("guidance_scale", defaults.guidance_scale))
         shift = params.flow_shift or preset_settings.get("flow_shift", defaults.flow_shift)
+        phases = self._phase_spec(definition, params, guidance)
+        if (
+            params.phase_config is not None
+        ):  # its steps, shift and solver replace the task's (the original's way)
+            steps = sum(params.phase_config.steps_per_phase)
+            shift, solver = params.phase_config.flow_shift, params.phase_config.sample_solver
+            guidance = phases.guidance[0]
+        steps = steps_run(solver, steps)
         negative = params.negative_prompt if params.negative_prompt is not None else defaults.negative_prompt
         return Settings(
             width=width,
@@ -346,60 +375,132 @@ class Engine:
             steps=steps,
             guidance_scale=guidance,
             flow_shift=float(shift) if shift is not None else None,
-            sample_solver=params.sample_solver or defaults.sample_solver,
+            sample_solver=solver,
             negative_prompt=negative,
             max_sequence_length=defaults.max_sequence_length,
             seed=seed,
             loras=loras,
+            phase_spec=phases,
         )
+
+    @staticmethod
+    def _phase_spec(definition: ModelDefinition, params: BaseParams, guidance: float) -> PhaseSpec:
+        """The task's phases: its phase_config, else its own phase keys over the model's defaults."""
+        defaults = definition.defaults
+        if params.phase_config is not None:
+            config = params.phase_config
+            return PhaseSpec(
+                guidance=config.guidance(),
+                steps_per_phase=list(config.steps_per_phase),
+                model_switch_phase=config.model_switch_phase,
+            )
+        count = params.guidance_phases or defaults.guidance_phases
+        guidance2 = next(
+            g for g in (params.guidance2_scale, defaults.guidance2_scale, guidance) if g is not None
+        )
+        guidance3 = next(
+            g for g in (params.guidance3_scale, defaults.guidance3_scale, guidance2) if g is not None
+        )
+        threshold = (
+            params.switch_threshold if params.switch_threshold is not None else defaults.switch_threshold
+        )
+        threshold2 = (
+            params.switch_threshold2 if params.switch_threshold2 is not None else defaults.switch_threshold2
+        )
+        return PhaseSpec(
+            guidance=[guidance, guidance2, guidance3][:count],
+            thresholds=[threshold, threshold2],
+            model_switch_phase=params.model_switch_phase or defaults.model_switch_phase,
+        )
+
+    def _phase_plan(self, settings: Settings, task_family: str) -> PhasePlan | None:
+        """Step-by-step phases of this run on the loaded pipeline (None for Flux, which has no phases)."""
+        spec = settings.phase_spec
+        if task_family in ("flux", "flux_kontext"):
+            if spec.steps_per_phase is not None or len(spec.guidance) > 1:
+                raise UnsupportedTaskType("phase_config: denoising phases run on Wan models only")
+            if any(not request.multiplier.is_constant for request in settings.loras):
+                raise UnsupportedTaskType("loras_multipliers: per-phase multipliers need a Wan model")
+            return None
+        timesteps = scheduler_timesteps(self.pipe.scheduler, settings.steps)
+        two_experts = getattr(self.pipe, "transformer_2", None) is not None
+        if spec.steps_per_phase is not None:
+            if sum(spec.steps_per_phase) != len(timesteps):
+                raise ValueError(
+                    f"phase_config: steps_per_phase {spec.steps_per_phase} sum to {sum(spec.steps_per_phase)} "
+                    f"but solver {settings.sample_solver} runs {len(timesteps)} steps"
+                )
+            phase_of_step = phases_from_steps(spec.steps_per_phase)
+        else:
+            thresholds = list(spec.thresholds)
+            if two_experts and thresholds[0] is None:  # the model's own expert boundary
+                thresholds[0] = self._base_boundary * 1000.0
+            if two_experts and len(spec.guidance) == 1:  # the experts still switch: one guidance for both
+                spec.guidance = spec.guidance * 2
+            phase_of_step = phases_from_thresholds(timesteps, len(spec.guidance), thresholds)
+        plan = PhasePlan(
+            phase_of_step=phase_of_step,
+            guidance=list(spec.guidance),
+            model_switch_phase=spec.model_switch_phase,
+            two_experts=two_experts,
+            timesteps=timesteps,
+        )
+        for request in settings.loras:
+            try:
+                steps = request.multiplier.per_step(phase_of_step, plan.num_phases, plan.model_switch_phase)
+            except ValueError as error:
+                raise ValueError(f"loras_multipliers: {error}") from None
+            plan.lora_steps[adapter_name(request.path)] = steps
+            plan.lora_files[adapter_name(request.path)] = request.name or request.path.name
+        return plan
 
     def _scheduler(self, settings: Settings):
         """A fresh scheduler per task, with the task's flow shift and solver (no state leaks between tasks)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
-
-        base = self._base_scheduler
-        config = dict(base.config)
-        if settings.sample_solver == "euler":
-            cls = FlowMatchEulerDiscreteScheduler
-        elif settings.sample_solver == "unipc":
-            cls = UniPCMultistepScheduler
-            config.update(prediction_type="flow_prediction", use_flow_sigmas=True)
-        else:
-            cls = type(base)
-        if settings.flow_shift is not None:
-            if cls is FlowMatchEulerDiscreteScheduler:
-                config.update(shift=settings.flow_shift, use_dynamic_shifting=False)
-            else:
-                config["flow_shift"] = settings.flow_shift
-        return cls.from_config(config)
+        return make_scheduler(self._base_scheduler, settings.sample_solver, settings.flow_shift)
 
 
 def resolve_model(
     catalog: Catalog, default_models: dict[str, str], task_type: str, params: BaseParams
 ) -> ModelDefinition:
-    """The model a task runs on: its ``model`` param, else ``default_models`` (by task type, then family),
-    else the catalog's default. Also used by the Serve ingress to route a task before it runs."""
+    """The model a task runs on: its ``model`` param, else the first default that can run it: the
+    engine's ``default_models`` for the task type, the catalog's default for the task type (t2v_22 ->
+    Wan 2.2), the engine's default for the family, the catalog's default for the family. Also used by the
+    Serve ingress to route a task before it runs."""
     task_family = _task_family(task_type, params)
-    # A task type's own default wins, unless its params changed the family (i2v + image_end -> flf2v).
-    keys = [task_type, task_family] if task_family == family_of_task_type(task_type) else [task_family]
-    model_id = params.model or next((default_models[k] for k in keys if k in default_models), None)
-    if model_id is None and task_family in ("single_image", "generate_video"):
-        model_id = default_models.get("t2v")
-    if model_id is not None:
-        definition = catalog.get(model_id)
-    else:
-        fallback = "t2v" if task_family in ("single_image", "generate_video") else task_family
-        definition = catalog.default_for(fallback)
+    if params.model is not None:
+        definition = catalog.get(params.model)
+        _check_runs(definition, task_type, task_family)
+        return definition
+    fallback = "t2v" if task_family in ("single_image", "generate_video") else task_family
+    candidates = [catalog.get(default_models[task_type])] if task_type in default_models else []
+    candidates += [d for d in (catalog.default_for_task_type(task_type),) if d is not None]
+    candidates += [
+        catalog.get(default_models[key]) for key in (task_family, fallback) if key in default_models
+    ]
+    candidates.append(catalog.default_for(fallback))
+    # An i2v task with image_end (first-last-frame) skips defaults that take no last frame.
+    definition = next((d for d in candidates if _runs(d, task_family)), candidates[0])
+    _check_runs(definition, task_type, task_family)
+    return definition
+
+
+def _runs(definition: ModelDefinition, task_family: str) -> bool:
+    if task_family == "flf2v" and definition.family == "i2v":
+        return definition.last_frame
+    return definition.family in COMPATIBLE_FAMILIES[task_family]
+
+
+def _check_runs(definition: ModelDefinition, task_type: str, task_family: str) -> None:
+    if _runs(definition, task_family):
+        return
     if task_family == "flf2v" and definition.family == "i2v":
         raise UnsupportedTaskType(
             f"image_end: model {definition.id!r} is an i2v model and takes no last frame; use a flf2v model"
         )
-    if definition.family not in COMPATIBLE_FAMILIES[task_family]:
-        raise UnsupportedTaskType(
-            f"model {definition.id!r} is a {definition.family} model; task_type {task_type!r} needs one of: "
-            f"{', '.join(sorted(COMPATIBLE_FAMILIES[task_family]))}"
-        )
-    return definition
+    raise UnsupportedTaskType(
+        f"model {definition.id!r} is a {definition.family} model; task_type {task_type!r} needs one of: "
+        f"{', '.join(sorted(COMPATIBLE_FAMILIES[task_family]))}"
+    )
 
 
 def _task_family(task_type: str, params: BaseParams) -> str:

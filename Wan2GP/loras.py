@@ -13,16 +13,42 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from Wan2GP.errors import WeightsNotFound
+from Wan2GP.phases import Multiplier
 
-LORA_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
+LORA_SUFFIX = ".safetensors"  # the only format loaded: no pickle (.pt / .bin / .ckpt) from task input
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".gguf", ".sft")
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+# LoRAs that task flags switch on, with the settings they imply (docs/compatibility.md). A model JSON may
+# override a preset in its own ``lora_presets``; a LoRA listed in the model's ``loras`` keeps the JSON's
+# defaults.
+LORA_PRESETS: dict[str, dict] = {
+    "causvid": {
+        "file": "Wan21_CausVid_14B_T2V_lora_rank32.safetensors",
+        "multiplier": 1.0,
+        "settings": {"num_inference_steps": 9, "guidance_scale": 1.0, "flow_shift": 1.0},
+    },
+    "lighti2x": {
+        "file": "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
+        "multiplier": 1.0,
+        "settings": {"num_inference_steps": 6, "guidance_scale": 1.0, "flow_shift": 5.0},
+    },
+    "in_scene": {"file": "InScene-v1.0.safetensors", "multiplier": 1.0, "settings": {}},
+}
+
+
+class LoraRefused(WeightsNotFound):  # noqa: N818 - a WeightsNotFound, so callers fail the task the same way
+    """A LoRA name that is not a ``.safetensors`` file inside the configured LoRA folders."""
 
 
 @dataclass(frozen=True)
 class LoraRequest:
     path: Path
-    multiplier: float
+    multiplier: Multiplier  # one value, or one per denoising phase / step (see Wan2GP.phases)
+    name: str = ""  # the file as its folder names it (what metadata reports: no server paths)
 
 
 def default_lora_dirs() -> list[Path]:
@@ -33,22 +59,130 @@ def default_lora_dirs() -> list[Path]:
     return dirs
 
 
-def resolve_lora(name: str, search_dirs: list[Path]) -> Path:
-    """A LoRA file from a path, or a name (with or without suffix) in one of ``search_dirs``."""
-    if re.match(r"^[a-z]+://", name):
-        raise WeightsNotFound(
-            f"LoRA {name!r} is a URL: download it with storage first, then pass the local path"
+def is_lora_url(name: str) -> bool:
+    return bool(_URL.match(name))
+
+
+def check_lora_name(name: str) -> str:
+    """The file name ``name`` stands for (``.safetensors`` added when it has no suffix).
+
+    Raises LoraRefused for a URL, an absolute path, a '..' component or another suffix. The message
+    depends only on the name, never on the file system, so it tells nothing about which files exist.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise LoraRefused("a LoRA name must be a non-empty string")
+    if is_lora_url(name):
+        raise LoraRefused(
+            f"LoRA {name!r} is a URL: it must be fetched into the LoRA cache before the task runs"
         )
-    candidate = Path(name).expanduser()
-    if candidate.is_file():
-        return candidate.resolve()
+    path = Path(name)
+    if path.is_absolute() or name.startswith("~") or ".." in path.parts or "\\" in name:
+        raise LoraRefused(
+            f"LoRA {name!r}: LoRAs are named by their file inside the LoRA folders; "
+            "absolute paths, '~' and '..' are refused"
+        )
+    suffix = path.suffix.lower()
+    if suffix == LORA_SUFFIX:
+        return name
+    if suffix in _PICKLE_SUFFIXES:
+        raise LoraRefused(f"LoRA {name!r}: only {LORA_SUFFIX} files are loaded")
+    return f"{name}{LORA_SUFFIX}"
+
+
+def resolve_lora(name: str, search_dirs: list[Path]) -> LoraRequest:
+    """The LoRA file ``name`` (multiplier 1.0) from the first of ``search_dirs`` holding it.
+
+    The file must be inside that folder after resolving symlinks: a link pointing elsewhere counts as
+    missing. The error names neither the folders nor what exists.
+    """
+    file_name = check_lora_name(name)
     for folder in search_dirs:
-        for suffix in ("", *LORA_SUFFIXES):
-            path = Path(folder) / f"{name}{suffix}"
-            if path.is_file():
-                return path.resolve()
-    searched = ", ".join(str(d) for d in search_dirs) or "no LoRA folder configured (set HWGP_LORA_DIR)"
-    raise WeightsNotFound(f"LoRA {name!r} not found (looked in: {searched})")
+        root = Path(folder).resolve()
+        path = (root / file_name).resolve()
+        if path.is_relative_to(root) and path.is_file():
+            return LoraRequest(path=path, multiplier=Multiplier.constant(1.0), name=file_name)
+    raise LoraRefused(f"LoRA {name!r} is not in the LoRA folders")
+
+
+def lora_names_of(params: dict) -> list[tuple[str, str]]:
+    """(field, name) of every LoRA a task's params name, in every field the original reads them from."""
+    names: list[tuple[str, str]] = []
+    for field in ("activated_loras", "lora_names"):
+        value = params.get(field)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple):
+            names += [(field, v) for v in value if isinstance(v, str)]
+    additional = params.get("additional_loras")
+    if isinstance(additional, dict):
+        names += [("additional_loras", k) for k in additional]
+    elif isinstance(additional, list | tuple):
+        names += [("additional_loras", v) for v in additional if isinstance(v, str)]
+    phase_config = params.get("phase_config")
+    if isinstance(phase_config, dict) and isinstance(phase_config.get("phases"), list):
+        for i, phase in enumerate(phase_config["phases"]):
+            for lora in phase.get("loras", []) if isinstance(phase, dict) else []:
+                if isinstance(lora, dict) and isinstance(lora.get("url"), str) and lora["url"].strip():
+                    names.append((f"phase_config.phases.{i}.loras", lora["url"]))
+    return names
+
+
+def validate_loras(params: dict, search_dirs: list[Path] | None = None) -> list[str]:
+    """Check every LoRA a task names before it is queued (the API calls this at POST time).
+
+    Local names must pass :func:`check_lora_name` and, when ``search_dirs`` is given, exist inside one of
+    them. URLs are returned (for the guarded fetcher to fetch, or for the caller to refuse when downloads
+    are off), not checked here. Raises LoraRefused whose message starts with the field.
+    """
+    urls = []
+    for field, name in lora_names_of(params):
+        if is_lora_url(name):
+            urls.append(name)
+            continue
+        try:
+            if search_dirs is None:
+                check_lora_name(name)
+            else:
+                resolve_lora(name, search_dirs)
+        except LoraRefused as error:
+            raise LoraRefused(f"{field}: {error}") from None
+    return urls
+
+
+def replace_lora_urls(params: dict, fetched: dict[str, str]) -> dict:
+    """A copy of ``params`` with each LoRA URL replaced by the file name ``fetched`` maps it to.
+
+    How LoRAs by URL plug in: the fetcher downloads each URL of :func:`validate_loras` into a folder that
+    is one of the engine's LoRA folders (content-addressed, e.g. ``<sha256>.safetensors``), then the task
+    runs on ``replace_lora_urls(params, {url: file_name})``: the engine resolves those names like any other.
+    """
+
+    def swap(name: Any) -> Any:
+        return fetched.get(name, name) if isinstance(name, str) else name
+
+    out = dict(params)
+    for field in ("activated_loras", "lora_names"):
+        value = out.get(field)
+        if isinstance(value, str):
+            out[field] = ",".join(swap(v.strip()) for v in value.split(","))
+        elif isinstance(value, list | tuple):
+            out[field] = [swap(v) for v in value]
+    additional = out.get("additional_loras")
+    if isinstance(additional, dict):
+        out["additional_loras"] = {swap(k): v for k, v in additional.items()}
+    elif isinstance(additional, list | tuple):
+        out["additional_loras"] = [swap(v) for v in additional]
+    phase_config = out.get("phase_config")
+    if isinstance(phase_config, dict) and isinstance(phase_config.get("phases"), list):
+        phases = []
+        for phase in phase_config["phases"]:
+            if isinstance(phase, dict) and isinstance(phase.get("loras"), list):
+                loras = [{**lora, "url": swap(lora.get("url"))} if isinstance(lora, dict) else lora
+                         for lora in phase["loras"]]  # fmt: skip
+                phase = {**phase, "loras": loras}
+            phases.append(phase)
+        out["phase_config"] = {**phase_config, "phases": phases}
+    return out
 
 
 def adapter_name(path: Path) -> str:
@@ -86,10 +220,13 @@ def apply_loras(pipe, requests: list[LoraRequest]) -> list[dict]:
         for name in stale:
             del state[name]
 
+    two_experts = getattr(pipe, "transformer_2", None) is not None
     for name, request in wanted.items():
         if name not in state:
             pipe.load_lora_weights(str(request.path), adapter_name=name)
+            if two_experts:  # the original applies a LoRA to both experts, with per-phase multipliers
+                pipe.load_lora_weights(str(request.path), adapter_name=name, load_into_transformer_2=True)
             state[name] = str(request.path)
     if wanted:
-        pipe.set_adapters(list(wanted), [r.multiplier for r in wanted.values()])
-    return [{"file": str(r.path), "multiplier": r.multiplier} for r in wanted.values()]
+        pipe.set_adapters(list(wanted), [r.multiplier.first() for r in wanted.values()])
+    return [{"file": r.name or r.path.name, "multiplier": r.multiplier.describe()} for r in wanted.values()]

@@ -18,8 +18,20 @@ from PIL import Image
 
 from Wan2GP.errors import Cancelled
 from Wan2GP.loras import LoraRequest
+from Wan2GP.phases import PhasePlan, PhaseRunner
+from Wan2GP.schedulers import STOCHASTIC_SOLVERS
 
 GREY = 127  # the grey VACE reads as "nothing here, generate"
+
+
+@dataclass
+class PhaseSpec:
+    """The phases a task asks for, before its timesteps are known (see Wan2GP.phases)."""
+
+    guidance: list[float]  # per phase
+    thresholds: list[float | None] = field(default_factory=lambda: [None, None])  # timesteps of phase 2, 3
+    steps_per_phase: list[int] | None = None  # a phase_config's steps (instead of thresholds)
+    model_switch_phase: int = 1
 
 
 @dataclass
@@ -38,18 +50,33 @@ class Settings:
     max_sequence_length: int
     seed: int
     loras: list[LoraRequest] = field(default_factory=list)
+    phase_spec: PhaseSpec | None = None
+    phases: PhasePlan | None = None  # set once the pipeline and its scheduler are ready
+
+    @property
+    def call_guidance(self) -> float:
+        """The guidance the pipeline runs with (phases adjust it step by step, see Wan2GP.phases)."""
+        return self.phases.call_guidance if self.phases is not None else self.guidance_scale
 
 
 class _StepHook:
-    """``callback_on_step_end``: progress, cancel, and the time of the last denoising step."""
+    """``callback_on_step_end``: phase changes, progress, cancel, and the time of the last denoising step."""
 
-    def __init__(self, progress: Callable[[int, int], None] | None, should_cancel: Callable[[], bool] | None):
+    def __init__(
+        self,
+        progress: Callable[[int, int], None] | None,
+        should_cancel: Callable[[], bool] | None,
+        phases: PhaseRunner | None = None,
+    ):
         self.progress = progress
         self.should_cancel = should_cancel
+        self.phases = phases
         self.last_step_end: float | None = None
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         self.last_step_end = time.perf_counter()
+        if self.phases is not None:
+            self.phases.step_end(step)
         total = pipe.num_timesteps
         if self.progress is not None:
             self.progress(step + 1, total)
@@ -70,17 +97,29 @@ def _pil(image: np.ndarray, width: int, height: int) -> Image.Image:
 
 
 def _run(pipe, kwargs: dict, settings: Settings, timings: dict, progress, should_cancel) -> np.ndarray:
-    hook = _StepHook(progress, should_cancel)
+    phases = PhaseRunner(pipe, settings.phases) if settings.phases is not None else None
+    hook = _StepHook(progress, should_cancel, phases)
+    if settings.sample_solver in STOCHASTIC_SOLVERS:
+        # The pipelines do not hand their generator to scheduler.step: seed the noise an SDE step draws.
+        torch.manual_seed(settings.seed)
+    if getattr(pipe.config, "boundary_ratio", None) is not None:
+        kwargs["guidance_scale_2"] = settings.call_guidance  # phases set each expert's guidance
     start = time.perf_counter()
-    output = pipe(
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        generator=_generator(settings.seed),
-        output_type="np",
-        callback_on_step_end=hook,
-        callback_on_step_end_tensor_inputs=["latents"],
-        **kwargs,
-    )
+    if phases is not None:
+        phases.install()
+    try:
+        output = pipe(
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.call_guidance,
+            generator=_generator(settings.seed),
+            output_type=kwargs.pop("output_type", "np"),
+            callback_on_step_end=hook,
+            callback_on_step_end_tensor_inputs=["latents"],
+            **kwargs,
+        )
+    finally:
+        if phases is not None:
+            phases.remove()
     end = time.perf_counter()
     last = hook.last_step_end or end
     timings["denoise"] = last - start
@@ -94,7 +133,7 @@ def _encode_wan_prompt(pipe, params, settings: Settings, timings: dict) -> dict:
         prompt_embeds, negative_embeds = pipe.encode_prompt(
             prompt=params.prompt,
             negative_prompt=settings.negative_prompt,
-            do_classifier_free_guidance=settings.guidance_scale > 1.0,
+            do_classifier_free_guidance=settings.call_guidance > 1.0,
             num_videos_per_prompt=1,
             max_sequence_length=settings.max_sequence_length,
             device=pipe._execution_device,

@@ -16,13 +16,31 @@ from pathlib import Path
 
 import torch
 
+from Wan2GP.loras import LORA_PRESETS
+
 # Bump when the tiny architectures change, so stale caches are rebuilt instead of reused.
-TINY_VERSION = "4"
-TINY_MODELS = ("t2v", "i2v", "flf2v", "vace", "flux", "flux_kontext")
+TINY_VERSION = "5"
+TINY_MODELS = (
+    "t2v",
+    "i2v",
+    "flf2v",
+    "vace",
+    "flux",
+    "flux_kontext",
+    "t2v_22",
+    "i2v_22",
+    "ti2v_22",
+    "vace_22",
+)
 # LoRA files the tiny builder writes into ``<cache>/loras``; the preset names match the real file names so
 # ``use_causvid_lora`` / ``use_lighti2x_lora`` / ``in_scene`` work on tiny models with the same code path.
 TINY_WAN_LORA = "tiny-wan-lora.safetensors"
 TINY_FLUX_LORA = "tiny-flux-lora.safetensors"
+# Two LoRAs of the tiny Wan 2.2 experts, like the Lightning high-noise / low-noise pair.
+TINY_WAN22_LORAS = ("tiny-wan22-high.safetensors", "tiny-wan22-low.safetensors")
+# Wan 2.2 A14B experts switch at these timesteps / 1000 (diffusers' boundary_ratio of the real repos).
+T2V_22_BOUNDARY = 0.875
+I2V_22_BOUNDARY = 0.9
 
 _WORD_TEXT = """
 a an the and or of in on at to with from by for is are was be it its this that as into over under up down
@@ -196,6 +214,89 @@ def _build_vace():
     return WanVACEPipeline(transformer=transformer, **components)
 
 
+def _build_t2v_22():
+    """Wan 2.2 T2V-A14B: two experts, ``transformer`` above the boundary timestep and ``transformer_2`` below."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    components = _wan_shared()
+    experts = []
+    for seed in (20, 21):
+        torch.manual_seed(seed)
+        experts.append(WanTransformer3DModel(in_channels=16, num_layers=1, **_wan_transformer_kwargs()))
+    return WanPipeline(
+        transformer=experts[0], transformer_2=experts[1], boundary_ratio=T2V_22_BOUNDARY, **components
+    )
+
+
+def _build_i2v_22():
+    """Wan 2.2 I2V-A14B: two experts conditioned on the image latents only (no CLIP image encoder)."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    components = _wan_shared()
+    experts = []
+    for seed in (22, 23):
+        torch.manual_seed(seed)
+        experts.append(WanTransformer3DModel(in_channels=36, num_layers=1, **_wan_transformer_kwargs()))
+    return WanImageToVideoPipeline(
+        transformer=experts[0],
+        transformer_2=experts[1],
+        boundary_ratio=I2V_22_BOUNDARY,
+        image_encoder=None,
+        image_processor=None,
+        **components,
+    )
+
+
+def _build_ti2v_22():
+    """Wan 2.2 TI2V-5B: one transformer on the Wan 2.2 VAE (z_dim 48, 16x spatial), per-token timesteps."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+
+    components = _wan_shared()
+    torch.manual_seed(24)
+    components["vae"] = AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=48,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_temporal=4,
+        scale_factor_spatial=16,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+    )
+    kwargs = {**_wan_transformer_kwargs(), "out_channels": 48}
+    torch.manual_seed(25)
+    transformer = WanTransformer3DModel(in_channels=48, num_layers=1, **kwargs)
+    return WanPipeline(transformer=transformer, expand_timesteps=True, **components)
+
+
+def _build_vace_22():
+    """VACE on the Wan 2.2 T2V experts (the original's vace_14B_2_2 / vace_fun_14B_2_2)."""
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    components = _wan_shared()
+    experts = []
+    for seed in (26, 27):
+        torch.manual_seed(seed)
+        experts.append(
+            WanVACETransformer3DModel(
+                in_channels=16,
+                num_layers=2,
+                vace_layers=[0],
+                vace_in_channels=96,
+                **_wan_transformer_kwargs(),
+            )
+        )
+    return WanVACEPipeline(
+        transformer=experts[0], transformer_2=experts[1], boundary_ratio=T2V_22_BOUNDARY, **components
+    )
+
+
 def _flux_components(seed: int) -> dict:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -282,6 +383,10 @@ _BUILDERS = {
     "vace": _build_vace,
     "flux": _build_flux,
     "flux_kontext": _build_flux_kontext,
+    "t2v_22": _build_t2v_22,
+    "i2v_22": _build_i2v_22,
+    "ti2v_22": _build_ti2v_22,
+    "vace_22": _build_vace_22,
 }
 
 
@@ -312,8 +417,6 @@ def make_tiny_lora(transformer: torch.nn.Module, path: Path, seed: int, pipeline
 
 
 def _build_all(root: Path) -> None:
-    from Wan2GP.catalog import LORA_PRESETS
-
     loras = root / "loras"
     loras.mkdir(parents=True, exist_ok=True)
     for name in TINY_MODELS:
@@ -324,6 +427,9 @@ def _build_all(root: Path) -> None:
             # Tiny stand-ins under the real preset file names (CausVid, LightX2V) for the flag code path.
             for preset in ("causvid", "lighti2x"):
                 shutil.copyfile(loras / TINY_WAN_LORA, loras / LORA_PRESETS[preset]["file"])
+        elif name == "t2v_22":
+            for seed, file_name in enumerate(TINY_WAN22_LORAS, start=13):
+                make_tiny_lora(pipe.transformer, loras / file_name, seed=seed, pipeline_class=type(pipe))
         elif name == "flux":
             make_tiny_lora(pipe.transformer, loras / TINY_FLUX_LORA, seed=11, pipeline_class=type(pipe))
         elif name == "flux_kontext":
@@ -335,23 +441,30 @@ def _build_all(root: Path) -> None:
 def ensure_tiny_models(cache_dir: Path | None = None) -> Path:
     """Build every tiny model once into ``cache_dir`` (default :func:`default_tiny_dir`) and return the folder.
 
-    Safe to call from several processes at once: a file lock serialises the build, and the folder is filled
-    in a temporary directory renamed into place, so a reader never sees a half-written model.
+    Each ``TINY_VERSION`` has its own folder (``v<N>``), so checkouts of different versions sharing one cache
+    never rebuild over each other or delete a folder another process reads. Safe to call from several
+    processes at once: a file lock serialises the build, and the folder is filled in a temporary directory
+    renamed into place, so a reader never sees a half-written model.
     """
     root = Path(cache_dir) if cache_dir is not None else default_tiny_dir()
     root = root.expanduser().resolve()
-    version_file = root / "current" / "VERSION"
+    folder = root / f"v{TINY_VERSION}"
+    version_file = folder / "VERSION"
     if version_file.is_file() and version_file.read_text() == TINY_VERSION:
-        return root / "current"
+        return folder
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if version_file.is_file() and version_file.read_text() == TINY_VERSION:
-            return root / "current"
+            return folder
         staging = Path(tempfile.mkdtemp(prefix="build-", dir=root))
-        _build_all(staging)
-        if (root / "current").exists():
-            shutil.rmtree(root / "current")
-        staging.rename(root / "current")
-        (root / "current" / "build.json").write_text(json.dumps({"models": list(TINY_MODELS)}))
-    return root / "current"
+        try:
+            _build_all(staging)
+            (staging / "build.json").write_text(json.dumps({"models": list(TINY_MODELS)}))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if folder.exists():  # a folder of this version without its VERSION file: an interrupted build
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    return folder

@@ -494,57 +494,107 @@ def _frames_or_image(value: Any, name: str) -> tuple[np.ndarray, bool]:
     return _check_frames(value, name), False
 
 
-def _quantiles(channel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The levels present in a uint8 channel and their cumulative frequencies (strictly increasing)."""
-    counts = np.bincount(channel.ravel(), minlength=256)
-    levels = np.flatnonzero(counts)
-    cumulative = np.cumsum(counts[levels]).astype(np.float64)
-    return levels.astype(np.float64), cumulative / cumulative[-1]
+def _check_reference(reference: Any, name: str, width: int, height: int) -> np.ndarray:
+    """A reference image resized (stretched) to the frames' size, as the original resizes it."""
+    reference = _check_image(reference, name)
+    if reference.shape[:2] != (height, width):
+        reference = cv2.resize(reference, (width, height), interpolation=cv2.INTER_LINEAR)
+    return reference
 
 
-def colour_match(frames: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Match each frame's colour histogram to ``reference`` (an (H, W, 3) RGB image of any size).
+def _halve_saturation(frame: np.ndarray) -> np.ndarray:
+    """HSV saturation x 0.5 in 8-bit HSV: the original desaturates before matching so that the transfer
+    does not amplify colour casts of the generated frames."""
+    hsv = cv2.cvtColor(frame, cv2.COLOR_RGB2HSV).astype(np.float32)
+    hsv[..., 1] = np.clip(hsv[..., 1] * 0.5, 0, 255)
+    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
 
-    Works per channel in CIE LAB (OpenCV's 8-bit LAB), so lightness and colour are matched separately:
-    each value is mapped to the reference value with the same cumulative frequency.
+
+# The smallest std ratio the transfer may apply (lightness, colour): a flat reference never flattens a frame.
+_MIN_STD_RATIO = (0.1, 0.4)
+
+
+def _transfer_lab_mean_std(frame: np.ndarray, reference_lab: np.ndarray) -> np.ndarray:
+    """Give ``frame`` the per-channel LAB mean and standard deviation of the reference (Reinhard transfer)."""
+    lab = cv2.cvtColor(frame, cv2.COLOR_RGB2LAB).astype(np.float32)
+    out = np.empty_like(lab)
+    for c in range(3):
+        source, target = lab[..., c], reference_lab[..., c]
+        source_mean, source_std = float(source.mean()), float(source.std())
+        target_mean, target_std = float(target.mean()), float(target.std())
+        if source_std > 1e-5:
+            ratio = max(target_std / source_std, _MIN_STD_RATIO[0 if c == 0 else 1])
+            out[..., c] = (source - source_mean) * ratio + target_mean
+        else:
+            out[..., c] = target_mean
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def colour_match(frames: np.ndarray, start_reference: np.ndarray, end_reference: np.ndarray) -> np.ndarray:
+    """Pull a clip's colours toward its start and end reference images, as the original's
+    ``colour_match_videos`` does.
+
+    Each frame is desaturated by half, then given the LAB mean and standard deviation of each reference
+    (OpenCV's 8-bit LAB); the two corrected frames are blended by the frame's position t in [0, 1] (start
+    reference at t=0, end reference at t=1), with up to 25% of the original frame mixed back in around
+    the middle (weight 0.5·t before t=0.5, 0.5 − 0.5·t after). References are resized to the frame size.
     """
     frames, was_image = _frames_or_image(frames, "frames")
-    reference = _check_image(reference, "reference")
-    reference_lab = cv2.cvtColor(reference, cv2.COLOR_RGB2LAB)
-    reference_quantiles = [_quantiles(reference_lab[..., c]) for c in range(3)]
-
+    height, width = frames.shape[1:3]
+    references_lab = [
+        cv2.cvtColor(_check_reference(ref, name, width, height), cv2.COLOR_RGB2LAB).astype(np.float32)
+        for ref, name in ((start_reference, "start_reference"), (end_reference, "end_reference"))
+    ]
+    count = len(frames)
     out = np.empty_like(frames)
-    for t, frame in enumerate(frames):
-        lab = cv2.cvtColor(frame, cv2.COLOR_RGB2LAB)
-        for c in range(3):
-            # Each level present in the frame maps to the reference level at the same quantile.
-            levels, quantiles = _quantiles(lab[..., c])
-            reference_levels, reference_q = reference_quantiles[c]
-            lookup = np.zeros(256, dtype=np.uint8)
-            lookup[levels.astype(np.intp)] = np.rint(np.interp(quantiles, reference_q, reference_levels))
-            lab[..., c] = lookup[lab[..., c]]
-        out[t] = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+    for i, frame in enumerate(frames):
+        desaturated = _halve_saturation(frame)
+        from_start, from_end = (_transfer_lab_mean_std(desaturated, lab) for lab in references_lab)
+        t = i / (count - 1) if count > 1 else 1.0
+        w_original = 0.5 * t if t < 0.5 else 0.5 - 0.5 * t
+        w_start, w_end = (1.0 - t) * (1.0 - w_original), t * (1.0 - w_original)
+        blend = (
+            w_start * from_start.astype(np.float32)
+            + w_end * from_end.astype(np.float32)
+            + w_original * frame.astype(np.float32)
+        )
+        out[i] = np.clip(blend, 0, 255).astype(np.uint8)
     return out[0] if was_image else out
 
 
-def adjust_saturation_brightness(
-    frames: np.ndarray, saturation: float = 1.0, brightness: float = 1.0
-) -> np.ndarray:
-    """Scale HSV saturation and value by the given factors (1.0 leaves the frames exactly unchanged)."""
+SATURATION_RANGE = (0.0, 3.0)  # ffmpeg's eq=saturation range, which the original used
+BRIGHTNESS_RANGE = (-1.0, 10.0)  # -1 is black; the original allows any number, factors past 11 are no use
+
+
+def adjust_saturation(frames: np.ndarray, level: float) -> np.ndarray:
+    """Scale chroma by ``level`` (1.0 unchanged, 0.0 grey), the original's ffmpeg ``eq=saturation``:
+    Cb and Cr move toward or away from neutral (128) in BT.601 YCbCr while luma stays the same."""
     frames, was_image = _frames_or_image(frames, "frames")
-    saturation = _check_finite_number(saturation, "saturation", minimum=0.0)
-    brightness = _check_finite_number(brightness, "brightness", minimum=0.0)
-    if saturation == 1.0 and brightness == 1.0:
-        out = frames.copy()  # skip the HSV round trip, which is not bit exact
-    else:
-        out = np.empty_like(frames)
-        for t, frame in enumerate(frames):
-            # Float HSV (S and V in [0, 1]) avoids the 8-bit hue quantisation of OpenCV's uint8 HSV.
-            hsv = cv2.cvtColor(frame.astype(np.float32) / 255.0, cv2.COLOR_RGB2HSV)
-            hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0.0, 1.0)
-            hsv[..., 2] = np.clip(hsv[..., 2] * brightness, 0.0, 1.0)
-            rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-            out[t] = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    level = _check_finite_number(level, "saturation", minimum=SATURATION_RANGE[0])
+    if level > SATURATION_RANGE[1]:
+        raise ValueError(f"saturation must be <= {SATURATION_RANGE[1]}, got {level!r}")
+    if level == 1.0:
+        return frames[0].copy() if was_image else frames.copy()  # the YCbCr round trip is not bit exact
+    out = np.empty_like(frames)
+    for t, frame in enumerate(frames):
+        ycc = cv2.cvtColor(frame, cv2.COLOR_RGB2YCrCb).astype(np.float32)
+        ycc[..., 1:] = (ycc[..., 1:] - 128.0) * level + 128.0
+        out[t] = cv2.cvtColor(np.clip(np.rint(ycc), 0, 255).astype(np.uint8), cv2.COLOR_YCrCb2RGB)
+    return out[0] if was_image else out
+
+
+def adjust_brightness(frames: np.ndarray, delta: float) -> np.ndarray:
+    """Multiply every channel by ``1 + delta`` (0 unchanged, negative darkens, -1 black), clipped to
+    [0, 255] and truncated, the original's ``after_first_post_generation_brightness``."""
+    frames, was_image = _frames_or_image(frames, "frames")
+    delta = _check_finite_number(delta, "brightness", minimum=BRIGHTNESS_RANGE[0])
+    if delta > BRIGHTNESS_RANGE[1]:
+        raise ValueError(f"brightness must be <= {BRIGHTNESS_RANGE[1]}, got {delta!r}")
+    out = (
+        frames.copy()
+        if delta == 0
+        else np.clip(frames.astype(np.float32) * (1.0 + delta), 0, 255).astype(np.uint8)
+    )
     return out[0] if was_image else out
 
 

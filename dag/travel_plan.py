@@ -3,7 +3,7 @@
 The Ray DAG (``dag/travel.py``) calls these plain functions; everything here is deterministic and testable
 on its own.
 
-Timeline rules (FACTS.md): each segment's frame count is quantized to 4n+1 (``(f // 4) * 4 + 1``); each of
+Timeline rules (docs/compatibility.md): each segment's frame count is quantized to 4n+1 (``(f // 4) * 4 + 1``); each of
 the N-1 overlaps is made even (rounded down) and capped at the shorter neighbour; the final video has
 Σ segment frames − Σ overlaps frames.
 
@@ -35,9 +35,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
-from Wan2GP.params import MAX_FRAMES, MAX_SIDE, BaseParams, quantize_frames
+from Wan2GP.params import MAX_FRAMES, MAX_SIDE, BaseParams, ignored_reason, quantize_frames, refused_reason
 from Wan2GP.video import (
-    adjust_saturation_brightness,
+    BRIGHTNESS_RANGE,
+    SATURATION_RANGE,
+    adjust_brightness,
+    adjust_saturation,
     build_vace_guide,
     colour_match,
     fade,
@@ -54,15 +57,16 @@ _RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX*×]\s*(\d+)\s*$")
 
 
 class PostProcess(BaseModel):
-    """The stitch's post-processing chain, applied in this order: colour match, saturation/brightness,
-    fades, upscale. ``show_input_images`` is accepted for compatibility and ignored (the original drew the
-    anchor images beside the video; nothing here renders it)."""
+    """The post-processing chain, in the original's order: per clip saturation, brightness (clips after
+    the first), colour match (every clip); then the cross-fade stitch, fades, upscale.
+    ``show_input_images`` is accepted for compatibility and ignored (the original drew the anchor images
+    beside the video; nothing here renders it)."""
 
     model_config = ConfigDict(frozen=True)
 
     colour_match: bool = False
-    saturation: float | None = Field(None, ge=0.0, le=10.0)
-    brightness: float | None = Field(None, ge=0.0, le=10.0)
+    saturation: float = Field(1.0, ge=SATURATION_RANGE[0], le=SATURATION_RANGE[1])  # 1.0 = unchanged
+    brightness: float = Field(0.0, ge=BRIGHTNESS_RANGE[0], le=BRIGHTNESS_RANGE[1])  # additive: 0 = unchanged
     fade_in: int = Field(0, ge=0)
     fade_out: int = Field(0, ge=0)
     upscale_factor: float | None = Field(None, gt=0.0, le=8.0)
@@ -92,8 +96,8 @@ class TravelPlan(BaseModel):
     post: PostProcess = Field(default_factory=PostProcess)
     debug: bool = False
     skip_cleanup: bool = False
-    output_dir: str | None = None
     segment_params_extra: dict[str, Any] = Field(default_factory=dict)
+    ignored_params: dict[str, str] = Field(default_factory=dict)  # key -> why it was accepted but not used
 
     @property
     def num_segments(self) -> int:
@@ -174,7 +178,7 @@ _ORIGINAL_KEYS: dict[str, tuple[str, ...]] = {
     "show_input_images": ("show_input_images",),
     "debug": ("debug_mode_enabled",),
     "skip_cleanup": ("skip_cleanup_enabled",),
-    "output_dir": ("main_output_dir_for_run",),
+    "independent_segments": ("independent_segments",),
 }
 _NATIVE_KEYS: dict[str, tuple[str, ...]] = {
     "run_id": ("run_id",),
@@ -201,10 +205,17 @@ _NATIVE_KEYS: dict[str, tuple[str, ...]] = {
     "show_input_images": ("show_input_images",),
     "debug": ("debug",),
     "skip_cleanup": ("skip_cleanup",),
-    "output_dir": ("output_dir",),
+    "independent_segments": (),
 }
 # Generation settings passed to every segment's VACE task (validated by the engine's BaseParams).
 _EXTRA_KEYS = (
+    "phase_config",
+    "guidance2_scale",
+    "guidance3_scale",
+    "guidance_phases",
+    "switch_threshold",
+    "switch_threshold2",
+    "model_switch_phase",
     "additional_loras",
     "activated_loras",
     "lora_names",
@@ -340,6 +351,42 @@ def _fade_frames(fields: _Fields, name: str, total: int) -> int:
     return value
 
 
+# Keys of the original's travel payload read elsewhere by the original and not needed here, with why.
+_TRAVEL_IGNORED = {
+    "steps": "the original's UI timeline steps, not denoising steps (the original ignores it for generation too)",
+    "base_prompt": "the per-segment prompts are base_prompts_expanded",
+    "main_output_dir_for_run": "bookkeeping of the original's worker (folders); outputs are stored per task",
+    "orchestrator_task_id": "bookkeeping of the original's worker; the run is this task",
+    "original_task_args": "bookkeeping of the original's worker",
+    "original_common_settings": "bookkeeping of the original's worker",
+    "upscale_model_name": "upscale_factor is 0 or 1: nothing to upscale",
+}
+_GUIDE_FADE = (
+    "the original used it to fade anchors into the grey of its guide videos, and its current version "
+    "hardcodes that off (duration_factor 0); it never faded the final video, so nothing is applied"
+)
+_CONSUMED = {"apply_causvid", "params_json_str_override", "orchestrator_details", *_EXTRA_KEYS}
+
+
+def _unused_keys(data: dict, keys: dict[str, tuple[str, ...]], prefix: tuple) -> dict[str, str]:
+    """Refuse the keys that would change the output but cannot be honoured; key -> why for the rest
+    of the keys this plan does not read."""
+    consumed = _CONSUMED | {key for names in keys.values() for key in names}
+    ignored = {}
+    for key, value in data.items():
+        if key in consumed or value is None:  # null asks for nothing
+            continue
+        reason = refused_reason(key, value)
+        if reason:
+            raise _error((*prefix, key), reason, value)
+        ignored[key] = _TRAVEL_IGNORED.get(key) or ignored_reason(key, value, "travel_orchestrator")
+    return ignored
+
+
+def _default(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 def _extras(data: dict, prefix: tuple, original: bool) -> dict[str, Any]:
     extras = {key: data[key] for key in _EXTRA_KEYS if data.get(key) is not None}
     if data.get("apply_causvid"):  # the original's name for the CausVid preset
@@ -466,11 +513,34 @@ def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
         raise fields.fail("upscale_factor", f"must be >= 0, got {upscale_factor}")
     if upscale_factor in (0.0, 1.0):  # the original sends 0.0 for "no upscale"
         upscale_factor = None
+    ignored = _unused_keys(data, fields.keys, fields.prefix)
+    if original:
+        # The original's fade params shaped its guide videos (anchors fading into grey), and its current
+        # version hardcodes them off; they never faded the final video. Validated above, not applied.
+        for name, frames_asked in (("fade_in", fade_in), ("fade_out", fade_out)):
+            if frames_asked:
+                ignored[fields.loc(name)[-1]] = _GUIDE_FADE
+        fade_in = fade_out = 0
+    if original and upscale_factor is not None:
+        # The original upscales only with an upscale model (a generative video-to-video pass).
+        if data.get("upscale_model_name"):
+            raise _error(
+                (*fields.prefix, "upscale_model_name"),
+                "model-based upscaling (a video-to-video generation with that model) is not supported; "
+                "leave upscale_model_name out",
+                data["upscale_model_name"],
+            )
+        ignored["upscale_factor"] = "the original upscales only with an upscale_model_name; none given"
+        upscale_factor = None
+    if fields.get("independent_segments") is not None and fields.get("chain_segments") is None:
+        chain_segments = not fields.flag("independent_segments", False)  # the original's older name
+    else:
+        chain_segments = fields.flag("chain_segments", True)
 
     post_values = {
         "colour_match": fields.flag("colour_match", False),
-        "saturation": fields.number("saturation"),
-        "brightness": fields.number("brightness"),
+        "saturation": _default(fields.number("saturation"), 1.0),
+        "brightness": _default(fields.number("brightness"), 0.0),
         "fade_in": fade_in,
         "fade_out": fade_out,
         "upscale_factor": upscale_factor,
@@ -495,14 +565,14 @@ def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
         model=fields.text("model"),
         seed_base=seed,
         fps=fps,
-        chain_segments=fields.flag("chain_segments", True),
+        chain_segments=chain_segments,
         continue_from_video=continue_from,
         continue_overlap=continue_overlap,
         post=post,
         debug=fields.flag("debug", False),
         skip_cleanup=fields.flag("skip_cleanup", False),
-        output_dir=fields.text("output_dir"),
         segment_params_extra=_extras(data, fields.prefix, original),
+        ignored_params=ignored,
     )
 
 
@@ -622,20 +692,41 @@ def plan_summary(plan: TravelPlan) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def colour_references(
+    plan: TravelPlan, anchors: list[np.ndarray], continued: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(start, end) reference images of each segment's colour match, as the original picks them: the
+    segment's start and end anchors; with a continued video, segment 0 starts from its last frame."""
+    if len(anchors) != len(plan.anchors):
+        raise ValueError(f"anchors has {len(anchors)} images, the plan has {len(plan.anchors)}")
+    references = []
+    for i in range(plan.num_segments):
+        if plan.continue_from_video:
+            if i == 0 and continued is None:
+                raise ValueError("continued is required to colour match the first segment of a continued run")
+            start = continued[-1] if i == 0 else anchors[i - 1]
+            references.append((start, anchors[i]))
+        else:
+            references.append((anchors[i], anchors[i + 1]))
+    return references
+
+
 def stitch_segments(
     plan: TravelPlan,
     clips: list[np.ndarray],
-    first_anchor: np.ndarray | None,
+    anchors: list[np.ndarray] | None,
     continued: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Cross-fade the segment clips into the final video and apply the post-processing chain.
+    """Post-process each clip, cross-fade them into the final video, then fade and upscale.
 
-    Colour matching (to ``first_anchor``) and saturation/brightness apply to every clip after the first
-    (as the original's ``after_first_post_generation_*`` names say) before the cross-fade, so each overlap
-    blends from the unadjusted into the adjusted look instead of jumping. Then fades, then upscaling.
+    Per clip, in the original's order: saturation and brightness (``after_first_post_generation_*``: every
+    clip after the first; with a continued video every new clip, the continued video being the first),
+    then colour matching (every clip, toward its start and end references, see :func:`colour_references`).
+    Adjusting before the cross-fade makes each overlap blend from one look into the next instead of
+    jumping. ``anchors`` are the decoded images of ``plan.anchors`` (needed only for colour matching).
     ``continued`` (the decoded continue_from_video) is prepended with ``plan.continue_overlap`` frames of
-    cross-fade, and is itself left unadjusted. Returns uint8 (T, H, W, 3) frames: plan.total_frames of
-    them, plus len(continued) - plan.continue_overlap with a continued video.
+    cross-fade and left unadjusted. Returns uint8 (T, H, W, 3) frames: plan.total_frames of them, plus
+    len(continued) - plan.continue_overlap with a continued video.
     """
     if len(clips) != plan.num_segments:
         raise ValueError(f"clips has {len(clips)} clips, the plan has {plan.num_segments} segments")
@@ -644,23 +735,28 @@ def stitch_segments(
             raise ValueError(f"clips[{i}] must be a (T, H, W, 3) uint8 array")
         if len(clip) != frames:
             raise ValueError(f"clips[{i}] has {len(clip)} frames, the plan expects {frames}")
-    post = plan.post
-    adjusted = list(clips)
-    if post.colour_match:
-        if first_anchor is None:
-            raise ValueError("first_anchor is required when colour_match is on")
-        adjusted[1:] = [colour_match(clip, first_anchor) for clip in adjusted[1:]]
-    saturation = 1.0 if post.saturation is None else post.saturation
-    brightness = 1.0 if post.brightness is None else post.brightness
-    if (saturation, brightness) != (1.0, 1.0):
-        adjusted[1:] = [adjust_saturation_brightness(clip, saturation, brightness) for clip in adjusted[1:]]
-
-    overlaps = list(plan.overlaps)
     if continued is not None:
         if not isinstance(continued, np.ndarray) or continued.ndim != 4:
             raise ValueError("continued must be a (T, H, W, 3) uint8 array")
         if continued.shape[1:3] != clips[0].shape[1:3]:
             continued = fit_resolution(continued, clips[0].shape[2], clips[0].shape[1], "crop")
+    post = plan.post
+    references = None
+    if post.colour_match:
+        if anchors is None:
+            raise ValueError("anchors are required when colour_match is on")
+        references = colour_references(plan, anchors, continued)
+
+    adjusted = []
+    for i, clip in enumerate(clips):
+        if i > 0 or continued is not None:
+            clip = adjust_brightness(adjust_saturation(clip, post.saturation), post.brightness)
+        if references is not None:
+            clip = colour_match(clip, *references[i])
+        adjusted.append(clip)
+
+    overlaps = list(plan.overlaps)
+    if continued is not None:
         adjusted = [continued, *adjusted]
         overlaps = [min(plan.continue_overlap, len(continued)), *overlaps]
     video = stitch(adjusted, overlaps, sharpness=post.crossfade_sharpness)

@@ -18,6 +18,9 @@ TINY_DEFAULTS = {
     "vace": "tiny-vace",
     "flux": "tiny-flux",
     "flux_kontext": "tiny-flux-kontext",
+    "t2v_22": "tiny-t2v-22",
+    "i2v_22": "tiny-i2v-22",
+    "vace_22": "tiny-vace-22",
 }
 
 

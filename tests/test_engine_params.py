@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from Wan2GP.catalog import Catalog, family_of_task_type, load_definition
 from Wan2GP.errors import UnknownModel, UnsupportedTaskType, WeightsNotFound
 from Wan2GP.params import parse_params, quantize_frames
+from Wan2GP.phases import Multiplier
 from Wan2GP.video import encode_png
 
 
@@ -132,9 +133,9 @@ def test_unknown_keys_are_kept_and_aliases_accepted():
     )
     assert params.model == "tiny-t2v"
     assert params.model_extra == {"custom_flag": 3}
-    assert params.lora_requests() == [("a", 0.5), ("b", 0.8)]
+    assert params.lora_requests() == [("a", Multiplier.constant(0.5)), ("b", Multiplier.constant(0.8))]
     params = parse_params("t2v", {"activated_loras": ["a", "b"], "loras_multipliers": [0.3]})
-    assert params.lora_requests() == [("a", 0.3), ("b", 1.0)]
+    assert params.lora_requests() == [("a", Multiplier.constant(0.3)), ("b", Multiplier.constant(1.0))]
     with pytest.raises(ValidationError, match="loras_multipliers"):
         parse_params("t2v", {"activated_loras": ["a"], "loras_multipliers": "1 1"})
     with pytest.raises(ValidationError, match="loras_multipliers"):

@@ -157,7 +157,7 @@ def test_failed_dependency_fails_the_chain_naming_it(store: TaskStore):
     c_now = store.get(c.id)
     assert c_now.status == TaskStatus.FAILED
     assert b.id in c_now.error_message and "CUDA out of memory" in c_now.error_message
-    assert c_now.output_location == c_now.error_message  # FACTS.md: the original put the message there
+    assert c_now.output_location == c_now.error_message  # the original did (docs/compatibility.md)
     assert store.claim_next("w") == []
 
 

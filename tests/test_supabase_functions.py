@@ -1,6 +1,6 @@
 """The Supabase edge functions, served by Deno on a loopback port against a real database.
 
-Each FACTS.md function's success path and documented errors (400/401/403/404/405), the three ways to
+Each function of docs/compatibility.md's success path and documented errors (400/401/403/404/405), the three ways to
 authenticate (service key, user JWT, personal access token), and concurrent claims through HTTP.
 """
 
@@ -64,7 +64,7 @@ def bob(db: str) -> SupabaseUser:
     return add_user(db, "bob")
 
 
-# --- the FACTS.md functions: success paths ---------------------------------------------------------------
+# --- the original's functions (docs/compatibility.md): success paths ----------------------------------------
 
 
 def test_create_then_claim_returns_the_facts_fields(fn: EdgeFunctions, direct: TaskStore):

@@ -123,9 +123,13 @@ def test_original_payload_keys_map_to_plan_fields():
     assert plan.model == "vace_tiny"
     assert plan.post.colour_match and plan.post.show_input_images
     assert (plan.post.saturation, plan.post.brightness) == (0.8, 1.1)
-    assert (plan.post.fade_in, plan.post.fade_out) == (3, 6)  # 10% and 20% of 30 frames
-    assert plan.post.upscale_factor == 2.0 and plan.post.crossfade_sharpness == 0.3
-    assert plan.debug and plan.skip_cleanup and plan.output_dir == "/tmp/out"
+    assert (plan.post.fade_in, plan.post.fade_out) == (0, 0)  # the original's guide fades: not applied
+    # the original upscales only with an upscale_model_name: upscale_factor alone is reported ignored
+    assert plan.post.upscale_factor is None and plan.post.crossfade_sharpness == 0.3
+    assert plan.debug and plan.skip_cleanup
+    assert set(plan.ignored_params) == {
+        "main_output_dir_for_run", "upscale_factor", "fade_in_params_json_str", "fade_out_params_json_str",
+    }  # fmt: skip
     assert plan.segment_params_extra == {
         "use_causvid_lora": True,
         "additional_loras": {"style.safetensors": 0.7},
@@ -133,10 +137,11 @@ def test_original_payload_keys_map_to_plan_fields():
     }
 
 
-def test_original_upscale_zero_means_off_and_fade_frames_accepted():
+def test_original_upscale_zero_means_off_and_guide_fades_are_reported_not_applied():
     plan = parse_travel(original(upscale_factor=0.0, fade_in_params_json_str="5"))
-    assert plan.post.upscale_factor is None
-    assert plan.post.fade_in == 5
+    assert plan.post.upscale_factor is None and "upscale_factor" not in plan.ignored_params
+    assert plan.post.fade_in == 0 and "guide videos" in plan.ignored_params["fade_in_params_json_str"]
+    assert parse_travel(original()).ignored_params == {}  # duration_factor 0 (what clients send) asks nothing
 
 
 @pytest.mark.parametrize(
@@ -368,26 +373,117 @@ def test_stitch_with_continued_video_prepends_it():
     assert np.all(video[:5] == 10)
 
 
-def test_colour_match_moves_later_segments_toward_the_first_anchor():
+PHASES = {
+    "num_phases": 2,
+    "steps_per_phase": [3, 3],
+    "flow_shift": 5,
+    "sample_solver": "euler",
+    "model_switch_phase": 1,
+    "phases": [
+        {
+            "phase": 1,
+            "guidance_scale": 1,
+            "loras": [{"url": "https://h.example/high.safetensors", "multiplier": "1.2"}],
+        },
+        {
+            "phase": 2,
+            "guidance_scale": 1,
+            "loras": [{"url": "https://h.example/low.safetensors", "multiplier": "1.0"}],
+        },
+    ],
+}
+
+
+def test_original_keys_not_read_are_reported_or_refused():
+    plan = parse_travel(
+        original(
+            steps=6,
+            shot_id="s1",
+            enhance_prompt=False,
+            use_uni3c=False,
+            independent_segments=True,
+            phase_config=PHASES,
+            my_key=1,
+        )
+    )
+    assert not plan.chain_segments  # the original's older name, inverted
+    assert plan.segment_params_extra["phase_config"] == PHASES  # every segment runs these phases
+    assert set(plan.ignored_params) == {"steps", "shot_id", "enhance_prompt", "use_uni3c", "my_key"}
+    assert "timeline steps" in plan.ignored_params["steps"]
+    assert plan.ignored_params["my_key"] == "unknown key: not a parameter of travel_orchestrator"
+    assert parse_travel(original(independent_segments=True, chain_segments=True)).chain_segments
+    for key, value in [("use_uni3c", True), ("enhance_prompt", True), ("structure_video_path", "/g.mp4")]:
+        assert error_loc(original(**{key: value})) == ("orchestrator_details", key)
+    assert error_loc(original(upscale_factor=2.0, upscale_model_name="realesrgan")) == (
+        "orchestrator_details",
+        "upscale_model_name",
+    )
+    assert parse_travel(native(upscale_factor=2.0)).post.upscale_factor == 2.0  # native: Lanczos
+    assert error_loc(original(phase_config={"num_phases": 2})) == (
+        "orchestrator_details",
+        "phase_config",
+        "phases",
+    )
+
+
+def test_colour_match_pulls_every_segment_toward_its_own_anchors():
     plan = parse_travel(native(colour_match=True, overlap=0))
+    anchors = [np.full((H, W, 3), v, dtype=np.uint8) for v in (40, 200, 120)]
     rng = np.random.default_rng(1)
-    anchor = np.clip(rng.normal(200, 20, (H, W, 3)), 0, 255).astype(np.uint8)
-    clip_a = np.clip(rng.normal(60, 20, (17, H, W, 3)), 0, 255).astype(np.uint8)
-    clip_b = np.clip(rng.normal(60, 20, (17, H, W, 3)), 0, 255).astype(np.uint8)
-    video = stitch_segments(plan, [clip_a, clip_b], anchor)
-    np.testing.assert_array_equal(video[:17], clip_a)  # the first segment is left as it is
-    before = abs(clip_b.mean() - anchor.mean())
-    after = abs(video[17:].mean() - anchor.mean())
-    assert after < before / 4
-    with pytest.raises(ValueError, match="first_anchor"):
-        stitch_segments(plan, [clip_a, clip_b], None)
+    clips = [np.clip(rng.normal(90, 20, (17, H, W, 3)), 0, 255).astype(np.uint8) for _ in range(2)]
+    video = stitch_segments(plan, clips, anchors)
+    # Segment 0 runs from anchor 0 (dark) to anchor 1 (bright); segment 1 from anchor 1 to anchor 2.
+    assert abs(video[0].mean() - 40) < 8 and abs(video[16].mean() - 200) < 8
+    assert abs(video[17].mean() - 200) < 8 and abs(video[33].mean() - 120) < 8
+    with pytest.raises(ValueError, match="anchors are required"):
+        stitch_segments(plan, clips, None)
+    with pytest.raises(ValueError, match="anchors has 1 images"):
+        stitch_segments(plan, clips, anchors[:1])
 
 
-def test_saturation_brightness_apply_after_the_first_segment():
-    plan = parse_travel(native(overlap=0, brightness=0.5))
+def test_colour_match_of_a_continued_run_starts_from_the_continued_video():
+    plan = parse_travel(native(images=["b", "c"], continue_from_video="/v.mp4", overlap=0, colour_match=True))
+    anchors = [np.full((H, W, 3), v, dtype=np.uint8) for v in (200, 120)]
+    continued = solid(30, 9)
+    video = stitch_segments(plan, clips_for(plan, [90, 90]), anchors, continued=continued)
+    assert np.all(video[:9] == 30)  # the continued video is left as it is
+    assert abs(video[9].mean() - 30) < 8 and abs(video[9 + 16].mean() - 200) < 8
+
+
+def test_brightness_and_saturation_apply_after_the_first_segment():
+    # brightness is an additive delta: 0 (what clients send by default) leaves every frame unchanged
+    plan = parse_travel(native(overlap=0, brightness=0))
     video = stitch_segments(plan, [solid(200, 17), solid(200, 17)], None)
-    assert np.all(video[:17] == 200)
-    assert np.all(video[17:] == 100)
+    assert np.all(video == 200)
+    plan = parse_travel(native(overlap=0, brightness=-0.5))
+    video = stitch_segments(plan, [solid(200, 17), solid(200, 17)], None)
+    assert np.all(video[:17] == 200) and np.all(video[17:] == 100)
+    colourful = np.zeros((17, H, W, 3), dtype=np.uint8)
+    colourful[..., 0] = 200
+    plan = parse_travel(native(overlap=0, saturation=0.0))
+    video = stitch_segments(plan, [colourful, colourful], None)
+    np.testing.assert_array_equal(video[:17], colourful)
+    assert (video[17:].max(axis=-1).astype(int) - video[17:].min(axis=-1) <= 1).all()  # grey
+
+
+def test_brightness_applies_to_every_new_segment_of_a_continued_run():
+    plan = parse_travel(native(images=["b", "c"], continue_from_video="/v.mp4", overlap=0, brightness=-0.5))
+    video = stitch_segments(plan, clips_for(plan, [200, 200]), None, continued=solid(200, 9))
+    assert np.all(video[:9] == 200) and np.all(video[9:] == 100)
+
+
+def test_post_process_bounds_follow_the_original():
+    assert parse_travel(original(after_first_post_generation_brightness=-0.3)).post.brightness == -0.3
+    plan = parse_travel(original())
+    assert (plan.post.brightness, plan.post.saturation) == (0.0, 1.0)
+    assert error_loc(original(after_first_post_generation_brightness=-2)) == (
+        "orchestrator_details",
+        "after_first_post_generation_brightness",
+    )
+    assert error_loc(original(after_first_post_generation_saturation=4)) == (
+        "orchestrator_details",
+        "after_first_post_generation_saturation",
+    )
 
 
 def test_fades_and_upscale():

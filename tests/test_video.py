@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from Wan2GP.video import (
-    adjust_saturation_brightness,
+    adjust_brightness,
+    adjust_saturation,
     build_vace_guide,
     colour_match,
     crossfade,
@@ -413,57 +414,87 @@ def test_stitch_length_and_untouched_ends_property(case, sharpness) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_colour_match_moves_frames_toward_the_reference() -> None:
+def _lab_mean(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float64).mean(axis=0)
+
+
+def test_colour_match_pulls_from_the_start_reference_to_the_end_reference() -> None:
     rng = np.random.default_rng(3)
-    reference = np.empty((40, 40, 3), dtype=np.uint8)
-    reference[..., 0] = rng.integers(180, 240, size=(40, 40))  # warm, bright reference
-    reference[..., 1] = rng.integers(90, 140, size=(40, 40))
-    reference[..., 2] = rng.integers(30, 80, size=(40, 40))
-    frames = np.empty((3, 24, 32, 3), dtype=np.uint8)
-    frames[..., 0] = rng.integers(20, 70, size=(3, 24, 32))  # cold, dark frames
-    frames[..., 1] = rng.integers(40, 90, size=(3, 24, 32))
-    frames[..., 2] = rng.integers(120, 200, size=(3, 24, 32))
+    warm = np.empty((40, 40, 3), dtype=np.uint8)  # warm, bright start reference
+    warm[..., 0] = rng.integers(180, 240, size=(40, 40))
+    warm[..., 1] = rng.integers(90, 140, size=(40, 40))
+    warm[..., 2] = rng.integers(30, 80, size=(40, 40))
+    cold = warm[..., ::-1].copy() // 2  # cold, dark end reference
+    frames = np.empty((9, 24, 32, 3), dtype=np.uint8)  # greenish mid-grey frames
+    frames[..., 0] = rng.integers(60, 100, size=(9, 24, 32))
+    frames[..., 1] = rng.integers(120, 160, size=(9, 24, 32))
+    frames[..., 2] = rng.integers(60, 100, size=(9, 24, 32))
 
-    def lab_distance(video: np.ndarray) -> float:
-        ref_mean = cv2.cvtColor(reference, cv2.COLOR_RGB2LAB).reshape(-1, 3).mean(axis=0)
-        means = [cv2.cvtColor(f, cv2.COLOR_RGB2LAB).reshape(-1, 3).mean(axis=0) for f in video]
-        return float(np.mean([np.linalg.norm(m - ref_mean) for m in means]))
-
-    matched = colour_match(frames, reference)
+    matched = colour_match(frames, warm, cold)
     assert matched.shape == frames.shape and matched.dtype == np.uint8
-    before, after = lab_distance(frames), lab_distance(matched)
-    assert after < 0.2 * before, (before, after)
+    # The first frame is fully the start-reference transfer, the last fully the end one (weight of the
+    # original frame is 0 at both ends); the middle mixes both references and 25% of the original.
+    for index, reference in ((0, warm), (-1, cold)):
+        before = np.linalg.norm(_lab_mean(frames[index]) - _lab_mean(reference))
+        after = np.linalg.norm(_lab_mean(matched[index]) - _lab_mean(reference))
+        assert after < 0.1 * before, (index, before, after)
+    middle = _lab_mean(matched[4])
+    assert np.linalg.norm(middle - _lab_mean(warm)) > 5 and np.linalg.norm(middle - _lab_mean(cold)) > 5
 
 
-def test_colour_match_with_itself_is_near_identity() -> None:
-    image = smooth_clip(1, 24, 24)[0]
-    matched = colour_match(image, image)
-    assert matched.shape == image.shape
-    assert np.abs(matched.astype(np.int16) - image.astype(np.int16)).mean() < 2
+def test_colour_match_transfers_lab_mean_and_std_of_the_halved_saturation_frame() -> None:
+    # One frame (t = 1): the end reference's LAB statistics, computed by hand from the definition.
+    rng = np.random.default_rng(4)
+    frame = rng.integers(40, 200, size=(16, 16, 3), dtype=np.uint8)
+    reference = rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)
+    hsv = cv2.cvtColor(frame, cv2.COLOR_RGB2HSV).astype(np.float32)
+    hsv[..., 1] *= 0.5
+    lab = cv2.cvtColor(cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB), cv2.COLOR_RGB2LAB)
+    lab = lab.astype(np.float32)
+    resized = cv2.resize(reference, (16, 16), interpolation=cv2.INTER_LINEAR)
+    target = cv2.cvtColor(resized, cv2.COLOR_RGB2LAB).astype(np.float32)
+    for c, floor in ((0, 0.1), (1, 0.4), (2, 0.4)):
+        ratio = max(target[..., c].std() / lab[..., c].std(), floor)
+        lab[..., c] = (lab[..., c] - lab[..., c].mean()) * ratio + target[..., c].mean()
+    expected = cv2.cvtColor(np.clip(lab, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+    np.testing.assert_array_equal(colour_match(frame, reference, reference), expected)
 
 
-def test_saturation_brightness_identity_is_exact() -> None:
+def test_saturation_is_chroma_scaling_with_ffmpeg_eq_range() -> None:
     frames = smooth_clip(3, 16, 16)
-    out = adjust_saturation_brightness(frames, 1.0, 1.0)
-    np.testing.assert_array_equal(out, frames)
-    assert out is not frames
+    same = adjust_saturation(frames, 1.0)
+    np.testing.assert_array_equal(same, frames)
+    assert same is not frames
+    luma = cv2.cvtColor(frames[0], cv2.COLOR_RGB2YCrCb)[..., 0].astype(int)
 
+    def chroma_spread(video: np.ndarray) -> float:
+        return float(np.abs(cv2.cvtColor(video[0], cv2.COLOR_RGB2YCrCb)[..., 1:].astype(int) - 128).mean())
 
-def _mean_hsv(frames: np.ndarray) -> np.ndarray:
-    return np.mean([cv2.cvtColor(f, cv2.COLOR_RGB2HSV).reshape(-1, 3).mean(axis=0) for f in frames], axis=0)
-
-
-def test_saturation_and_brightness_move_in_the_requested_direction() -> None:
-    frames = smooth_clip(2, 16, 16) // 2 + 40  # mid-range so neither direction saturates at once
-    base = _mean_hsv(frames)
-    assert _mean_hsv(adjust_saturation_brightness(frames, saturation=0.5))[1] < base[1] - 10
-    assert _mean_hsv(adjust_saturation_brightness(frames, saturation=1.5))[1] > base[1] + 10
-    assert _mean_hsv(adjust_saturation_brightness(frames, brightness=0.7))[2] < base[2] - 10
-    assert _mean_hsv(adjust_saturation_brightness(frames, brightness=1.3))[2] > base[2] + 10
-    grey = adjust_saturation_brightness(frames, saturation=0.0)
-    assert (grey.max(axis=-1) == grey.min(axis=-1)).all()  # fully desaturated = grey pixels
+    assert chroma_spread(adjust_saturation(frames, 0.5)) < 0.6 * chroma_spread(frames)
+    assert chroma_spread(adjust_saturation(frames, 1.5)) > 1.3 * chroma_spread(frames)
+    grey = adjust_saturation(frames, 0.0)
+    assert (grey.max(axis=-1).astype(int) - grey.min(axis=-1) <= 1).all()  # grey pixels
+    grey_luma = cv2.cvtColor(grey[0], cv2.COLOR_RGB2YCrCb)[..., 0].astype(int)
+    assert np.abs(grey_luma - luma).max() <= 2  # luma is kept
     with pytest.raises(ValueError, match="saturation must be >= 0"):
-        adjust_saturation_brightness(frames, saturation=-1.0)
+        adjust_saturation(frames, -0.5)
+    with pytest.raises(ValueError, match="saturation must be <= 3"):
+        adjust_saturation(frames, 3.5)
+
+
+def test_brightness_is_an_additive_delta_on_the_factor() -> None:
+    frames = smooth_clip(2, 16, 16)
+    unchanged = adjust_brightness(frames, 0)
+    np.testing.assert_array_equal(unchanged, frames)  # 0 = unchanged (the default clients send)
+    darker = adjust_brightness(frames, -0.25)
+    np.testing.assert_array_equal(darker, (frames.astype(np.float32) * 0.75).astype(np.uint8))
+    brighter = adjust_brightness(frames, 0.5)
+    np.testing.assert_array_equal(brighter, np.clip(frames.astype(np.float32) * 1.5, 0, 255).astype(np.uint8))
+    assert not adjust_brightness(frames, -1.0).any()  # -1 is black
+    with pytest.raises(ValueError, match="brightness must be >= -1"):
+        adjust_brightness(frames, -1.5)
+    with pytest.raises(ValueError, match="brightness must be a number"):
+        adjust_brightness(frames, "0.2")
 
 
 def test_fade_in_and_out() -> None:

@@ -1,4 +1,4 @@
--- The tasks table (FACTS.md columns plus ours). Timestamps are UTC ISO-8601 text so they sort as text.
+-- The tasks table (docs/compatibility.md columns plus ours). Timestamps are UTC ISO-8601 text so they sort as text.
 CREATE TABLE IF NOT EXISTS tasks (
     id                      TEXT PRIMARY KEY,
     task_type               TEXT NOT NULL,

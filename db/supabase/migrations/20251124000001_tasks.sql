@@ -1,4 +1,4 @@
--- The tasks table: the Supabase-compatible columns of FACTS.md plus ours.
+-- The tasks table: the Supabase-compatible columns of docs/compatibility.md plus ours.
 CREATE TABLE IF NOT EXISTS tasks (
     id                      text PRIMARY KEY,
     task_type               text NOT NULL,

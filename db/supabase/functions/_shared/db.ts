@@ -42,7 +42,7 @@ export async function asCaller(caller: Caller, work: (tx: Tx) => Promise<Row[]>)
   }) as Row[];
 }
 
-/** A tasks row as JSON for clients: the FACTS.md fields plus every column. */
+/** A tasks row as JSON for clients: the fields of docs/compatibility.md plus every column. */
 export function taskJson(row: Row): Row {
   const { seq: _seq, ...task } = row;
   return { task_id: task.id, ...task };

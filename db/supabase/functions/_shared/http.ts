@@ -1,6 +1,6 @@
 // Request handling shared by every edge function: method check, JSON body, field readers, errors.
 //
-// Error contract (FACTS.md): 400 bad body, 401 no bearer token, 403 bad token / not the owner,
+// Error contract (docs/compatibility.md): 400 bad body, 401 no bearer token, 403 bad token / not the owner,
 // 404 no such task, 405 not POST; we add 409 for a task in the wrong state (e.g. completing a
 // finished task). Error bodies are `{"error": message, "field"?: name}`.
 
