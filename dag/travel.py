@@ -83,7 +83,7 @@ def stitch_node(
     plan: TravelPlan, anchors: list[np.ndarray], continued: np.ndarray | None, *segments: dict
 ) -> Artifact:
     clips = [s["frames"] for s in sorted(segments, key=lambda s: s["index"])]
-    frames = stitch_segments(plan, clips, anchors[0] if anchors else None, continued=continued)
+    frames = stitch_segments(plan, clips, anchors or None, continued=continued)
     expected = plan.total_frames
     if plan.debug:
         logger.info(
@@ -102,6 +102,7 @@ def stitch_node(
             "height": int(frames.shape[1]),
             "segments": len(clips),
             "chain_segments": plan.chain_segments,
+            "ignored_params": plan.ignored_params,
         },
     )
 

@@ -17,13 +17,21 @@ from deployments.webhooks import WebhookSettings
 logger = logging.getLogger("ray.serve")
 
 TINY_DEFAULT_MODELS: dict[str, dict[str, str]] = {
-    "T2V": {"t2v": "tiny-t2v", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v"},
-    "VACE": {"vace": "tiny-vace"},
+    # The first entry is what `preload` loads; the *_22 task types run on the Wan 2.2 stand-ins.
+    "T2V": {"t2v": "tiny-t2v", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v", "t2v_22": "tiny-t2v-22",
+            "i2v_22": "tiny-i2v-22"},
+    "VACE": {"vace": "tiny-vace", "vace_22": "tiny-vace-22"},
     "Flux": {"flux": "tiny-flux", "flux_kontext": "tiny-flux-kontext"},
-}
+}  # fmt: skip
 REAL_DEFAULT_MODELS: dict[str, dict[str, str]] = {
-    "T2V": {"t2v": "wan2.1-t2v-1.3b", "i2v": "wan2.1-i2v-14b-480p", "flf2v": "wan2.1-flf2v-14b-720p"},
-    "VACE": {"vace": "wan2.1-vace-1.3b"},
+    "T2V": {
+        "t2v": "wan2.1-t2v-1.3b",
+        "i2v": "wan2.1-i2v-14b-480p",
+        "flf2v": "wan2.1-flf2v-14b-720p",
+        "t2v_22": "wan2.2-t2v-a14b",
+        "i2v_22": "wan2.2-i2v-a14b",
+    },
+    "VACE": {"vace": "wan2.1-vace-1.3b", "vace_22": "vace_14B_cocktail_2_2"},
     "Flux": {"flux": "flux.1-schnell", "flux_kontext": "flux.1-kontext-dev"},
 }
 
