@@ -83,8 +83,27 @@ def generate_image(
     Raises pydantic.ValidationError for bad params, UnsupportedTaskType / UnknownModel / WeightsNotFound for
     what cannot run here, and Cancelled when ``should_cancel()`` turns True.
     """
-    from Wan2GP.engine import resolve_model
     from Wan2GP.video import encode_png, to_uint8_frames
+
+    image, metadata = render_image(engine, task_type, params, progress=progress, should_cancel=should_cancel)
+    start = time.perf_counter()
+    data = encode_png(to_uint8_frames(image[None])[0])
+    metadata["timings"]["encode_file"] = round(time.perf_counter() - start, 4)
+    return Artifact(
+        data=data, filename=f"{task_id or 'output'}.png", media_type="image/png", metadata=metadata
+    )
+
+
+def render_image(
+    engine: Engine,
+    task_type: str,
+    params: dict[str, Any],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The image of one task as floats (H, W, 3) in [0, 1], before encoding, with its metadata."""
+    from Wan2GP.engine import resolve_model
 
     parsed = parse_image_params(task_type, params)
     definition = resolve_model(engine.catalog, engine.default_models, task_type, parsed)
@@ -98,11 +117,12 @@ def generate_image(
         engine.pipe.scheduler = _fresh_scheduler(engine._base_scheduler, parsed.sample_solver)
         timings: dict[str, float] = {"load": load_report.seconds}
         seed = parsed.seed if parsed.seed >= 0 else random.SystemRandom().randrange(2**32)
+        steps = parsed.num_inference_steps or recipe.steps
+        if steps < 2 and engine.pipe.scheduler.config.get("shift_terminal"):
+            # One step would stretch the schedule to its terminal by dividing by zero: a NaN image.
+            raise ValueError("num_inference_steps: this model's schedule needs at least 2 steps")
         call = _pipeline_call(engine.pipe, definition, task_type, parsed)
-        call.update(
-            num_inference_steps=parsed.num_inference_steps or recipe.steps,
-            generator=_generator(seed),
-        )
+        call.update(num_inference_steps=steps, generator=_generator(seed))
         guidance = parsed.guidance_scale if parsed.guidance_scale is not None else recipe.guidance
         pipe = call.pop("pipe")
         if definition.family == "z_image":
@@ -114,19 +134,15 @@ def generate_image(
             )
         image = _run(pipe, call, timings, progress, should_cancel)
 
-    start = time.perf_counter()
-    frame = to_uint8_frames(image[None])[0]
-    data = encode_png(frame)
-    timings["encode_file"] = time.perf_counter() - start
     metadata = {
         "task_type": task_type,
         "model": definition.id,
         "family": definition.family,
         "frames": 1,
-        "width": int(frame.shape[1]),
-        "height": int(frame.shape[0]),
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
         "seed": seed,
-        "steps": call["num_inference_steps"],
+        "steps": steps,
         "guidance": guidance,
         "prompt": call["prompt"],
         "sample_solver": parsed.sample_solver or "default",
@@ -134,9 +150,7 @@ def generate_image(
         "ignored_params": parsed.ignored_params(),
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
-    return Artifact(
-        data=data, filename=f"{task_id or 'output'}.png", media_type="image/png", metadata=metadata
-    )
+    return image, metadata
 
 
 # ----------------------------------------------------------------------------------------------------------

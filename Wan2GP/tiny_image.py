@@ -22,7 +22,7 @@ from transformers import ProcessorMixin, Qwen2VLProcessor  # noqa: F401 - Proces
 from Wan2GP.tiny import _WORDS, default_tiny_dir, make_tiny_lora
 
 # Bump when the tiny architectures change, so stale caches are rebuilt instead of reused.
-TINY_IMAGE_VERSION = "2"
+TINY_IMAGE_VERSION = "3"
 TINY_IMAGE_MODELS = ("qwen_image", "qwen_image_edit", "z_image")
 
 # The Qwen2 / Qwen3 pre-tokenizer pattern (tokenizer.json of the real models).
@@ -140,7 +140,7 @@ def _qwen_components(transformer_seed: int) -> dict:
         patch_size=2,
         in_channels=16,
         out_channels=4,
-        num_layers=1,
+        num_layers=2,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=16,
@@ -149,7 +149,7 @@ def _qwen_components(transformer_seed: int) -> dict:
     torch.manual_seed(20)
     # As thin as it goes: the edit pipeline encodes its input image at ~1 MP whatever the output size.
     vae = AutoencoderKLQwenImage(
-        base_dim=2,
+        base_dim=8,
         z_dim=4,
         dim_mult=[1, 1, 1, 1],
         num_res_blocks=0,
