@@ -203,11 +203,11 @@ def _pipeline_call(pipe, definition: ModelDefinition, task_type: str, params: Im
 def _qwen_input_image(params: ImageTaskParams) -> np.ndarray | None:
     """The image a Qwen task edits: the input, the green-marked composite, or the style/subject reference."""
     if isinstance(params, QwenEditParams):
-        return _cap_image(params.image)
+        return params.image
     if isinstance(params, QwenMaskedEditParams):
         return green_composite(_cap_image(params.image), params.mask_url)
-    if isinstance(params, QwenStyleParams) and params.reference_image is not None:
-        return _cap_image(params.reference_image)
+    if isinstance(params, QwenStyleParams):
+        return params.reference_image
     return None
 
 
@@ -225,7 +225,7 @@ def green_composite(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _cap_image(image: np.ndarray) -> np.ndarray:
-    """Input images over 1200 px a side are scaled down to fit, as the original does before editing."""
+    """Images over 1200 px a side scaled down to fit, as the original does before compositing."""
     height, width = image.shape[:2]
     new_width, new_height = cap_qwen_resolution(width, height)
     if (new_width, new_height) == (width, height):
@@ -262,14 +262,20 @@ def _pil(image: np.ndarray, width: int, height: int) -> Image.Image:
 
 
 def _as_pipeline(pipe, class_name: str):
-    """``pipe`` as a ``class_name`` pipeline over the same modules (no copy): one resident model serves
-    text-to-image, edits and image-to-image."""
+    """``pipe``'s modules (no copy, hooks and LoRAs included) under the ``class_name`` pipeline: one resident
+    model serves text-to-image, edits and image-to-image. Built directly rather than with ``from_pipe``, which
+    also casts every module and refuses group-offloaded ones."""
+    import inspect
+
     import diffusers
 
     pipeline_class = getattr(diffusers, class_name)
     if type(pipe) is pipeline_class:
         return pipe
-    converted = pipeline_class.from_pipe(pipe)
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    converted = pipeline_class(
+        **{name: module for name, module in pipe.components.items() if name in accepted}
+    )
     converted.set_progress_bar_config(disable=True)
     return converted
 
