@@ -252,3 +252,15 @@ def test_routing_and_wrong_models(engine):
         engine.generate("qwen_image_edit", {"image": _image(1), "model": "qwen_image_20B"})
     with pytest.raises(WeightsNotFound, match="no-such-lora"):
         engine.generate("z_image_turbo", {"prompt": "x", "activated_loras": ["no-such-lora"], "steps": 1})
+
+
+@pytest.mark.parametrize("model_id", ["tiny-qwen-image", "tiny-qwen-image-edit"])
+def test_tiny_qwen_tokenizer_counts_template_tokens_like_the_real_one(engine, model_id):
+    # The pipelines drop as many leading hidden states as the real tokenizer makes of their template's
+    # prefix; the tiny tokenizer must make exactly as many, or prompts would be cut or padded with the template.
+    engine.load(model_id)
+    pipe = engine.pipe
+    prefix = pipe.prompt_template_encode.split("{}")[0].replace(
+        "<|vision_start|><|image_pad|><|vision_end|>", ""
+    )
+    assert len(pipe.tokenizer(prefix).input_ids) == pipe.prompt_template_encode_start_idx
