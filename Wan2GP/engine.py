@@ -29,6 +29,7 @@ from Wan2GP.catalog import (
     torch_dtype,
 )
 from Wan2GP.errors import Cancelled, UnsupportedTaskType
+from Wan2GP.image_families import IMAGE_TASK_FAMILIES
 from Wan2GP.loras import LoraRequest, adapter_name, apply_loras, default_lora_dirs, resolve_lora
 from Wan2GP.memory import (
     apply_memory_profile,
@@ -232,6 +233,12 @@ class Engine:
         Raises pydantic.ValidationError for bad params, UnsupportedTaskType / UnknownModel / WeightsNotFound
         for what cannot run here, and Cancelled when ``should_cancel()`` turns True.
         """
+        if task_type in IMAGE_TASK_FAMILIES:  # Qwen-Image / Z-Image tasks: Wan2GP/image_models.py
+            from Wan2GP.image_models import generate_image
+
+            return generate_image(
+                self, task_type, params, task_id=task_id, progress=progress, should_cancel=should_cancel
+            )
         parsed = parse_params(task_type, params)
         definition = self.resolve_model(task_type, parsed)
         task_family = _task_family(task_type, parsed)

@@ -118,6 +118,10 @@ def lora_names_of(params: dict) -> list[tuple[str, str]]:
         names += [("additional_loras", k) for k in additional]
     elif isinstance(additional, list | tuple):
         names += [("additional_loras", v) for v in additional if isinstance(v, str)]
+    loras = params.get("loras")  # the image models' [{path, scale}] list
+    if isinstance(loras, list):
+        names += [(f"loras.{i}.path", v["path"]) for i, v in enumerate(loras)
+                  if isinstance(v, dict) and isinstance(v.get("path"), str)]  # fmt: skip
     phase_config = params.get("phase_config")
     if isinstance(phase_config, dict) and isinstance(phase_config.get("phases"), list):
         for i, phase in enumerate(phase_config["phases"]):

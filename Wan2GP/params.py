@@ -679,6 +679,10 @@ FAMILY_PARAMS: dict[str, type[BaseParams]] = {
 
 
 def params_class(task_type: str) -> type[BaseParams]:
+    from Wan2GP.image_params import IMAGE_TASK_PARAMS  # image task types: Wan2GP/image_params.py
+
+    if task_type in IMAGE_TASK_PARAMS:
+        return IMAGE_TASK_PARAMS[task_type]
     if task_type in FAMILY_PARAMS:
         return FAMILY_PARAMS[task_type]
     if task_type not in TASK_FAMILIES:

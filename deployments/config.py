@@ -22,6 +22,8 @@ TINY_DEFAULT_MODELS: dict[str, dict[str, str]] = {
             "i2v_22": "tiny-i2v-22"},
     "VACE": {"vace": "tiny-vace", "vace_22": "tiny-vace-22"},
     "Flux": {"flux": "tiny-flux", "flux_kontext": "tiny-flux-kontext"},
+    "Image": {"qwen_image_edit": "tiny-qwen-image-edit", "qwen_image": "tiny-qwen-image-edit",
+              "z_image": "tiny-z-image"},
 }  # fmt: skip
 REAL_DEFAULT_MODELS: dict[str, dict[str, str]] = {
     "T2V": {
@@ -33,6 +35,7 @@ REAL_DEFAULT_MODELS: dict[str, dict[str, str]] = {
     },
     "VACE": {"vace": "wan2.1-vace-1.3b", "vace_22": "vace_14B_cocktail_2_2"},
     "Flux": {"flux": "flux.1-schnell", "flux_kontext": "flux.1-kontext-dev"},
+    "Image": {"qwen_image_edit": "qwen-image-edit", "qwen_image": "qwen-image-edit", "z_image": "z-image-turbo"},
 }
 
 

@@ -41,7 +41,7 @@ MANAGED = "managed-row"
 
 # The family deployments, and which one runs each model family: a generation goes where its resolved
 # model's family lives.
-DEPLOYMENTS: tuple[str, ...] = ("T2V", "VACE", "Flux")
+DEPLOYMENTS: tuple[str, ...] = ("T2V", "VACE", "Flux", "Image")
 FAMILY_DEPLOYMENT: dict[str, str] = {
     "t2v": "T2V",
     "i2v": "T2V",
@@ -49,6 +49,9 @@ FAMILY_DEPLOYMENT: dict[str, str] = {
     "vace": "VACE",
     "flux": "Flux",
     "flux_kontext": "Flux",
+    "qwen_image": "Image",
+    "qwen_image_edit": "Image",
+    "z_image": "Image",
 }
 # Capacity pools of the dispatcher besides the family deployments.
 DAG_POOL = "DAG"
@@ -57,7 +60,11 @@ UTILITY_POOL = "Utility"
 # Params of a generation that name input files: the dispatcher fetches them (URL, output location,
 # allowed local path) and hands the replica their bytes, so a replica on another node needs no shared
 # filesystem.
-GENERATION_INPUT_FIELDS = ("image_start", "image_end", "video_guide", "video_mask", "image_url", "image_refs")
+GENERATION_INPUT_FIELDS = (
+    "image_start", "image_end", "video_guide", "video_mask", "image_url", "image_refs",
+    # the image models' inputs (Wan2GP/image_params.py)
+    "image", "mask_url", "style_reference_image", "subject_reference_image",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,17 @@ def _error_fields(error: pytest.ExceptionInfo) -> list[str]:
 def test_catalog_ships_every_family_and_resolves_aliases():
     catalog = Catalog.load()
     families = {catalog.get(i).family for i in catalog.ids()}
-    assert families == {"t2v", "i2v", "flf2v", "vace", "flux", "flux_kontext"}
+    assert families == {
+        "t2v",
+        "i2v",
+        "flf2v",
+        "vace",
+        "flux",
+        "flux_kontext",
+        "qwen_image",
+        "qwen_image_edit",
+        "z_image",
+    }
     assert catalog.get("vace_14B").source == "Wan-AI/Wan2.1-VACE-14B-diffusers"
     assert catalog.get("flux_dev_kontext").pipeline == "FluxKontextPipeline"
     assert catalog.default_for("t2v").source == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
