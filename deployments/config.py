@@ -11,7 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.auth import AuthSettings
+from deployments.limits import LimitSettings
 from deployments.task_types import DEPLOYMENTS
+from storage import InputSettings
 
 logger = logging.getLogger("ray.serve")
 
@@ -89,6 +92,11 @@ class IngressConfig(BaseModel):
     max_request_bytes: int = Field(default=2_000_000, gt=0)
     orchestration_capacity: int = Field(default=2, ge=0, description="multi-step tasks (DAGs) run at once")
     utility_capacity: int = Field(default=2, ge=0, description="CPU utility tasks run at once")
+    max_waiting_for_inputs: int = Field(
+        default=8,
+        ge=1,
+        description="generations claimed at once that download their inputs (they hold no GPU capacity meanwhile)",
+    )
     threads: int = Field(
         default=16, ge=2, description="the thread pool for blocking store, storage and input-fetching calls"
     )
@@ -115,6 +123,21 @@ class AppConfig(BaseModel):
         description="the family deployments to run (T2V, VACE, Flux) and their resources",
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings, description="API keys (deployments/auth.py, docs/security.md)"
+    )
+    limits: LimitSettings = Field(
+        default_factory=LimitSettings,
+        description="work budget and list caps per task (deployments/limits.py)",
+    )
+    inputs: InputSettings = Field(
+        default_factory=InputSettings,
+        description="input fetching: allowlist, deadline, byte cap, download threads, cache size (storage/inputs.py)",
+    )
+    http_host: str | None = Field(
+        default=None,
+        description="the host the HTTP proxy listens on, when the app cannot ask Serve (checked against auth)",
+    )
 
     @model_validator(mode="before")
     @classmethod

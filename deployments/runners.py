@@ -11,6 +11,7 @@ not the input, failed) and `RunCancelled`.
 from __future__ import annotations
 
 import asyncio
+import threading
 from functools import partial
 from typing import Any
 
@@ -44,11 +45,8 @@ class GenerationRunner:
 
     async def run(self, job: Job) -> RunResult:
         task, route = job.task, job.route
-        assert route is not None
-        try:
-            params = await job.blocking(self.routing.fetch_inputs, task.params, route.task_type.input_fields)
-        except InputError as error:
-            raise TaskFailure(str(error)) from None
+        assert route is not None and job.inputs is not None  # the dispatcher fetched them
+        params = job.inputs
         handle = self.handles[route.pool].options(stream=True, multiplexed_model_id=route.model_id)
         stream = handle.generate.remote(task.task_type, params, task.id)
         job.on_cancel(stream.cancel)
@@ -157,14 +155,18 @@ class UtilityRunner:
                     f"input_video_task_id: task {source_id} is {source.status.value}; it has no output"
                 )
             params["input_video_path"] = source.output_location
+        cancel = threading.Event()
+        job.on_cancel(cancel.set)
         try:
-            params = await job.blocking(self.routing.fetch_inputs, params, route.task_type.input_fields)
+            params = await self.routing.fetch_inputs(params, route.task_type.input_fields, cancel=cancel)
             ref = utility_node.remote(task.task_type, params, task.id)
             job.on_cancel(lambda: ray.cancel(ref))
             return RunResult(await ref, task.task_type)
         except ValidationError as error:
             raise TaskFailure(describe_validation_error(error)) from None
         except (InputError, ValueError) as error:
+            if job.dropped:  # the download was aborted because the task was cancelled or handed back
+                raise RunCancelled from None
             raise TaskFailure(str(error)) from None
         except TaskCancelledError:
             raise RunCancelled from None
