@@ -102,6 +102,10 @@ def _multipliers(value: Any) -> list[float]:
     """LoRA multipliers: a list of numbers, or a string separated by spaces or commas ("1.0 0.8")."""
     if value is None:
         return []
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = [value]  # one number: the multiplier of the one LoRA
+    if not isinstance(value, str | list | tuple):
+        raise ValueError("must be a list of numbers or a string of numbers separated by spaces or commas")
     items = re.split(r"[\s,]+", value.strip()) if isinstance(value, str) else list(value)
     result = []
     for item in items:

@@ -254,4 +254,4 @@ def check_lora_names(parsed: BaseParams) -> None:
     for name in parsed.additional_loras:
         problem = lora_name_problem(name)
         if problem:
-            raise InvalidTask(f"params.additional_loras.{name}", problem)
+            raise InvalidTask("params.additional_loras", f"{name!r}: {problem}")

@@ -20,14 +20,19 @@ from deployments.config import TINY_DEFAULT_MODELS, IngressConfig
 from deployments.dispatcher import BlockingPool, Dispatcher, Job, RunCancelled, RunResult
 from deployments.limits import LimitSettings
 from deployments.routing import Routing
-from deployments.task_types import DAG_POOL, GENERATION, UTILITY, UTILITY_POOL
+from deployments.task_types import DAG_POOL, GENERATION, ORCHESTRATION, UTILITY, UTILITY_POOL
 from storage import InputFetcher, OutputStorage, StorageConfig
 from Wan2GP.artifact import Artifact
 from Wan2GP.catalog import Catalog
 
 MODELS = {key: model for models in TINY_DEFAULT_MODELS.values() for key, model in models.items()}
 CATALOG = Catalog.load(None)
-FAST = {"poll_interval_s": 0.02, "heartbeat_interval_s": 0.05, "progress_interval_s": 0.0, "shutdown_grace_s": 0.0}
+FAST = {
+    "poll_interval_s": 0.02,
+    "heartbeat_interval_s": 0.05,
+    "progress_interval_s": 0.0,
+    "shutdown_grace_s": 0.0,
+}
 
 
 class InstantGpu:
@@ -41,9 +46,7 @@ class InstantGpu:
     async def run(self, job: Job) -> RunResult:
         stopped = asyncio.Event()
         job.on_cancel(stopped.set)
-        self.inputs[job.task.id] = {
-            k: len(v) for k, v in (job.inputs or {}).items() if isinstance(v, bytes)
-        }
+        self.inputs[job.task.id] = {k: len(v) for k, v in (job.inputs or {}).items() if isinstance(v, bytes)}
         if self.delay_s:
             try:
                 await asyncio.wait_for(stopped.wait(), self.delay_s)
@@ -51,7 +54,9 @@ class InstantGpu:
                 pass
         if stopped.is_set():
             raise RunCancelled
-        return RunResult(Artifact(b"output of " + job.task.id.encode(), f"{job.task.id}.mp4", "video/mp4", {}))
+        return RunResult(
+            Artifact(b"output of " + job.task.id.encode(), f"{job.task.id}.mp4", "video/mp4", {})
+        )
 
 
 @contextmanager
@@ -85,7 +90,7 @@ def api(
         store,
         storage,
         routing,
-        {GENERATION: runner, UTILITY: runner},
+        {GENERATION: runner, ORCHESTRATION: runner, UTILITY: runner},
         {"T2V": capacity, "VACE": capacity, "Flux": capacity, DAG_POOL: 1, UTILITY_POOL: 1},
         IngressConfig(**FAST),
         pool=pool,

@@ -62,7 +62,9 @@ def test_every_route_needs_a_key_and_sees_only_its_projects(tmp_path: Path):
             ("GET", "/replicas"),
         ]:
             for headers in ({}, auth("not-a-key-at-all-but-long"), {"Authorization": f"Basic {ALICE}"}):
-                response = client.request(method, path, json=T2V if method == "POST" else None, headers=headers)
+                response = client.request(
+                    method, path, json=T2V if method == "POST" else None, headers=headers
+                )
                 assert response.status_code == 401, (method, path, headers, response.text)
                 assert response.headers["www-authenticate"] == "Bearer"
         bare = client.get("/healthz")
@@ -76,7 +78,10 @@ def test_every_route_needs_a_key_and_sees_only_its_projects(tmp_path: Path):
         assert foreign.status_code == 403 and "p2" in foreign.text
         unchosen = client.post("/tasks", json=T2V, headers=auth(BOB))
         assert unchosen.status_code == 422 and unchosen.json()["detail"][0]["loc"] == ["body", "project_id"]
-        bobs = [client.post("/tasks", json={**T2V, "project_id": p}, headers=auth(BOB)).json() for p in ("p2", "p3")]
+        bobs = [
+            client.post("/tasks", json={**T2V, "project_id": p}, headers=auth(BOB)).json()
+            for p in ("p2", "p3")
+        ]
         assert [t["project_id"] for t in bobs] == ["p2", "p3"]
 
         # Another project's task is as unknown as a missing one: get, cancel, output, dependency.
@@ -86,7 +91,10 @@ def test_every_route_needs_a_key_and_sees_only_its_projects(tmp_path: Path):
         depends = client.post("/tasks", json={**T2V, "dependant_on": bobs[0]["id"]}, headers=auth(ALICE))
         assert depends.status_code == 422 and depends.json()["detail"][0]["loc"] == ["body", "dependant_on"]
         assert "no task with id" in depends.text
-        frame = {"task_type": "extract_frame", "params": {"input_video_task_id": bobs[0]["id"], "frame_index": 0}}
+        frame = {
+            "task_type": "extract_frame",
+            "params": {"input_video_task_id": bobs[0]["id"], "frame_index": 0},
+        }
         assert client.post("/tasks", json=frame, headers=auth(ALICE)).status_code == 422
         assert client.get(f"/tasks/{bobs[0]['id']}", headers=auth(BOB)).status_code == 200
         assert client.get(f"/tasks/{bobs[0]['id']}", headers=auth(OPS)).status_code == 200
@@ -117,7 +125,9 @@ def test_every_route_needs_a_key_and_sees_only_its_projects(tmp_path: Path):
         detailed = client.get("/healthz", headers=auth(OPS)).json()
         assert detailed["status"] == "ok" and "worker_id" in detailed and "tasks" in detailed
         assert client.get("/replicas", headers=auth(ALICE)).status_code == 403
-        assert client.get("/replicas", headers=auth(OPS)).json() == {"T2V": {"host": "gpu-node-7", "pid": 4242}}
+        assert client.get("/replicas", headers=auth(OPS)).json() == {
+            "T2V": {"host": "gpu-node-7", "pid": 4242}
+        }
         assert client.get("/ui").status_code == 200  # the static page itself holds no data
 
 
@@ -191,7 +201,9 @@ def test_a_non_loopback_host_without_keys_refuses_to_start(tmp_path: Path):
     check_exposure(AuthSettings(api_keys_file=str(keys)), "0.0.0.0", env={})
     check_exposure(AuthSettings(), "0.0.0.0", env={"HWGP_API_KEYS_FILE": str(keys)})
     check_exposure(AuthSettings(mode="none"), "0.0.0.0", env={})
-    with pytest.raises(ValueError, match="refusing to start: the HTTP proxy listens on '0.0.0.0'.*auth.mode: none"):
+    with pytest.raises(
+        ValueError, match="refusing to start: the HTTP proxy listens on '0.0.0.0'.*auth.mode: none"
+    ):
         check_exposure(AuthSettings(), "0.0.0.0", env={})
     # The application builder refuses before building anything (no Serve running: the config's host).
     with pytest.raises(ValueError, match="refusing to start"):
