@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,8 @@ class InstantGpu:
         job.on_cancel(stopped.set)
         self.inputs[job.task.id] = {k: len(v) for k, v in (job.inputs or {}).items() if isinstance(v, bytes)}
         if self.delay_s:
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(stopped.wait(), self.delay_s)
-            except TimeoutError:
-                pass
         if stopped.is_set():
             raise RunCancelled
         return RunResult(

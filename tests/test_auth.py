@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from api_fixtures import api
+
 from deployments.app import build_app
 from deployments.auth import (
     ApiKeys,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from api_fixtures import api
+
 from db.models import TaskStatus
 from deployments.limits import LARGEST_NORMAL_JOB, LimitSettings
 from deployments.routing import lora_name_problem
