@@ -42,14 +42,21 @@ class InstantGpu:
     def __init__(self, delay_s: float = 0.0):
         self.delay_s = delay_s
         self.inputs: dict[str, dict[str, Any]] = {}
+        self.running = 0
+        self.most_running = 0  # the most generations that ran at once
 
     async def run(self, job: Job) -> RunResult:
         stopped = asyncio.Event()
         job.on_cancel(stopped.set)
         self.inputs[job.task.id] = {k: len(v) for k, v in (job.inputs or {}).items() if isinstance(v, bytes)}
-        if self.delay_s:
-            with suppress(TimeoutError):
-                await asyncio.wait_for(stopped.wait(), self.delay_s)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            if self.delay_s:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(stopped.wait(), self.delay_s)
+        finally:
+            self.running -= 1
         if stopped.is_set():
             raise RunCancelled
         return RunResult(
