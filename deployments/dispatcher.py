@@ -366,7 +366,8 @@ class Dispatcher:
                 )
         except Exception as error:  # the replica died or the cluster lost it: the task may run again
             logger.warning("task %s: %s: %s", task.id, type(error).__name__, error)
-            await self._fail(job, f"replica error: {type(error).__name__}: {error}", retryable=True)
+            # The owner sees what kind of fault it was; the details (node, process) are in the log above.
+            await self._fail(job, f"replica error: {type(error).__name__}", retryable=True)
         finally:
             self.in_flight.pop(task.id, None)
             self.metrics.in_flight(len(self.in_flight))

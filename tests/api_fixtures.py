@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -75,9 +75,12 @@ def api(
     fetch_timeout_s: float | None = None,
     capacity: int = 1,
     max_request_bytes: int = 200_000,
+    db_query: str = "",
+    runners: Callable[[TaskStore, OutputStorage, InputFetcher, Routing], dict[str, Any]] | None = None,
 ) -> Iterator[tuple[TestClient, TaskStore, Dispatcher]]:
-    """A started app: (client, store, dispatcher). `keys` are written to a keys file (auth on)."""
-    store = open_store(f"sqlite:///{tmp_path / 'tasks.db'}")
+    """A started app: (client, store, dispatcher). `keys` are written to a keys file (auth on);
+    `runners` makes runners (by kind) that replace the stand-in's."""
+    store = open_store(f"sqlite:///{tmp_path / 'tasks.db'}{db_query}")
     storage = OutputStorage(StorageConfig(root=str(tmp_path / "files")))
     (tmp_path / "inputs").mkdir(exist_ok=True)
     fetcher = InputFetcher(
@@ -95,7 +98,12 @@ def api(
         store,
         storage,
         routing,
-        {GENERATION: runner, ORCHESTRATION: runner, UTILITY: runner},
+        {
+            GENERATION: runner,
+            ORCHESTRATION: runner,
+            UTILITY: runner,
+            **(runners(store, storage, fetcher, routing) if runners else {}),
+        },
         {"T2V": capacity, "VACE": capacity, "Flux": capacity, DAG_POOL: 1, UTILITY_POOL: 1},
         IngressConfig(**FAST),
         pool=pool,
