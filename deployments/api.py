@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from db.errors import StoreUnavailable
+from db.errors import StoreUnavailable, TaskForbidden
 from db.models import Task, TaskStatus
 from db.store import TaskStore, new_task
 from deployments.auth import EVERYONE, ApiKeys, Principal
@@ -129,6 +129,8 @@ def _domain_error(_: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": [{"loc": loc, "msg": error.problem}]}, status_code=422)
     if isinstance(error, TaskConflict):
         return JSONResponse({"detail": str(error)}, status_code=409)
+    if isinstance(error, TaskForbidden):
+        return JSONResponse({"detail": str(error)}, status_code=403)
     if isinstance(error, StoreUnavailable):
         logger.warning("database unavailable: %s", error)
         return JSONResponse(

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import httpx
+import uvicorn
 from fastapi.testclient import TestClient
 
 from db.store import TaskStore, open_store
@@ -21,6 +25,7 @@ from deployments.dispatcher import BlockingPool, Dispatcher, Job, RunCancelled, 
 from deployments.limits import LimitSettings
 from deployments.routing import Routing
 from deployments.task_types import DAG_POOL, GENERATION, ORCHESTRATION, UTILITY, UTILITY_POOL
+from hwgp_testing import free_port
 from storage import InputFetcher, OutputStorage, StorageConfig
 from Wan2GP.artifact import Artifact
 from Wan2GP.catalog import Catalog
@@ -76,9 +81,11 @@ def api(
     capacity: int = 1,
     max_request_bytes: int = 200_000,
     db_query: str = "",
+    over_http: bool = False,
     runners: Callable[[TaskStore, OutputStorage, InputFetcher, Routing], dict[str, Any]] | None = None,
 ) -> Iterator[tuple[TestClient, TaskStore, Dispatcher]]:
-    """A started app: (client, store, dispatcher). `keys` are written to a keys file (auth on);
+    """A started app: (client, store, dispatcher). The client is a TestClient, or with `over_http` an
+    httpx client of a real server on loopback. `keys` are written to a keys file (auth on);
     `runners` makes runners (by kind) that replace the stand-in's."""
     store = open_store(f"sqlite:///{tmp_path / 'tasks.db'}{db_query}")
     storage = OutputStorage(StorageConfig(root=str(tmp_path / "files")))
@@ -126,8 +133,24 @@ def api(
     app.router.on_startup.append(dispatcher.start)
     app.router.on_shutdown.append(dispatcher.stop)
     try:
-        with TestClient(app) as client:
-            yield client, store, dispatcher
+        if not over_http:
+            with TestClient(app) as client:
+                yield client, store, dispatcher
+        else:  # a real HTTP server on loopback, for clients in other processes (the CLI, dag.batch)
+            port = free_port()
+            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+            thread = threading.Thread(target=server.run, daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 10
+            while not server.started:
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.02)
+            try:
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                    yield client, store, dispatcher
+            finally:
+                server.should_exit = True
+                thread.join(timeout=10)
     finally:
         fetcher.close()
         pool.close()

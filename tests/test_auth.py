@@ -215,3 +215,26 @@ def test_the_shipped_serve_config_binds_loopback():
     assert config["http_options"]["host"] == "127.0.0.1"
     args = AppConfig.model_validate(config["applications"][0]["args"])
     check_exposure(args.auth, config["http_options"]["host"], env={})
+
+
+def test_the_cli_and_batch_send_the_api_key(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch):
+    from dag import batch
+    from db import cli
+
+    with api(tmp_path, keys=KEYS, over_http=True) as (client, store, _):
+        url = str(client.base_url)
+        params = json.dumps(T2V["params"])
+        assert cli.main(["--api", url, "add-task", "--type", "t2v", "--params", params]) == 2
+        assert "an API key is needed" in capsys.readouterr().err and sum(store.count_by_status().values()) == 0
+        assert cli.main(["--api", url, "--api-key", ALICE, "add-task", "--type", "t2v", "--params", params]) == 0
+        task_id = capsys.readouterr().out.strip()
+        assert store.get(task_id).project_id == "p1"
+        monkeypatch.setenv("HWGP_API_KEY", BOB)  # the environment's key, for both tools
+        assert cli.main(["--api", url, "show", task_id]) == 2
+        assert "no task with id" in capsys.readouterr().err
+        lines = tmp_path / "tasks.jsonl"
+        lines.write_text(json.dumps({**T2V, "project_id": "p2"}) + "\n")
+        assert batch.main([str(lines), "--api", url, "--poll", "0.05", "--timeout", "20"]) == 0
+        assert "1 complete, 0 failed" in capsys.readouterr().out
+        assert batch.main([str(lines), "--api", url, "--api-key", ALICE]) == 2
+        assert "may not create tasks in project 'p2'" in capsys.readouterr().err

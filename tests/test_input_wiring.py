@@ -21,7 +21,11 @@ def test_slow_downloads_hold_no_capacity_and_never_stall_the_api(tmp_path: Path)
     runner = InstantGpu(delay_s=0.2)
     try:
         allow = [f"127.0.0.1:{server.port}"]
-        with api(tmp_path, runner=runner, input_url_allow=allow, fetch_timeout_s=4) as (client, store, dispatcher):
+        with api(tmp_path, runner=runner, input_url_allow=allow, fetch_timeout_s=4) as (
+            client,
+            store,
+            dispatcher,
+        ):
             slow = []
             for _ in range(5):
                 body = {"task_type": "i2v", "params": {"prompt": "x", "image_start": server.url("/trickle")}}

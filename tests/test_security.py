@@ -83,7 +83,9 @@ class Exploding:
         raise RuntimeError("ActorDiedError: node 10.1.2.3 pid=4242 /srv/hwgp/.venv/lib/ray/_raylet.so")
 
 
-def test_failures_tell_users_what_went_wrong_not_where_it_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+def test_failures_tell_users_what_went_wrong_not_where_it_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     def runners(*_):
         return {GENERATION: Exploding()}
 
@@ -98,7 +100,9 @@ def test_failures_tell_users_what_went_wrong_not_where_it_runs(tmp_path: Path, c
     traceback = 'Traceback (most recent call last):\n  File "/srv/hwgp/dag/utility_tasks.py", line 9'
 
     def ray_error(cause: BaseException) -> RayTaskError:
-        return RayTaskError("utility_node", traceback, cause, proctitle="ray::utility_node", pid=4242, ip="10.1.2.3")
+        return RayTaskError(
+            "utility_node", traceback, cause, proctitle="ray::utility_node", pid=4242, ip="10.1.2.3"
+        )
 
     assert user_message(ray_error(ValueError("frame_index 99 is out of range")), "extract_frame") == (
         "frame_index 99 is out of range"
