@@ -21,6 +21,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import params as fastapi_params
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -142,6 +143,15 @@ def _domain_error(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal error (the service log has the details)"}, status_code=500)
 
 
+def _request_error(_: Request, error: Exception) -> JSONResponse:
+    """FastAPI's 422 without echoing the input back: the input may not be JSON-encodable (NaN,
+    Infinity: a 500), may be megabytes long, and the client has it anyway."""
+    assert isinstance(error, RequestValidationError)
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+              for e in error.errors()]  # fmt: skip
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 def _bearer(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
@@ -189,6 +199,7 @@ def create_app(
     app.state.keys = keys
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     app.add_exception_handler(TaskStoreError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _request_error)
 
     async def visible_task(task_id: str, principal: Principal) -> Task:
         """The task when the caller may see it; another project's task is as unknown as a missing one."""
