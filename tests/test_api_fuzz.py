@@ -57,7 +57,8 @@ SCALARS = st.one_of(
 JSON = st.recursive(
     SCALARS,
     lambda inner: st.one_of(
-        st.lists(inner, max_size=6), st.dictionaries(st.sampled_from(PARAM_KEYS) | st.text(max_size=8), inner, max_size=6)
+        st.lists(inner, max_size=6),
+        st.dictionaries(st.sampled_from(PARAM_KEYS) | st.text(max_size=8), inner, max_size=6),
     ),
     max_leaves=25,
 )
@@ -78,7 +79,9 @@ NEAR_VALID = st.fixed_dictionaries(
                 "video_guide": st.sampled_from(REFS),
                 "image_refs": st.lists(st.sampled_from(REFS), max_size=3),
                 "images": st.lists(st.sampled_from(REFS), max_size=4),
-                "activated_loras": st.one_of(st.lists(st.sampled_from(REFS), max_size=3), st.text(max_size=20)),
+                "activated_loras": st.one_of(
+                    st.lists(st.sampled_from(REFS), max_size=3), st.text(max_size=20)
+                ),
                 "loras_multipliers": st.one_of(FLOATS, st.lists(FLOATS, max_size=3), st.text(max_size=10)),
                 "upscale_factor": FLOATS,
                 "frames": st.integers(-5, 2000),
@@ -105,7 +108,9 @@ QUERIES = st.dictionaries(
     st.one_of(
         st.text(max_size=25),
         BIG_INTS.map(str),
-        st.sampled_from(["99999999999999999999", "-1", "1e9", "NaN", "Queued", "In Progress", "0x10", "1000", "1001"]),
+        st.sampled_from(
+            ["99999999999999999999", "-1", "1e9", "NaN", "Queued", "In Progress", "0x10", "1000", "1001"]
+        ),
     ),
     max_size=5,
 )
@@ -134,7 +139,10 @@ def _assert_healthy_then_complete(client, store, dispatcher=None) -> float:
                                                                           "num_inference_steps": 2}})  # fmt: skip
     assert created.status_code == 201, created.text
     deadline = time.monotonic() + 120
-    while (task := client.get(f"/tasks/{created.json()['id']}").json())["status"] not in ("Complete", "Failed"):
+    while (task := client.get(f"/tasks/{created.json()['id']}").json())["status"] not in (
+        "Complete",
+        "Failed",
+    ):
         assert time.monotonic() < deadline, task
         time.sleep(0.05)
     assert task["status"] == "Complete", task
@@ -152,7 +160,9 @@ def test_fuzz_post_tasks_and_the_list_query(tmp_path: Path):
         @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
         @given(body=BODIES)
         def post(body: Any) -> None:
-            response = client.post("/tasks", content=_encode(body), headers={"content-type": "application/json"})
+            response = client.post(
+                "/tasks", content=_encode(body), headers={"content-type": "application/json"}
+            )
             _expect_no_5xx(response, f"POST /tasks {_encode(body)[:300]!r}", figures)
             figures["posted"] += 1
             figures["posted 201"] += response.status_code == 201
@@ -167,7 +177,15 @@ def test_fuzz_post_tasks_and_the_list_query(tmp_path: Path):
         started = time.monotonic()
         post()
         listing()
-        for raw in [b"", b"{", b"[]", b"null", b'{"task_type": "t2v", "params": NaN}', b"\xff\xfe", b"1" * 5000]:
+        for raw in [
+            b"",
+            b"{",
+            b"[]",
+            b"null",
+            b'{"task_type": "t2v", "params": NaN}',
+            b"\xff\xfe",
+            b"1" * 5000,
+        ]:
             _expect_no_5xx(client.post("/tasks", content=raw, headers={"content-type": "application/json"}),
                            f"POST /tasks {raw[:40]!r}", figures)  # fmt: skip
         figures["seconds"] = math.ceil(time.monotonic() - started)
@@ -210,10 +228,14 @@ def test_the_real_service_refuses_all_interfaces_without_keys_and_survives_fuzz_
             assert httpx.get(f"http://127.0.0.1:{port}/tasks").status_code == 401
             assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"status": "ok"}
 
-            @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+            @settings(
+                max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+            )
             @given(body=BODIES, query=QUERIES)
             def sample(body: Any, query: dict[str, str]) -> None:
-                response = client.post("/tasks", content=_encode(body), headers={"content-type": "application/json"})
+                response = client.post(
+                    "/tasks", content=_encode(body), headers={"content-type": "application/json"}
+                )
                 _expect_no_5xx(response, f"POST /tasks {_encode(body)[:300]!r}", figures)
                 _expect_no_5xx(client.get("/tasks", params=query), f"GET /tasks {query!r}", figures)
 

@@ -225,8 +225,12 @@ def test_the_cli_and_batch_send_the_api_key(tmp_path: Path, capsys: pytest.Captu
         url = str(client.base_url)
         params = json.dumps(T2V["params"])
         assert cli.main(["--api", url, "add-task", "--type", "t2v", "--params", params]) == 2
-        assert "an API key is needed" in capsys.readouterr().err and sum(store.count_by_status().values()) == 0
-        assert cli.main(["--api", url, "--api-key", ALICE, "add-task", "--type", "t2v", "--params", params]) == 0
+        assert (
+            "an API key is needed" in capsys.readouterr().err and sum(store.count_by_status().values()) == 0
+        )
+        assert (
+            cli.main(["--api", url, "--api-key", ALICE, "add-task", "--type", "t2v", "--params", params]) == 0
+        )
         task_id = capsys.readouterr().out.strip()
         assert store.get(task_id).project_id == "p1"
         monkeypatch.setenv("HWGP_API_KEY", BOB)  # the environment's key, for both tools
