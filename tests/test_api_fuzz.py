@@ -198,6 +198,39 @@ def test_fuzz_post_tasks_and_the_list_query(tmp_path: Path):
     assert rows[TaskStatus.COMPLETE] >= 1
 
 
+def test_fuzz_with_project_keys(tmp_path: Path):
+    """The same fuzz through a key with two projects: the project checks and the merged lists."""
+    keys = [
+        {"name": "two", "key": "two-projects-0123456789", "projects": ["p1", "p2"]},
+        {"name": "ops", "key": "ops-key-0123456789abcdef", "projects": "*"},
+    ]
+    figures: Counter = Counter()
+    with api(tmp_path, keys=keys) as (client, store, dispatcher):
+        client.headers["Authorization"] = "Bearer two-projects-0123456789"
+
+        @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @given(body=BODIES, project=st.sampled_from(["p1", "p2", "p3", ""]), query=QUERIES)
+        def sample(body: Any, project: str, query: dict[str, str]) -> None:
+            if isinstance(body, dict) and project:
+                body = {**body, "project_id": project}
+            response = client.post(
+                "/tasks", content=_encode(body), headers={"content-type": "application/json"}
+            )
+            _expect_no_5xx(response, f"POST /tasks {_encode(body)[:300]!r}", figures)
+            if response.status_code == 201:
+                assert response.json()["project_id"] in ("p1", "p2")
+            listed = client.get("/tasks", params=query)
+            _expect_no_5xx(listed, f"GET /tasks {query!r}", figures)
+            if listed.status_code == 200:
+                assert {t["project_id"] for t in listed.json()} <= {"p1", "p2"}
+
+        sample()
+        client.headers["Authorization"] = "Bearer ops-key-0123456789abcdef"
+        _assert_healthy_then_complete(client, store, dispatcher)
+    print(f"\nkeyed fuzz figures: {dict(figures)}")
+    assert figures["5xx"] == 0 and figures[403] > 0 and figures[201] > 0
+
+
 @pytest.mark.slow
 def test_the_real_service_refuses_all_interfaces_without_keys_and_survives_fuzz_with_them(tmp_path: Path):
     import ray
