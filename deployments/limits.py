@@ -13,13 +13,16 @@ times over; the list caps keep a payload from naming thousands of anchors, refer
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.errors import InvalidTask
+from storage import InputError
 from Wan2GP.catalog import ModelDefinition
 from Wan2GP.params import BaseParams
+from Wan2GP.video import probe_video
 
 LARGEST_NORMAL_JOB = 1280 * 720 * 81 * 50
 IMAGE_FAMILIES = ("flux", "flux_kontext")
@@ -40,6 +43,12 @@ class LimitSettings(BaseModel):
     max_output_frames: int = Field(default=4097, ge=1, description="frames of a travel's final video")
     max_output_pixels: int = Field(
         default=3840 * 2160, ge=64, description="width x height of an output after upscaling"
+    )
+    max_decoded_frames: int = Field(default=4097, ge=1, description="frames of one input video")
+    max_decoded_pixels: int = Field(
+        default=1025 * 1280 * 720,
+        ge=1,
+        description="frames x width x height of one input video (x3 bytes once decoded)",
     )
 
 
@@ -123,4 +132,25 @@ def check_travel(plan: Any, steps: int, limits: LimitSettings) -> None:
             "params.upscale_factor",
             f"upscaling {plan.width}x{plan.height} by {factor:g} gives {pixels:,} pixels per frame; the limit is "
             f"{limits.max_output_pixels:,} (limits.max_output_pixels)",
+        )
+
+
+def check_decoded_video(path: Path, field: str, limits: LimitSettings) -> None:
+    """An input video's frames and decoded size within the limits, read without decoding its pixels
+    (blocking: runs ffmpeg). A small compressed file can decode to many gigabytes. Raises InputError."""
+    try:
+        info = probe_video(path)
+    except ValueError:
+        raise InputError(field, "is not a readable video") from None
+    frames, width, height = info["frames"], info["width"], info["height"]
+    if frames > limits.max_decoded_frames:
+        raise InputError(
+            field,
+            f"the video has {frames} frames; the limit is {limits.max_decoded_frames} (limits.max_decoded_frames)",
+        )
+    if frames * width * height > limits.max_decoded_pixels:
+        raise InputError(
+            field,
+            f"the video decodes to {frames} frames of {width}x{height} = {frames * width * height:,} pixels; "
+            f"the limit is {limits.max_decoded_pixels:,} (limits.max_decoded_pixels)",
         )

@@ -11,11 +11,12 @@ capacity. `route` also enforces the work limits (`deployments.limits`) and the L
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,13 @@ from pydantic import ValidationError
 
 from dag.travel_plan import parse_travel
 from deployments.errors import InvalidParams, InvalidTask
-from deployments.limits import LimitSettings, check_generation, check_lists, check_travel
+from deployments.limits import (
+    LimitSettings,
+    check_decoded_video,
+    check_generation,
+    check_lists,
+    check_travel,
+)
 from deployments.task_types import (
     DAG_POOL,
     FAMILY_DEPLOYMENT,
@@ -36,7 +43,7 @@ from deployments.task_types import (
     TaskType,
     step_deployment,
 )
-from storage import InputError, InputFetcher
+from storage import InputError, InputFetcher, kind_for_field
 from Wan2GP.catalog import Catalog, ModelDefinition
 from Wan2GP.engine import resolve_model
 from Wan2GP.errors import EngineError
@@ -205,17 +212,24 @@ class Routing:
     ) -> dict[str, Any]:
         """The params with each input reference replaced by the file's bytes. Downloads run on the
         fetcher's own threads (never the dispatcher's pool); setting `cancel`, or cancelling the awaiting
-        task, aborts them. Raises InputError."""
+        task, aborts them. Videos are checked against the decode limits first. Raises InputError."""
         resolved = dict(params)
         for name in fields:
             value = params.get(name)
             if isinstance(value, str) and value:
                 path = await self.fetcher.fetch_async(value, field=name, cancel=cancel)
+                await self._check_video(name, path, name)
                 resolved[name] = path.read_bytes()
             elif isinstance(value, list):
                 paths = await self.fetcher.fetch_many_async(value, field=name, cancel=cancel)
+                for i, path in enumerate(paths):
+                    await self._check_video(name, path, f"{name}[{i}]")
                 resolved[name] = [p.read_bytes() for p in paths]
         return resolved
+
+    async def _check_video(self, name: str, path: Path, label: str) -> None:
+        if name == "clips" or kind_for_field(name) == "video":
+            await asyncio.to_thread(check_decoded_video, path, label, self.limits)
 
 
 # --- LoRA names ----------------------------------------------------------------------------------------

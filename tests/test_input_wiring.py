@@ -92,3 +92,38 @@ def test_fetched_inputs_reach_the_runner_without_oversubscribing_the_deployment(
             assert runner.inputs[ids[0]] == {}
     finally:
         server.stop()
+
+
+def test_input_videos_are_checked_against_the_decode_limits_before_they_run(tmp_path: Path):
+    import numpy as np
+
+    from deployments.limits import LimitSettings
+    from Wan2GP.video import encode_mp4
+
+    guide = encode_mp4(np.zeros((12, 32, 48, 3), dtype=np.uint8), fps=8)
+    runner = InstantGpu()
+    body = {"task_type": "vace", "params": {"prompt": "x", "model": "tiny-vace", "video_guide": "guide.mp4"}}
+    for run, (limits, expected) in enumerate(
+        [
+            (LimitSettings(max_decoded_frames=8), "video_guide: the video has 12 frames; the limit is 8"),
+            (
+                LimitSettings(max_decoded_pixels=12 * 32 * 48 - 1),
+                "video_guide: the video decodes to 12 frames of 48x32",
+            ),
+            (LimitSettings(), None),
+        ]
+    ):
+        folder = tmp_path / f"run{run}"
+        (folder / "inputs").mkdir(parents=True)
+        (folder / "inputs" / "guide.mp4").write_bytes(guide)
+        with api(folder, runner=runner, limits=limits) as (client, store, _):
+            task_id = client.post("/tasks", json=body).json()["id"]
+            deadline = time.monotonic() + 10
+            while not (task := store.get(task_id)).status.is_final:
+                assert time.monotonic() < deadline, task
+                time.sleep(0.02)
+            if expected is None:
+                assert task.status == TaskStatus.COMPLETE and runner.inputs[task_id]["video_guide"] > 0
+            else:
+                assert task.status == TaskStatus.FAILED and task.error_message.startswith(expected), task
+                assert task_id not in runner.inputs  # refused before the GPU saw it
