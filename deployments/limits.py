@@ -25,6 +25,8 @@ from Wan2GP.params import BaseParams
 from Wan2GP.video import probe_video
 
 LARGEST_NORMAL_JOB = 1280 * 720 * 81 * 50
+# Params nested deeper than this are refused: no payload needs it, and serializers give up on deep ones.
+MAX_NESTING = 32
 IMAGE_FAMILIES = ("flux", "flux_kontext")
 
 
@@ -52,16 +54,18 @@ class LimitSettings(BaseModel):
     )
 
 
-def _lists(value: Any, path: str) -> list[tuple[str, int]]:
+def _lists(value: Any, path: str, depth: int = 0) -> list[tuple[str, int]]:
     """(path, length) of every list inside `value` (params are JSON: dicts, lists, scalars)."""
+    if depth > MAX_NESTING:
+        raise InvalidTask(path, f"is nested more than {MAX_NESTING} levels deep")
     found: list[tuple[str, int]] = []
     if isinstance(value, dict):
         for key, item in value.items():
-            found += _lists(item, f"{path}.{key}")
+            found += _lists(item, f"{path}.{key}", depth + 1)
     elif isinstance(value, list):
         found.append((path, len(value)))
         for i, item in enumerate(value[:256]):  # a longer list is refused anyway
-            found += _lists(item, f"{path}[{i}]")
+            found += _lists(item, f"{path}[{i}]", depth + 1)
     return found
 
 

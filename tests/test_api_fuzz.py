@@ -185,6 +185,8 @@ def test_fuzz_post_tasks_and_the_list_query(tmp_path: Path):
             b'{"task_type": "t2v", "params": NaN}',
             b"\xff\xfe",
             b"1" * 5000,
+            b"[" * 100_000 + b"]" * 100_000,
+            b'{"task_type": "t2v", "params": {"prompt": "x", "a": ' + b"[" * 900 + b"]" * 900 + b"}}",
         ]:
             _expect_no_5xx(client.post("/tasks", content=raw, headers={"content-type": "application/json"}),
                            f"POST /tasks {raw[:40]!r}", figures)  # fmt: skip

@@ -69,6 +69,12 @@ def test_the_default_budget_admits_normal_jobs_and_refuses_their_product(tmp_pat
         nested = {"orchestrator_details": {"input_image_paths_resolved": ["a.png"] * 65}}
         detail = refused(client, {"task_type": "travel_orchestrator", "params": nested})
         assert detail["loc"] == ["body", "params", "orchestrator_details", "input_image_paths_resolved"]
+        deep: list = []
+        for _ in range(40):
+            deep = [deep]
+        detail = refused(client, {"task_type": "t2v", "params": {"prompt": "x", "extra": deep}})
+        assert detail["loc"][:2] == ["body", "params"] and detail["loc"][2].startswith("extra[0][0]")
+        assert "nested more than 32 levels deep" in detail["msg"]
         loras = {"prompt": "x", "activated_loras": ",".join(f"l{i}" for i in range(40))}
         detail = refused(client, {"task_type": "t2v", "params": loras})
         assert detail["loc"] == ["body", "params", "activated_loras"] and "40 LoRAs" in detail["msg"]
