@@ -152,6 +152,27 @@ def _request_error(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+def _check_text(value: Any, field: str) -> None:
+    """Refuse strings JSON can carry but the store cannot (unpaired surrogates such as "\\ud800", NUL):
+    stored, they would fail every later answer that includes the row."""
+    if isinstance(value, str):
+        if "\x00" in value:  # PostgreSQL text and jsonb cannot hold it
+            raise InvalidTask(field, "contains a NUL character (\\u0000)")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidTask(
+                field, "contains an unpaired surrogate (\\ud800-\\udfff): not valid Unicode text"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, field)
+            _check_text(item, f"{field}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{field}[{i}]")
+
+
 def _bearer(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
@@ -220,6 +241,8 @@ def create_app(
     @app.post("/tasks", status_code=201, response_model=Task)
     async def create_task(body: CreateTaskRequest, principal: Caller) -> Task:
         """Queue a task. 422 names the field that is wrong; nothing is written then."""
+        for name, value in body:
+            _check_text(value, name)
         project_id = body.project_id or principal.only_project
         if not principal.sees_everything:
             if project_id is None:

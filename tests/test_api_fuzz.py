@@ -44,7 +44,7 @@ REFS = [
     "http://169.254.169.254/latest/meta-data/", "http://10.0.0.5:9000/x.mp4", "http://0.0.0.0/",
     "https://[::ffff:127.0.0.1]/a.png", "file:///etc/passwd", "ftp://1.2.3.4/a.png", "data:,x", "gopher://1.2.3.4/",
     "files/00000000-0000-0000-0000-000000000000/x.mp4", "s3://bucket/key", "http://1.2.3.4.5/", "http://a@1.2.3.4/",
-    "style.safetensors", "C:\\loras\\x.ckpt", "\x00", "",
+    "style.safetensors", "C:\\loras\\x.ckpt", "\x00", "", "\ud800", "a\udfffb", "nul\x00inside",
 ]  # fmt: skip
 BIG_INTS = st.one_of(
     st.integers(-(10**30), 10**30), st.sampled_from([2**31, 2**63, -(2**63) - 1, 10**20, 0, -1, 1025, 4096])
@@ -58,7 +58,7 @@ JSON = st.recursive(
     SCALARS,
     lambda inner: st.one_of(
         st.lists(inner, max_size=6),
-        st.dictionaries(st.sampled_from(PARAM_KEYS) | st.text(max_size=8), inner, max_size=6),
+        st.dictionaries(st.sampled_from([*PARAM_KEYS, "\ud800"]) | st.text(max_size=8), inner, max_size=6),
     ),
     max_leaves=25,
 )
@@ -96,7 +96,9 @@ BODIES = st.one_of(
         {"task_type": TASK_TYPE, "params": st.one_of(PARAMS, JSON)},
         optional={
             "priority": st.one_of(BIG_INTS, FLOATS, st.text(max_size=5)),
-            "project_id": st.one_of(st.text(max_size=10), BIG_INTS, st.none()),
+            "project_id": st.one_of(
+                st.text(max_size=10), BIG_INTS, st.none(), st.sampled_from(["\udc00", "p\x00"])
+            ),
             "task_id": st.one_of(st.uuids().map(str), st.text(max_size=40), BIG_INTS),
             "dependant_on": st.one_of(st.uuids().map(str), st.text(max_size=40), BIG_INTS),
         },

@@ -140,6 +140,17 @@ def test_inputs_that_used_to_give_500(tmp_path: Path):
         huge = client.get("/tasks", params={"offset": "99999999999999999999"})
         assert huge.status_code == 422 and huge.json()["detail"][0]["loc"] == ["query", "offset"]
         assert client.get("/tasks", params={"offset": str(2**31 - 1)}).json() == []
+        for raw, loc in [
+            (b'{"task_type": "t2v", "params": {"prompt": "\\ud800"}}', ["body", "params", "prompt"]),
+            (
+                b'{"task_type": "t2v", "params": {"prompt": "x"}, "project_id": "\\udfff"}',
+                ["body", "project_id"],
+            ),
+            (b'{"task_type": "t2v", "params": {"prompt": "a\\u0000b"}}', ["body", "params", "prompt"]),
+        ]:
+            response = client.post("/tasks", content=raw, headers={"content-type": "application/json"})
+            assert response.status_code == 422 and response.json()["detail"][0]["loc"] == loc, response.text
+        assert client.get("/tasks").status_code == 200  # nothing unreadable was stored
         priority = client.post("/tasks", json={"task_type": "t2v", "params": {}, "priority": 10**30})
         assert priority.status_code == 422 and priority.json()["detail"][0]["loc"] == ["body", "priority"]
 
