@@ -1,6 +1,6 @@
 """Batch entry point: queue a JSONL file of tasks, wait for them, print progress and a summary.
 
-    python -m dag.batch tasks.jsonl [--api http://127.0.0.1:8000 | --db URL] [--timeout 3600]
+    python -m dag.batch tasks.jsonl [--api http://127.0.0.1:8000 [--api-key KEY] | --db URL] [--timeout 3600]
     ray job submit --working-dir . -- .venv/bin/python -m dag.batch tasks.jsonl --api http://127.0.0.1:8000
 
 One task per line: {"task_type": "t2v", "params": {...}, "priority": 0, "project_id": null,
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("file", type=Path)
     parser.add_argument("--api", help="a running service's URL (default: talk to the database)")
     parser.add_argument("--db", help="database URL (default: $HWGP_DB or sqlite:///tasks.db)")
+    parser.add_argument(
+        "--api-key", help="API key for --api, sent as a Bearer token (default: $HWGP_API_KEY)"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait (default: forever)")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between progress lines")
     args = parser.parse_args(argv)
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 if error.field.startswith("line "):
                     raise
                 raise InvalidTask(f"line {number}: {error.field}", error.problem) from None
-        with open_tasks(args.db, args.api) as tasks:
+        with open_tasks(args.db, args.api, api_key=args.api_key) as tasks:
             ids: dict[int, str] = {}
             for number, row in rows:
                 ids[number] = tasks.create(new_task(**resolve_references(number, row, ids))).id

@@ -158,14 +158,31 @@ def prepare(ctx: RunContext, task: Task) -> TravelRun:
     return TravelRun(task=task, plan=plan, segment_ids=segment_ids, stitch_id=stitch_id)
 
 
+class MirrorRowConflict(ValueError):
+    """A row with a mirror row's id exists but is not this orchestrator's (ids are predictable, and
+    clients may choose task ids): it is never reused."""
+
+
 def _ensure_row(
     store: TaskStore, row_id: str, task_type: str, params: dict, depends: str | None, project: str | None
 ):
+    """Create the mirror row, or check that the existing one is this orchestrator's own."""
     try:
-        store.get(row_id)
+        row = store.get(row_id)
     except TaskNotFound:
         store.create(
             NewTask(id=row_id, task_type=task_type, params=params, dependant_on=depends, project_id=project)
+        )
+        return
+    owner = row.params.get("orchestrator_task_id")
+    if row.task_type != task_type or owner != params["orchestrator_task_id"] or row.project_id != project:
+        logger.warning(
+            "travel %s: row %s is a %s of orchestrator %r in project %r; not reusing it",
+            params["orchestrator_task_id"], row_id, row.task_type, owner, row.project_id,
+        )  # fmt: skip
+        raise MirrorRowConflict(
+            f"task id {row_id} (this travel's {task_type} row) is already taken by another task; "
+            "resubmit the travel under a new task id"
         )
 
 

@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--api", default=os.environ.get("HWGP_API"), help="use a running service's HTTP API instead"
     )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("HWGP_API_KEY"),
+        help="API key for --api, sent as a Bearer token (default: $HWGP_API_KEY)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="database administration")
@@ -195,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace, migrate: bool = True) -> TaskStore | HttpTasks:
-    return open_tasks(_db_url(args), args.api, migrate=migrate)
+    return open_tasks(_db_url(args), args.api, migrate=migrate, api_key=args.api_key)
 
 
 def _db_url(args: argparse.Namespace) -> str | None:

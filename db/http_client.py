@@ -7,12 +7,14 @@ HTTP errors back to the store's exceptions, so the CLI behaves the same over eit
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
+from db.errors import TaskForbidden
 from db.models import NewTask, Task, TaskStatus
 from db.store import (
     InvalidTask,
@@ -24,11 +26,15 @@ from db.store import (
     open_store,
 )
 
+API_KEY_ENV = "HWGP_API_KEY"
+
 
 class HttpTasks:
-    def __init__(self, base_url: str, timeout: float = 30.0):
+    def __init__(self, base_url: str, timeout: float = 30.0, api_key: str | None = None):
+        """`api_key` is sent as `Authorization: Bearer KEY` (the service's keys file names it)."""
         self.url = base_url.rstrip("/")
-        self._client = httpx.Client(base_url=self.url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -41,6 +47,10 @@ class HttpTasks:
 
     def _raise_for(self, response: httpx.Response, path: str) -> None:
         detail = _detail(response)
+        if response.status_code == 401:
+            raise TaskForbidden(f"{self.url}: {detail} (give --api-key or ${API_KEY_ENV})")
+        if response.status_code == 403:
+            raise TaskForbidden(f"{self.url}: {detail}")
         if response.status_code == 404:
             raise TaskNotFound(path.split("/")[2] if path.count("/") >= 2 else path)
         if response.status_code == 409:
@@ -123,9 +133,10 @@ def _detail(response: httpx.Response) -> str:
 
 
 def open_tasks(
-    db_url: str | None = None, api_url: str | None = None, migrate: bool = True
+    db_url: str | None = None, api_url: str | None = None, migrate: bool = True, api_key: str | None = None
 ) -> TaskStore | HttpTasks:
-    """The tasks table through a running service's API when `api_url` is given, else the database."""
+    """The tasks table through a running service's API when `api_url` is given (with `api_key`, else
+    `$HWGP_API_KEY`), else the database."""
     if api_url:
-        return HttpTasks(api_url)
+        return HttpTasks(api_url, api_key=api_key or os.environ.get(API_KEY_ENV))
     return open_store(db_url, migrate=migrate)

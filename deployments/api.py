@@ -2,27 +2,34 @@
 
 `create_app` builds it from what it serves: the store, the output storage, routing (to check a task
 before it is written), a read-only view of the dispatcher (health, waking it, stopping a cancelled
-task) and the thread pool for blocking calls. Domain errors become responses in one place,
-`_domain_error`: `TaskNotFound` -> 404, `TaskConflict` -> 409, `InvalidTask` -> 422 naming the field.
+task), the thread pool for blocking calls and the API keys (`deployments.auth`; None: auth is off).
+Domain errors become responses in one place, `_domain_error`: `TaskNotFound` -> 404, `TaskConflict`
+-> 409, `InvalidTask` -> 422 naming the field, `StoreUnavailable` -> 503 with Retry-After.
 
-Hooks for what comes next: `dependencies` (FastAPI dependencies run before every route: API keys,
-per-project work budgets) and the body-size limit, `BodySizeLimit`.
+With keys, every route but `/healthz` (a bare liveness answer unless the caller holds a "*" key) and
+the static `/ui` page needs `Authorization: Bearer KEY`: 401 without a known key, 403 creating a task
+in a project the key lacks, 404 for another project's task, and lists show only the key's projects.
+`BodySizeLimit` counts the bytes of a request body actually received (413 past the limit).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.params import Depends
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import params as fastapi_params
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from db.errors import StoreUnavailable, TaskForbidden
 from db.models import Task, TaskStatus
 from db.store import TaskStore, new_task
+from deployments.auth import EVERYONE, ApiKeys, Principal
 from deployments.dispatcher import BlockingPool, DispatcherStatus
 from deployments.errors import InvalidParams, InvalidTask, TaskConflict, TaskNotFound, TaskStoreError
 from deployments.events import EventBus, task_events
@@ -31,6 +38,10 @@ from deployments.webhooks import WebhookSender
 from storage import OutputStorage
 
 UI_PAGE = Path(__file__).with_name("ui") / "index.html"
+# Offsets past this are refused (422) before they reach a database that would overflow on them.
+MAX_OFFSET = 2**31 - 1
+
+logger = logging.getLogger("ray.serve")
 
 
 class CreateTaskRequest(BaseModel):
@@ -40,7 +51,7 @@ class CreateTaskRequest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, examples=[{"prompt": "a cat", "model": "tiny-t2v"}])
     dependant_on: str | None = None
     project_id: str | None = None
-    priority: int = 0
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
     task_id: str | None = Field(default=None, description="Client-chosen id (a UUID); generated when absent.")
     webhook_url: str | None = Field(
         default=None,
@@ -125,7 +136,73 @@ def _domain_error(_: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": [{"loc": loc, "msg": error.problem}]}, status_code=422)
     if isinstance(error, TaskConflict):
         return JSONResponse({"detail": str(error)}, status_code=409)
-    return JSONResponse({"detail": f"{type(error).__name__}: {error}"}, status_code=500)
+    if isinstance(error, TaskForbidden):
+        return JSONResponse({"detail": str(error)}, status_code=403)
+    if isinstance(error, StoreUnavailable):
+        logger.warning("database unavailable: %s", error)
+        return JSONResponse(
+            {"detail": "the database did not answer in time; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(error.retry_after_s)},
+        )
+    logger.error("unexpected store error: %s: %s", type(error).__name__, error)
+    return JSONResponse({"detail": "internal error (the service log has the details)"}, status_code=500)
+
+
+def _request_error(_: Request, error: Exception) -> JSONResponse:
+    """FastAPI's 422 without echoing the input back: the input may not be JSON-encodable (NaN,
+    Infinity: a 500), may be megabytes long, and the client has it anyway."""
+    assert isinstance(error, RequestValidationError)
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+              for e in error.errors()]  # fmt: skip
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _check_text(value: Any, field: str) -> None:
+    """Refuse strings JSON can carry but the store cannot (unpaired surrogates such as "\\ud800", NUL):
+    stored, they would fail every later answer that includes the row."""
+    if isinstance(value, str):
+        if "\x00" in value:  # PostgreSQL text and jsonb cannot hold it
+            raise InvalidTask(field, "contains a NUL character (\\u0000)")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidTask(
+                field, "contains an unpaired surrogate (\\ud800-\\udfff): not valid Unicode text"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, field)
+            _check_text(item, f"{field}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{field}[{i}]")
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(401, detail=message, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def caller(request: Request) -> Principal:
+    """Who is calling (401 without a known key); everyone when auth is off (`app.state.keys` is None)."""
+    keys: ApiKeys | None = request.app.state.keys
+    if keys is None:
+        return EVERYONE
+    token = _bearer(request)
+    if token is None:
+        raise _unauthorized("an API key is needed: send Authorization: Bearer KEY")
+    principal = keys.authenticate(token)
+    if principal is None:
+        raise _unauthorized("unknown API key")
+    return principal
+
+
+Caller = Annotated[Principal, Depends(caller)]
 
 
 def create_app(
@@ -137,7 +214,8 @@ def create_app(
     pool: BlockingPool,
     max_request_bytes: int,
     replica_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
-    dependencies: Sequence[Depends] = (),
+    keys: ApiKeys | None = None,
+    dependencies: Sequence[fastapi_params.Depends] = (),
     events: EventBus | None = None,
     webhooks: WebhookSender | None = None,
     events_poll_s: float = 1.0,
@@ -151,8 +229,26 @@ def create_app(
         version="0.1.0",
         dependencies=list(dependencies),
     )
+    app.state.keys = keys
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     app.add_exception_handler(TaskStoreError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _request_error)
+
+    async def visible_task(task_id: str, principal: Principal) -> Task:
+        """The task when the caller may see it; another project's task is as unknown as a missing one."""
+        task = await pool.run(store.get, task_id)
+        if not principal.may_see(task.project_id):
+            raise TaskNotFound(task_id)
+        return task
+
+    async def check_task_reference(field: str, task_id: Any, principal: Principal) -> None:
+        """A task named in a new task (`dependant_on`, `input_video_task_id`) must be one the caller sees."""
+        if principal.sees_everything or not isinstance(task_id, str):
+            return
+        try:
+            await visible_task(task_id, principal)
+        except TaskNotFound:
+            raise InvalidTask(field, f"no task with id {task_id!r}") from None
 
     async def checked_webhook(body: CreateTaskRequest) -> dict[str, Any]:
         """The params to store: `webhook_url` (top-level or in params) checked and moved into them."""
@@ -174,46 +270,76 @@ def create_app(
         return {**body.params, "webhook_url": url}
 
     @app.post("/tasks", status_code=201, response_model=Task)
-    async def create_task(body: CreateTaskRequest) -> Task:
+    async def create_task(body: CreateTaskRequest, principal: Caller) -> Task:
         """Queue a task. 422 names the field that is wrong; nothing is written then."""
+        for name, value in body:
+            _check_text(value, name)
+        project_id = body.project_id or principal.only_project
+        if not principal.sees_everything:
+            if project_id is None:
+                raise InvalidTask(
+                    "project_id", f"required: this key may use {', '.join(sorted(principal.projects or ()))}"
+                )
+            if not principal.may_see(project_id):
+                raise HTTPException(
+                    403, detail=f"this API key may not create tasks in project {project_id!r}"
+                )
         params = await checked_webhook(body)
         new = new_task(
             task_type=body.task_type,
             params=params,
             dependant_on=body.dependant_on,
-            project_id=body.project_id,
+            project_id=project_id,
             priority=body.priority,
             id=body.task_id,
         )
         engine_params = {k: v for k, v in new.params.items() if k != "webhook_url"}  # not the engine's
-        await pool.run(routing.check, new.task_type, engine_params)
+        route = await pool.run(routing.route, new.task_type, engine_params)
+        await routing.check(route, engine_params)
+        await check_task_reference("dependant_on", new.dependant_on, principal)
+        await check_task_reference(
+            "params.input_video_task_id", new.params.get("input_video_task_id"), principal
+        )
         task = await pool.run(store.create, new)
         dispatcher.wake()
         return task
 
     @app.get("/tasks/{task_id}", response_model=Task)
-    async def get_task(task_id: str) -> Task:
-        return await pool.run(store.get, task_id)
+    async def get_task(task_id: str, principal: Caller) -> Task:
+        return await visible_task(task_id, principal)
 
     @app.get("/tasks", response_model=list[Task])
     async def list_tasks(
+        principal: Caller,
         status: str | None = None,
         task_type: str | None = None,
         project_id: str | None = None,
         limit: int = Query(default=100, ge=1, le=1000),
-        offset: int = Query(default=0, ge=0),
+        offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
     ) -> list[Task]:
+        """Newest first; only the caller's projects (a project it lacks lists nothing)."""
         try:
             parsed = TaskStatus.parse(status) if status else None
         except ValueError as error:
             raise InvalidTask("query.status", str(error)) from None
-        return await pool.run(
-            store.list, status=parsed, task_type=task_type, project_id=project_id, limit=limit, offset=offset
-        )
+        query = {"status": parsed, "task_type": task_type, "limit": limit}
+        if principal.projects is None or project_id is not None:
+            if not principal.may_see(project_id) and project_id is not None:
+                return []
+            return await pool.run(store.list, project_id=project_id, offset=offset, **query)
+        # Several projects: the newest `offset + limit` of each, merged.
+        merged: list[Task] = []
+        for project in sorted(principal.projects):
+            merged += await pool.run(
+                store.list, project_id=project, offset=0, **{**query, "limit": offset + limit}
+            )
+        merged.sort(key=lambda t: t.created_at, reverse=True)
+        return merged[offset : offset + limit]
 
     @app.post("/tasks/{task_id}/cancel", response_model=Task)
-    async def cancel_task(task_id: str) -> Task:
+    async def cancel_task(task_id: str, principal: Caller) -> Task:
         """Cancel a queued or running task; a running one stops at its next denoising step."""
+        await visible_task(task_id, principal)
         task = await pool.run(store.cancel, task_id)
         dispatcher.stop_task(task_id)
         if events is not None:
@@ -222,13 +348,13 @@ def create_app(
 
     @app.get("/tasks/{task_id}/events")
     async def task_event_stream(
-        task_id: str, timeout_s: float = Query(default=3600.0, gt=0, le=86_400)
+        task_id: str, principal: Caller, timeout_s: float = Query(default=3600.0, gt=0, le=86_400)
     ) -> StreamingResponse:
         """Server-sent events: status changes, step progress with ETA, then done / failed / cancelled with
         the task (and its result); the stream ends there, or with `timeout` after `timeout_s`."""
         subscription = events.subscribe(task_id) if events is not None else None
         try:
-            task = await pool.run(store.get, task_id)  # 404 before the stream starts
+            task = await visible_task(task_id, principal)  # 404 (also another project's) before streaming
         except BaseException:
             if subscription is not None:
                 subscription.close()
@@ -249,9 +375,9 @@ def create_app(
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
     @app.get("/tasks/{task_id}/output")
-    async def get_output(task_id: str):
+    async def get_output(task_id: str, principal: Caller):
         """The stored output: the file itself when it is on this node, else a redirect to its URL."""
-        task = await pool.run(store.get, task_id)
+        task = await visible_task(task_id, principal)
         if task.status != TaskStatus.COMPLETE or not task.output_location:
             raise TaskConflict(f"task {task_id} is {task.status.value}; it has no output")
         local = storage.resolve_local(task.output_location)
@@ -259,11 +385,12 @@ def create_app(
             return FileResponse(local, filename=local.name)
         if task.output_location.startswith(("http://", "https://")):
             return RedirectResponse(task.output_location, status_code=307)
-        raise HTTPException(404, detail=f"output {task.output_location} is not stored on this node")
+        raise HTTPException(404, detail=f"the output of task {task_id} is not stored on this node")
 
     @app.get("/healthz")
-    async def healthz() -> JSONResponse:
-        """200 while the dispatcher's loops run and the database answers; 503 otherwise."""
+    async def healthz(request: Request) -> JSONResponse:
+        """200 while the dispatcher's loops run and the database answers; 503 otherwise. The details
+        (worker, database, queue) only for a "*" key, or anyone when auth is off."""
         status = dispatcher.status()
         problems = list(status.problems)
         try:
@@ -271,8 +398,14 @@ def create_app(
         except Exception as error:  # the database is what we report on, whatever broke
             counts = {}
             problems.append(f"database: {type(error).__name__}: {error}")
+        code = 200 if not problems else 503
+        verdict = "ok" if not problems else "unhealthy"
+        token = _bearer(request)
+        principal = EVERYONE if keys is None else (keys.authenticate(token) if token else None)
+        if principal is None or not principal.sees_everything:
+            return JSONResponse({"status": verdict}, status_code=code)
         body = {
-            "status": "ok" if not problems else "unhealthy",
+            "status": verdict,
             "problems": problems,
             "worker_id": status.worker_id,
             "database": store.url.split("@")[-1],
@@ -280,7 +413,7 @@ def create_app(
             "capacity": status.capacity,
             "tasks": {s.value: n for s, n in counts.items()},
         }
-        return JSONResponse(body, status_code=200 if not problems else 503)
+        return JSONResponse(body, status_code=code)
 
     @app.get("/ui", include_in_schema=False)
     async def ui() -> FileResponse:
@@ -290,8 +423,11 @@ def create_app(
     if replica_stats is not None:
 
         @app.get("/replicas")
-        async def replicas() -> dict[str, Any]:
-            """Each family deployment's counters (loads, resident model) as one of its replicas reports them."""
+        async def replicas(principal: Caller) -> dict[str, Any]:
+            """Each family deployment's counters (loads, resident model) as one of its replicas reports
+            them; for "*" keys only (they name hosts and processes)."""
+            if not principal.sees_everything:
+                raise HTTPException(403, detail='/replicas needs a key with projects "*"')
             return await replica_stats()
 
     return app

@@ -11,6 +11,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.auth import check_exposure
 from deployments.config import REAL_DEFAULT_MODELS, TINY_DEFAULT_MODELS, AppConfig
 from deployments.generation import GenerationDeployment
 from deployments.ingress import Ingress
@@ -50,8 +51,26 @@ def default_models_for(config: AppConfig) -> dict[str, dict[str, str]]:
     }
 
 
+def serve_http_host() -> str | None:
+    """The host Serve's HTTP proxies listen on, asked of the running Serve controller (None when no
+    controller runs yet, e.g. a config validated offline)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    if not ray.is_initialized():
+        return None
+    try:
+        client = _get_global_client(raise_if_no_controller_running=False)
+    except Exception as error:  # no controller to ask: the config's http_host is all there is
+        logger.warning("cannot ask Serve which host it listens on: %s", error)
+        return None
+    return client.http_config.host if client is not None else None
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
+    # Listening beyond this machine without API keys is refused unless auth.mode: none says so.
+    check_exposure(config.auth, serve_http_host() or config.http_host)
     defaults = default_models_for(config)
     handles = {}
     for name, deployment in config.deployments.items():

@@ -11,8 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.auth import AuthSettings
+from deployments.limits import LimitSettings
 from deployments.task_types import DEPLOYMENTS
 from deployments.webhooks import WebhookSettings
+from storage import InputSettings
 
 logger = logging.getLogger("ray.serve")
 
@@ -35,7 +38,11 @@ REAL_DEFAULT_MODELS: dict[str, dict[str, str]] = {
     },
     "VACE": {"vace": "wan2.1-vace-1.3b", "vace_22": "vace_14B_cocktail_2_2"},
     "Flux": {"flux": "flux.1-schnell", "flux_kontext": "flux.1-kontext-dev"},
-    "Image": {"qwen_image_edit": "qwen-image-edit", "qwen_image": "qwen-image-edit", "z_image": "z-image-turbo"},
+    "Image": {
+        "qwen_image_edit": "qwen-image-edit",
+        "qwen_image": "qwen-image-edit",
+        "z_image": "z-image-turbo",
+    },
 }
 
 
@@ -101,6 +108,11 @@ class IngressConfig(BaseModel):
     max_request_bytes: int = Field(default=2_000_000, gt=0)
     orchestration_capacity: int = Field(default=2, ge=0, description="multi-step tasks (DAGs) run at once")
     utility_capacity: int = Field(default=2, ge=0, description="CPU utility tasks run at once")
+    max_waiting_for_inputs: int = Field(
+        default=8,
+        ge=1,
+        description="generations claimed at once that download their inputs (they hold no GPU capacity meanwhile)",
+    )
     threads: int = Field(
         default=16, ge=2, description="the thread pool for blocking store, storage and input-fetching calls"
     )
@@ -129,6 +141,21 @@ class AppConfig(BaseModel):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     webhooks: WebhookSettings = Field(
         default_factory=WebhookSettings, description="signed POSTs when tasks complete or fail"
+    )
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings, description="API keys (deployments/auth.py, docs/security.md)"
+    )
+    limits: LimitSettings = Field(
+        default_factory=LimitSettings,
+        description="work budget and list caps per task (deployments/limits.py)",
+    )
+    inputs: InputSettings = Field(
+        default_factory=InputSettings,
+        description="input fetching: allowlist, deadline, byte cap, download threads, cache size (storage/inputs.py)",
+    )
+    http_host: str | None = Field(
+        default=None,
+        description="the host the HTTP proxy listens on, when the app cannot ask Serve (checked against auth)",
     )
 
     @model_validator(mode="before")

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -32,13 +33,17 @@ from deployments.config import IngressConfig
 from deployments.errors import InvalidTask, TaskConflict
 from deployments.results import task_result
 from deployments.routing import Route, Routing
+from deployments.task_types import GENERATION
 from deployments.webhooks import without_delivery_keys
-from storage import OutputStorage, StorageError
+from storage import InputError, OutputStorage, StorageError
 from Wan2GP.artifact import Artifact
 
 logger = logging.getLogger("ray.serve")
 
 T = TypeVar("T")
+
+# The pseudo pool a generation counts on while its inputs download (it holds no deployment capacity).
+FETCHING_POOL = "Inputs"
 
 
 class TaskFailure(Exception):
@@ -77,6 +82,8 @@ class Job:
         self.cancelled = False  # the row was cancelled (or taken from us): drop the result
         self.released = False  # handed back at shutdown: drop the result, leave the rows for the next run
         self.child_rows: list[str] = []  # rows mirroring an orchestration's steps, heartbeated with it
+        self.inputs: dict[str, Any] | None = None  # a generation's params with its inputs' bytes
+        self.waiting_for: str | None = None  # inputs fetched, waiting for this deployment's capacity
         self.started = time.monotonic()
         self.timings: dict[str, float] = {}  # seconds per stage (input_fetch, load, save): the task's result
         self._dispatcher = dispatcher
@@ -222,6 +229,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task] = []
         self._runs: set[asyncio.Task] = set()
+        self._reserved: dict[str, int] = {}  # pool -> slots a claim in progress may fill
 
     # --- control ---------------------------------------------------------------------------------
 
@@ -328,10 +336,16 @@ class Dispatcher:
         """Claim up to each pool's free capacity and start running what was claimed."""
         claimed = 0
         for pool, task_types in self.pools.items():
-            free = self.capacity[pool] - self._in_flight_on(pool)
+            free = self.capacity[pool] - self._in_flight_on(pool) - self._waiting_on(pool)
+            if pool in self.routing.deployments and not self._may_fetch_more():
+                free = 0
             if free <= 0 or self.stopping:
                 continue
-            tasks = await self.pool.run(self.store.claim_next, self.worker_id, task_types, free)
+            self._reserved[pool] = free  # a generation done fetching must not take these slots meanwhile
+            try:
+                tasks = await self.pool.run(self.store.claim_next, self.worker_id, task_types, free)
+            finally:
+                self._reserved.pop(pool, None)
             for task in tasks:
                 self.metrics.claimed(task)
                 self._notify(task)
@@ -354,6 +368,8 @@ class Dispatcher:
                 raise TaskFailure(failure_message(error)) from None
             job.pool = job.route.pool  # a re-routed generation counts on the deployment it really runs on
             job.model_id = job.route.model_id or task.task_type
+            if job.route.kind == GENERATION:
+                await self._fetch_inputs(job)
             result = await self.runners[job.route.kind].run(job)
             if job.dropped:
                 raise RunCancelled
@@ -379,11 +395,48 @@ class Dispatcher:
                 )
         except Exception as error:  # the replica died or the cluster lost it: the task may run again
             logger.warning("task %s: %s: %s", task.id, type(error).__name__, error)
-            await self._fail(job, f"replica error: {type(error).__name__}: {error}", retryable=True)
+            # The owner sees what kind of fault it was; the details (node, process) are in the log above.
+            await self._fail(job, f"replica error: {type(error).__name__}", retryable=True)
         finally:
             self.in_flight.pop(task.id, None)
             self.metrics.in_flight(len(self.in_flight))
             self._wake.set()
+
+    # --- inputs before capacity (issue 16.4) ------------------------------------------------------
+
+    def _waiting_on(self, pool: str) -> int:
+        return sum(1 for job in self.in_flight.values() if job.waiting_for == pool)
+
+    def _may_fetch_more(self) -> bool:
+        return self._in_flight_on(FETCHING_POOL) < self.settings.max_waiting_for_inputs
+
+    async def _fetch_inputs(self, job: Job) -> None:
+        """Download a generation's inputs without holding its deployment's capacity, then wait for it.
+
+        While downloading the job counts on FETCHING_POOL (claims of that deployment go on; at most
+        `max_waiting_for_inputs` jobs fetch at once); cancelling the task aborts the downloads.
+        """
+        assert job.route is not None
+        deployment = job.pool
+        job.pool = FETCHING_POOL
+        cancel = threading.Event()
+        job.on_cancel(cancel.set)
+        try:
+            with job.timed("input_fetch"):
+                job.inputs = await self.routing.fetch_inputs(
+                    job.task.params, job.route.task_type.input_fields, cancel=cancel
+                )
+        except InputError as error:
+            raise (RunCancelled() if job.dropped else TaskFailure(str(error))) from None
+        job.waiting_for = deployment
+        capacity = self.capacity.get(deployment)
+        while capacity is not None and (
+            self._in_flight_on(deployment) + self._reserved.get(deployment, 0) >= capacity
+        ):
+            if job.dropped:
+                raise RunCancelled
+            await asyncio.sleep(0.05)
+        job.pool, job.waiting_for = deployment, None
 
     async def _fail(self, job: Job, message: str, retryable: bool) -> None:
         try:

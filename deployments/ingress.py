@@ -21,6 +21,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from db.models import Task
 from db.store import TaskStore, open_store
 from deployments.api import create_app
+from deployments.auth import open_keys
 from deployments.config import AppConfig
 from deployments.dispatcher import BlockingPool, Dispatcher, new_worker_id
 from deployments.events import EventBus
@@ -82,8 +83,17 @@ class Ingress:
         self.storage = (
             OutputStorage.from_dict(self.config.storage) if self.config.storage else OutputStorage()
         )
-        self.fetcher = InputFetcher(self.config.input_dirs, outputs=self.storage)
-        self.routing = Routing(Catalog.load(self.config.models_dir), default_models, self.fetcher, handles)
+        self.keys = open_keys(self.config.auth)  # a keys file that cannot be read refuses to start
+        self.fetcher = InputFetcher(
+            self.config.input_dirs, outputs=self.storage, **self.config.inputs.model_dump()
+        )
+        self.routing = Routing(
+            Catalog.load(self.config.models_dir),
+            default_models,
+            self.fetcher,
+            handles,
+            limits=self.config.limits,
+        )
         # How many tasks may run at once, per capacity pool.
         capacity = {name: self.config.deployments[name].capacity for name in handles}
         capacity[DAG_POOL] = settings.orchestration_capacity
@@ -131,6 +141,7 @@ class Ingress:
             replica_stats=self.replica_stats,
             events=self.events,
             webhooks=self.webhook_sender,
+            keys=self.keys,
         )
 
     async def replica_stats(self) -> dict[str, Any]:
@@ -146,5 +157,6 @@ class Ingress:
         """Graceful shutdown: stop claiming, let in-flight work finish, give the rest back."""
         await self.dispatcher.stop()
         await self.webhooks.close()
+        self.fetcher.close()
         self.store.close()
         self.pool.close()

@@ -1,22 +1,35 @@
 """Routing: what a task runs on, and whether it can run at all (Ray-free, HTTP-free).
 
-The api calls `check` when a task is posted (nothing is written when it raises); the dispatcher
-calls `route` when it claims a row (rows written straight into the table were never checked) and
-`fetch_inputs` before a generation takes GPU capacity. Problems are raised as domain errors
+The api calls `check` when a task is posted (nothing is written when it raises): `route`, then every
+input reference checked without downloading it (local paths exist, URLs may be fetched). The
+dispatcher calls `route` when it claims a row (rows written straight into the table were never
+checked) and `fetch_inputs` (async, on the fetcher's own threads) before a generation takes GPU
+capacity. `route` also enforces the work limits (`deployments.limits`) and the LoRA name rules. Problems are raised as domain errors
 (`deployments.errors`: `InvalidTask` naming the field, `InvalidParams` carrying pydantic's errors); the api maps them to
 422 and the dispatcher to a `Failed` row.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
+from dag.travel_plan import parse_travel
 from deployments.errors import InvalidParams, InvalidTask
+from deployments.limits import (
+    LimitSettings,
+    check_decoded_video,
+    check_generation,
+    check_lists,
+    check_travel,
+)
 from deployments.task_types import (
     DAG_POOL,
     FAMILY_DEPLOYMENT,
@@ -29,11 +42,12 @@ from deployments.task_types import (
     TaskType,
     step_deployment,
 )
-from storage import InputError, InputFetcher
+from storage import InputError, InputFetcher, kind_for_field
 from Wan2GP.catalog import Catalog, ModelDefinition
 from Wan2GP.engine import resolve_model
 from Wan2GP.errors import EngineError
-from Wan2GP.params import parse_params
+from Wan2GP.loras import LoraRefused, validate_loras
+from Wan2GP.params import BaseParams, parse_params
 
 VIDEO_FIELDS = ("video_guide", "video_mask")
 
@@ -78,11 +92,13 @@ class Routing:
         default_models: dict[str, str],
         fetcher: InputFetcher,
         deployments: Iterable[str],
+        limits: LimitSettings | None = None,
     ):
         self.catalog = catalog
         self.default_models = default_models
         self.fetcher = fetcher
         self.deployments = frozenset(deployments)
+        self.limits = limits or LimitSettings()
         # What this app serves: generations of its deployments, orchestrations whose steps it can run,
         # and every utility.
         self.served: dict[str, TaskType] = {
@@ -115,21 +131,28 @@ class Routing:
     # --- checks ------------------------------------------------------------------------------------
 
     def route(self, task_type: str, params: dict[str, Any]) -> Route:
-        """The route of a task, after checking its type is served and its params are valid (inputs are
-        not read). Raises InvalidTask / InvalidParams."""
+        """The route of a task, after checking its type is served, its params are valid and within the
+        work limits (inputs are not read). Raises InvalidTask / InvalidParams."""
         entry = self.served.get(task_type)
         if entry is None:
             served = ", ".join(sorted(self.served))
             raise InvalidTask("task_type", f"{task_type!r} is not served here; served: {served}")
+        check_lists(params, self.limits)
         if entry.kind != GENERATION:
             try:
                 entry.validate(params)  # type: ignore[misc]
+                if entry.kind == ORCHESTRATION and task_type == "travel_orchestrator":
+                    self._check_travel_work(entry, params)
             except ValidationError as error:
                 raise InvalidParams(error) from None
+            except InvalidTask:
+                raise
             except ValueError as error:
                 raise InvalidTask("params", str(error)) from None
             return Route(entry, entry.pool or "")
-        definition = self.model(task_type, params)
+        parsed, definition = self._parse(task_type, params)
+        check_lora_names(params)
+        check_generation(parsed, definition, task_type, self.limits)
         deployment = FAMILY_DEPLOYMENT[definition.family]
         if deployment not in self.deployments:
             raise InvalidTask(
@@ -138,47 +161,86 @@ class Routing:
             )
         return Route(entry, deployment, definition.id)
 
-    def check(self, task_type: str, params: dict[str, Any]) -> Route:
-        """`route`, plus every local input path checked (blocking: run it off the event loop)."""
-        route = self.route(task_type, params)
+    def _check_travel_work(self, entry: TaskType, params: dict[str, Any]) -> None:
+        plan = parse_travel(params)
+        steps = plan.segment_params_extra.get("num_inference_steps")
+        if not isinstance(steps, int) or steps < 1:  # the step model's default
+            stand_in = {"video_guide": "guide", **({"model": plan.model} if plan.model else {})}
+            steps = self.model(entry.step_type or "vace", stand_in).defaults.num_inference_steps
+        check_travel(plan, steps, self.limits)
+
+    def input_refs(self, route: Route, params: dict[str, Any]) -> list[tuple[str, str]]:
+        """(field label, reference) of every input a task names: `image_refs[2]`, `anchors[0]`, ..."""
         if route.kind == ORCHESTRATION:
             references = route.task_type.validate(params)  # type: ignore[misc]
         else:
             references = [(name, params.get(name)) for name in route.task_type.input_fields]
+        refs = []
         for name, value in references:
-            self._check_local_input(name, value)
-        return route
+            items = value if isinstance(value, list) else [value]
+            for i, ref in enumerate(items):
+                if isinstance(ref, str) and ref:
+                    refs.append((f"{name}[{i}]" if isinstance(value, list) else name, ref))
+        return refs
+
+    async def check(self, route: Route, params: dict[str, Any]) -> None:
+        """Every input reference of a routed task checked without downloading it: local paths and
+        outputs exist, URLs are http(s) to an allowed address. Raises InvalidTask("params.<field>")."""
+        for label, ref in self.input_refs(route, params):
+            try:
+                await self.fetcher.check_async(ref, field=label)
+            except InputError as error:
+                raise InvalidTask(f"params.{label}", error.problem) from None
 
     def model(self, task_type: str, params: dict[str, Any]) -> ModelDefinition:
         """The model a generation runs on. Raises InvalidParams / InvalidTask("params.model")."""
+        return self._parse(task_type, params)[1]
+
+    def _parse(self, task_type: str, params: dict[str, Any]) -> tuple[BaseParams, ModelDefinition]:
         try:
             parsed = parse_params(task_type, _without_inputs(params, TASK_TYPES[task_type].input_fields))
-            return resolve_model(self.catalog, self.default_models, task_type, parsed)
+            return parsed, resolve_model(self.catalog, self.default_models, task_type, parsed)
         except ValidationError as error:
             raise InvalidParams(error) from None
         except (EngineError, ValueError) as error:
             raise InvalidTask("params.model", str(error)) from None
 
-    def _check_local_input(self, name: str, value: Any) -> None:
-        refs = value if isinstance(value, list) else [value]
-        for i, ref in enumerate(refs):
-            # Local paths and output locations only: URLs are fetched once, when the task runs.
-            if isinstance(ref, str) and "://" not in ref:
-                label = f"{name}[{i}]" if isinstance(value, list) else name
-                try:
-                    self.fetcher.fetch(ref, field=label)
-                except InputError as error:
-                    raise InvalidTask(f"params.{label}", str(error)) from None
-
     # --- inputs ------------------------------------------------------------------------------------
 
-    def fetch_inputs(self, params: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
-        """The params with each input reference replaced by the file's bytes (blocking; InputError)."""
+    async def fetch_inputs(
+        self, params: dict[str, Any], fields: Iterable[str], cancel: threading.Event | None = None
+    ) -> dict[str, Any]:
+        """The params with each input reference replaced by the file's bytes. Downloads run on the
+        fetcher's own threads (never the dispatcher's pool); setting `cancel`, or cancelling the awaiting
+        task, aborts them. Videos are checked against the decode limits first. Raises InputError."""
         resolved = dict(params)
         for name in fields:
             value = params.get(name)
-            if isinstance(value, str):
-                resolved[name] = self.fetcher.fetch(value, field=name).read_bytes()
+            if isinstance(value, str) and value:
+                path = await self.fetcher.fetch_async(value, field=name, cancel=cancel)
+                await self._check_video(name, path, name)
+                resolved[name] = path.read_bytes()
             elif isinstance(value, list):
-                resolved[name] = [p.read_bytes() for p in self.fetcher.fetch_many(value, field=name)]
+                paths = await self.fetcher.fetch_many_async(value, field=name, cancel=cancel)
+                for i, path in enumerate(paths):
+                    await self._check_video(name, path, f"{name}[{i}]")
+                resolved[name] = [p.read_bytes() for p in paths]
         return resolved
+
+    async def _check_video(self, name: str, path: Path, label: str) -> None:
+        if name == "clips" or kind_for_field(name) == "video":
+            await asyncio.to_thread(check_decoded_video, path, label, self.limits)
+
+
+# --- LoRA names ----------------------------------------------------------------------------------------
+
+
+def check_lora_names(params: dict[str, Any]) -> list[str]:
+    """Refuse LoRA names that could reach files outside the LoRA folders (InvalidTask naming the field);
+    returns the LoRA URLs the task names (fetched when it runs). The rule itself is the engine's
+    (`Wan2GP.loras.check_lora_name`): no absolute paths, '~' or '..', `.safetensors` files only."""
+    try:
+        return validate_loras(params)
+    except LoraRefused as error:
+        field, _, problem = str(error).partition(": ")
+        raise InvalidTask(f"params.{field}", problem) from None

@@ -11,6 +11,9 @@ not the input, failed) and `RunCancelled`.
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import uuid
 from functools import partial
 from typing import Any
 
@@ -30,11 +33,25 @@ from deployments.routing import Routing
 from deployments.task_types import orchestration, task_type
 from storage import InputError, InputFetcher, OutputStorage
 
+logger = logging.getLogger("ray.serve")
 
-def _cause(error: BaseException) -> str:
-    """The message of what really failed inside a Ray task, without Ray's traceback wrapper."""
+
+def user_message(error: BaseException, what: str) -> str:
+    """What a task's owner is told of a failure inside a Ray task or DAG.
+
+    Errors raised for the user (bad input: ValueError / InputError / pydantic's errors; a step's own
+    message: StepFailed) keep their message, without Ray's wrapper. Anything else is a fault of the
+    service: the owner gets a sentence and an incident id, and the log gets the details (Ray's
+    traceback names files, the process id and the node's address).
+    """
     cause = getattr(error, "cause", None) or error
-    return f"{type(cause).__name__}: {cause}" if not isinstance(cause, ValueError) else str(cause)
+    if isinstance(cause, ValidationError):
+        return describe_validation_error(cause)
+    if isinstance(cause, ValueError | InputError | StepFailed):
+        return str(cause)
+    incident = uuid.uuid4().hex[:8]
+    logger.error("%s failed unexpectedly (incident %s): %s", what, incident, error)
+    return f"{what} failed unexpectedly ({type(cause).__name__}); incident {incident} in the service log"
 
 
 class GenerationRunner:
@@ -44,14 +61,8 @@ class GenerationRunner:
 
     async def run(self, job: Job) -> RunResult:
         task, route = job.task, job.route
-        assert route is not None
-        try:
-            with job.timed("input_fetch"):
-                params = await job.blocking(
-                    self.routing.fetch_inputs, task.params, route.task_type.input_fields
-                )
-        except InputError as error:
-            raise TaskFailure(str(error)) from None
+        assert route is not None and job.inputs is not None  # the dispatcher fetched them
+        params = job.inputs
         handle = self.handles[route.pool].options(stream=True, multiplexed_model_id=route.model_id)
         stream = handle.generate.remote(task.task_type, params, task.id)
         job.on_cancel(stream.cancel)
@@ -126,7 +137,9 @@ class OrchestrationRunner:
             cancelled = job.cancelled or isinstance(
                 error, asyncio.CancelledError | TaskCancelledError | RunCancelled
             )
-            message = f"orchestrator {task.id} was cancelled" if cancelled else _cause(error)
+            message = (
+                f"orchestrator {task.id} was cancelled" if cancelled else user_message(error, task.task_type)
+            )
             if cancelled and not job.cancelled:  # shutting down: leave the rows for the resumed run
                 if isinstance(error, asyncio.CancelledError):
                     raise
@@ -162,18 +175,22 @@ class UtilityRunner:
                     f"input_video_task_id: task {source_id} is {source.status.value}; it has no output"
                 )
             params["input_video_path"] = source.output_location
+        cancel = threading.Event()
+        job.on_cancel(cancel.set)
         try:
-            params = await job.blocking(self.routing.fetch_inputs, params, route.task_type.input_fields)
+            params = await self.routing.fetch_inputs(params, route.task_type.input_fields, cancel=cancel)
             ref = utility_node.remote(task.task_type, params, task.id)
             job.on_cancel(lambda: ray.cancel(ref))
             return RunResult(await ref, task.task_type)
+        except TaskCancelledError:
+            raise RunCancelled from None
+        except RayTaskError as error:  # before ValueError: Ray's error is also an instance of its cause
+            if isinstance(error.cause, ValueError | InputError):
+                raise TaskFailure(user_message(error, task.task_type)) from None
+            raise  # the node or the code failed: the dispatcher retries it
         except ValidationError as error:
             raise TaskFailure(describe_validation_error(error)) from None
         except (InputError, ValueError) as error:
+            if job.dropped:  # the download was aborted because the task was cancelled or handed back
+                raise RunCancelled from None
             raise TaskFailure(str(error)) from None
-        except TaskCancelledError:
-            raise RunCancelled from None
-        except RayTaskError as error:
-            if isinstance(error.cause, ValueError | InputError | ValidationError):
-                raise TaskFailure(_cause(error)) from None
-            raise

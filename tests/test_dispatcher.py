@@ -259,10 +259,8 @@ async def test_a_crashed_runner_is_retried_until_attempts_run_out(store, tmp_pat
     running.append(other)
     await until(lambda: store.get(flux).status.is_final)
     task = store.get(flux)
-    assert (
-        task.status == TaskStatus.FAILED
-        and "replica error: ConnectionError: replica died" in task.error_message
-    )
+    # The owner reads the kind of fault; its details (node, process) are only in the log.
+    assert task.status == TaskStatus.FAILED and task.error_message == "replica error: ConnectionError"
     assert always.calls == {flux: 2}
 
 
