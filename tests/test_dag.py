@@ -53,7 +53,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "storage": {"root": str(root / "public" / "files")},
         "input_dirs": [str(inputs)],
         "models": "tiny",
-        "deployments": {"T2V": small, "VACE": {**small, "replicas": 2}, "Flux": small},
+        "deployments": {"T2V": small, "VACE": {**small, "replicas": 2, "preload": True}, "Flux": small},
         # A short stale timeout: segment rows must be heartbeated with their orchestrator.
         "ingress": {
             "heartbeat_interval_s": 0.5,
@@ -155,8 +155,8 @@ def test_original_payload_form(service: dict):
 
 def test_independent_segments_run_in_parallel(service: dict):
     client = service["client"]
-    params = travel_params(service, 3, run_id="parallel", chain_segments=False, num_inference_steps=120,
-                           resolution="128x96", frames=17)  # fmt: skip
+    params = travel_params(service, 3, run_id="parallel", chain_segments=False, num_inference_steps=200,
+                           resolution="256x192", frames=17)  # fmt: skip
     response = client.post("/tasks", json={"task_type": "travel_orchestrator", "params": params})
     orchestrator = wait_final(client, response.json()["id"])
     assert orchestrator["status"] == "Complete", orchestrator["error_message"]
