@@ -97,7 +97,11 @@ class OrchestrationRunner:
             blocking=job.blocking,
         )
 
-    def _step_target(self, step_type: str, params: dict[str, Any]) -> StepTarget:
+    def _step_target(
+        self, step_type: str, params: dict[str, Any], task_type: str | None = None
+    ) -> StepTarget:
+        # `task_type`: a step of another generation type than the orchestration's (flf2v for i2v segments)
+        step_type = task_type or step_type
         route = self.routing.route(step_type, params)
         return StepTarget(step_type, self.handles[route.pool], route.model_id or "")
 
