@@ -19,10 +19,10 @@ from dag.segment_plan import (
     IndividualSegmentPlan,
     individual_segment_task,
     plan_individual_segment,
-    structure_references,
     validate_individual_segment,
 )
 from dag.steps import StepFailed, generate_step
+from dag.travel_plan import structure_references
 from db.models import Task
 from deployments.errors import describe_validation_error
 from Wan2GP.artifact import Artifact

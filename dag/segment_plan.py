@@ -32,6 +32,7 @@ from dag.travel_plan import (
     plan_segments,
     segment_filename,
     segment_params,
+    structure_references,
 )
 from Wan2GP.field_errors import field_error
 from Wan2GP.params import MAX_FRAMES, quantize_frames
@@ -249,16 +250,4 @@ def validate_individual_segment(params: dict[str, Any]) -> list[tuple[str, Any]]
     if segment.start_from_continued_video:
         refs.append(("continue_from_video", segment.plan.continue_from_video))
     refs.extend(structure_references(segment.structure))
-    return refs
-
-
-def structure_references(guidance: StructureGuidance | None) -> list[tuple[str, Any]]:
-    """The structure videos of a guidance as input references."""
-    if guidance is None:
-        return []
-    refs: list[tuple[str, Any]] = [
-        (f"structure_videos[{i}].path", v.path) for i, v in enumerate(guidance.videos)
-    ]
-    if guidance.precomputed_video:
-        refs.append(("structure_guidance_video_url", guidance.precomputed_video))
     return refs

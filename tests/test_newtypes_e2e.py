@@ -241,3 +241,49 @@ def test_individual_travel_segment(service: dict):
     task = post(service, "individual_travel_segment", i2v)
     assert task["output_location"].endswith("/indiv_seg00_output.mp4")
     assert output_frames(service, task).shape == (13, HEIGHT, WIDTH, 3)
+
+
+def guide_of_segment(service: dict, orchestrator_id: str, run_id: str, index: int) -> np.ndarray:
+    with open_store(service["db"]) as store:
+        [row] = [t for t in store.list(task_type="travel_segment", limit=1000)
+                 if t.params["orchestrator_task_id"] == orchestrator_id and t.params["segment_index"] == index]  # fmt: skip
+    return decode_video(service["files"] / row.id / f"{run_id}_seg{index:02d}_guide.mp4")[0]
+
+
+def test_structure_video_guides_travel_segments(service: dict):
+    details = travel_details(service, run_id="structured", model_name="tiny-vace", debug_mode_enabled=True,
+                             structure_video_path=path(service, "bar.mp4"), structure_type="canny")  # fmt: skip
+    task = post(service, "travel_orchestrator", {"orchestrator_details": details})
+    assert len(output_frames(service, task)) == 13 + 13 - 4
+    for index in (0, 1):
+        guide = guide_of_segment(service, task["id"], "structured", index)
+        generated = guide[5:12]  # frames between the kept ones (anchors, the previous segment's overlap)
+        # canny edges of the moving bar: white lines on black, not VACE's flat grey 127
+        assert generated.mean() < 40 and generated.max() > 150, (index, generated.mean(), generated.max())
+        assert abs(float(guide[0].mean()) - 127) > 20  # frame 0 is kept (anchor or overlap), not control
+
+    plain = post(service, "travel_orchestrator",
+                 {"orchestrator_details": travel_details(service, run_id="plain", debug_mode_enabled=True)})  # fmt: skip
+    generated = guide_of_segment(service, plain["id"], "plain", 0)[5:12]
+    assert abs(float(generated.mean()) - 127) < 3  # without structure guidance: grey to generate
+
+
+def test_structure_refusals_name_the_field_at_post(service: dict):
+    def refused(**extra) -> str:
+        details = travel_details(service, structure_video_path=path(service, "bar.mp4"), **extra)
+        response = service["client"].post(
+            "/tasks", json={"task_type": "travel_orchestrator", "params": {"orchestrator_details": details}}
+        )
+        assert response.status_code == 422, response.text
+        return response.text
+
+    text = refused(structure_type="depth")  # no depth model installed here
+    assert "structure_type" in text and "depth model" in text
+    assert "structure_type" in refused(structure_type="uni3c")
+    missing = travel_details(
+        service, structure_video_path=path(service, "nothing.mp4"), structure_type="flow"
+    )
+    response = service["client"].post(
+        "/tasks", json={"task_type": "travel_orchestrator", "params": {"orchestrator_details": missing}}
+    )
+    assert response.status_code == 422 and "nothing.mp4" in response.text, response.text
