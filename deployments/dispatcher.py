@@ -31,6 +31,7 @@ from db.store import TaskStore
 from deployments.config import IngressConfig
 from deployments.errors import InvalidTask, TaskConflict
 from deployments.routing import Route, Routing
+from deployments.thumbnail_step import save_thumbnail
 from storage import OutputStorage, StorageError
 from Wan2GP.artifact import Artifact
 
@@ -333,6 +334,9 @@ class Dispatcher:
             result = await self.runners[job.route.kind].run(job)
             if job.dropped:
                 raise RunCancelled
+            # --- thumbnail (issue 20): stored beside the output, `thumbnail_url` in its metadata ---
+            await self.pool.run(save_thumbnail, self.storage, task.id, result.artifact)
+            # ---
             try:
                 saved = await self.pool.run(self.storage.save, task.id, result.artifact)
             except StorageError as error:

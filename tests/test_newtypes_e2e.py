@@ -15,7 +15,7 @@ import pytest
 
 from db.store import open_store
 from hwgp_testing import running_app, wait_final
-from Wan2GP.video import decode_video, encode_mp4, encode_png, probe_video
+from Wan2GP.video import decode_video, encode_mp4, encode_png, load_image, probe_video
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +110,9 @@ def test_join_clips_segment_bridges_two_videos(service: dict):
     out = levels(frames)
     assert np.abs(out[:10] - levels(a)[:10]).max() < 3  # A kept before its context
     assert np.abs(out[-10:] - levels(b)[-10:]).max() < 3  # B kept after its context
+    # the first-frame thumbnail beside the output, named as the original names it
+    thumb = load_image((service["files"] / task["id"] / f"thumb_{task['id'][:8]}.jpg").read_bytes())
+    assert thumb.shape == (HEIGHT, WIDTH, 3) and abs(float(thumb.mean()) - out[0]) < 3
 
 
 def test_join_clips_orchestrator_chains_joins_in_mirror_rows(service: dict):
@@ -235,7 +238,10 @@ def test_individual_travel_segment(service: dict):
               "individual_segment_params": {"num_frames": 9, "base_prompt": "just this one"}}  # fmt: skip
     task = post(service, "individual_travel_segment", params)
     assert task["output_location"].endswith("/indiv_seg01_output.mp4")
-    assert output_frames(service, task).shape == (9, HEIGHT, WIDTH, 3)
+    frames = output_frames(service, task)
+    assert frames.shape == (9, HEIGHT, WIDTH, 3)
+    thumb = load_image((service["files"] / task["id"] / f"thumb_{task['id'][:8]}.jpg").read_bytes())
+    assert np.abs(thumb.astype(int) - frames[0]).mean() < 6
 
     i2v = {"orchestrator_details": travel_details(service, model_type="i2v"), "segment_index": 0}
     task = post(service, "individual_travel_segment", i2v)
