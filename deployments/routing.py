@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from dag.vace_control import check_vace_control, control_requested
 from deployments.errors import InvalidParams, InvalidTask
 from deployments.task_types import (
     DAG_POOL,
@@ -130,6 +131,11 @@ class Routing:
                 raise InvalidTask("params", str(error)) from None
             return Route(entry, entry.pool or "")
         definition = self.model(task_type, params)
+        if definition.family == "vace" and control_requested(params):
+            try:
+                check_vace_control(params)  # letters this service cannot honour: 422 naming the key
+            except ValidationError as error:
+                raise InvalidParams(error) from None
         deployment = FAMILY_DEPLOYMENT[definition.family]
         if deployment not in self.deployments:
             raise InvalidTask(

@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from dag.orchestrations import RunContext, StepTarget
 from dag.steps import StepFailed
 from dag.utility_tasks import utility_node
+from dag.vace_control import control_requested, run_vace_control
 from db.models import TaskStatus
 from db.store import TaskStore
 from deployments.dispatcher import Job, RunCancelled, RunResult, TaskFailure, failure_message
@@ -29,6 +30,8 @@ from deployments.errors import InvalidTask, TaskNotFound, describe_validation_er
 from deployments.routing import Routing
 from deployments.task_types import orchestration, task_type
 from storage import InputError, InputFetcher, OutputStorage
+
+_vace_control_node = ray.remote(num_cpus=0.05, max_retries=0)(run_vace_control)
 
 
 def _cause(error: BaseException) -> str:
@@ -49,6 +52,18 @@ class GenerationRunner:
             params = await job.blocking(self.routing.fetch_inputs, task.params, route.task_type.input_fields)
         except InputError as error:
             raise TaskFailure(str(error)) from None
+        control_report: dict[str, Any] = {}
+        if route.pool == "VACE" and control_requested(params):  # Wan2GP's control preparation, on CPU
+            ref = _vace_control_node.remote(params)
+            job.on_cancel(lambda: ray.cancel(ref))
+            try:
+                params, control_report = await ref
+            except TaskCancelledError:
+                raise RunCancelled from None
+            except RayTaskError as error:
+                if isinstance(error.cause, ValueError):
+                    raise TaskFailure(_cause(error)) from None
+                raise
         handle = self.handles[route.pool].options(stream=True, multiplexed_model_id=route.model_id)
         stream = handle.generate.remote(task.task_type, params, task.id)
         job.on_cancel(stream.cancel)
@@ -68,6 +83,7 @@ class GenerationRunner:
             raise RunCancelled from None
         if artifact is None:
             raise RunCancelled
+        artifact.metadata.update(control_report)
         return RunResult(artifact, route.model_id)
 
 

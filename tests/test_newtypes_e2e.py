@@ -293,3 +293,22 @@ def test_structure_refusals_name_the_field_at_post(service: dict):
         "/tasks", json={"task_type": "travel_orchestrator", "params": {"orchestrator_details": missing}}
     )
     assert response.status_code == 422 and "nothing.mp4" in response.text, response.text
+
+
+def test_vace_control_letters_over_http(service: dict):
+    base = {"prompt": "bar", "video_guide": path(service, "bar.mp4"), "resolution": f"{WIDTH}x{HEIGHT}",
+            "video_length": 9, "num_inference_steps": 2, "seed": 7}  # fmt: skip
+    plain = output_frames(service, post(service, "vace", {**base, "video_prompt_type": "V"})).astype(int)
+    again = output_frames(service, post(service, "vace", {**base, "video_prompt_type": "V"})).astype(int)
+    edges = output_frames(service, post(service, "vace", {**base, "video_prompt_type": "EV"})).astype(int)
+    assert plain.shape == edges.shape == (9, HEIGHT, WIDTH, 3)
+    # the same task generates the same video; the Canny letter changed what VACE was given
+    assert np.abs(plain - again).mean() < np.abs(plain - edges).mean()
+
+    for letters, needle in (("SV", "scribble"), ("DV", "depth model")):
+        response = service["client"].post(
+            "/tasks", json={"task_type": "vace", "params": {**base, "video_prompt_type": letters}}
+        )
+        assert (
+            response.status_code == 422 and "video_prompt_type" in response.text and needle in response.text
+        )
