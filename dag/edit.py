@@ -37,6 +37,7 @@ from dag.join import (
     finish_chain,
     make_chain,
     step_frames,
+    vace_step,
     video_artifact,
 )
 from dag.join_plan import ClipRef, JoinRunPlan, resample_fps
@@ -71,15 +72,15 @@ class InpaintFrames:
     validate = staticmethod(validate_inpaint)
 
     def prepare(self, ctx: RunContext, task: Task) -> SingleRun:
-        return SingleRun(task, parse_inpaint(task.params))
+        params, generation = parse_inpaint(task.params)
+        return SingleRun(task, (params, generation), vace_step(ctx, params.model))
 
     async def execute(self, ctx: RunContext, run: SingleRun) -> Artifact:
         params, generation = run.parsed
         video = await ctx.blocking(
             lambda: ctx.fetcher.fetch(params.video_path, field="video_path").read_bytes()
         )
-        step = ctx.step({"video_guide": "guide", **({"model": params.model} if params.model else {})})
-        ref = inpaint_node.remote(video, params, generation, step, run.task.id)
+        ref = inpaint_node.remote(video, params, generation, run.step, run.task.id)
         run.refs.append(ref)
         return await await_with_deadline(ref, DEFAULT_MAX_WAIT_S, "the inpaint")
 

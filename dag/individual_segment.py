@@ -74,7 +74,15 @@ def segment_node(
 
 
 def prepare(ctx: RunContext, task: Task) -> SingleRun:
-    return SingleRun(task, plan_individual_segment(task.params, default_run_id=task.id))
+    segment = plan_individual_segment(task.params, default_run_id=task.id)
+    # vace, or first/last-frame image-to-video for model_type i2v (on T2V); resolved here so a model of
+    # the wrong family fails the task, named, instead of being retried
+    task_type = "flf2v" if segment.mode == "i2v" else "vace"
+    model: dict[str, Any] = {"model": segment.plan.model} if segment.plan.model else {}
+    stand_in = (
+        {"image_start": "image", "image_end": "image"} if task_type == "flf2v" else {"video_guide": "guide"}
+    )
+    return SingleRun(task, segment, ctx.step({**stand_in, **model}, task_type=task_type))
 
 
 async def execute(ctx: RunContext, run: SingleRun) -> Artifact:
@@ -93,14 +101,8 @@ async def execute(ctx: RunContext, run: SingleRun) -> Artifact:
         return start.read_bytes(), end.read_bytes(), videos
 
     start, end, videos = await ctx.blocking(load)
-    task_type = "flf2v" if segment.mode == "i2v" else "vace"
-    model: dict[str, Any] = {"model": segment.plan.model} if segment.plan.model else {}
-    stand_in = (
-        {"image_start": "image", "image_end": "image"} if task_type == "flf2v" else {"video_guide": "guide"}
-    )
-    step = ctx.step({**stand_in, **model}, task_type=task_type)
     ref = segment_node.remote(
-        segment, start, segment.start_from_continued_video, end, videos, step, run.task.id
+        segment, start, segment.start_from_continued_video, end, videos, run.step, run.task.id
     )
     run.refs.append(ref)
     return await await_with_deadline(ref, DEFAULT_MAX_WAIT_S, "the segment")

@@ -139,12 +139,19 @@ def join_node(
 # --- join_clips_segment -----------------------------------------------------------------------------
 
 
+def vace_step(ctx: RunContext, model: str | None) -> StepTarget:
+    """The VACE step target for a model (None: the default); resolved in `prepare`, so a model that
+    cannot run here fails the task there, named, instead of being retried."""
+    return ctx.step({"video_guide": "guide", **({"model": model} if model else {})})
+
+
 @dataclass
 class SingleRun:
     """A task of one Ray node (no mirror rows)."""
 
     task: Task
     parsed: Any
+    step: StepTarget
     refs: list[ray.ObjectRef] = dataclasses.field(default_factory=list)
 
     @property
@@ -175,7 +182,8 @@ class JoinSegment:
     validate = staticmethod(validate_join_segment)
 
     def prepare(self, ctx: RunContext, task: Task) -> SingleRun:
-        return SingleRun(task, parse_join_segment(task.params))
+        segment, generation = parse_join_segment(task.params)
+        return SingleRun(task, (segment, generation), vace_step(ctx, segment.model))
 
     async def execute(self, ctx: RunContext, run: SingleRun) -> Artifact:
         segment, generation = run.parsed
@@ -188,13 +196,12 @@ class JoinSegment:
             return start_bytes, end_bytes
 
         start, end = await ctx.blocking(load)
-        step = ctx.step({"video_guide": "guide", **({"model": segment.model} if segment.model else {})})
         ref = join_node.remote(
             start,
             end,
             segment,
             generation,
-            step,
+            run.step,
             task.id,
             joined_filename(task.id),
             f"join {segment.join_index}",
@@ -222,6 +229,7 @@ class JoinChainRun:
     task: Task
     plan: JoinRunPlan
     row_ids: list[str]
+    steps: list[StepTarget]  # steps[i]: where join i's bridge is generated
     # Clips already decoded by `prepare` (an edit's keepers, a reversed first clip), by index.
     decoded: dict[int, dict] = dataclasses.field(default_factory=dict)
     refs: list[ray.ObjectRef] = dataclasses.field(default_factory=list)
@@ -237,7 +245,8 @@ def make_chain(ctx: RunContext, task: Task, plan: JoinRunPlan, payloads: list[di
     for i, (row_id, payload) in enumerate(zip(row_ids, payloads, strict=True)):
         depends = row_ids[i - 1] if i > 0 else task.id  # never claimable while the orchestrator drives it
         _ensure_row(ctx.store, row_id, JOIN_CLIPS_SEGMENT, payload, depends, task.project_id)
-    return JoinChainRun(task=task, plan=plan, row_ids=row_ids)
+    steps = [vace_step(ctx, settings.model) for settings in plan.joins]
+    return JoinChainRun(task=task, plan=plan, row_ids=row_ids, steps=steps)
 
 
 async def execute_chain(ctx: RunContext, run: JoinChainRun) -> Artifact:
@@ -274,9 +283,8 @@ async def execute_chain(ctx: RunContext, run: JoinChainRun) -> Artifact:
     refs = []
     for i in pending:
         settings = plan.joins[i]
-        step = ctx.step({"video_guide": "guide", **({"model": settings.model} if settings.model else {})})
         previous = join_node.remote(
-            previous, clips[i + 1], settings, plan.generation, step, run.row_ids[i],
+            previous, clips[i + 1], settings, plan.generation, run.steps[i], run.row_ids[i],
             joined_filename(run.row_ids[i]), f"join {i}",
         )  # fmt: skip
         refs.append(previous)

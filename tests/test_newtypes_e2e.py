@@ -8,6 +8,7 @@ frames kept from the inputs, file names, rows and their links, and what went int
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -312,3 +313,38 @@ def test_vace_control_letters_over_http(service: dict):
         assert (
             response.status_code == 422 and "video_prompt_type" in response.text and needle in response.text
         )
+
+
+def test_a_model_of_another_family_fails_the_join_once_naming_it(service: dict):
+    params = {**JOIN, "starting_video_path": path(service, "a.mp4"), "ending_video_path": path(service, "b.mp4"),
+              "model": "tiny-t2v"}  # fmt: skip
+    response = service["client"].post("/tasks", json={"task_type": "join_clips_segment", "params": params})
+    task = wait_final(service["client"], response.json()["id"])
+    assert task["status"] == "Failed" and "tiny-t2v" in task["error_message"], task
+    assert task["attempts"] == 1  # an input problem is not retried
+
+
+def test_cancelling_a_join_run_cancels_its_rows(service: dict):
+    clips = [{"url": path(service, f"{n}.mp4")} for n in "abc"]
+    details = {**JOIN, "run_id": "cancelled", "clip_list": clips, "num_inference_steps": 200,
+               "resolution": "128x96"}  # fmt: skip
+    client = service["client"]
+    task_id = client.post(
+        "/tasks", json={"task_type": "join_clips_orchestrator", "params": {"orchestrator_details": details}}
+    ).json()["id"]
+    deadline = time.monotonic() + 120
+    while (
+        not rows_of(service, task_id, "join_clips_segment")
+        or client.get(f"/tasks/{task_id}").json()["status"] != "In Progress"
+    ):
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.1)
+    time.sleep(1.0)  # the first bridge is generating
+    assert client.post(f"/tasks/{task_id}/cancel").status_code == 200
+    assert wait_final(client, task_id)["status"] == "Cancelled"
+    deadline = time.monotonic() + 30
+    while {r.status.value for r in rows_of(service, task_id, "join_clips_segment")} != {"Cancelled"}:
+        assert time.monotonic() < deadline, [
+            r.status.value for r in rows_of(service, task_id, "join_clips_segment")
+        ]
+        time.sleep(0.1)
