@@ -9,13 +9,17 @@ frames kept from the inputs, file names, rows and their links, and what went int
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+from dag.travel import mirror_id
+from db.models import NewTask
 from db.store import open_store
 from hwgp_testing import running_app, wait_final
+from storage import OutputStorage, StorageConfig
 from Wan2GP.video import decode_video, encode_mp4, encode_png, load_image, probe_video
 
 pytestmark = pytest.mark.slow
@@ -348,3 +352,32 @@ def test_cancelling_a_join_run_cancels_its_rows(service: dict):
             r.status.value for r in rows_of(service, task_id, "join_clips_segment")
         ]
         time.sleep(0.1)
+
+
+def test_a_reclaimed_join_run_reuses_finished_joins(service: dict):
+    """A run whose first join's row is already Complete (a previous attempt's) joins on from its output."""
+    orchestrator_id = str(uuid.uuid4())
+    first_row = mirror_id(orchestrator_id, "join_clips_segment:0")
+    storage = OutputStorage(StorageConfig(root=str(service["files"])))
+    earlier = storage.save_bytes(
+        first_row, encode_mp4(service["clips"]["c"], fps=16), "earlier.mp4", "video/mp4"
+    )
+    with open_store(service["db"]) as store:
+        store.create(NewTask(id=first_row, task_type="join_clips_segment", dependant_on=None,
+                             params={"orchestrator_task_id_ref": orchestrator_id, "join_index": 0,
+                                     "ending_video_path": path(service, "b.mp4")}))  # fmt: skip
+        store.start(first_row, "earlier-worker")
+        store.complete(first_row, earlier.output_location, worker_id="earlier-worker")
+    clips = [{"url": path(service, f"{n}.mp4")} for n in "abc"]
+    response = service["client"].post("/tasks", json={"task_type": "join_clips_orchestrator", "task_id": orchestrator_id,
+                                                      "params": {"orchestrator_details": {**JOIN, "clip_list": clips}}})  # fmt: skip
+    assert response.status_code == 201, response.text
+    task = wait_final(service["client"], orchestrator_id)
+    assert task["status"] == "Complete", task["error_message"]
+    frames = output_frames(service, task)
+    assert (
+        len(frames) == 12 + 12 + 5
+    )  # join 1 joined the stored 12-frame output with clip c, not a 29-frame join
+    assert np.abs(levels(frames)[:10] - levels(service["clips"]["c"])[:10]).max() < 3
+    rows = rows_of(service, orchestrator_id, "join_clips_segment")
+    assert rows[0].attempts == 1 and rows[0].output_location == earlier.output_location  # not generated again
