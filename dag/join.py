@@ -47,9 +47,9 @@ from dag.join_plan import (
 )
 from dag.orchestrations import RunContext, StepTarget
 from dag.steps import StepFailed, generate_step
-from dag.travel import _ensure_row, _stored_frames, mirror_id
+from dag.travel import _ensure_row, mirror_id
 from db.models import Task, TaskStatus
-from db.store import TaskNotFound
+from db.store import TaskConflict, TaskNotFound
 from deployments.errors import describe_validation_error
 from deployments.task_types import JOIN_CLIPS_SEGMENT
 from Wan2GP.artifact import Artifact
@@ -250,8 +250,13 @@ def make_chain(ctx: RunContext, task: Task, plan: JoinRunPlan, payloads: list[di
 
 
 async def execute_chain(ctx: RunContext, run: JoinChainRun) -> Artifact:
-    """Run the joins in order, completing each row as its join finishes; returns the last join's video."""
-    plan, store = run.plan, ctx.store
+    """Run the joins in order, completing each row as its join finishes; returns the last join's video.
+
+    Rows are claimable task types, so a row whose predecessor is Complete could be claimed on its own (a
+    requeued row of a resumed run): the next row is started before the current one completes, and a row
+    found Complete when taken over (someone ran it standalone) is used as it is.
+    """
+    plan = run.plan
 
     def load() -> tuple[dict[int, Clip], dict[int, dict]]:
         clips: dict[int, Clip] = dict(run.decoded)
@@ -263,61 +268,86 @@ async def execute_chain(ctx: RunContext, run: JoinChainRun) -> Artifact:
                 clips[i] = fetched[clip.url]
         reused = {}
         for i, row_id in enumerate(run.row_ids[:-1]):  # the last row's output is the orchestrator's
-            row = store.get(row_id)
-            frames = _stored_frames(ctx, row)
-            if frames is None:
+            stored = _stored_clip(ctx, ctx.store.get(row_id))
+            if stored is None:
                 break
-            reused[i] = {
-                "frames": frames,
-                "fps": decode_video(ctx.storage.resolve_local(row.output_location))[1],
-            }
+            reused[i] = stored
         return clips, reused
 
     clips, reused = await ctx.blocking(load)
     if reused:
         logger.info("join run %s: reusing stored joins %s", plan.run_id, sorted(reused))
     pending = [i for i in range(len(run.row_ids)) if i not in reused]
-    await ctx.blocking(_start_rows, ctx, [run.row_ids[i] for i in pending])
-
-    previous: Any = reused[max(reused)] if reused else clips[0]
-    refs = []
-    for i in pending:
-        settings = plan.joins[i]
-        previous = join_node.remote(
-            previous, clips[i + 1], settings, plan.generation, run.steps[i], run.row_ids[i],
-            joined_filename(run.row_ids[i]), f"join {i}",
-        )  # fmt: skip
-        refs.append(previous)
-    run.refs = refs
-    result: dict = {}
-    for i, ref in zip(pending, refs, strict=True):
-        deadline = plan.joins[i].max_wait_time or DEFAULT_MAX_WAIT_S
-        result = await await_with_deadline(ref, deadline, f"join {i}")
-        if i < len(run.row_ids) - 1:  # the last row completes with the orchestrator's output (finish)
+    previous: dict = reused[max(reused)] if reused else {}
+    done_elsewhere = await ctx.blocking(_take_over, ctx, run.row_ids[pending[0]])
+    for n, i in enumerate(pending):
+        if done_elsewhere is None:
+            ref = join_node.remote(
+                previous or clips[0], clips[i + 1], plan.joins[i], plan.generation, run.steps[i],
+                run.row_ids[i], joined_filename(run.row_ids[i]), f"join {i}",
+            )  # fmt: skip
+            run.refs = [ref]
+            result = await await_with_deadline(
+                ref, plan.joins[i].max_wait_time or DEFAULT_MAX_WAIT_S, f"join {i}"
+            )
+        else:
+            result = done_elsewhere
+        # take the next row before this one completes, so it is never claimable in between
+        following = pending[n + 1] if n + 1 < len(pending) else None
+        done_elsewhere = (
+            None if following is None else await ctx.blocking(_take_over, ctx, run.row_ids[following])
+        )
+        if i < len(run.row_ids) - 1 and not result.get("elsewhere"):  # the last row: finish_chain
             await ctx.blocking(_record_join, ctx, run.row_ids[i], result["artifact"])
-    artifact: Artifact = result["artifact"]
+        previous = result
+    artifact: Artifact = previous["artifact"]
     artifact.metadata.update(joins=len(run.row_ids), run_id=plan.run_id, ignored=list(plan.ignored))
     return artifact
 
 
-def _start_rows(ctx: RunContext, row_ids: list[str]) -> None:
-    for row_id in row_ids:
+def _stored_clip(ctx: RunContext, row: Task) -> dict | None:
+    """A Complete row's stored output as a join result (frames, fps, artifact), or None."""
+    if row.status != TaskStatus.COMPLETE or not row.output_location:
+        return None
+    local = ctx.storage.resolve_local(row.output_location)
+    if local is None:
+        return None
+    data = local.read_bytes()
+    frames, fps = decode_video(data)
+    artifact = Artifact(data, local.name, "video/mp4", {"frames": len(frames), "fps": fps, "reused": True})
+    return {"frames": frames, "fps": fps, "artifact": artifact, "elsewhere": True}
+
+
+def _take_over(ctx: RunContext, row_id: str) -> dict | None:
+    """Start a row for this run; None, or its stored result when it was already completed standalone."""
+    try:
         ctx.store.start(row_id, ctx.worker_id)
+        return None
+    except TaskConflict:
+        stored = _stored_clip(ctx, ctx.store.get(row_id))
+        if stored is None:
+            raise
+        logger.info("join row %s was completed on its own: its output continues the chain", row_id)
+        return stored
 
 
 def _record_join(ctx: RunContext, row_id: str, artifact: Artifact) -> None:
+    if ctx.store.get(row_id).status == TaskStatus.COMPLETE:  # completed on its own meanwhile
+        return
     saved = ctx.storage.save(row_id, artifact)
     ctx.store.complete(row_id, saved.output_location, worker_id=ctx.worker_id)
 
 
 def finish_chain(ctx: RunContext, run: JoinChainRun, output_location: str) -> None:
     """The last join's row completes with the orchestrator's output (one file, not two)."""
-    ctx.store.complete(run.row_ids[-1], output_location, worker_id=ctx.worker_id)
+    if ctx.store.get(run.row_ids[-1]).status != TaskStatus.COMPLETE:
+        ctx.store.complete(run.row_ids[-1], output_location, worker_id=ctx.worker_id)
 
 
 def abort_chain(ctx: RunContext, run: JoinChainRun, message: str, cancelled: bool) -> None:
-    """A failed or cancelled run: its unfinished rows say so."""
-    for row_id in run.row_ids:
+    """A failed or cancelled run: its unfinished rows say so (last first: a cancelled or failed row fails
+    its queued dependants with a message naming it, and each row should carry the run's own reason)."""
+    for row_id in reversed(run.row_ids):
         if ctx.store.get(row_id).status.is_final:
             continue
         if cancelled:

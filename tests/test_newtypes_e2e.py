@@ -61,7 +61,11 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "input_dirs": [str(inputs)],
         "models": "tiny",
         "deployments": {"T2V": small, "VACE": small},
-        "ingress": {"heartbeat_interval_s": 0.5, "poll_interval_s": 0.2, "shutdown_grace_s": 0.5},
+        "ingress": {
+            "heartbeat_interval_s": 0.5,
+            "poll_interval_s": 0.2,
+            "shutdown_grace_s": 0.5,
+        },
     }
     with running_app(config) as client:
         yield {"client": client, "db": config["db"], "inputs": inputs, "files": root / "public" / "files",
@@ -363,7 +367,9 @@ def test_a_reclaimed_join_run_reuses_finished_joins(service: dict):
         first_row, encode_mp4(service["clips"]["c"], fps=16), "earlier.mp4", "video/mp4"
     )
     with open_store(service["db"]) as store:
-        store.create(NewTask(id=first_row, task_type="join_clips_segment", dependant_on=None,
+        # a row no-one claims (managed) holds the finished join back from the dispatcher until it completes
+        blocker = store.create(NewTask(task_type="travel_stitch", params={"blocks": first_row}))
+        store.create(NewTask(id=first_row, task_type="join_clips_segment", dependant_on=blocker.id,
                              params={"orchestrator_task_id_ref": orchestrator_id, "join_index": 0,
                                      "ending_video_path": path(service, "b.mp4")}))  # fmt: skip
         store.start(first_row, "earlier-worker")
