@@ -12,8 +12,10 @@ decode, guide, splice) whose bridge is generated on the VACE deployment (`dag.st
                               clip3 ─────────────────────┘
 
 The orchestrator mirrors each join as a `join_clips_segment` row (deterministic ids; row 0 depends on
-the orchestrator, row i on row i-1, so the dispatcher never claims them while their orchestrator drives
-them). `dag/edit.py` runs `edit_video_orchestrator` through the same chain.
+the orchestrator, row i on row i-1, and each row is started before its predecessor completes, so the
+dispatcher does not claim them while their orchestrator drives them; a row that was claimed on its own
+anyway, e.g. requeued after a crash, does the same join, and its output continues the chain).
+`dag/edit.py` runs `edit_video_orchestrator` through the same chain.
 
 The cross-fade `join_clips` utility (`dag/utilities.py`) is a different, older task type of this
 service and keeps its own meaning.

@@ -9,8 +9,8 @@ Each task type has a kind, the capacity pool the dispatcher claims it from and a
                    inpaint_frames, individual_travel_segment)
     utility        a CPU utility run as a Ray task (pose, interpolation, frame extraction, joining clips)
     managed-row    a row mirroring an orchestration's step: driven by its orchestrator, never claimed
-                   (`join_clips_segment` rows of a join / edit run are claimable task types driven the
-                   same way: they depend on their orchestrator or their predecessor, so no-one claims them)
+                   (`join_clips_segment` rows of a join / edit run are a claimable task type driven the
+                   same way: see `dag/join.py`)
 
 The config (which deployments exist), routing (what a task runs on) and the DAGs (what their steps
 and mirror rows are called) all read it from here.
