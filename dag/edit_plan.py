@@ -361,3 +361,15 @@ def run_inpaint(
     return JoinResult(
         frames=splice_bridge(before, after, generated, spec), fps=fps, spec=spec, bridge=generated
     )
+
+
+def validate_inpaint(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Check an ``inpaint_frames`` payload; returns its input references."""
+    inpaint, _ = parse_inpaint(params)
+    return [("video_path", inpaint.video_path)]
+
+
+def validate_edit_video(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Check an ``edit_video_orchestrator`` payload; returns its input references."""
+    plan = parse_edit_video_orchestrator(params, default_run_id="check")
+    return [("orchestrator_details.source_video_url", plan.source_video_url)]

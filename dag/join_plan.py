@@ -580,3 +580,25 @@ def run_join(
         )
     frames = splice_bridge(prepared.clip_a, prepared.clip_b, bridge, spec)
     return JoinResult(frames=frames, fps=prepared.fps, spec=spec, bridge=bridge)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry's checks (at POST and at claim): input references of a valid payload
+# ---------------------------------------------------------------------------------------------------------
+
+
+def validate_join_segment(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Check a ``join_clips_segment`` payload; returns its input references (a chained join's start is its
+    predecessor's output, found when it runs)."""
+    segment, _ = parse_join_segment(params)
+    refs: list[tuple[str, Any]] = [("ending_video_path", segment.ending_video_path)]
+    if segment.starting_video_path:
+        refs.insert(0, ("starting_video_path", segment.starting_video_path))
+    return refs
+
+
+def validate_join_orchestrator(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Check a ``join_clips_orchestrator`` payload; returns its clips as input references."""
+    plan = parse_join_orchestrator(params, default_run_id="check")
+    urls = list(dict.fromkeys(clip.url for clip in plan.clips))  # loop_first_clip repeats clip 0
+    return [("orchestrator_details.clip_list", urls)]

@@ -36,8 +36,9 @@ class RunContext:
     storage: OutputStorage
     fetcher: InputFetcher
     worker_id: str
-    # The step target for a step's params (model resolution and the deployment serving it).
-    step: Callable[[dict[str, Any]], StepTarget]
+    # The step target for a step's params (model resolution and the deployment serving it); a second
+    # argument `task_type=` routes a step of another generation type than the orchestration's.
+    step: Callable[..., StepTarget]
     # Runs a blocking call (store, storage, fetch) on the dispatcher's thread pool.
     blocking: Callable[..., Awaitable[Any]]
 

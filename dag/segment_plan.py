@@ -32,6 +32,7 @@ from dag.travel_plan import (
     plan_segments,
     segment_filename,
     segment_params,
+    structure_references,
 )
 from Wan2GP.field_errors import field_error
 from Wan2GP.params import MAX_FRAMES, quantize_frames
@@ -232,3 +233,21 @@ def individual_segment_task(
         spec.frames, plan.width, plan.height, None, [(0, start_image), (-1, end_image)]
     )
     return "vace", segment_params(plan, spec, guide, mask)
+
+
+def validate_individual_segment(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Check an ``individual_travel_segment`` payload; returns its input references."""
+    segment = plan_individual_segment(params, default_run_id="check")
+    if segment.structure is not None and segment.mode == "i2v":
+        raise field_error(
+            ("orchestrator_details", "model_type"),
+            "structure guidance is a VACE control video: it needs model_type 'vace', not 'i2v'",
+            segment.mode,
+        )
+    refs: list[tuple[str, Any]] = [("end_image", segment.end_image)]
+    if segment.start_image is not None:
+        refs.insert(0, ("start_image", segment.start_image))
+    if segment.start_from_continued_video:
+        refs.append(("continue_from_video", segment.plan.continue_from_video))
+    refs.extend(structure_references(segment.structure))
+    return refs

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from pydantic import ValidationError
 from ray.dag import InputNode, MultiOutputNode
 
 from dag.orchestrations import RunContext, StepTarget
@@ -35,13 +36,17 @@ from dag.travel_plan import (
     segment_guide,
     segment_params,
     stitch_segments,
+    structure_references,
+    travel_structure,
     validate,
 )
 from db.models import NewTask, Task, TaskStatus
 from db.store import TaskNotFound, TaskStore
+from deployments.errors import describe_validation_error
 from deployments.results import task_result
 from deployments.task_types import TRAVEL_SEGMENT, TRAVEL_STITCH
 from Wan2GP.artifact import Artifact
+from Wan2GP.structure import ControlVideo, StructureGuidance, apply_control, build_control_video
 from Wan2GP.video import decode_video, encode_mp4, load_image, mask_to_video
 
 __all__ = ["abort", "execute", "finish", "prepare", "validate"]  # the Orchestration protocol
@@ -53,13 +58,27 @@ logger = logging.getLogger("ray.serve")
 
 
 @ray.remote(num_cpus=0.05, max_retries=0)
+def control_node(plan: TravelPlan, guidance: StructureGuidance, videos: dict[str, bytes]) -> ControlVideo:
+    """The run's structure guidance as one VACE control video over the stitched timeline (built once)."""
+    try:
+        return build_control_video(
+            guidance, plan.total_frames, plan.width, plan.height, plan.fps,
+            load_video=lambda path: decode_video(videos[path]),
+        )  # fmt: skip
+    except ValidationError as error:
+        raise StepFailed(describe_validation_error(error)) from None
+
+
+@ray.remote(num_cpus=0.05, max_retries=0)
 def segment_node(
     plan: TravelPlan, spec: Any, previous: dict | np.ndarray | None, anchors: list[np.ndarray], step: StepTarget,
-    task_id: str,
+    task_id: str, control: ControlVideo | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Build segment `spec`'s guide and mask, generate it on the step deployment (VACE), return its frames."""
     previous_frames = previous["frames"] if isinstance(previous, dict) else previous
     guide, mask = segment_guide(plan, spec, previous_frames, anchors)
+    if control is not None:  # structure guidance: control frames in the frames this segment generates
+        guide = apply_control(guide, mask, control, offset=spec.start)
     params = segment_params(plan, spec, guide, mask)
     try:
         artifact = generate_step(step.handle, step.model_id, step.task_type, params, task_id)
@@ -121,6 +140,7 @@ class TravelRun:
     plan: TravelPlan
     segment_ids: list[str]
     stitch_id: str
+    structure: StructureGuidance | None = None
     refs: list[ray.ObjectRef] | None = None
 
     def cancel(self) -> None:
@@ -155,7 +175,13 @@ def prepare(ctx: RunContext, task: Task) -> TravelRun:
         "expected_frames": plan.total_frames,
     }
     _ensure_row(ctx.store, stitch_id, TRAVEL_STITCH, stitch_params, segment_ids[-1], task.project_id)
-    return TravelRun(task=task, plan=plan, segment_ids=segment_ids, stitch_id=stitch_id)
+    return TravelRun(
+        task=task,
+        plan=plan,
+        segment_ids=segment_ids,
+        stitch_id=stitch_id,
+        structure=travel_structure(task.params),
+    )
 
 
 class MirrorRowConflict(ValueError):
@@ -201,7 +227,7 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
     plan, store = run.plan, ctx.store
     specs = plan_segments(plan)
 
-    def load_inputs() -> tuple[list[np.ndarray], np.ndarray | None, dict[int, np.ndarray]]:
+    def load_inputs() -> tuple[list[np.ndarray], np.ndarray | None, dict[int, np.ndarray], dict[str, bytes]]:
         anchors = [
             load_image(ctx.fetcher.fetch(ref, field=f"anchors[{i}]")) for i, ref in enumerate(plan.anchors)
         ]
@@ -215,15 +241,22 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
             frames = _stored_frames(ctx, store.get(row_id))
             if frames is not None:
                 reused[spec.index] = frames
-        return anchors, continued, reused
+        structure_videos = {
+            ref: ctx.fetcher.fetch(ref, field=field).read_bytes()
+            for field, ref in structure_references(run.structure)
+        }
+        return anchors, continued, reused, structure_videos
 
-    anchors, continued, reused = await ctx.blocking(load_inputs)
+    anchors, continued, reused, structure_videos = await ctx.blocking(load_inputs)
     if reused:
         logger.info("travel %s: reusing stored segments %s", plan.run_id, sorted(reused))
     # Where the steps go (the guide is only a stand-in for model resolution: steps make their own).
     step = ctx.step({"video_guide": "guide", **({"model": plan.model} if plan.model else {})})
 
     with InputNode() as anchors_input:
+        control = None
+        if run.structure is not None and len(reused) < len(specs):
+            control = control_node.bind(plan, run.structure, structure_videos)
         nodes: list[Any] = []
         previous: Any = continued
         for spec, row_id in zip(specs, run.segment_ids, strict=True):
@@ -237,6 +270,7 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
                     anchors_input,
                     step,
                     row_id,
+                    control,
                 )
             nodes.append(node)
             previous = node
@@ -257,6 +291,8 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
                 await ctx.blocking(store.start, run.segment_ids[next_index], ctx.worker_id)
     await ctx.blocking(store.start, run.stitch_id, ctx.worker_id)
     artifact: Artifact = await stitch_ref
+    if run.structure is not None:
+        artifact.metadata["structure_type"] = run.structure.structure_type
     if plan.debug:
         logger.info("[FRAME_DEBUG] travel %s final: expected %d frames, got %d",
                     plan.run_id, plan.total_frames, artifact.metadata["frames"])  # fmt: skip

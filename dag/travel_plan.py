@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 from Wan2GP.params import MAX_FRAMES, MAX_SIDE, BaseParams, ignored_reason, quantize_frames, refused_reason
+from Wan2GP.structure import StructureGuidance, parse_structure_guidance
 from Wan2GP.video import (
     BRIGHTNESS_RANGE,
     SATURATION_RANGE,
@@ -774,4 +775,30 @@ def validate(params: dict[str, Any]) -> list[tuple[str, Any]]:
     refs: list[tuple[str, Any]] = [("anchors", list(plan.anchors))]
     if plan.continue_from_video:
         refs.append(("continue_from_video", plan.continue_from_video))
+    refs.extend(structure_references(travel_structure(params)))
+    return refs
+
+
+def travel_structure(params: dict[str, Any]) -> StructureGuidance | None:
+    """The structure guidance of a travel payload (``structure_video_path`` / ``structure_videos`` /
+    ``structure_guidance`` ... in its ``orchestrator_details`` or at the top level), applied as the VACE
+    control video of every segment; errors name the key where the client put it."""
+    details = params.get("orchestrator_details")
+    data, prefix = (details, ("orchestrator_details",)) if isinstance(details, dict) else (params, ())
+    try:
+        return parse_structure_guidance(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise _error((*prefix, *first["loc"]), first["msg"], first.get("input")) from None
+
+
+def structure_references(guidance: StructureGuidance | None) -> list[tuple[str, Any]]:
+    """The structure videos of a guidance as input references (field, path or URL)."""
+    if guidance is None:
+        return []
+    refs: list[tuple[str, Any]] = [
+        (f"structure_videos[{i}].path", v.path) for i, v in enumerate(guidance.videos)
+    ]
+    if guidance.precomputed_video:
+        refs.append(("structure_guidance_video_url", guidance.precomputed_video))
     return refs

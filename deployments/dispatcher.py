@@ -34,6 +34,7 @@ from deployments.errors import InvalidTask, TaskConflict
 from deployments.results import task_result
 from deployments.routing import Route, Routing
 from deployments.task_types import GENERATION
+from deployments.thumbnail_step import save_thumbnail
 from deployments.webhooks import without_delivery_keys
 from storage import InputError, OutputStorage, StorageError
 from Wan2GP.artifact import Artifact
@@ -373,6 +374,9 @@ class Dispatcher:
             result = await self.runners[job.route.kind].run(job)
             if job.dropped:
                 raise RunCancelled
+            # --- thumbnail (issue 20): stored beside the output, `thumbnail_url` in its metadata ---
+            await self.pool.run(save_thumbnail, self.storage, task.id, result.artifact)
+            # ---
             try:
                 with job.timed("save"):
                     saved = await self.pool.run(self.storage.save, task.id, result.artifact)

@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from dag.travel_plan import parse_travel
+from dag.vace_control import check_vace_control, control_requested
 from deployments.errors import InvalidParams, InvalidTask
 from deployments.limits import (
     LimitSettings,
@@ -153,6 +154,11 @@ class Routing:
         parsed, definition = self._parse(task_type, params)
         check_lora_names(params)
         check_generation(parsed, definition, task_type, self.limits)
+        if definition.family == "vace" and control_requested(params):
+            try:
+                check_vace_control(params)  # letters this service cannot honour: 422 naming the key
+            except ValidationError as error:
+                raise InvalidParams(error) from None
         deployment = FAMILY_DEPLOYMENT[definition.family]
         if deployment not in self.deployments:
             raise InvalidTask(

@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from dag.orchestrations import RunContext, StepTarget
 from dag.steps import StepFailed
 from dag.utility_tasks import utility_node
+from dag.vace_control import control_requested, run_vace_control
 from db.models import TaskStatus
 from db.store import TaskStore
 from deployments.dispatcher import Job, RunCancelled, RunResult, TaskFailure, failure_message
@@ -34,6 +35,8 @@ from deployments.task_types import orchestration, task_type
 from storage import InputError, InputFetcher, OutputStorage
 
 logger = logging.getLogger("ray.serve")
+
+_vace_control_node = ray.remote(num_cpus=0.05, max_retries=0)(run_vace_control)
 
 
 def user_message(error: BaseException, what: str) -> str:
@@ -63,6 +66,18 @@ class GenerationRunner:
         task, route = job.task, job.route
         assert route is not None and job.inputs is not None  # the dispatcher fetched them
         params = job.inputs
+        control_report: dict[str, Any] = {}
+        if route.pool == "VACE" and control_requested(params):  # Wan2GP's control preparation, on CPU
+            ref = _vace_control_node.remote(params)
+            job.on_cancel(lambda: ray.cancel(ref))
+            try:
+                params, control_report = await ref
+            except TaskCancelledError:
+                raise RunCancelled from None
+            except RayTaskError as error:
+                if isinstance(error.cause, ValueError):
+                    raise TaskFailure(user_message(error, "VACE control preparation")) from None
+                raise
         handle = self.handles[route.pool].options(stream=True, multiplexed_model_id=route.model_id)
         stream = handle.generate.remote(task.task_type, params, task.id)
         job.on_cancel(stream.cancel)
@@ -84,6 +99,7 @@ class GenerationRunner:
             raise RunCancelled from None
         if artifact is None:
             raise RunCancelled
+        artifact.metadata.update(control_report)
         return RunResult(artifact, route.model_id)
 
 
@@ -113,7 +129,11 @@ class OrchestrationRunner:
             blocking=job.blocking,
         )
 
-    def _step_target(self, step_type: str, params: dict[str, Any]) -> StepTarget:
+    def _step_target(
+        self, step_type: str, params: dict[str, Any], task_type: str | None = None
+    ) -> StepTarget:
+        # `task_type`: a step of another generation type than the orchestration's (flf2v for i2v segments)
+        step_type = task_type or step_type
         route = self.routing.route(step_type, params)
         return StepTarget(step_type, self.handles[route.pool], route.model_id or "")
 

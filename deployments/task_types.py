@@ -4,9 +4,13 @@ Each task type has a kind, the capacity pool the dispatcher claims it from and a
 
     generation     one diffusers generation on a family deployment (T2V, VACE, Flux); the engine's own
                    `Wan2GP.catalog.TASK_FAMILIES` says which model family a type belongs to
-    orchestration  a multi-step Ray DAG (travel, different perspective) whose steps are generations
+    orchestration  a multi-step Ray DAG (travel, different perspective, joins, edits) whose steps are
+                   generations; also a generation with CPU work around it (join_clips_segment,
+                   inpaint_frames, individual_travel_segment)
     utility        a CPU utility run as a Ray task (pose, interpolation, frame extraction, joining clips)
     managed-row    a row mirroring an orchestration's step: driven by its orchestrator, never claimed
+                   (`join_clips_segment` rows of a join / edit run are a claimable task type driven the
+                   same way: see `dag/join.py`)
 
 The config (which deployments exist), routing (what a task runs on) and the DAGs (what their steps
 and mirror rows are called) all read it from here.
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from dag import perspective_plan, travel_plan
+from dag import edit_plan, join_plan, perspective_plan, segment_plan, travel_plan
 from dag.utilities import (
     UTILITY_INPUT_FIELDS,
     ExtractFrameParams,
@@ -80,7 +84,9 @@ class TaskType:
     validate: Callable[[dict[str, Any]], Any] | None = None
     input_fields: tuple[str, ...] = ()  # params holding input references (generation, utility)
     step_type: str | None = None  # orchestrations: the generation task type their steps run
-    implementation: str | None = None  # orchestrations: the module implementing `Orchestration`
+    # orchestrations: what implements `Orchestration`: a module ("dag.travel") or an object in one
+    # ("dag.join:join_clips_segment")
+    implementation: str | None = None
 
 
 def _generation(name: str) -> TaskType:
@@ -124,6 +130,49 @@ TASK_TYPES: dict[str, TaskType] = {
             step_type="vace",
             implementation="dag.perspective",
         ),
+        # The original's newer task types (issue 20). A task of one VACE generation with CPU work around
+        # it (join, inpaint, one travel segment) runs as a one-step orchestration: its CPU work in a Ray
+        # task, its generation on the step deployment.
+        TaskType(
+            "join_clips_segment",
+            ORCHESTRATION,
+            DAG_POOL,
+            validate=join_plan.validate_join_segment,
+            step_type="vace",
+            implementation="dag.join:join_clips_segment",
+        ),
+        TaskType(
+            "join_clips_orchestrator",
+            ORCHESTRATION,
+            DAG_POOL,
+            validate=join_plan.validate_join_orchestrator,
+            step_type="vace",
+            implementation="dag.join:join_clips_orchestrator",
+        ),
+        TaskType(
+            "inpaint_frames",
+            ORCHESTRATION,
+            DAG_POOL,
+            validate=edit_plan.validate_inpaint,
+            step_type="vace",
+            implementation="dag.edit:inpaint_frames",
+        ),
+        TaskType(
+            "edit_video_orchestrator",
+            ORCHESTRATION,
+            DAG_POOL,
+            validate=edit_plan.validate_edit_video,
+            step_type="vace",
+            implementation="dag.edit:edit_video_orchestrator",
+        ),
+        TaskType(
+            "individual_travel_segment",
+            ORCHESTRATION,
+            DAG_POOL,
+            validate=segment_plan.validate_individual_segment,
+            step_type="vace",  # model_type "i2v" runs its one step as flf2v instead
+            implementation="dag.individual_segment",
+        ),
         _utility("generate_openpose", OpenposeParams),
         _utility("rife_interpolate_images", InterpolateParams),
         _utility("extract_frame", ExtractFrameParams),
@@ -135,6 +184,7 @@ TASK_TYPES: dict[str, TaskType] = {
 }
 
 # Names the DAGs give their mirror rows.
+JOIN_CLIPS_SEGMENT = TASK_TYPES["join_clips_segment"].name
 TRAVEL_SEGMENT = TASK_TYPES["travel_segment"].name
 TRAVEL_STITCH = TASK_TYPES["travel_stitch"].name
 PERSPECTIVE_FINAL = TASK_TYPES["dp_final_gen"].name
@@ -170,8 +220,10 @@ def parse_task_params(name: str, params: dict[str, Any]) -> Any:
 
 
 def orchestration(name: str) -> Orchestration:
-    """The module running an orchestration task type (imported on first use: it builds Ray DAGs)."""
+    """What runs an orchestration task type (imported on first use: it builds Ray DAGs)."""
     implementation = TASK_TYPES[name].implementation
     if implementation is None:
         raise ValueError(f"{name!r} is not an orchestration")
-    return importlib.import_module(implementation)  # type: ignore[return-value]
+    module_name, _, attribute = implementation.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attribute) if attribute else module  # type: ignore[return-value]

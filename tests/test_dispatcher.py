@@ -425,7 +425,15 @@ def test_the_registry_routes_every_task_type():
     )
     assert pool_task_types("VACE") == ("vace", "vace_21", "vace_22")
     assert pool_task_types("Flux") == ("flux", "magic_edit")
-    assert pool_task_types(DAG_POOL) == ("travel_orchestrator", "different_perspective_orchestrator")
+    assert pool_task_types(DAG_POOL) == (
+        "travel_orchestrator",
+        "different_perspective_orchestrator",
+        "join_clips_segment",
+        "join_clips_orchestrator",
+        "inpaint_frames",
+        "edit_video_orchestrator",
+        "individual_travel_segment",
+    )
     assert set(pool_task_types(UTILITY_POOL)) == {
         "generate_openpose", "rife_interpolate_images", "extract_frame", "join_clips"
     }  # fmt: skip
