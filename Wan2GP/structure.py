@@ -298,6 +298,15 @@ class StructureGuidance(BaseModel):
 
 _UNI3C_KEYS = ("use_uni3c", "uni3c_guide_video", "uni3c_strength")
 # StructureGuidance field -> the original's top-level key for it
+# Every top-level key parse_structure_guidance reads: honoured wherever structure guidance is applied
+# (travel, individual_travel_segment), so those payloads do not refuse or report them as ignored.
+STRUCTURE_KEYS = frozenset({
+    "structure_video_path", "structure_videos", "structure_guidance", "structure_type", "structure_video_type",
+    "structure_video_treatment", "structure_video_motion_strength", "structure_canny_intensity",
+    "structure_depth_contrast", "structure_guidance_video_url", "structure_guidance_frame_offset",
+    "structure_motion_video_url", "structure_motion_frame_offset",
+})  # fmt: skip
+
 _LEGACY_KEYS = {
     "strength": "structure_video_motion_strength",
     "canny_intensity": "structure_canny_intensity",

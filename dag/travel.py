@@ -189,6 +189,12 @@ class MirrorRowConflict(ValueError):
     clients may choose task ids): it is never reused."""
 
 
+def _orchestrator_of(params: dict) -> str | None:
+    """The orchestrator a mirror row belongs to (travel rows say `orchestrator_task_id`, the original's
+    join rows `orchestrator_task_id_ref`)."""
+    return params.get("orchestrator_task_id") or params.get("orchestrator_task_id_ref")
+
+
 def _ensure_row(
     store: TaskStore, row_id: str, task_type: str, params: dict, depends: str | None, project: str | None
 ):
@@ -200,15 +206,15 @@ def _ensure_row(
             NewTask(id=row_id, task_type=task_type, params=params, dependant_on=depends, project_id=project)
         )
         return
-    owner = row.params.get("orchestrator_task_id")
-    if row.task_type != task_type or owner != params["orchestrator_task_id"] or row.project_id != project:
+    owner, mine = _orchestrator_of(row.params), _orchestrator_of(params)
+    if row.task_type != task_type or owner != mine or row.project_id != project:
         logger.warning(
-            "travel %s: row %s is a %s of orchestrator %r in project %r; not reusing it",
-            params["orchestrator_task_id"], row_id, row.task_type, owner, row.project_id,
+            "orchestrator %s: row %s is a %s of orchestrator %r in project %r; not reusing it",
+            mine, row_id, row.task_type, owner, row.project_id,
         )  # fmt: skip
         raise MirrorRowConflict(
-            f"task id {row_id} (this travel's {task_type} row) is already taken by another task; "
-            "resubmit the travel under a new task id"
+            f"task id {row_id} (this run's {task_type} row) is already taken by another task; "
+            "resubmit under a new task id"
         )
 
 

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 from Wan2GP.params import MAX_FRAMES, MAX_SIDE, BaseParams, ignored_reason, quantize_frames, refused_reason
-from Wan2GP.structure import StructureGuidance, parse_structure_guidance
+from Wan2GP.structure import STRUCTURE_KEYS, StructureGuidance, parse_structure_guidance
 from Wan2GP.video import (
     BRIGHTNESS_RANGE,
     SATURATION_RANGE,
@@ -366,7 +366,13 @@ _GUIDE_FADE = (
     "the original used it to fade anchors into the grey of its guide videos, and its current version "
     "hardcodes that off (duration_factor 0); it never faded the final video, so nothing is applied"
 )
-_CONSUMED = {"apply_causvid", "params_json_str_override", "orchestrator_details", *_EXTRA_KEYS}
+_CONSUMED = {
+    "apply_causvid",
+    "params_json_str_override",
+    "orchestrator_details",
+    *_EXTRA_KEYS,
+    *STRUCTURE_KEYS,
+}
 
 
 def _unused_keys(data: dict, keys: dict[str, tuple[str, ...]], prefix: tuple) -> dict[str, str]:

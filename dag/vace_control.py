@@ -29,6 +29,12 @@ CONTROL_KEYS = ("video_prompt_type", "mask_expand", "video_guide_outpainting")
 _INPUT_FLAGS = set("VAI")
 
 
+def without_control(params: dict[str, Any]) -> dict[str, Any]:
+    """The params the engine sees once the control step has consumed the control keys (or, at POST,
+    what the engine's own VACE params validate: the letters are this step's to check)."""
+    return {k: v for k, v in params.items() if k not in CONTROL_KEYS} if control_requested(params) else params
+
+
 def control_requested(params: dict[str, Any]) -> bool:
     """Whether the task asks for control preparation beyond "use the guide / mask / references as given"."""
     letters = params.get("video_prompt_type") or ""
@@ -66,7 +72,7 @@ def prepare_vace_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     """The task's params with `video_guide` / `video_mask` replaced by the prepared control video and mask
     and the control keys consumed, and what the result should report (letters ignored, notes)."""
     control = check_vace_control(params)
-    parsed = parse_params("vace", params)
+    parsed = parse_params("vace", without_control(params))
     guide = parsed.video_guide
     height, width = guide.shape[1:3]
     if parsed.resolution is not None:

@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from dag.travel_plan import parse_travel
-from dag.vace_control import check_vace_control, control_requested
+from dag.vace_control import check_vace_control, control_requested, without_control
 from deployments.errors import InvalidParams, InvalidTask
 from deployments.limits import (
     LimitSettings,
@@ -44,7 +44,7 @@ from deployments.task_types import (
     step_deployment,
 )
 from storage import InputError, InputFetcher, kind_for_field
-from Wan2GP.catalog import Catalog, ModelDefinition
+from Wan2GP.catalog import TASK_FAMILIES, Catalog, ModelDefinition
 from Wan2GP.engine import resolve_model
 from Wan2GP.errors import EngineError
 from Wan2GP.loras import LoraRefused, validate_loras
@@ -204,6 +204,8 @@ class Routing:
 
     def _parse(self, task_type: str, params: dict[str, Any]) -> tuple[BaseParams, ModelDefinition]:
         try:
+            if TASK_FAMILIES.get(task_type) == "vace":
+                params = without_control(params)  # the control step checks and consumes those keys
             parsed = parse_params(task_type, _without_inputs(params, TASK_TYPES[task_type].input_fields))
             return parsed, resolve_model(self.catalog, self.default_models, task_type, parsed)
         except ValidationError as error:

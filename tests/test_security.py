@@ -69,8 +69,8 @@ def test_a_row_planted_under_a_future_segment_id_is_never_spliced_in(tmp_path: P
         failed = wait_final(store, victim_id)
         assert failed.status == TaskStatus.FAILED
         assert failed.error_message == (
-            f"task id {planted_id} (this travel's travel_segment row) is already taken by another task; "
-            "resubmit the travel under a new task id"
+            f"task id {planted_id} (this run's travel_segment row) is already taken by another task; "
+            "resubmit under a new task id"
         )
         assert store.get(planted_id).task_type == "t2v"  # the planted row is left as it was
         assert store.get(planted_id).project_id == "evil"
