@@ -5,6 +5,7 @@ Typical use by the ingress::
     storage = OutputStorage.from_env()                 # or OutputStorage(StorageConfig(...))
     saved = storage.save(task_id, artifact)            # SavedOutput(local_path, output_location, uploaded)
     storage.resolve_local(saved.output_location)       # -> Path of the local copy, or None
+    storage.find_saved(task_id)                        # -> the SavedOutput an earlier save stored, or None
 
     fetcher = InputFetcher(allowed_dirs=["inputs"], cache_dir="cache/inputs", outputs=storage)
     path = fetcher.fetch(params["image_start"], field="image_start")
@@ -13,7 +14,7 @@ Configuration and environment variables: :mod:`storage.config`; location rules: 
 """
 
 from .config import S3Settings, StorageConfig, SupabaseSettings
-from .errors import InputError, StorageError
+from .errors import InputError, StorageError, StorageUnavailable
 from .inputs import InputFetcher, content_type_allowed, kind_for_field
 from .names import sanitize_filename, validate_task_id
 from .outputs import OutputStorage, SavedOutput, atomic_write_bytes
@@ -28,6 +29,7 @@ __all__ = [
     "SavedOutput",
     "StorageConfig",
     "StorageError",
+    "StorageUnavailable",
     "SupabaseSettings",
     "atomic_write_bytes",
     "backoff_delays",
