@@ -232,4 +232,5 @@ def test_upload_failure_keeps_the_local_file_and_the_retry_only_uploads(s3_serve
     puts_before = sum(1 for p in s3_server.gateway.paths if p.endswith(f"{task_id}/clip.mp4"))
     assert storage.save(task_id, Artifact(video, "clip.mp4", "video/mp4")) == saved
     puts_after = sum(1 for p in s3_server.gateway.paths if p.endswith(f"{task_id}/clip.mp4"))
-    assert puts_before > 0 and puts_after == puts_before  # already fully stored: no request to the object store at all
+    # Already fully stored: no request to the object store at all.
+    assert puts_before > 0 and puts_after == puts_before
