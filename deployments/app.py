@@ -18,6 +18,11 @@ from deployments.multi_gpu import MultiGpuGenerationDeployment, multi_gpu_option
 
 logger = logging.getLogger("ray.serve")
 
+# On a stop, Serve force-kills a replica `graceful_shutdown_timeout_s` after asking it to stop. The
+# ingress needs `shutdown_grace_s` to let in-flight work finish plus time to hand the rest back, and a
+# family replica must outlive the ingress's grace so a generation ends by cancel rather than by a kill.
+SHUTDOWN_MARGIN_S = 10.0
+
 
 def real_models_available(config: AppConfig) -> bool:
     """True when a GPU is there and every real default model's weights resolve without a download."""
@@ -51,6 +56,7 @@ def default_models_for(config: AppConfig) -> dict[str, dict[str, str]]:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
     defaults = default_models_for(config)
+    graceful_shutdown_timeout_s = config.ingress.shutdown_grace_s + SHUTDOWN_MARGIN_S
     handles = {}
     for name, family in config.families.items():
         preload = next(iter(defaults[name].values())) if family.preload else None
@@ -60,12 +66,14 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 "name": name,
                 **multi_gpu_options(family.gpus_per_replica, cpus_per_rank=family.num_cpus),
                 "max_ongoing_requests": family.max_ongoing_requests,
+                "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
             }
         else:
             options = {
                 "name": name,
                 "max_ongoing_requests": family.max_ongoing_requests,
                 "ray_actor_options": {"num_gpus": family.num_gpus, "num_cpus": family.num_cpus},
+                "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
             }
         if family.autoscaling is not None:
             options["autoscaling_config"] = family.autoscaling.model_dump()
@@ -92,5 +100,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 preload=preload,
             )
     merged = {key: model for models in defaults.values() for key, model in models.items()}
-    ingress = Ingress.options(ray_actor_options={"num_cpus": config.ingress.num_cpus})
+    ingress = Ingress.options(
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
+    )
     return ingress.bind(config.model_dump(mode="json"), merged, handles)
