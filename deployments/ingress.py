@@ -10,9 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +41,7 @@ from deployments.config import (
     AppConfig,
 )
 from deployments.generation import describe_validation_error
+from deployments.recovery import new_worker_id, requeue_predecessors, stable_identity
 from storage import InputError, InputFetcher, OutputStorage, StorageError
 from Wan2GP.artifact import Artifact
 from Wan2GP.catalog import Catalog, ModelDefinition
@@ -172,7 +171,10 @@ class Ingress:
             OutputStorage.from_dict(self.config.storage) if self.config.storage else OutputStorage()
         )
         self.fetcher = InputFetcher(self.config.input_dirs, outputs=self.storage)
-        self.worker_id = f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # Stable across restarts (one per app per host) plus an incarnation: a restart takes back at once
+        # the tasks a killed predecessor held (deployments/recovery.py).
+        self.worker_id = new_worker_id(stable_identity(serve.get_replica_context().app_name))
+        requeue_predecessors(self.store, self.worker_id, silent_for_s=3 * self.settings.heartbeat_interval_s)
         self.served_task_types = {t for types, _ in self.routes.values() for t in types}
         self.in_flight: dict[str, InFlight] = {}
         self.stopping = False

@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from db.store import open_store
+from db.models import TaskStatus
+from db.store import new_task, open_store
 from deployments.local import free_port
-
-pytestmark = pytest.mark.slow
+from deployments.recovery import identity_of, new_worker_id, requeue_predecessors, stable_identity
 
 REPO = Path(__file__).resolve().parent.parent
 SLOW_T2V = {"prompt": "slow", "model": "tiny-t2v", "resolution": "256x256", "num_inference_steps": 200,
@@ -91,16 +91,38 @@ def wait_running(client: httpx.Client, task_id: str, timeout_s: float = 60) -> d
     raise AssertionError(f"task {task_id} never started generating: {task}")
 
 
+def start_service(
+    folder: Path, port: int, command: list[str], log_name: str
+) -> tuple[subprocess.Popen, Path]:
+    log = folder / log_name
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*command, str(folder / "serve_config.yaml")],
+            cwd=REPO,
+            env=service_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return process, log
+
+
+def stop_for_good(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+GRACEFUL = [sys.executable, "-m", "deployments.serve_run"]
+PLAIN_SERVE_RUN = [str(Path(sys.executable).parent / "serve"), "run"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_hands_in_flight_tasks_back(tmp_path: Path, signum: signal.Signals):
     port = free_port()
-    config = write_config(tmp_path, port, GRACE_S)
-    log = tmp_path / "service.log"
-    command = [sys.executable, "-m", "deployments.serve_run", str(config)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=service_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    write_config(tmp_path, port, GRACE_S)
+    process, log = start_service(tmp_path, port, GRACEFUL, "service.log")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             wait_healthy(client, process, log)
@@ -115,9 +137,7 @@ def test_a_signal_hands_in_flight_tasks_back(tmp_path: Path, signum: signal.Sign
             code = process.wait(timeout=GRACE_S + 40)
             stopped_after = time.monotonic() - signalled
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_for_good(process)
 
     output = log.read_text()
     with open_store(f"sqlite:///{tmp_path / 'tasks.db'}") as store:
@@ -129,3 +149,83 @@ def test_a_signal_hands_in_flight_tasks_back(tmp_path: Path, signum: signal.Sign
     assert not (tmp_path / "files" / task_id).exists()  # no partial output
     assert code == 0, output[-3000:]
     assert stopped_after < GRACE_S + 40
+
+
+@pytest.mark.slow
+def test_a_restart_takes_back_what_a_hard_stopped_service_held(tmp_path: Path):
+    """Plain `serve run` dies on SIGTERM with the task still In Progress (Ray's SIGTERM handler exits and
+    tears the cluster down); the next start of the service requeues it at once, long before it is stale."""
+    port = free_port()
+    write_config(tmp_path, port, GRACE_S)
+    process, log = start_service(tmp_path, port, PLAIN_SERVE_RUN, "first.log")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            wait_healthy(client, process, log)
+            task_id = client.post("/tasks", json={"task_type": "t2v", "params": SLOW_T2V}).json()["id"]
+            held = wait_running(client, task_id)
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+    finally:
+        stop_for_good(process)
+    with open_store(f"sqlite:///{tmp_path / 'tasks.db'}") as store:
+        orphan = store.get(task_id)
+    assert orphan.status == TaskStatus.IN_PROGRESS and orphan.worker_id == held["worker_id"]
+
+    restarted, log = start_service(tmp_path, port, GRACEFUL, "second.log")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            wait_healthy(client, restarted, log)
+            task = client.get(f"/tasks/{task_id}").json()
+            # Released by the new incarnation at start (attempt refunded), then claimed again by it.
+            assert task["attempts"] == 1, task
+            assert task["worker_id"] != held["worker_id"]
+            assert identity_of(task["worker_id"]) == identity_of(held["worker_id"])
+            restarted.send_signal(signal.SIGTERM)
+            restarted.wait(timeout=GRACE_S + 40)
+    finally:
+        stop_for_good(restarted)
+    with open_store(f"sqlite:///{tmp_path / 'tasks.db'}") as store:
+        assert store.get(task_id).status == TaskStatus.QUEUED
+
+
+# --- the restart's requeue, on a real SQLite store ----------------------------------------------------------
+
+
+def test_requeue_predecessors_releases_only_silent_earlier_incarnations(tmp_path: Path):
+    identity = stable_identity("hwgp", host="node-a")
+    dead, alive, me = new_worker_id(identity), new_worker_id(identity), new_worker_id(identity)
+    stranger = new_worker_id(stable_identity("hwgp", host="node-b"))
+    with open_store(f"sqlite:///{tmp_path / 'tasks.db'}") as store:
+        ids = {}
+        for owner in ("dead", "alive", "stranger", "legacy", "me"):
+            ids[owner] = store.create(new_task(task_type="t2v", params={"prompt": owner})).id
+        for owner, worker in [("dead", dead), ("alive", alive), ("stranger", stranger),
+                              ("legacy", "ingress-node-a-1234-abcdef"), ("me", me)]:  # fmt: skip
+            assert store.claim_next(worker, ["t2v"], 1)[0].id == ids[owner]  # oldest first
+        time.sleep(1.2)
+        for worker, owner in [(alive, "alive"), (stranger, "stranger")]:
+            assert store.heartbeat(ids[owner], worker)  # alive ones keep heartbeating
+
+        released = requeue_predecessors(store, me, silent_for_s=1.0)
+
+        assert [task.id for task in released] == [ids["dead"]]
+        dead_task = store.get(ids["dead"])
+        assert (
+            dead_task.status == TaskStatus.QUEUED and dead_task.attempts == 0 and dead_task.worker_id is None
+        )
+        assert me in dead_task.progress_message and dead in dead_task.progress_message
+        for owner in ("alive", "stranger", "legacy", "me"):
+            assert store.get(ids[owner]).status == TaskStatus.IN_PROGRESS, owner
+        # The other node's silent rows are not ours to take, however old.
+        time.sleep(1.2)
+        assert requeue_predecessors(store, me, silent_for_s=1.0) == [store.get(ids["alive"])]
+
+
+def test_worker_ids_carry_their_identity():
+    identity = stable_identity("hwgp", host="h")
+    assert identity == "ingress-h-hwgp"
+    first, second = new_worker_id(identity), new_worker_id(identity)
+    assert first != second and identity_of(first) == identity_of(second) == identity
+    assert identity_of("ingress-h-1234-abcdef") is None
+    with pytest.raises(ValueError, match="no stable identity"):
+        requeue_predecessors(None, "ingress-h-1234-abcdef", silent_for_s=1)  # type: ignore[arg-type]
