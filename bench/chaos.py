@@ -188,7 +188,7 @@ def watch(db_url: str, ids: set[str], seen: dict[str, Watch], stop: threading.Ev
     while not stop.is_set():
         try:
             store = store or open_store(db_url)
-            for task in store.list(limit=100_000):
+            for task in store.list(limit=10_000):
                 if task.id not in ids:
                     continue
                 entry = seen.setdefault(task.id, Watch())
@@ -321,7 +321,7 @@ def judge(setup: Setup, accepted: list[dict], seen: dict[str, Watch]) -> tuple[d
     rows: dict[str, Counter] = {}
     problems: list[str] = []
     with open_store(setup.db_url) as store:
-        tasks = {task.id: task for task in store.list(limit=100_000)}
+        tasks = {task.id: task for task in store.list(limit=10_000)}
     for body in accepted:
         counts = rows.setdefault(body["task_type"], Counter())
         counts["tasks"] += 1

@@ -481,7 +481,7 @@ class Ingress:
             try:
                 saved = await asyncio.to_thread(self.storage.save, task.id, artifact)
             except StorageError as error:
-                raise TaskFailure(f"storing the output failed: {error}") from None
+                raise TaskFailure(f"storing the output failed: {error}", retryable=error.retryable) from None
             if finish is not None:
                 await asyncio.to_thread(finish, saved.output_location)
             await asyncio.to_thread(self.store.complete, task.id, saved.output_location, self.worker_id)
