@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import tempfile
@@ -309,6 +310,7 @@ class Result:
     faults: Counter
     fault_log: list[str]
     problems: list[str]  # one line per lost / double / stuck / reasonless task
+    reasons: Counter  # why the tasks that did not complete failed, ids blanked out
 
     def total(self, outcome: str) -> int:
         return sum(counts[outcome] for counts in self.rows.values())
@@ -317,9 +319,22 @@ class Result:
 OUTCOMES = ("tasks", "complete", "failed", "no_reason", "lost", "double", "stuck", "reruns")
 
 
-def judge(setup: Setup, accepted: list[dict], seen: dict[str, Watch]) -> tuple[dict[str, Counter], list[str]]:
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def reason_kind(message: str) -> str:
+    """A failure message with ids and paths blanked out, so equal causes count together."""
+    message = UUID_RE.sub("ID", message)
+    message = re.sub(r"/\S+", "PATH", message)
+    return message[:140]
+
+
+def judge(
+    setup: Setup, accepted: list[dict], seen: dict[str, Watch]
+) -> tuple[dict[str, Counter], list[str], Counter]:
     rows: dict[str, Counter] = {}
     problems: list[str] = []
+    reasons: Counter[str] = Counter()
     with open_store(setup.db_url) as store:
         tasks = {task.id: task for task in store.list(limit=10_000)}
     for body in accepted:
@@ -353,6 +368,7 @@ def judge(setup: Setup, accepted: list[dict], seen: dict[str, Watch]) -> tuple[d
                 counts["complete"] += 1
         elif status in FINAL:
             counts["failed"] += 1
+            reasons[reason_kind(task.error_message or "")] += 1
             if not (task.error_message or "").strip():
                 counts["no_reason"] += 1
                 problems.append(f"no reason {task.id} ({task.task_type}): {status} without an error_message")
@@ -360,7 +376,7 @@ def judge(setup: Setup, accepted: list[dict], seen: dict[str, Watch]) -> tuple[d
             counts["stuck"] += 1
             problems.append(f"stuck {task.id} ({task.task_type}): {status}, attempts {task.attempts}, "
                             f"{task.worker_id}, {task.progress_message}")  # fmt: skip
-    return rows, problems
+    return rows, problems, reasons
 
 
 def run_chaos(
@@ -413,11 +429,11 @@ def run_chaos(
             time.sleep(1)
         stop_watch.set()
         watcher.join()
-        rows, problems = judge(setup, accepted, seen)
+        rows, problems, reasons = judge(setup, accepted, seen)
         not_accepted = len(bodies) - len(accepted)
         if not_accepted:
             problems.append(f"{not_accepted} task(s) never accepted by the API")
-        return Result(rows, driver.injected, driver.log, problems)
+        return Result(rows, driver.injected, driver.log, problems, reasons)
 
 
 def table(result: Result) -> str:
@@ -426,7 +442,8 @@ def table(result: Result) -> str:
         lines.append(" | ".join([task_type, *(str(counts[o]) for o in OUTCOMES)]))
     lines.append(" | ".join(["**all**", *(str(result.total(o)) for o in OUTCOMES)]))
     faults = ", ".join(f"{kind} {n}" for kind, n in sorted(result.faults.items())) or "none"
-    return "\n".join([*lines, "", f"faults injected: {faults}"])
+    why = [f"  {n} x {reason}" for reason, n in result.reasons.most_common()]
+    return "\n".join([*lines, "", f"faults injected: {faults}", *(["failed because:", *why] if why else [])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in result.problems:
         print("!", line)
     if args.json:
-        args.json.write_text(json.dumps({"rows": result.rows, "faults": result.faults,
+        args.json.write_text(json.dumps({"rows": result.rows, "faults": result.faults, "reasons": result.reasons,
                                          "problems": result.problems, "fault_log": result.fault_log}, indent=1))  # fmt: skip
     bad = result.total("lost") + result.total("double") + result.total("stuck") + result.total("no_reason")
     return 0 if bad == 0 else 1
