@@ -148,7 +148,8 @@ def test_a_signal_hands_in_flight_tasks_back(tmp_path: Path, signum: signal.Sign
     assert "shut down" in (task.progress_message or "")
     assert not (tmp_path / "files" / task_id).exists()  # no partial output
     assert code == 0, output[-3000:]
-    assert stopped_after < GRACE_S + 40
+    # The grace, the hand-back, then Serve's and Ray's own teardown (about 10 s on a busy 2-core machine).
+    assert stopped_after < GRACE_S + 25, stopped_after
 
 
 @pytest.mark.slow
