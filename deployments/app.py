@@ -18,6 +18,11 @@ from deployments.multi_gpu import MultiGpuGenerationDeployment, multi_gpu_option
 
 logger = logging.getLogger("ray.serve")
 
+# On a stop, Serve force-kills a replica `graceful_shutdown_timeout_s` after asking it to stop. The
+# ingress needs `shutdown_grace_s` to let in-flight work finish plus time to hand the rest back, and a
+# family replica must outlive the ingress's grace so a generation ends by cancel rather than by a kill.
+SHUTDOWN_MARGIN_S = 10.0
+
 
 def real_models_available(config: AppConfig) -> bool:
     """True when a GPU is there and every real default model's weights resolve without a download."""
@@ -53,6 +58,7 @@ def default_models_for(config: AppConfig) -> dict[str, dict[str, str]]:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
     defaults = default_models_for(config)
+    graceful_shutdown_timeout_s = config.ingress.shutdown_grace_s + SHUTDOWN_MARGIN_S
     handles = {}
     for name, deployment in config.deployments.items():
         preload = next(iter(defaults[name].values())) if deployment.preload else None
@@ -62,12 +68,14 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 "name": name,
                 **multi_gpu_options(deployment.gpus_per_replica, cpus_per_rank=deployment.num_cpus),
                 "max_ongoing_requests": deployment.max_ongoing_requests,
+                "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
             }
         else:
             options = {
                 "name": name,
                 "max_ongoing_requests": deployment.max_ongoing_requests,
                 "ray_actor_options": {"num_gpus": deployment.num_gpus, "num_cpus": deployment.num_cpus},
+                "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
             }
         if deployment.autoscaling is not None:
             options["autoscaling_config"] = deployment.autoscaling.model_dump()
@@ -94,5 +102,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 preload=preload,
             )
     merged = {key: model for models in defaults.values() for key, model in models.items()}
-    ingress = Ingress.options(ray_actor_options={"num_cpus": config.ingress.num_cpus})
+    ingress = Ingress.options(
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
+    )
     return ingress.bind(config.model_dump(mode="json"), merged, handles)

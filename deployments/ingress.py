@@ -22,7 +22,8 @@ from db.models import Task
 from db.store import TaskStore, open_store
 from deployments.api import create_app
 from deployments.config import AppConfig
-from deployments.dispatcher import BlockingPool, Dispatcher, new_worker_id
+from deployments.dispatcher import BlockingPool, Dispatcher
+from deployments.recovery import new_worker_id, stable_identity
 from deployments.routing import Routing
 from deployments.runners import GenerationRunner, OrchestrationRunner, UtilityRunner
 from deployments.task_types import DAG_POOL, GENERATION, ORCHESTRATION, UTILITY, UTILITY_POOL
@@ -87,7 +88,9 @@ class Ingress:
         capacity[DAG_POOL] = settings.orchestration_capacity
         capacity[UTILITY_POOL] = settings.utility_capacity
         self.pool = BlockingPool(settings.threads)
-        worker_id = new_worker_id()
+        # Stable across restarts (one per app per host) plus an incarnation: the dispatcher's first
+        # maintenance takes back the tasks a killed predecessor held (deployments/recovery.py).
+        worker_id = new_worker_id(stable_identity(serve.get_replica_context().app_name))
         runners = {
             GENERATION: GenerationRunner(handles, self.routing),
             ORCHESTRATION: OrchestrationRunner(
