@@ -277,7 +277,7 @@ def _iso(timestamp: float) -> str:
 
 def finish(ctx: RunContext, run: TravelRun, output_location: str) -> None:
     """The stitch row completes with the final video; intermediate files go unless debug / skip_cleanup."""
-    ctx.store.complete(run.stitch_id, output_location, worker_id=ctx.worker_id)
+    ctx.store.complete_idempotent(run.stitch_id, output_location, worker_id=ctx.worker_id)
     if run.plan.debug or run.plan.skip_cleanup:
         return
     for row_id in run.segment_ids:

@@ -3,7 +3,8 @@
 `create_app` builds it from what it serves: the store, the output storage, routing (to check a task
 before it is written), a read-only view of the dispatcher (health, waking it, stopping a cancelled
 task) and the thread pool for blocking calls. Domain errors become responses in one place,
-`_domain_error`: `TaskNotFound` -> 404, `TaskConflict` -> 409, `InvalidTask` -> 422 naming the field.
+`_domain_error`: `TaskNotFound` -> 404, `TaskConflict` -> 409, `InvalidTask` -> 422 naming the field,
+`StoreUnavailable` -> 503 with `Retry-After`.
 
 Hooks for what comes next: `dependencies` (FastAPI dependencies run before every route: API keys,
 per-project work budgets) and the body-size limit, `BodySizeLimit`.
@@ -21,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from db.errors import StoreUnavailable
 from db.models import Task, TaskStatus
 from db.store import TaskStore, new_task
 from deployments.dispatcher import BlockingPool, DispatcherStatus
@@ -119,6 +121,12 @@ def _domain_error(_: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": [{"loc": loc, "msg": error.problem}]}, status_code=422)
     if isinstance(error, TaskConflict):
         return JSONResponse({"detail": str(error)}, status_code=409)
+    if isinstance(error, StoreUnavailable):  # the database is away for now: ask the client to come back
+        return JSONResponse(
+            {"detail": f"the task database is unavailable, retry later: {error}"},
+            status_code=503,
+            headers={"Retry-After": str(error.retry_after_s)},
+        )
     return JSONResponse({"detail": f"{type(error).__name__}: {error}"}, status_code=500)
 
 
@@ -200,7 +208,8 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        """200 while the dispatcher's loops run and the database answers; 503 otherwise."""
+        """200 while the dispatcher's loops tick and the database answers; 503 naming what is wrong
+        otherwise. Also lists queued task types nothing here serves (informational)."""
         status = dispatcher.status()
         problems = list(status.problems)
         try:
@@ -216,6 +225,8 @@ def create_app(
             "in_flight": status.in_flight,
             "capacity": status.capacity,
             "tasks": {s.value: n for s, n in counts.items()},
+            "loops": status.loops,
+            "unserved_task_types": status.unserved,
         }
         return JSONResponse(body, status_code=200 if not problems else 503)
 

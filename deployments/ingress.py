@@ -50,6 +50,12 @@ class ServeMetrics:
         )
         self.m_queue = Gauge("hwgp_queue_depth", description="Queued tasks this ingress serves.")
         self.m_in_flight = Gauge("hwgp_in_flight", description="Tasks running from this ingress.")
+        self.m_unserved = Gauge(
+            "hwgp_unserved_queued",
+            description="Queued tasks of a type this application does not serve.",
+            tag_keys=("task_type",),
+        )
+        self._unserved_types: set[str] = set()
 
     def claimed(self, task: Task) -> None:
         self.m_claimed.inc(tags={"task_type": task.task_type})
@@ -66,6 +72,15 @@ class ServeMetrics:
 
     def in_flight(self, running: int) -> None:
         self.m_in_flight.set(running)
+
+    def unserved(self, queued_by_type: dict[str, int]) -> None:
+        for task_type in (
+            self._unserved_types - queued_by_type.keys()
+        ):  # gone since: show 0, not the last count
+            self.m_unserved.set(0, tags={"task_type": task_type})
+        for task_type, queued in queued_by_type.items():
+            self.m_unserved.set(queued, tags={"task_type": task_type})
+        self._unserved_types |= queued_by_type.keys()
 
 
 @serve.deployment(max_ongoing_requests=200)
