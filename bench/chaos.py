@@ -13,8 +13,10 @@ spread over `--duration` seconds, while a fault driver repeatedly
 * `lock`: holds the database's write lock for `--lock` seconds (SQLite: `BEGIN EXCLUSIVE`; PostgreSQL:
   `LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE`);
 * `disk`: fills the storage tmpfs with a big file for `--disk-hold` seconds, then deletes it;
-* `pgrestart`: restarts PostgreSQL with `pg_ctlcluster` (only with `--db postgres`, only when asked: other
-  people's databases share that server).
+* `pgrestart`: what the service sees of a PostgreSQL restart, without restarting the shared server (other
+  people's databases live on it): the service reaches PostgreSQL through a loopback TCP proxy
+  (`hwgp_testing.TcpProxy`) that drops every connection, refuses new ones for `--pg-down` seconds, then
+  accepts again (only with `--db postgres`).
 
 It only looks at the service from outside (HTTP API, the tasks table, the storage folder), so it measures
 whatever the service's code is. At the end (faults stopped, `--settle` seconds to finish) it counts, per
@@ -43,12 +45,13 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
 
 from db.store import open_store
-from hwgp_testing import FINAL, running_app
+from hwgp_testing import FINAL, TcpProxy, running_app
 from Wan2GP.video import encode_png
 
 logger = logging.getLogger("bench.chaos")
@@ -66,11 +69,13 @@ class Setup:
     """Where the service keeps its state, and the app config that points there."""
 
     root: Path
-    db_url: str
+    db_url: str  # what the service uses (through the proxy on PostgreSQL)
+    direct_url: str  # what the observer and the lock fault use
     files: Path
     inputs: Path
     tmpfs: bool
     config: dict
+    proxy: TcpProxy | None = None
 
 
 @contextlib.contextmanager
@@ -93,23 +98,28 @@ def prepared(db: str, stale_after_s: float, storage_mb: int) -> Iterator[Setup]:
         image[10:30, 10 + 8 * i : 30 + 8 * i] = 255
         (inputs / f"anchor{i}.png").write_bytes(encode_png(image))
     schema = None
+    proxy = None
     if db == "sqlite":
-        db_url = f"sqlite:///{root / 'tasks.db'}"
+        db_url = direct_url = f"sqlite:///{root / 'tasks.db'}"
     else:
         import psycopg
 
         schema = f"chaos_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA {schema}")
-        db_url = f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
-    open_store(db_url).close()  # create the tables
+        direct_url = f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
+        parts = urlsplit(direct_url)
+        proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+        netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
+        db_url = urlunsplit(parts._replace(netloc=netloc)) + "&connect_timeout_s=2"
+    open_store(direct_url).close()  # create the tables
     family = {"num_gpus": 0.25, "num_cpus": 0.05}
     config = {
         "db": db_url,
         "storage": {"root": str(files)},
         "input_dirs": [str(inputs)],
         "models": "tiny",
-        "families": {"T2V": family, "VACE": family, "Flux": family},
+        "deployments": {"T2V": family, "VACE": family, "Flux": family},
         "ingress": {
             "heartbeat_interval_s": 1.0,
             "poll_interval_s": 0.2,
@@ -120,8 +130,10 @@ def prepared(db: str, stale_after_s: float, storage_mb: int) -> Iterator[Setup]:
         },
     }
     try:
-        yield Setup(root, db_url, files, inputs, tmpfs, config)
+        yield Setup(root, db_url, direct_url, files, inputs, tmpfs, config, proxy)
     finally:
+        if proxy is not None:
+            proxy.stop()
         if tmpfs:
             subprocess.run(["umount", "-l", str(files)], check=False)
         if schema is not None:
@@ -262,9 +274,9 @@ class FaultDriver(threading.Thread):
 
     def _lock(self) -> str:
         hold = self.rng.uniform(*self.args.lock)
-        if self.setup.db_url.startswith("sqlite"):
+        if self.setup.direct_url.startswith("sqlite"):
             conn = sqlite3.connect(
-                self.setup.db_url.removeprefix("sqlite:///"), timeout=60, isolation_level=None
+                self.setup.direct_url.removeprefix("sqlite:///"), timeout=60, isolation_level=None
             )
             conn.execute("BEGIN EXCLUSIVE")
             self.stop.wait(hold)
@@ -273,7 +285,7 @@ class FaultDriver(threading.Thread):
         else:
             import psycopg
 
-            with psycopg.connect(self.setup.db_url) as conn:
+            with psycopg.connect(self.setup.direct_url) as conn:
                 conn.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
                 self.stop.wait(hold)
                 conn.rollback()
@@ -295,10 +307,15 @@ class FaultDriver(threading.Thread):
         return f"storage full for {self.args.disk_hold:.0f} s"
 
     def _pgrestart(self) -> str:
-        clusters = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True, check=True).stdout
-        version, name = clusters.split()[:2]
-        subprocess.run(["pg_ctlcluster", version, name, "restart"], check=True, capture_output=True)
-        return f"PostgreSQL {version}/{name} restarted"
+        proxy = self.setup.proxy
+        if proxy is None:
+            raise RuntimeError("pgrestart needs --db postgres")
+        proxy.stop()  # every connection dropped, new ones refused: the server is restarting
+        try:
+            self.stop.wait(self.args.pg_down)
+        finally:
+            proxy.start()
+        return f"PostgreSQL unreachable for {self.args.pg_down:.0f} s (connections dropped, then refused)"
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -335,7 +352,7 @@ def judge(
     rows: dict[str, Counter] = {}
     problems: list[str] = []
     reasons: Counter[str] = Counter()
-    with open_store(setup.db_url) as store:
+    with open_store(setup.direct_url) as store:
         tasks = {task.id: task for task in store.list(limit=10_000)}
     for body in accepted:
         counts = rows.setdefault(body["task_type"], Counter())
@@ -389,6 +406,7 @@ def run_chaos(
     stale_after_s: float = 15,
     lock: tuple[float, float] = (20, 60),
     disk_hold: float = 20,
+    pg_down: float = 10,
     fault_every: tuple[float, float] = (5, 15),
     seed: int = 0,
     storage_mb: int = 64,
@@ -400,13 +418,13 @@ def run_chaos(
         raise ValueError("faults: pgrestart needs --db postgres")
     os.environ.setdefault("RAY_ADDRESS", "local")  # a cluster of our own, never one `ray start` left running
     rng = random.Random(seed)
-    args = argparse.Namespace(lock=lock, disk_hold=disk_hold, fault_every=fault_every)
+    args = argparse.Namespace(lock=lock, disk_hold=disk_hold, pg_down=pg_down, fault_every=fault_every)
     with prepared(db, stale_after_s, storage_mb) as setup, running_app(setup.config, num_gpus=1) as client:
         bodies = task_mix(tasks, setup.inputs, rng)
         ids = {body["task_id"] for body in bodies}
         seen: dict[str, Watch] = {}
         stop_watch = threading.Event()
-        watcher = threading.Thread(target=watch, args=(setup.db_url, ids, seen, stop_watch), daemon=True)
+        watcher = threading.Thread(target=watch, args=(setup.direct_url, ids, seen, stop_watch), daemon=True)
         watcher.start()
         driver = FaultDriver(setup, faults, rng, args)
         started = time.monotonic()
@@ -423,7 +441,7 @@ def run_chaos(
             driver.join()
         settle_deadline = time.monotonic() + settle
         while time.monotonic() < settle_deadline:
-            with contextlib.suppress(Exception), open_store(setup.db_url) as store:
+            with contextlib.suppress(Exception), open_store(setup.direct_url) as store:
                 if all(store.get(body["task_id"]).status.value in FINAL for body in accepted):
                     break
             time.sleep(1)
@@ -459,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--lock", type=float, nargs=2, default=(20, 60), metavar=("MIN", "MAX"))
     parser.add_argument("--disk-hold", type=float, default=20)
+    parser.add_argument(
+        "--pg-down", type=float, default=10, help="seconds PostgreSQL is unreachable per pgrestart"
+    )
     parser.add_argument("--fault-every", type=float, nargs=2, default=(5, 15), metavar=("MIN", "MAX"))
     parser.add_argument("--stale-after", type=float, default=15, help="the ingress's stale_after_s")
     parser.add_argument("--seed", type=int, default=0)
@@ -477,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         stale_after_s=args.stale_after,
         lock=tuple(args.lock),
         disk_hold=args.disk_hold,
+        pg_down=args.pg_down,
         fault_every=tuple(args.fault_every),
         seed=args.seed,
     )

@@ -455,6 +455,9 @@ class Dispatcher:
             tasks = await self.pool.run(self.store.claim_next, self.worker_id, task_types, free)
             for task in tasks:
                 self.metrics.claimed(task)
+                earlier = self.in_flight.get(task.id)
+                if earlier is not None:  # requeued under us (stale during an outage) and claimed again
+                    earlier.stop()
                 job = Job(self, task, pool)
                 self.in_flight[task.id] = job
                 job._run_task = run = asyncio.get_running_loop().create_task(self._run(job))
@@ -523,7 +526,8 @@ class Dispatcher:
             logger.warning("task %s: %s: %s", task.id, type(error).__name__, error)
             await self._fail(job, f"replica error: {type(error).__name__}: {error}", retryable=True)
         finally:
-            self.in_flight.pop(task.id, None)
+            if self.in_flight.get(task.id) is job:  # not a newer claim of the same row
+                del self.in_flight[task.id]
             self.metrics.in_flight(len(self.in_flight))
             self._wake.set()
 

@@ -48,7 +48,7 @@ def write_config(folder: Path, port: int, grace_s: float) -> Path:
                     "db": f"sqlite:///{folder / 'tasks.db'}",
                     "storage": {"root": str(folder / "files")},
                     "models": "tiny",
-                    "families": {"T2V": {"num_gpus": 0, "num_cpus": 0.1}},
+                    "deployments": {"T2V": {"num_gpus": 0, "num_cpus": 0.1}},
                     "ingress": {
                         "num_cpus": 0.1,
                         "heartbeat_interval_s": 0.5,
@@ -177,8 +177,13 @@ def test_a_restart_takes_back_what_a_hard_stopped_service_held(tmp_path: Path):
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             wait_healthy(client, restarted, log)
+            # Released by the new incarnation's first maintenance (attempt refunded), then claimed again
+            # by it: long before the 60 s stale_after_s.
+            deadline = time.monotonic() + 10
             task = client.get(f"/tasks/{task_id}").json()
-            # Released by the new incarnation at start (attempt refunded), then claimed again by it.
+            while task["worker_id"] in (None, held["worker_id"]) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                task = client.get(f"/tasks/{task_id}").json()
             assert task["attempts"] == 1, task
             assert task["worker_id"] != held["worker_id"]
             assert identity_of(task["worker_id"]) == identity_of(held["worker_id"])
