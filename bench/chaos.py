@@ -79,7 +79,9 @@ class Setup:
 
 
 @contextlib.contextmanager
-def prepared(db: str, stale_after_s: float, storage_mb: int) -> Iterator[Setup]:
+def prepared(
+    db: str, stale_after_s: float, storage_mb: int, busy_timeout_s: float | None = None
+) -> Iterator[Setup]:
     """A temp folder with input images, a tmpfs storage root (when mountable) and a fresh database."""
     root = Path(tempfile.mkdtemp(prefix="hwgp-chaos-"))
     files = root / "files"
@@ -100,7 +102,9 @@ def prepared(db: str, stale_after_s: float, storage_mb: int) -> Iterator[Setup]:
     schema = None
     proxy = None
     if db == "sqlite":
-        db_url = direct_url = f"sqlite:///{root / 'tasks.db'}"
+        direct_url = f"sqlite:///{root / 'tasks.db'}"
+        # A busy timeout shorter than the lock fault makes each lock an outage to every write.
+        db_url = direct_url + (f"?busy_timeout_s={busy_timeout_s:g}" if busy_timeout_s else "")
     else:
         import psycopg
 
@@ -410,6 +414,7 @@ def run_chaos(
     fault_every: tuple[float, float] = (5, 15),
     seed: int = 0,
     storage_mb: int = 64,
+    busy_timeout_s: float | None = None,
 ) -> Result:
     unknown = set(faults) - set(FAULT_KINDS)
     if unknown:
@@ -419,7 +424,10 @@ def run_chaos(
     os.environ.setdefault("RAY_ADDRESS", "local")  # a cluster of our own, never one `ray start` left running
     rng = random.Random(seed)
     args = argparse.Namespace(lock=lock, disk_hold=disk_hold, pg_down=pg_down, fault_every=fault_every)
-    with prepared(db, stale_after_s, storage_mb) as setup, running_app(setup.config, num_gpus=1) as client:
+    with (
+        prepared(db, stale_after_s, storage_mb, busy_timeout_s) as setup,
+        running_app(setup.config, num_gpus=1) as client,
+    ):
         bodies = task_mix(tasks, setup.inputs, rng)
         ids = {body["task_id"] for body in bodies}
         seen: dict[str, Watch] = {}
@@ -483,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault-every", type=float, nargs=2, default=(5, 15), metavar=("MIN", "MAX"))
     parser.add_argument("--stale-after", type=float, default=15, help="the ingress's stale_after_s")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--busy-timeout", type=float, help="the service's SQLite busy_timeout_s (default the store's, 30 s)"
+    )
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     if args.tasks < 2:
@@ -501,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         pg_down=args.pg_down,
         fault_every=tuple(args.fault_every),
         seed=args.seed,
+        busy_timeout_s=args.busy_timeout,
     )
     print(table(result))
     for line in result.fault_log:
