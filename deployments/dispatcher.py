@@ -369,10 +369,11 @@ class Dispatcher:
         self._start_loop(name)
 
     async def _supervised(self, name: str) -> None:
-        """Run one loop's step every interval; an error ends the iteration, never the loop."""
+        """Run one loop's step every interval; an error ends the iteration, never the loop. The claim loop
+        ends when stopping begins; heartbeat and maintenance go on until `stop` has handed work back."""
         step, interval_s = self._loop_steps[name]
         health = self.loops[name]
-        while not self.stopping:
+        while not (self.stopping and name == "claim"):
             try:
                 more = await step()
             except Exception as error:

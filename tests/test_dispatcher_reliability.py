@@ -277,3 +277,21 @@ async def test_a_disk_full_past_the_bound_fails_readably_and_records_nothing(
     assert "storing the output failed" in task.error_message and "No space left" in task.error_message
     assert not (small_disk / "files" / task_id / "out.mp4").exists()
     assert dispatcher.storage.find_saved(task_id) is None
+
+
+@in_loop
+async def test_heartbeats_go_on_during_the_shutdown_grace(store, tmp_path):
+    gpu = FakeGpu()
+    dispatcher = make_dispatcher(store, tmp_path, gpu, {"T2V": 1}, shutdown_grace_s=1.0)
+    task_id = store.add("t2v", {"prompt": "x"}).id
+    dispatcher.start()
+    await until(lambda: gpu.started == [task_id])
+    stopping = asyncio.ensure_future(dispatcher.stop())
+    await asyncio.sleep(0.1)
+    assert dispatcher.status().problems == ["stopping: in-flight tasks are finishing or being handed back"]
+    beat = store.get(task_id).heartbeat_at
+    await asyncio.sleep(0.5)
+    assert store.get(task_id).heartbeat_at > beat  # the claim stays fresh while the task may still finish
+    await stopping
+    task = store.get(task_id)
+    assert task.status == TaskStatus.QUEUED and task.attempts == 0 and gpu.cancelled == [task_id]
