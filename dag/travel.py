@@ -264,7 +264,7 @@ def _record_segment(ctx: RunContext, plan: TravelPlan, row_id: str, result: dict
         base = segment_filename(plan.run_id, result["index"]).removesuffix("_output.mp4")
         ctx.storage.save_bytes(row_id, result["guide"], f"{base}_guide.mp4", "video/mp4")
         ctx.storage.save_bytes(row_id, result["mask"], f"{base}_mask.mp4", "video/mp4")
-    ctx.store.complete(row_id, saved.output_location, worker_id=ctx.worker_id)
+    ctx.store.complete_idempotent(row_id, saved.output_location, worker_id=ctx.worker_id)
     if plan.debug:
         logger.info(
             "[SEGMENT_DEBUG] %s segment %d: %d frames", plan.run_id, result["index"], len(result["frames"])

@@ -144,7 +144,17 @@ class Job:
         await self._dispatcher._progress(self, step, total)
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await self._dispatcher.pool.run(fn, *args, **kwargs)
+        """Run a blocking call on the dispatcher's pool. A retryable storage error (a full disk, the
+        object store away) is retried with backoff for up to `storage_retry_s` (storage writes are
+        idempotent), so an orchestration's step outputs wait for space as a task's output does."""
+        return await self._dispatcher._retrying(
+            self,
+            f"{getattr(fn, '__name__', 'a blocking call')}",
+            _storage_retryable,
+            partial(fn, **kwargs),
+            *args,
+            within_s=self._dispatcher.settings.storage_retry_s,
+        )
 
 
 @dataclass
