@@ -295,3 +295,34 @@ async def test_heartbeats_go_on_during_the_shutdown_grace(store, tmp_path):
     await stopping
     task = store.get(task_id)
     assert task.status == TaskStatus.QUEUED and task.attempts == 0 and gpu.cancelled == [task_id]
+
+
+class SavesAStep:
+    """A runner that stores a step's output through `job.blocking`, as an orchestration's segments do."""
+
+    def __init__(self, storage: OutputStorage, step_row: str):
+        self.storage, self.step_row = storage, step_row
+
+    async def run(self, job: Job) -> RunResult:
+        step = Artifact(b"s" * 300_000, "seg00_output.mp4", "video/mp4", {})
+        await job.blocking(self.storage.save, self.step_row, step)
+        return RunResult(Artifact(b"final", "final.mp4", "video/mp4", {}), "fake")
+
+
+@in_loop
+async def test_a_step_output_on_a_full_disk_waits_for_space(store, tmp_path, small_disk, running):
+    storage = OutputStorage(StorageConfig(root=str(small_disk / "files")))
+    step_row = store.add("travel_segment", {}).id
+    runner = SavesAStep(storage, step_row)
+    dispatcher = make_dispatcher(store, tmp_path, runner, {"T2V": 1})
+    dispatcher.storage = storage
+    filler = fill(small_disk, leave_free=100_000)
+    task_id = store.add("t2v", {"prompt": "x"}).id
+    dispatcher.start()
+    running.append(dispatcher)
+    await asyncio.sleep(1.0)  # the step's save fails, and is retried
+    assert store.get(task_id).status == TaskStatus.IN_PROGRESS and storage.find_saved(step_row) is None
+    filler.unlink()
+    await until(lambda: store.get(task_id).status == TaskStatus.COMPLETE, timeout_s=15)
+    assert storage.find_saved(step_row).local_path.read_bytes() == b"s" * 300_000
+    assert store.get(task_id).attempts == 1
