@@ -16,10 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
-# Starts a local Ray cluster and the application on http://127.0.0.1:8000 (Ctrl-C stops both).
+# Starts a local Ray cluster and the application on http://127.0.0.1:8000. Ctrl-C or SIGTERM stops both
+# gracefully: in-flight tasks get shutdown_grace_s, the rest go back to the queue (deployments/serve_run.py).
 run: install
 	$(VENV)/bin/hwgp db init
-	$(VENV)/bin/serve run serve_config.yaml
+	$(PY) -m deployments.serve_run serve_config.yaml
 
 # Debian's chromium for the /ui page's browser test (Playwright drives it; no browser is downloaded).
 browser:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,3 +66,52 @@ def wait_complete(client: httpx.Client, task_id: str, timeout_s: float = 3600, p
     if task["status"] != "Complete":
         raise RuntimeError(f"task {task_id}: {task['status']}: {task.get('error_message')}")
     return task
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of PostgreSQL that can go down and come back on the same port:
+    what clients see of a server restart (connections dropped, then refused, then accepted again)."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._server: socket.socket | None = None
+        self.start()
+
+    def start(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._server.settimeout(0.1)
+        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        server.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._sockets.clear()
+
+    def _accept(self, server: socket.socket) -> None:
+        while self._server is server:
+            try:
+                client, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)

@@ -159,7 +159,7 @@ async def execute(ctx: RunContext, run: PerspectiveRun) -> Artifact:
 
 
 def finish(ctx: RunContext, run: PerspectiveRun, output_location: str) -> None:
-    ctx.store.complete(run.final_id, output_location, worker_id=ctx.worker_id)
+    ctx.store.complete_idempotent(run.final_id, output_location, worker_id=ctx.worker_id)
 
 
 def abort(ctx: RunContext, run: PerspectiveRun, message: str, cancelled: bool) -> None:

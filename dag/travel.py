@@ -326,7 +326,7 @@ def _record_segment(ctx: RunContext, plan: TravelPlan, row_id: str, result: dict
         ctx.storage.save_bytes(row_id, result["guide"], f"{base}_guide.mp4", "video/mp4")
         ctx.storage.save_bytes(row_id, result["mask"], f"{base}_mask.mp4", "video/mp4")
     report = task_result(None, result["artifact"], saved.uploaded)  # the segment's own seed, steps, timings
-    ctx.store.complete(row_id, saved.output_location, worker_id=ctx.worker_id, result=report)
+    ctx.store.complete_idempotent(row_id, saved.output_location, worker_id=ctx.worker_id, result=report)
     if plan.debug:
         logger.info(
             "[SEGMENT_DEBUG] %s segment %d: %d frames", plan.run_id, result["index"], len(result["frames"])
@@ -339,7 +339,7 @@ def _iso(timestamp: float) -> str:
 
 def finish(ctx: RunContext, run: TravelRun, output_location: str) -> None:
     """The stitch row completes with the final video; intermediate files go unless debug / skip_cleanup."""
-    ctx.store.complete(run.stitch_id, output_location, worker_id=ctx.worker_id)
+    ctx.store.complete_idempotent(run.stitch_id, output_location, worker_id=ctx.worker_id)
     if run.plan.debug or run.plan.skip_cleanup:
         return
     for row_id in run.segment_ids:

@@ -389,8 +389,9 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
-        """200 while the dispatcher's loops run and the database answers; 503 otherwise. The details
-        (worker, database, queue) only for a "*" key, or anyone when auth is off."""
+        """200 while the dispatcher's loops tick and the database answers; 503 naming what is wrong
+        otherwise. The details (worker, database, queue, loops, unserved task types) only for a "*"
+        key, or anyone when auth is off."""
         status = dispatcher.status()
         problems = list(status.problems)
         try:
@@ -412,6 +413,8 @@ def create_app(
             "in_flight": status.in_flight,
             "capacity": status.capacity,
             "tasks": {s.value: n for s, n in counts.items()},
+            "loops": status.loops,
+            "unserved_task_types": status.unserved,
         }
         return JSONResponse(body, status_code=code)
 

@@ -19,6 +19,11 @@ from deployments.multi_gpu import MultiGpuGenerationDeployment, multi_gpu_option
 
 logger = logging.getLogger("ray.serve")
 
+# On a stop, Serve force-kills a replica `graceful_shutdown_timeout_s` after asking it to stop. The
+# ingress needs `shutdown_grace_s` to let in-flight work finish plus time to hand the rest back, and a
+# family replica must outlive the ingress's grace so a generation ends by cancel rather than by a kill.
+SHUTDOWN_MARGIN_S = 10.0
+
 
 def real_models_available(config: AppConfig) -> bool:
     """True when a GPU is there and every real default model's weights resolve without a download."""
@@ -72,6 +77,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     # Listening beyond this machine without API keys is refused unless auth.mode: none says so.
     check_exposure(config.auth, serve_http_host() or config.http_host)
     defaults = default_models_for(config)
+    graceful_shutdown_timeout_s = config.ingress.shutdown_grace_s + SHUTDOWN_MARGIN_S
     handles = {}
     for name, deployment in config.deployments.items():
         preload = next(iter(defaults[name].values())) if deployment.preload else None
@@ -81,12 +87,14 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 "name": name,
                 **multi_gpu_options(deployment.gpus_per_replica, cpus_per_rank=deployment.num_cpus),
                 "max_ongoing_requests": deployment.max_ongoing_requests,
+                "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
             }
         else:
             options = {
                 "name": name,
                 "max_ongoing_requests": deployment.max_ongoing_requests,
                 "ray_actor_options": {"num_gpus": deployment.num_gpus, "num_cpus": deployment.num_cpus},
+                "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
             }
         if deployment.autoscaling is not None:
             options["autoscaling_config"] = deployment.autoscaling.model_dump()
@@ -113,5 +121,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 preload=preload,
             )
     merged = {key: model for models in defaults.values() for key, model in models.items()}
-    ingress = Ingress.options(ray_actor_options={"num_cpus": config.ingress.num_cpus})
+    ingress = Ingress.options(
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
+    )
     return ingress.bind(config.model_dump(mode="json"), merged, handles)

@@ -103,7 +103,20 @@ class IngressConfig(BaseModel):
     )
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     fail_unknown_task_types: bool = Field(
-        default=True, description="fail queued tasks no deployment serves instead of leaving them queued"
+        default=False,
+        description="fail queued tasks no deployment serves instead of leaving them queued (off: other "
+        "worker pools may share the table; unserved types show in /healthz and hwgp_unserved_queued)",
+    )
+    storage_retry_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="how long a finished artifact waits in memory for storage to take it (full disk, "
+        "object store away) before the task is requeued",
+    )
+    complete_retry_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="how long a stored output's `Complete` write is retried while the database is away",
     )
     max_request_bytes: int = Field(default=2_000_000, gt=0)
     orchestration_capacity: int = Field(default=2, ge=0, description="multi-step tasks (DAGs) run at once")

@@ -8,6 +8,16 @@ rows mirroring an orchestration's steps), requeues rows whose worker died, and o
 unfinished rows back to the queue. Every blocking store / storage call runs on its one bounded
 thread pool, never on the event loop.
 
+Reliability (docs/reliability.md): a finished artifact is never thrown away because the database or the
+disk is briefly away. It is saved (final name, with a receipt: `OutputStorage.find_saved`) before the row
+is completed; a storage error the storage calls retryable (full disk, object store away) is retried with
+the artifact in memory for up to `storage_retry_s`; `complete` is retried (idempotent, guarded by our
+worker id, so it can never complete a row twice) while the database is unavailable, until the heartbeat
+finds the row taken or `complete_retry_s` passes; a re-claimed task whose output is already stored
+completes without running again. Progress and heartbeat writes that fail are logged and retried, never
+fatal. The three loops (claim, heartbeat, maintenance) are supervised: errors are handled per iteration,
+a loop that dies is restarted, and `status().problems` names a loop that has not ticked for 3 intervals.
+
 The Ray Serve wiring (`deployments.ingress`) gives it Ray runners; tests give it plain async ones.
 """
 
@@ -21,22 +31,25 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
+from db.errors import StoreUnavailable
 from db.models import Task, TaskStatus
 from db.store import TaskStore
 from deployments.config import IngressConfig
 from deployments.errors import InvalidTask, TaskConflict
+from deployments.recovery import identity_of, requeue_predecessors
 from deployments.results import task_result
 from deployments.routing import Route, Routing
-from deployments.task_types import GENERATION
+from deployments.task_types import GENERATION, ORCHESTRATION
 from deployments.thumbnail_step import save_thumbnail
 from deployments.webhooks import without_delivery_keys
-from storage import InputError, OutputStorage, StorageError
+from storage import InputError, OutputStorage, SavedOutput, StorageError
 from Wan2GP.artifact import Artifact
 
 logger = logging.getLogger("ray.serve")
@@ -45,6 +58,19 @@ T = TypeVar("T")
 
 # The pseudo pool a generation counts on while its inputs download (it holds no deployment capacity).
 FETCHING_POOL = "Inputs"
+# How long a progress write may hold up the generation that reports it; a slower write (the database is
+# locked) carries on in the background, and later steps are not written until it ends.
+PROGRESS_WAIT_S = 1.0
+# At stop, after `shutdown_grace_s`: how long runners get to notice they were stopped, and then how long
+# the hand-back writes get. Both fit in the deployment's graceful_shutdown_timeout_s margin (app.py).
+STOP_NOTICE_S = 2.0
+HAND_BACK_S = 6.0
+# A loop is unhealthy when it has not completed an iteration for this many of its intervals (at least
+# LOOP_SILENCE_FLOOR_S, so a sub-second poll interval does not flap the health check).
+LOOP_SILENT_INTERVALS = 3
+LOOP_SILENCE_FLOOR_S = 1.0
+# Maintenance looks at this many of the newest queued rows for task types nothing here serves.
+UNSERVED_SCAN = 1000
 
 
 class TaskFailure(Exception):
@@ -87,9 +113,14 @@ class Job:
         self.waiting_for: str | None = None  # inputs fetched, waiting for this deployment's capacity
         self.started = time.monotonic()
         self.timings: dict[str, float] = {}  # seconds per stage (input_fetch, load, save): the task's result
+        # "running" (the runner has it), "storing" (saving the artifact), "completing" (writing the row):
+        # at stop, only running jobs are interrupted; the others have a finished artifact to keep.
+        self.phase = "running"
         self._dispatcher = dispatcher
         self._on_cancel: list[Callable[[], None]] = []
         self._last_progress_write = 0.0
+        self._progress_write: asyncio.Future | None = None
+        self._run_task: asyncio.Task | None = None
 
     @property
     def dropped(self) -> bool:
@@ -122,7 +153,17 @@ class Job:
         await self._dispatcher._progress(self, step, total)
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await self._dispatcher.pool.run(fn, *args, **kwargs)
+        """Run a blocking call on the dispatcher's pool. A retryable storage error (a full disk, the
+        object store away) is retried with backoff for up to `storage_retry_s` (storage writes are
+        idempotent), so an orchestration's step outputs wait for space as a task's output does."""
+        return await self._dispatcher._retrying(
+            self,
+            f"{getattr(fn, '__name__', 'a blocking call')}",
+            _storage_retryable,
+            partial(fn, **kwargs),
+            *args,
+            within_s=self._dispatcher.settings.storage_retry_s,
+        )
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -138,7 +179,7 @@ class Job:
 class RunResult:
     artifact: Artifact
     model_id: str | None = None  # for metrics
-    finish: Callable[[str], None] | None = None  # blocking; after the artifact is saved, before `Complete`
+    finish: Callable[[str], None] | None = None  # blocking, idempotent; after the save, before `Complete`
 
 
 class Runner(Protocol):
@@ -154,6 +195,7 @@ class DispatchMetrics(Protocol):
     def failed(self, task: Task) -> None: ...
     def queue_depth(self, queued: int) -> None: ...
     def in_flight(self, running: int) -> None: ...
+    def unserved(self, queued_by_type: dict[str, int]) -> None: ...
 
 
 class TaskObserver(Protocol):
@@ -170,6 +212,23 @@ class NoMetrics:
     def failed(self, task: Task) -> None: ...
     def queue_depth(self, queued: int) -> None: ...
     def in_flight(self, running: int) -> None: ...
+    def unserved(self, queued_by_type: dict[str, int]) -> None: ...
+
+
+@dataclass
+class LoopHealth:
+    """One background loop as the health check sees it."""
+
+    interval_s: float
+    last_tick: float = field(default_factory=time.monotonic)  # end of the last iteration that succeeded
+    error: str | None = None  # what the last iteration that failed raised, until one succeeds
+    restarts: int = 0
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_tick
+
+    def is_silent(self) -> bool:
+        return self.silent_for() > max(LOOP_SILENT_INTERVALS * self.interval_s, LOOP_SILENCE_FLOOR_S)
 
 
 @dataclass(frozen=True)
@@ -182,16 +241,26 @@ class DispatcherStatus:
     in_flight: dict[str, int]
     capacity: dict[str, int]
     in_flight_ids: list[str] = field(default_factory=list)
+    loops: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> silent_s, error, restarts
+    unserved: dict[str, int] = field(default_factory=dict)  # queued task types nothing here serves
 
 
 def new_worker_id() -> str:
-    """This process's name in the rows it claims."""
+    """A worker id for a dispatcher not given one (the ingress gives a stable one: deployments/recovery)."""
     return f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def failure_message(error: InvalidTask) -> str:
     """A `Failed` row's message for a task routing refused."""
     return error.problem if error.field == "params" else str(error)
+
+
+def _storage_retryable(error: Exception) -> bool:
+    return isinstance(error, StorageError) and error.retryable
+
+
+def _store_retryable(error: Exception) -> bool:
+    return isinstance(error, StoreUnavailable)
 
 
 class Dispatcher:
@@ -210,7 +279,9 @@ class Dispatcher:
         observers: Sequence[TaskObserver] = (),
     ):
         """`runners`: route kind (generation / orchestration / utility) -> runner. `capacity`: how many
-        tasks may run at once per pool of `routing.pools()`; a pool left out is not claimed from."""
+        tasks may run at once per pool of `routing.pools()`; a pool left out is not claimed from.
+        `worker_id` of the form IDENTITY/INCARNATION (`deployments.recovery.new_worker_id`) also takes
+        back, at the first maintenance, the rows an earlier incarnation left behind."""
         self.store = store
         self.storage = storage
         self.routing = routing
@@ -225,19 +296,31 @@ class Dispatcher:
         self.observers = list(observers)
         self.served_task_types = {t for types in self.pools.values() for t in types}
         self.in_flight: dict[str, Job] = {}
+        self.unserved: dict[str, int] = {}
         self.stopping = False
-        self.loop_error: str | None = None
+        self._recovered = identity_of(self.worker_id) is None  # nothing to take back without an identity
         self._wake = asyncio.Event()
-        self._loops: list[asyncio.Task] = []
+        self._loop_steps: dict[str, tuple[Callable[[], Awaitable[bool]], float]] = {
+            "claim": (self._claim_step, self.settings.poll_interval_s),
+            "heartbeat": (self._heartbeat_step, self.settings.heartbeat_interval_s),
+            "maintenance": (self._maintenance_step, self.maintenance_interval_s),
+        }
+        self.loops: dict[str, LoopHealth] = {}
+        self._loops: dict[str, asyncio.Task] = {}
         self._runs: set[asyncio.Task] = set()
         self._reserved: dict[str, int] = {}  # pool -> slots a claim in progress may fill
+
+    @property
+    def maintenance_interval_s(self) -> float:
+        return max(1.0, min(10.0, self.settings.stale_after_s / 4))
 
     # --- control ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the claim loop and the heartbeat loop on the running event loop."""
-        loop = asyncio.get_running_loop()
-        self._loops = [loop.create_task(self._sync_loop()), loop.create_task(self._heartbeat_loop())]
+        """Start the claim, heartbeat and maintenance loops on the running event loop."""
+        for name, (_, interval_s) in self._loop_steps.items():
+            self.loops[name] = LoopHealth(interval_s)
+            self._start_loop(name)
 
     def wake(self) -> None:
         """Look for work now (a task was just queued)."""
@@ -253,63 +336,128 @@ class Dispatcher:
 
     def status(self) -> DispatcherStatus:
         problems = []
-        if self._loops and self._loops[0].done():
-            problems.append(f"sync loop stopped: {self.loop_error or 'finished'}")
+        if self.stopping:
+            problems.append("stopping: in-flight tasks are finishing or being handed back")
+        else:
+            for name, health in self.loops.items():
+                if health.is_silent():
+                    problems.append(
+                        f"{name} loop has not ticked for {health.silent_for():.1f} s "
+                        f"(interval {health.interval_s:g} s): {health.error or 'iteration still running'}"
+                    )
         return DispatcherStatus(
             worker_id=self.worker_id,
-            running=bool(self._loops) and not any(loop.done() for loop in self._loops),
+            running=bool(self._loops) and not self.stopping,
             problems=problems,
             in_flight={name: self._in_flight_on(name) for name in self.pools},
             capacity=dict(self.capacity),
             in_flight_ids=list(self.in_flight),
+            loops={
+                name: {"silent_s": round(h.silent_for(), 3), "error": h.error, "restarts": h.restarts}
+                for name, h in self.loops.items()
+            },
+            unserved=dict(self.unserved),
         )
 
     async def stop(self) -> None:
-        """Graceful shutdown: stop claiming, let in-flight work finish, give the rest back."""
+        """Graceful shutdown: stop claiming, give in-flight work `shutdown_grace_s` to finish, then hand
+        every task still running back (`Queued`, attempt refunded, nothing recorded). A task whose artifact
+        is already being stored or completed gets `HAND_BACK_S` more to finish that instead."""
         self.stopping = True
         self._wake.set()
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for job in list(self.in_flight.values()):
-            job.stop(release=True)
-            await self.pool.run(
-                self.store.release, job.task.id, self.worker_id, f"requeued: {self.worker_id} shut down"
-            )
+            if job.phase == "running":
+                job.stop(release=True)  # its run hands the row back (`_hand_back`)
         if self._runs:
-            await asyncio.wait(self._runs, timeout=5)
-        for loop in self._loops:
+            await asyncio.wait(self._runs, timeout=STOP_NOTICE_S)
+        for job in list(self.in_flight.values()):
+            if job.phase == "running" and job._run_task is not None:
+                job._run_task.cancel()  # a runner that ignored the stop: its run hands the row back
+        if self._runs:
+            await asyncio.wait(self._runs, timeout=HAND_BACK_S)
+        for run in list(self._runs):  # a store write still retrying: the row is left for recovery
+            run.cancel()
+        if self._runs:
+            await asyncio.wait(self._runs, timeout=1.0)
+        for loop in self._loops.values():
             loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await asyncio.gather(*self._loops.values(), return_exceptions=True)
         if self._owns_pool:  # a pool given to us is closed by whoever made it
             self.pool.close()
 
-    # --- loops -----------------------------------------------------------------------------------
+    # --- supervised loops ------------------------------------------------------------------------
+
+    def _start_loop(self, name: str) -> None:
+        loop = asyncio.get_running_loop().create_task(self._supervised(name), name=f"hwgp-{name}-loop")
+        self._loops[name] = loop
+        loop.add_done_callback(partial(self._loop_ended, name))
+
+    def _loop_ended(self, name: str, loop: asyncio.Task) -> None:
+        """A loop only ends at stop; one that died otherwise (cancelled by accident, a BaseException) is
+        restarted."""
+        if self.stopping:
+            return
+        reason = "cancelled" if loop.cancelled() else repr(loop.exception() or "returned")
+        health = self.loops[name]
+        health.restarts += 1
+        health.error = f"loop died ({reason}); restarted"
+        logger.error("%s loop died (%s); restarting it (restart %d)", name, reason, health.restarts)
+        self._start_loop(name)
+
+    async def _supervised(self, name: str) -> None:
+        """Run one loop's step every interval; an error ends the iteration, never the loop. The claim loop
+        ends when stopping begins; heartbeat and maintenance go on until `stop` has handed work back."""
+        step, interval_s = self._loop_steps[name]
+        health = self.loops[name]
+        while not (self.stopping and name == "claim"):
+            try:
+                more = await step()
+            except Exception as error:
+                health.error = f"{type(error).__name__}: {error}"
+                logger.warning("%s loop iteration failed: %s", name, health.error, exc_info=True)
+                await asyncio.sleep(interval_s)
+                continue
+            health.last_tick = time.monotonic()
+            health.error = None
+            if more:
+                continue
+            if name == "claim":  # woken early when a task is queued or a run ends
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=interval_s)
+                self._wake.clear()
+            else:
+                await asyncio.sleep(interval_s)
+
+    async def _claim_step(self) -> bool:
+        return await self.claim() > 0
+
+    async def _heartbeat_step(self) -> bool:
+        await self.heartbeat()
+        return False
+
+    async def _maintenance_step(self) -> bool:
+        await self.maintenance()
+        return False
+
+    # --- the loops' steps ------------------------------------------------------------------------
 
     def _in_flight_on(self, pool: str) -> int:
         return sum(1 for job in self.in_flight.values() if job.pool == pool)
 
-    async def _sync_loop(self) -> None:
-        maintenance_every = max(1.0, min(10.0, self.settings.stale_after_s / 4))
-        last_maintenance = 0.0
-        while not self.stopping:
-            try:
-                if time.monotonic() - last_maintenance > maintenance_every:
-                    await self.maintenance()
-                    last_maintenance = time.monotonic()
-                claimed = await self.claim()
-                self.loop_error = None
-                if not claimed:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout=self.settings.poll_interval_s)
-                    self._wake.clear()
-            except Exception as error:  # keep the loop alive through a database hiccup
-                self.loop_error = f"{type(error).__name__}: {error}"
-                logger.exception("sync loop iteration failed")
-                await asyncio.sleep(self.settings.poll_interval_s)
-
     async def maintenance(self) -> None:
-        """Requeue rows whose worker died; fail queued rows nobody serves; report the queue depth."""
+        """Take back rows a killed predecessor left (once), requeue rows whose worker died, count (or,
+        with `fail_unknown_task_types`, fail) queued rows nobody here serves, report the queue depth."""
+        if not self._recovered:
+            await self.pool.run(
+                requeue_predecessors,
+                self.store,
+                self.worker_id,
+                silent_for_s=3 * self.settings.heartbeat_interval_s,
+            )
+            self._recovered = True
         changed = await self.pool.run(
             self.store.requeue_stale, self.settings.stale_after_s, self.settings.max_attempts
         )
@@ -318,18 +466,23 @@ class Dispatcher:
                 "task %s -> %s (%s)", task.id, task.status.value, task.error_message or task.progress_message
             )
             self._notify(task)
+        queued = await self.pool.run(self.store.list, status=TaskStatus.QUEUED, limit=UNSERVED_SCAN)
+        unserved = [
+            task
+            for task in queued
+            if task.task_type not in self.served_task_types and not self.routing.is_managed(task.task_type)
+        ]
         if self.settings.fail_unknown_task_types:
-            queued = await self.pool.run(self.store.list, status=TaskStatus.QUEUED, limit=1000)
-            for task in queued:
-                if task.task_type not in self.served_task_types and not self.routing.is_managed(
-                    task.task_type
-                ):
-                    message = (
-                        f"task_type {task.task_type!r} is not served by this application; "
-                        f"served: {', '.join(sorted(self.served_task_types))}"
-                    )
-                    self._notify(await self.pool.run(self.store.fail, task.id, message))
-                    self.metrics.failed(task)
+            for task in unserved:
+                message = (
+                    f"task_type {task.task_type!r} is not served by this application; "
+                    f"served: {', '.join(sorted(self.served_task_types))}"
+                )
+                self._notify(await self.pool.run(self.store.fail, task.id, message))
+                self.metrics.failed(task)
+            unserved = []
+        self.unserved = dict(Counter(task.task_type for task in unserved))
+        self.metrics.unserved(self.unserved)
         counts = await self.pool.run(self.store.count_by_status, sorted(self.served_task_types))
         self.metrics.queue_depth(counts[TaskStatus.QUEUED])
 
@@ -349,15 +502,37 @@ class Dispatcher:
                 self._reserved.pop(pool, None)
             for task in tasks:
                 self.metrics.claimed(task)
+                earlier = self.in_flight.get(task.id)
+                if earlier is not None:  # requeued under us (stale during an outage) and claimed again
+                    earlier.stop()
                 self._notify(task)
                 job = Job(self, without_delivery_keys(task), pool)  # runners never see webhook_url
                 self.in_flight[task.id] = job
-                run = asyncio.get_running_loop().create_task(self._run(job))
+                job._run_task = run = asyncio.get_running_loop().create_task(self._run(job))
                 self._runs.add(run)
                 run.add_done_callback(self._runs.discard)
             claimed += len(tasks)
         self.metrics.in_flight(len(self.in_flight))
         return claimed
+
+    async def heartbeat(self) -> None:
+        """Heartbeat every in-flight row and its mirror rows; stop a task whose row is no longer ours.
+        Every row is tried; then the iteration fails (and the loop does not tick) if any write failed."""
+        failures = []
+        for job in list(self.in_flight.values()):
+            for row_id in [job.task.id, *job.child_rows]:  # only rows In Progress for us are touched
+                try:
+                    alive = await self.pool.run(self.store.heartbeat, row_id, self.worker_id)
+                except Exception as error:  # retried at the next beat; the run carries on
+                    failures.append(f"{row_id}: {type(error).__name__}: {error}")
+                    continue
+                if row_id == job.task.id and not alive:  # cancelled or requeued: stop the generation
+                    job.stop()
+                    break
+        if failures:
+            raise StoreUnavailable(f"{len(failures)} heartbeat write(s) failed; first: {failures[0]}")
+
+    # --- one task --------------------------------------------------------------------------------
 
     async def _run(self, job: Job) -> None:
         """Produce the task's artifact on its route, store it, complete the row; or fail / requeue it."""
@@ -369,6 +544,12 @@ class Dispatcher:
                 raise TaskFailure(failure_message(error)) from None
             job.pool = job.route.pool  # a re-routed generation counts on the deployment it really runs on
             job.model_id = job.route.model_id or task.task_type
+            if job.route.kind != ORCHESTRATION:  # an orchestration resumes its own rows instead
+                saved = await self.pool.run(self.storage.find_saved, task.id)
+                if saved is not None:  # an earlier attempt stored it, then could not complete the row
+                    logger.info("task %s: output already stored at %s", task.id, saved.output_location)
+                    await self._complete(job, saved, None)
+                    return
             if job.route.kind == GENERATION:
                 await self._fetch_inputs(job)
             result = await self.runners[job.route.kind].run(job)
@@ -377,32 +558,31 @@ class Dispatcher:
             # --- thumbnail (issue 20): stored beside the output, `thumbnail_url` in its metadata ---
             await self.pool.run(save_thumbnail, self.storage, task.id, result.artifact)
             # ---
-            try:
-                with job.timed("save"):
-                    saved = await self.pool.run(self.storage.save, task.id, result.artifact)
-            except StorageError as error:
-                raise TaskFailure(f"storing the output failed: {error}") from None
+            with job.timed("save"):
+                saved = await self._save(job, result.artifact)
             if result.finish is not None:
-                await self.pool.run(result.finish, saved.output_location)
-            report = task_result(task, result.artifact, saved.uploaded, job.timings)
-            done = await self.pool.run(
-                self.store.complete, task.id, saved.output_location, self.worker_id, report
-            )
-            self._notify(done)
+                await self._retrying(job, "finishing", _store_retryable, result.finish, saved.output_location)
+            await self._complete(job, saved, task_result(task, result.artifact, saved.uploaded, job.timings))
             self.metrics.completed(task, time.monotonic() - job.started, result.model_id or job.model_id)
         except TaskFailure as failure:
             await self._fail(job, str(failure), retryable=failure.retryable)
         except (asyncio.CancelledError, RunCancelled, TaskConflict):
             if not job.cancelled:  # we are shutting down: give the task back
-                await self.pool.run(
-                    self.store.release, task.id, self.worker_id, f"requeued: {self.worker_id} shut down"
-                )
+                await self._hand_back(job)
+        except StoreUnavailable as error:  # the database stayed away past every retry
+            logger.error(
+                "task %s: the database stayed unavailable (%s); the row is left In Progress for the stale "
+                "requeue or the next start, and a stored output completes it without running again",
+                task.id,
+                error,
+            )
         except Exception as error:  # the replica died or the cluster lost it: the task may run again
             logger.warning("task %s: %s: %s", task.id, type(error).__name__, error)
             # The owner sees what kind of fault it was; the details (node, process) are in the log above.
             await self._fail(job, f"replica error: {type(error).__name__}", retryable=True)
         finally:
-            self.in_flight.pop(task.id, None)
+            if self.in_flight.get(task.id) is job:  # not a newer claim of the same row
+                del self.in_flight[task.id]
             self.metrics.in_flight(len(self.in_flight))
             self._wake.set()
 
@@ -442,23 +622,114 @@ class Dispatcher:
             await asyncio.sleep(0.05)
         job.pool, job.waiting_for = deployment, None
 
+    async def _save(self, job: Job, artifact: Artifact) -> SavedOutput:
+        """Store the artifact under its final name, retrying a retryable storage error (full disk, object
+        store away) with the artifact in memory for up to `storage_retry_s`."""
+        job.phase = "storing"
+        try:
+            return await self._retrying(
+                job,
+                "storing the output",
+                _storage_retryable,
+                self.storage.save,
+                job.task.id,
+                artifact,
+                within_s=self.settings.storage_retry_s,
+            )
+        except StorageError as error:
+            raise TaskFailure(f"storing the output failed: {error}", retryable=error.retryable) from None
+
+    async def _complete(self, job: Job, saved: SavedOutput, result: dict[str, Any] | None) -> None:
+        """Mark the row `Complete`, retrying while the database is unavailable. Idempotent and guarded by
+        our worker id: a retry after a lost reply is recognised, and a row taken from us is never
+        completed (TaskConflict)."""
+        job.phase = "completing"
+        done = await self._retrying(
+            job,
+            "completing the row",
+            _store_retryable,
+            self.store.complete_idempotent,
+            job.task.id,
+            saved.output_location,
+            self.worker_id,
+            result,
+            within_s=self.settings.complete_retry_s,
+        )
+        self._notify(done)
+
+    async def _retrying(
+        self,
+        job: Job,
+        what: str,
+        retryable: Callable[[Exception], bool],
+        fn: Callable[..., T],
+        *args: Any,
+        within_s: float | None = None,
+    ) -> T:
+        """`fn(*args)` on the pool, retried with backoff (0.25 s doubling to 10 s) while its error is
+        `retryable`, the row is still ours (the heartbeat has not found it taken) and `within_s` (default
+        `complete_retry_s`) has not passed. Raises the last error, or RunCancelled when the row was taken."""
+        deadline = time.monotonic() + (self.settings.complete_retry_s if within_s is None else within_s)
+        delay = 0.25
+        while True:
+            try:
+                return await self.pool.run(fn, *args)
+            except Exception as error:
+                if not retryable(error):
+                    raise
+                if job.cancelled:
+                    raise RunCancelled from error
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("task %s: %s failed, retrying in %.2f s: %s", job.task.id, what, delay, error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _hand_back(self, job: Job) -> None:
+        """Release the row to `Queued` without spending an attempt (we are stopping)."""
+        reason = f"requeued: {self.worker_id} shut down"
+        try:
+            await self._retrying(
+                job, "handing the task back", _store_retryable, self.store.release, job.task.id,
+                self.worker_id, reason, within_s=HAND_BACK_S,
+            )  # fmt: skip
+        except StoreUnavailable as error:
+            logger.error(
+                "task %s could not be handed back (%s); the next start (recovery) or the stale requeue "
+                "takes it back",
+                job.task.id,
+                error,
+            )
+
     async def _fail(self, job: Job, message: str, retryable: bool) -> None:
         try:
-            task = await self.pool.run(
-                self.store.fail,
+            task = await self._retrying(
+                job,
+                "recording the failure",
+                _store_retryable,
+                partial(
+                    self.store.fail,
+                    worker_id=self.worker_id,
+                    retryable=retryable,
+                    max_attempts=self.settings.max_attempts,
+                ),
                 job.task.id,
                 message,
-                worker_id=self.worker_id,
-                retryable=retryable,
-                max_attempts=self.settings.max_attempts,
             )
-        except TaskConflict:
+        except (TaskConflict, RunCancelled):
             return  # cancelled or requeued meanwhile: nothing of ours to record
+        except StoreUnavailable as error:
+            logger.error(
+                "task %s: recording %r failed: %s; the stale requeue retries it", job.task.id, message, error
+            )
+            return
         self._notify(task)
         if task.status == TaskStatus.FAILED:
             self.metrics.failed(job.task)
 
     async def _progress(self, job: Job, step: int, total: int) -> None:
+        """Write progress (a heartbeat too) without ever failing or long stalling the run: a write that
+        fails is logged and the next step writes again; a slow one finishes in the background."""
         now = time.monotonic()
         eta = (now - job.started) / max(step, 1) * (total - step)
         # Denoising is most of the work; decoding and saving come after the last step.
@@ -475,11 +746,24 @@ class Dispatcher:
             self._tell(observer.task_progress, job.task.id, progress)
         if now - job._last_progress_write < self.settings.progress_interval_s and step < total:
             return
+        if job._progress_write is not None and not job._progress_write.done():
+            return  # the previous write is still waiting for the database
         job._last_progress_write = now
-        still_ours = await self.pool.run(
-            self.store.set_progress, job.task.id, self.worker_id, fraction, message
+        write = asyncio.ensure_future(
+            self.pool.run(self.store.set_progress, job.task.id, self.worker_id, fraction, message)
         )
-        if not still_ours:
+        job._progress_write = write
+        write.add_done_callback(partial(self._progress_written, job))
+        await asyncio.wait([write], timeout=PROGRESS_WAIT_S)
+
+    def _progress_written(self, job: Job, write: asyncio.Future) -> None:
+        if write.cancelled():
+            return
+        error = write.exception()
+        if error is not None:
+            job._last_progress_write = 0.0  # write again at the next step
+            logger.warning("task %s: progress write failed (written again later): %s", job.task.id, error)
+        elif write.result() is False:  # the row is no longer ours: cancelled or requeued
             job.stop()
 
     def _notify(self, task: Task) -> None:
@@ -492,21 +776,3 @@ class Dispatcher:
             hook(*args)
         except Exception:  # an observer's bug must not fail the task
             logger.exception("task observer %r failed", hook)
-
-    async def _heartbeat_loop(self) -> None:
-        while not self.stopping:
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
-            await self.heartbeat()
-
-    async def heartbeat(self) -> None:
-        """Heartbeat every in-flight row and its mirror rows; stop a task whose row is no longer ours."""
-        for job in list(self.in_flight.values()):
-            try:
-                alive = await self.pool.run(self.store.heartbeat, job.task.id, self.worker_id)
-            except Exception:
-                logger.exception("heartbeat for %s failed", job.task.id)
-                continue
-            if not alive:  # cancelled (or requeued by another ingress): stop the generation
-                job.stop()
-            for row_id in job.child_rows:  # only rows In Progress for us are touched
-                await self.pool.run(self.store.heartbeat, row_id, self.worker_id)

@@ -23,8 +23,9 @@ from db.store import TaskStore, open_store
 from deployments.api import create_app
 from deployments.auth import open_keys
 from deployments.config import AppConfig
-from deployments.dispatcher import BlockingPool, Dispatcher, new_worker_id
+from deployments.dispatcher import BlockingPool, Dispatcher
 from deployments.events import EventBus
+from deployments.recovery import new_worker_id, stable_identity
 from deployments.routing import Routing
 from deployments.runners import GenerationRunner, OrchestrationRunner, UtilityRunner
 from deployments.task_types import DAG_POOL, GENERATION, ORCHESTRATION, UTILITY, UTILITY_POOL
@@ -52,6 +53,12 @@ class ServeMetrics:
         )
         self.m_queue = Gauge("hwgp_queue_depth", description="Queued tasks this ingress serves.")
         self.m_in_flight = Gauge("hwgp_in_flight", description="Tasks running from this ingress.")
+        self.m_unserved = Gauge(
+            "hwgp_unserved_queued",
+            description="Queued tasks of a type this application does not serve.",
+            tag_keys=("task_type",),
+        )
+        self._unserved_types: set[str] = set()
 
     def claimed(self, task: Task) -> None:
         self.m_claimed.inc(tags={"task_type": task.task_type})
@@ -68,6 +75,15 @@ class ServeMetrics:
 
     def in_flight(self, running: int) -> None:
         self.m_in_flight.set(running)
+
+    def unserved(self, queued_by_type: dict[str, int]) -> None:
+        for task_type in (
+            self._unserved_types - queued_by_type.keys()
+        ):  # gone since: show 0, not the last count
+            self.m_unserved.set(0, tags={"task_type": task_type})
+        for task_type, queued in queued_by_type.items():
+            self.m_unserved.set(queued, tags={"task_type": task_type})
+        self._unserved_types |= queued_by_type.keys()
 
 
 @serve.deployment(max_ongoing_requests=200)
@@ -99,7 +115,9 @@ class Ingress:
         capacity[DAG_POOL] = settings.orchestration_capacity
         capacity[UTILITY_POOL] = settings.utility_capacity
         self.pool = BlockingPool(settings.threads)
-        worker_id = new_worker_id()
+        # Stable across restarts (one per app per host) plus an incarnation: the dispatcher's first
+        # maintenance takes back the tasks a killed predecessor held (deployments/recovery.py).
+        worker_id = new_worker_id(stable_identity(serve.get_replica_context().app_name))
         runners = {
             GENERATION: GenerationRunner(handles, self.routing),
             ORCHESTRATION: OrchestrationRunner(

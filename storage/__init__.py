@@ -5,6 +5,7 @@ Typical use by the ingress::
     storage = OutputStorage.from_env()                 # or OutputStorage(StorageConfig(...))
     saved = storage.save(task_id, artifact)            # SavedOutput(local_path, output_location, uploaded)
     storage.resolve_local(saved.output_location)       # -> Path of the local copy, or None
+    storage.find_saved(task_id)                        # -> the SavedOutput an earlier save stored, or None
 
     fetcher = InputFetcher(allowed_dirs=["inputs"], cache_dir="cache/inputs", outputs=storage,
                            input_url_allow=["minio.internal:9000"])
@@ -16,7 +17,7 @@ which URLs may be fetched and how: :mod:`storage.url_guard`, :mod:`storage.guard
 """
 
 from .config import S3Settings, StorageConfig, SupabaseSettings
-from .errors import InputError, StorageError
+from .errors import InputError, StorageError, StorageUnavailable
 from .inputs import InputFetcher, InputSettings, content_type_allowed, kind_for_field
 from .names import sanitize_filename, validate_task_id
 from .outputs import OutputStorage, SavedOutput, atomic_write_bytes
@@ -32,6 +33,7 @@ __all__ = [
     "SavedOutput",
     "StorageConfig",
     "StorageError",
+    "StorageUnavailable",
     "SupabaseSettings",
     "atomic_write_bytes",
     "backoff_delays",

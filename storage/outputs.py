@@ -9,22 +9,37 @@
 
 The local copy is always kept, so outputs can be streamed or fed to dependent tasks without a
 download; :meth:`OutputStorage.resolve_local` maps any of these locations back to it.
+
+Reliability contract (what the dispatcher relies on to keep an artifact until its row is ``Complete``):
+
+* A file under an output's name is always complete (temp file, fsync, rename; the temp file is removed
+  when the write fails). A failed local write raises :class:`~storage.errors.StorageUnavailable`
+  (``retryable=True``); a failed upload raises ``StorageError(retryable=True)`` and keeps the local file.
+* :meth:`OutputStorage.save` records a receipt (``{root}/.receipts/{task_id}.json``) once the output is
+  fully stored (written, and uploaded when a backend is configured). Saving the same bytes under the
+  same task id and filename again returns the same location without rewriting or re-uploading.
+* :meth:`OutputStorage.find_saved` returns that fully stored output, so a re-claimed task whose
+  artifact was stored by an earlier attempt can complete without generating again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import itertools
+import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from .config import StorageConfig
-from .errors import StorageError
+from .errors import StorageError, StorageUnavailable
 from .names import sanitize_filename, validate_task_id
 from .uploaders import S3Uploader
 
@@ -44,6 +59,11 @@ class SavedOutput:
     local_path: Path
     output_location: str
     uploaded: bool
+
+
+# Receipts of fully stored outputs live in {root}/.receipts/{task_id}.json: a leading dot is never a
+# task id, so the folder cannot collide with a task's outputs, and task folders hold only outputs.
+RECEIPTS_DIR = ".receipts"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -116,35 +136,136 @@ class OutputStorage:
         return f"{self.config.location_prefix}/{validate_task_id(task_id)}/{sanitize_filename(filename)}"
 
     def save(self, task_id: str, artifact: ArtifactLike) -> SavedOutput:
-        """Save ``artifact`` locally, then upload it if a backend is configured.
+        """Store ``artifact`` as the output of ``task_id``: locally, then uploaded if a backend is configured.
 
-        Raises StorageError when the task id is invalid, the disk write fails, or every upload attempt
-        failed; in the last case the local file is kept and named in ``error.local_path``.
+        Idempotent: when the same bytes are already fully stored under the same name (an earlier
+        attempt, or a retry after a failed ``complete``), returns the same location without writing or
+        uploading again. When only the upload was missing, only the upload runs.
+
+        Raises StorageError: not retryable for an invalid task id; ``StorageUnavailable`` (retryable)
+        when the disk write fails; retryable with ``local_path`` set when every upload attempt failed.
         """
-        return self.save_bytes(task_id, artifact.data, artifact.filename, artifact.media_type)
+        name = sanitize_filename(artifact.filename, artifact.media_type)
+        path = self._output_path(task_id, name)
+        digest = hashlib.sha256(artifact.data).hexdigest()
+        stored = self.find_saved(task_id)
+        if (
+            stored is not None
+            and stored.local_path == path
+            and self._receipt(task_id).get("sha256") == digest
+        ):
+            logger.info("output %s of task %s is already stored at %s", name, task_id, stored.output_location)
+            return stored
+        # A different output (a regenerated video) replaces the file; the old receipt then no longer
+        # matches its bytes, so find_saved ignores it until the new receipt is written.
+        saved = self._store(path, artifact.data, artifact.media_type)
+        self._write_receipt(saved, digest, len(artifact.data))
+        return saved
 
     async def asave(self, task_id: str, artifact: ArtifactLike) -> SavedOutput:
         return await asyncio.to_thread(self.save, task_id, artifact)
 
+    async def asave_retrying(
+        self, task_id: str, artifact: ArtifactLike, *, within_s: float, base_delay: float = 0.5
+    ) -> SavedOutput:
+        """:meth:`asave`, retried with backoff (``base_delay`` doubling up to 10 s) while the error is
+        retryable and ``within_s`` seconds have not passed; the artifact stays in memory meanwhile.
+        Raises the last StorageError. Cancel the call to give up early (e.g. when the claim is lost)."""
+        deadline = time.monotonic() + within_s
+        for attempt in itertools.count():
+            try:
+                return await self.asave(task_id, artifact)
+            except StorageError as error:
+                delay = min(base_delay * 2**attempt, 10.0)
+                if not error.retryable or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning(
+                    "saving the output of task %s failed, retrying in %.1f s: %s", task_id, delay, error
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # itertools.count never ends
+
     def save_bytes(self, task_id: str, data: bytes, filename: str, media_type: str) -> SavedOutput:
+        """Store an extra file of ``task_id`` (a debug video, a side output): like :meth:`save`, but it is
+        not recorded as the task's output (no receipt), and uploaded again on every call."""
+        path = self._output_path(task_id, sanitize_filename(filename, media_type))
+        return self._store(path, data, media_type)
+
+    def _output_path(self, task_id: str, name: str) -> Path:
         try:
             validate_task_id(task_id)
         except ValueError as error:
             raise StorageError(str(error)) from error
-        name = sanitize_filename(filename, media_type)
-        path = self.root / task_id / name
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, data)
-        except OSError as error:
-            raise StorageError(f"saving output {name} of task {task_id} to {path} failed: {error}") from error
-        logger.info("saved output of task %s to %s (%d bytes)", task_id, path, len(data))
+        return self.root / task_id / name
 
+    def _store(self, path: Path, data: bytes, media_type: str) -> SavedOutput:
+        """Write ``path`` unless it already holds exactly ``data``, then upload it when configured."""
+        task_id, name = path.parent.name, path.name
+        if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, data)
+            except OSError as error:
+                raise StorageUnavailable(
+                    f"saving output {name} of task {task_id} to {path} failed: {error}", errno=error.errno
+                ) from error
+            logger.info("saved output of task %s to %s (%d bytes)", task_id, path, len(data))
         if self.uploader is None:
             return SavedOutput(path, f"{self.config.location_prefix}/{task_id}/{name}", uploaded=False)
         location = self.uploader.upload(path, self.uploader.key_for(task_id, name), media_type)
         logger.info("uploaded output of task %s to %s", task_id, location)
         return SavedOutput(path, location, uploaded=True)
+
+    # --- receipts: which output of a task is fully stored -----------------------------------------
+
+    def _receipt_path(self, task_id: str) -> Path:
+        return self.root / RECEIPTS_DIR / f"{validate_task_id(task_id)}.json"
+
+    def _receipt(self, task_id: str) -> dict[str, Any]:
+        try:
+            receipt = json.loads(self._receipt_path(task_id).read_text())
+        except (OSError, ValueError):
+            return {}
+        return receipt if isinstance(receipt, dict) else {}
+
+    def _write_receipt(self, saved: SavedOutput, digest: str, size: int) -> None:
+        receipt = {
+            "filename": saved.local_path.name,
+            "sha256": digest,
+            "size": size,
+            "output_location": saved.output_location,
+            "uploaded": saved.uploaded,
+        }
+        path = self._receipt_path(saved.local_path.parent.name)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, json.dumps(receipt).encode())
+        except OSError as error:
+            # The output itself is stored; without a receipt a later save only repeats the work.
+            logger.warning("could not record the receipt of %s: %s", saved.local_path, error)
+
+    def find_saved(self, task_id: str) -> SavedOutput | None:
+        """The output an earlier :meth:`save` of ``task_id`` fully stored, or None.
+
+        Fully stored: the receipt names a local file that is still there with the recorded bytes
+        (sha256 checked), and it was uploaded when an upload backend is configured now.
+        """
+        receipt = self._receipt(task_id)
+        filename = receipt.get("filename")
+        if not isinstance(filename, str) or sanitize_filename(filename) != filename:
+            return None
+        path = self.root / task_id / filename
+        uploaded = bool(receipt.get("uploaded"))
+        if self.uploader is not None and not uploaded:
+            return None
+        try:
+            if path.stat().st_size != receipt.get("size"):
+                return None
+            if hashlib.sha256(path.read_bytes()).hexdigest() != receipt.get("sha256"):
+                return None
+        except OSError:
+            return None
+        return SavedOutput(path, str(receipt["output_location"]), uploaded=uploaded)
 
     # --- finding outputs again ----------------------------------------------------------------------
 

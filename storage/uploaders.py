@@ -149,7 +149,7 @@ class S3Uploader:
     def upload(self, local_path: Path, key: str, media_type: str) -> str:
         """Upload ``local_path`` as ``key`` with retries; return its ``output_location``.
 
-        Raises StorageError after the last failed attempt, naming the object and the reason.
+        Raises StorageError (retryable) after the last failed attempt, naming the object and the reason.
         """
         path = f"{self.bucket}/{key}"
         # Read first: a read error after opening the stream would publish a truncated object.
@@ -157,7 +157,7 @@ class S3Uploader:
             data = Path(local_path).read_bytes()
         except OSError as error:
             raise StorageError(
-                f"reading {local_path} for upload failed: {error}", local_path=local_path
+                f"reading {local_path} for upload failed: {error}", local_path=local_path, retryable=True
             ) from error
 
         def put() -> None:
@@ -194,6 +194,7 @@ class S3Uploader:
                 f"upload of {local_path.name} to s3://{path} failed after {self.attempts} attempt(s): {error}",
                 local_path=local_path,
                 attempts=self.attempts,
+                retryable=True,  # the object store may be back later; the local file is kept
             ) from error
         return self.location_for(key)
 

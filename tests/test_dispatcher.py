@@ -296,22 +296,34 @@ async def test_stop_lets_work_that_ends_within_the_grace_period_complete(store, 
 
 
 @in_loop
-async def test_rows_written_directly_are_checked_at_claim_and_unknown_types_fail(store, tmp_path, running):
+async def test_rows_written_directly_are_checked_at_claim_and_unknown_types_are_reported(
+    store, tmp_path, running
+):
     gpu = FakeGpu()
     gpu.go.set()
     dispatcher = make_dispatcher(store, tmp_path, gpu, {"T2V": 1, UTILITY_POOL: 1})
     bad = store.add("t2v", {"resolution": "abc"}).id
     bad_model = store.add("t2v", {"model": "no-such-model"}).id
-    unknown = store.add("hunyuan", {}).id
+    unknown = [store.add("hunyuan", {}).id, store.add("hunyuan", {}).id, store.add("qwen_image_edit", {}).id]
     mirror = store.add("travel_segment", {}).id
     dispatcher.start()
     running.append(dispatcher)
-    await until(lambda: all(store.get(i).status.is_final for i in (bad, bad_model, unknown)))
+    await until(lambda: all(store.get(i).status.is_final for i in (bad, bad_model)))
     assert "resolution" in store.get(bad).error_message
     assert "no-such-model" in store.get(bad_model).error_message
-    assert "not served" in store.get(unknown).error_message
+    # another worker pool sharing the table may serve them: left queued, reported (healthz, metrics)
+    await until(lambda: dispatcher.status().unserved == {"hunyuan": 2, "qwen_image_edit": 1})
+    assert all(store.get(i).status == TaskStatus.QUEUED for i in unknown)
     assert store.get(mirror).status == TaskStatus.QUEUED  # driven by its orchestrator, never failed here
     assert gpu.started == []
+
+    await dispatcher.stop()
+    failing = make_dispatcher(store, tmp_path, gpu, {"T2V": 1}, fail_unknown_task_types=True)
+    failing.start()
+    running.append(failing)
+    await until(lambda: all(store.get(i).status.is_final for i in unknown))
+    assert all("not served" in store.get(i).error_message for i in unknown)
+    assert failing.status().unserved == {} and store.get(mirror).status == TaskStatus.QUEUED
 
 
 def test_blocking_calls_run_on_the_pool_not_the_event_loop(store, tmp_path):

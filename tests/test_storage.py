@@ -53,7 +53,8 @@ def _task_id() -> str:
 
 
 def _files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+    """The stored files under `folder`, without save receipts (storage/outputs.py, `.receipts/`)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.parent.name != ".receipts")
 
 
 # --- local saving ---------------------------------------------------------------------------------------
