@@ -141,7 +141,7 @@ def _domain_error(_: Request, error: Exception) -> JSONResponse:
     if isinstance(error, StoreUnavailable):
         logger.warning("database unavailable: %s", error)
         return JSONResponse(
-            {"detail": "the database did not answer in time; retry later"},
+            {"detail": "the task database is unavailable (it did not answer in time); retry later"},
             status_code=503,
             headers={"Retry-After": str(error.retry_after_s)},
         )
