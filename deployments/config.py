@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.lora_fetch import LoraSettings
 from deployments.task_types import DEPLOYMENTS
 from deployments.webhooks import WebhookSettings
 
@@ -35,7 +36,11 @@ REAL_DEFAULT_MODELS: dict[str, dict[str, str]] = {
     },
     "VACE": {"vace": "wan2.1-vace-1.3b", "vace_22": "vace_14B_cocktail_2_2"},
     "Flux": {"flux": "flux.1-schnell", "flux_kontext": "flux.1-kontext-dev"},
-    "Image": {"qwen_image_edit": "qwen-image-edit", "qwen_image": "qwen-image-edit", "z_image": "z-image-turbo"},
+    "Image": {
+        "qwen_image_edit": "qwen-image-edit",
+        "qwen_image": "qwen-image-edit",
+        "z_image": "z-image-turbo",
+    },
 }
 
 
@@ -127,6 +132,9 @@ class AppConfig(BaseModel):
         description="the family deployments to run (T2V, VACE, Flux) and their resources",
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    loras: LoraSettings = Field(
+        default_factory=LoraSettings, description="LoRAs named by URL: allowed or not, size caps"
+    )
     webhooks: WebhookSettings = Field(
         default_factory=WebhookSettings, description="signed POSTs when tasks complete or fail"
     )

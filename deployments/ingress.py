@@ -24,6 +24,7 @@ from deployments.api import create_app
 from deployments.config import AppConfig
 from deployments.dispatcher import BlockingPool, Dispatcher, new_worker_id
 from deployments.events import EventBus
+from deployments.lora_fetch import LoraFetcher
 from deployments.routing import Routing
 from deployments.runners import GenerationRunner, OrchestrationRunner, UtilityRunner
 from deployments.task_types import DAG_POOL, GENERATION, ORCHESTRATION, UTILITY, UTILITY_POOL
@@ -83,7 +84,13 @@ class Ingress:
             OutputStorage.from_dict(self.config.storage) if self.config.storage else OutputStorage()
         )
         self.fetcher = InputFetcher(self.config.input_dirs, outputs=self.storage)
-        self.routing = Routing(Catalog.load(self.config.models_dir), default_models, self.fetcher, handles)
+        self.routing = Routing(
+            Catalog.load(self.config.models_dir),
+            default_models,
+            self.fetcher,
+            handles,
+            loras=LoraFetcher(self.config.loras),
+        )
         # How many tasks may run at once, per capacity pool.
         capacity = {name: self.config.deployments[name].capacity for name in handles}
         capacity[DAG_POOL] = settings.orchestration_capacity

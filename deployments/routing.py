@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from deployments.errors import InvalidParams, InvalidTask
+from deployments.lora_fetch import LoraFetcher
 from deployments.task_types import (
     DAG_POOL,
     FAMILY_DEPLOYMENT,
@@ -78,8 +79,10 @@ class Routing:
         default_models: dict[str, str],
         fetcher: InputFetcher,
         deployments: Iterable[str],
+        loras: LoraFetcher | None = None,
     ):
         self.catalog = catalog
+        self.loras = loras or LoraFetcher()
         self.default_models = default_models
         self.fetcher = fetcher
         self.deployments = frozenset(deployments)
@@ -147,6 +150,7 @@ class Routing:
             references = [(name, params.get(name)) for name in route.task_type.input_fields]
         for name, value in references:
             self._check_local_input(name, value)
+        self._check_lora_urls(route, params)
         return route
 
     def model(self, task_type: str, params: dict[str, Any]) -> ModelDefinition:
@@ -170,6 +174,11 @@ class Routing:
                 except InputError as error:
                     raise InvalidTask(f"params.{label}", str(error)) from None
 
+    def _check_lora_urls(self, route: Route, params: dict[str, Any]) -> None:
+        """LoRA URLs of a generation: downloads allowed, .safetensors, pin syntax, SSRF guard (InvalidTask)."""
+        if route.kind == GENERATION:
+            self.loras.check(params)
+
     # --- inputs ------------------------------------------------------------------------------------
 
     def fetch_inputs(self, params: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
@@ -182,3 +191,8 @@ class Routing:
             elif isinstance(value, list):
                 resolved[name] = [p.read_bytes() for p in self.fetcher.fetch_many(value, field=name)]
         return resolved
+
+    def fetch_loras(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The params with LoRA URLs replaced by content names, and those files' bytes (blocking;
+        InputError). See `deployments.lora_fetch`."""
+        return self.loras.fetch(params)

@@ -50,10 +50,11 @@ class GenerationRunner:
                 params = await job.blocking(
                     self.routing.fetch_inputs, task.params, route.task_type.input_fields
                 )
+                params, lora_files = await job.blocking(self.routing.fetch_loras, params)
         except InputError as error:
             raise TaskFailure(str(error)) from None
         handle = self.handles[route.pool].options(stream=True, multiplexed_model_id=route.model_id)
-        stream = handle.generate.remote(task.task_type, params, task.id)
+        stream = handle.generate.remote(task.task_type, params, task.id, lora_files)
         job.on_cancel(stream.cancel)
         artifact = None
         try:
