@@ -154,3 +154,43 @@ def test_comfyui_keys_load_into_the_tiny_wan_model(catalog, tmp_path):
         decode_video(with_lora.data)[0].astype(np.int16) - decode_video(baseline.data)[0].astype(np.int16)
     ).mean()
     assert difference > 0.5
+
+
+def test_downloads_off_is_a_422_at_post(tmp_path):
+    """The api maps the refusal to 422 naming the field, and nothing is queued."""
+    from fastapi.testclient import TestClient
+
+    from db.store import open_store
+    from deployments.api import create_app
+    from deployments.config import TINY_DEFAULT_MODELS, AppConfig, IngressConfig
+    from deployments.dispatcher import BlockingPool, Dispatcher
+    from deployments.routing import Routing
+    from storage import InputFetcher, OutputStorage, StorageConfig
+    from Wan2GP.catalog import Catalog
+
+    config = AppConfig.model_validate({"loras": {"allow_url_downloads": False}})
+    models = {key: model for group in TINY_DEFAULT_MODELS.values() for key, model in group.items()}
+    storage = OutputStorage(StorageConfig(root=str(tmp_path / "files")))
+    routing = Routing(
+        Catalog.load(None), models, InputFetcher([]), ["T2V"], loras=LoraFetcher(config.loras, env={})
+    )
+    with open_store(f"sqlite:///{tmp_path / 'tasks.db'}") as store:
+        dispatcher = Dispatcher(
+            store, storage, routing, {}, {"T2V": 1}, IngressConfig(), pool=BlockingPool(2)
+        )
+        app = create_app(
+            store=store,
+            storage=storage,
+            routing=routing,
+            dispatcher=dispatcher,
+            pool=dispatcher.pool,
+            max_request_bytes=100_000,
+        )
+        with TestClient(app) as client:
+            url = "https://example.com/lora/style.safetensors"
+            response = client.post(
+                "/tasks", json={"task_type": "t2v", "params": {"prompt": "a", "activated_loras": [url]}}
+            )
+            assert response.status_code == 422, response.text
+            assert "activated_loras" in response.text and "downloads are off" in response.text
+            assert client.get("/tasks").json() == []
