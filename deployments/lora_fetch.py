@@ -75,10 +75,15 @@ def content_name(sha256: str) -> str:
 
 
 def lora_urls(params: dict[str, Any]) -> list[LoraUrl]:
-    """Every LoRA URL ``params`` name, once each. Raises InputError naming the field for a URL that is not
+    """Every LoRA URL ``params`` (and travel's ``orchestrator_details``) name, once each. Raises InputError naming the field for a URL that is not
     a ``.safetensors`` file or carries a malformed pin."""
     found: dict[str, LoraUrl] = {}
-    for field, ref in lora_names_of(params):
+    named = lora_names_of(params)
+    if isinstance(params.get("orchestrator_details"), dict):  # travel's original payload form
+        named += [
+            (f"orchestrator_details.{f}", ref) for f, ref in lora_names_of(params["orchestrator_details"])
+        ]
+    for field, ref in named:
         if not is_lora_url(ref) or ref in found:
             continue
         url, _, fragment = ref.partition("#")
@@ -190,7 +195,10 @@ class LoraFetcher:
                 )
             names[lora.ref] = content_name(sha256)
             files[content_name(sha256)] = path.read_bytes()
-        return replace_lora_urls(params, names), files
+        replaced = replace_lora_urls(params, names)
+        if isinstance(params.get("orchestrator_details"), dict):
+            replaced["orchestrator_details"] = replace_lora_urls(params["orchestrator_details"], names)
+        return replaced, files
 
     def _sha256(self, path: Path) -> str:
         stat = path.stat()

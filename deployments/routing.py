@@ -175,8 +175,9 @@ class Routing:
                     raise InvalidTask(f"params.{label}", str(error)) from None
 
     def _check_lora_urls(self, route: Route, params: dict[str, Any]) -> None:
-        """LoRA URLs of a generation: downloads allowed, .safetensors, pin syntax, SSRF guard (InvalidTask)."""
-        if route.kind == GENERATION:
+        """LoRA URLs of a generation or an orchestration's steps: downloads allowed, .safetensors, pin
+        syntax, SSRF guard (InvalidTask)."""
+        if route.kind in (GENERATION, ORCHESTRATION):
             self.loras.check(params)
 
     # --- inputs ------------------------------------------------------------------------------------

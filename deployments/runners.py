@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from dag.orchestrations import RunContext, StepTarget
 from dag.steps import StepFailed
 from dag.utility_tasks import utility_node
-from db.models import TaskStatus
+from db.models import Task, TaskStatus
 from db.store import TaskStore
 from deployments.dispatcher import Job, RunCancelled, RunResult, TaskFailure, failure_message
 from deployments.errors import InvalidTask, TaskNotFound, describe_validation_error
@@ -92,25 +92,38 @@ class OrchestrationRunner:
         self.handles = handles
         self.worker_id = worker_id
 
-    def context(self, orchestrator_type: str, job: Job) -> RunContext:
+    def context(
+        self, orchestrator_type: str, job: Job, lora_files: dict[str, bytes] | None = None
+    ) -> RunContext:
         step_type = task_type(orchestrator_type).step_type  # type: ignore[union-attr]
         return RunContext(
             store=self.store,
             storage=self.storage,
             fetcher=self.fetcher,
             worker_id=self.worker_id,
-            step=partial(self._step_target, step_type),
+            step=partial(self._step_target, step_type, lora_files or {}),
             blocking=job.blocking,
         )
 
-    def _step_target(self, step_type: str, params: dict[str, Any]) -> StepTarget:
+    def _step_target(
+        self, step_type: str, lora_files: dict[str, bytes], params: dict[str, Any]
+    ) -> StepTarget:
         route = self.routing.route(step_type, params)
-        return StepTarget(step_type, self.handles[route.pool], route.model_id or "")
+        return StepTarget(step_type, self.handles[route.pool], route.model_id or "", lora_files)
+
+    async def _with_fetched_loras(self, job: Job) -> tuple[Task, dict[str, bytes]]:
+        """The task with its LoRA URLs replaced by content names, and those files for its steps."""
+        with job.timed("input_fetch"):
+            params, lora_files = await job.blocking(self.routing.fetch_loras, job.task.params)
+        return job.task.model_copy(update={"params": params}), lora_files
 
     async def run(self, job: Job) -> RunResult:
-        task = job.task
+        try:
+            task, lora_files = await self._with_fetched_loras(job)
+        except InputError as error:
+            raise TaskFailure(str(error)) from None
         steps = orchestration(task.task_type)
-        ctx = self.context(task.task_type, job)
+        ctx = self.context(task.task_type, job, lora_files)
         try:
             run = await job.blocking(steps.prepare, ctx, task)
         except ValidationError as error:

@@ -194,3 +194,21 @@ def test_downloads_off_is_a_422_at_post(tmp_path):
             assert response.status_code == 422, response.text
             assert "activated_loras" in response.text and "downloads are off" in response.text
             assert client.get("/tasks").json() == []
+
+
+def test_travel_orchestrator_details_are_fetched_and_replaced(server, tmp_path):
+    base, hits = server
+    url = f"{base}/lora/style.safetensors"
+    params = {"orchestrator_details": {"prompt": "p", "additional_loras": {url: 0.7}, "run_id": "r"}}
+    assert [u.field for u in lora_urls(params)] == ["orchestrator_details.additional_loras"]
+    replaced, files = fetcher_for(base, tmp_path).fetch(params)
+    assert replaced["orchestrator_details"] == {
+        "prompt": "p",
+        "additional_loras": {content_name(SHA): 0.7},
+        "run_id": "r",
+    }
+    assert params["orchestrator_details"]["additional_loras"] == {url: 0.7}  # the task's own params kept
+    assert list(files) == [content_name(SHA)] and hits["/lora/style.safetensors"] == 1
+    with pytest.raises(InvalidTask) as refused:
+        fetcher_for(base, tmp_path, allow_url_downloads=False).check(params)
+    assert refused.value.field == "params.orchestrator_details.additional_loras"
