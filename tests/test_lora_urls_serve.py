@@ -12,10 +12,11 @@ import pytest
 from diffusers import WanTransformer3DModel
 from lora_server import comfyui_wan_lora, serving
 
+from db.store import open_store
 from deployments.lora_fetch import content_name
 from hwgp_testing import running_app, wait_final
 from Wan2GP.tiny import ensure_tiny_models
-from Wan2GP.video import decode_video
+from Wan2GP.video import decode_video, encode_png
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +34,24 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         # Ray's workers inherit this process's environment: the replica's LoRA folder, the allowlist.
         os.environ["HWGP_INPUT_URL_ALLOW"] = base.removeprefix("http://")
         os.environ["HWGP_CACHE_DIR"] = str(root / "cache")
+        inputs = root / "inputs"
+        inputs.mkdir()
+        for i, colour in enumerate([(250, 20, 20), (20, 20, 250)]):
+            (inputs / f"anchor{i}.png").write_bytes(encode_png(np.full((48, 64, 3), colour, np.uint8)))
+        family = {"num_gpus": 0.5, "num_cpus": 0.1}
         config = {
             "db": f"sqlite:///{root / 'tasks.db'}",
             "storage": {"root": str(root / "files")},
+            "input_dirs": [str(inputs)],
             "models": "tiny",
-            "deployments": {"T2V": {"num_gpus": 0.5, "num_cpus": 0.1}},
+            "deployments": {"T2V": family, "VACE": family},
             "ingress": {"heartbeat_interval_s": 0.5, "poll_interval_s": 0.2, "shutdown_grace_s": 1.0},
         }
         try:
             with running_app(config) as client:
                 yield {
-                    "client": client, "base": base, "hits": hits, "lora": lora,
-                    "files": root / "files", "lora_dir": root / "cache" / "loras",
+                    "client": client, "base": base, "db": config["db"], "hits": hits, "lora": lora,
+                    "files": root / "files", "lora_dir": root / "cache" / "loras", "inputs": inputs,
                 }  # fmt: skip
         finally:
             for name, value in saved.items():
@@ -80,6 +87,31 @@ def test_lora_url_is_fetched_once_and_changes_the_output(service: dict):
     assert (frames(service, again) == frames(service, with_lora)).all()
     assert service["hits"]["/hf/style.safetensors"] == 1  # the second task used the cache
     assert [p.name for p in service["lora_dir"].iterdir()] == [name]  # the replica's folder
+
+
+def test_travel_segments_use_a_lora_url(service: dict):
+    url = f"{service['base']}/hf/style.safetensors"
+    params = {
+        "images": [str(service["inputs"] / f"anchor{i}.png") for i in range(2)],
+        "prompt": "red to blue",
+        "frames": 9,
+        "resolution": "64x48",
+        "num_inference_steps": 2,
+        "seed": 3,
+        "activated_loras": [url],
+        "loras_multipliers": "0.8",
+    }
+    response = service["client"].post("/tasks", json={"task_type": "travel_orchestrator", "params": params})
+    assert response.status_code == 201, response.text
+    orchestrator = wait_final(service["client"], response.json()["id"], timeout_s=180)
+    assert orchestrator["status"] == "Complete", orchestrator["error_message"]
+    with open_store(service["db"]) as store:
+        segments = [
+            t for t in store.list(limit=100)
+            if t.task_type == "travel_segment" and t.params.get("orchestrator_task_id") == orchestrator["id"]
+        ]  # fmt: skip
+    name = content_name(hashlib.sha256(service["lora"]).hexdigest())
+    assert len(segments) == 1 and segments[0].result["loras"] == [{"file": name, "multiplier": 0.8}]
 
 
 def test_bad_pin_fails_the_task_naming_the_field(service: dict):
