@@ -152,6 +152,7 @@ class Ingress:
     async def __del__(self) -> None:
         """Graceful shutdown: stop claiming, let in-flight work finish, give the rest back."""
         await self.dispatcher.stop()
+        self.routing.loras.close()
         await self.webhooks.close()
         self.store.close()
         self.pool.close()

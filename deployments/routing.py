@@ -9,6 +9,7 @@ calls `route` when it claims a row (rows written straight into the table were ne
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -193,7 +194,9 @@ class Routing:
                 resolved[name] = [p.read_bytes() for p in self.fetcher.fetch_many(value, field=name)]
         return resolved
 
-    def fetch_loras(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    def fetch_loras(
+        self, params: dict[str, Any], cancel: threading.Event | None = None
+    ) -> tuple[dict[str, Any], dict[str, bytes]]:
         """The params with LoRA URLs replaced by content names, and those files' bytes (blocking;
         InputError). See `deployments.lora_fetch`."""
-        return self.loras.fetch(params)
+        return self.loras.fetch(params, cancel)

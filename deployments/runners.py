@@ -11,6 +11,7 @@ not the input, failed) and `RunCancelled`.
 from __future__ import annotations
 
 import asyncio
+import threading
 from functools import partial
 from typing import Any
 
@@ -37,6 +38,13 @@ def _cause(error: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}" if not isinstance(cause, ValueError) else str(cause)
 
 
+def _cancel_event(job: Job) -> threading.Event:
+    """An event set when the job is cancelled: it aborts a download in progress."""
+    event = threading.Event()
+    job.on_cancel(event.set)
+    return event
+
+
 class GenerationRunner:
     def __init__(self, handles: dict[str, DeploymentHandle], routing: Routing):
         self.handles = handles
@@ -50,8 +58,10 @@ class GenerationRunner:
                 params = await job.blocking(
                     self.routing.fetch_inputs, task.params, route.task_type.input_fields
                 )
-                params, lora_files = await job.blocking(self.routing.fetch_loras, params)
+                params, lora_files = await job.blocking(self.routing.fetch_loras, params, _cancel_event(job))
         except InputError as error:
+            if job.cancelled:
+                raise RunCancelled from None
             raise TaskFailure(str(error)) from None
         handle = self.handles[route.pool].options(stream=True, multiplexed_model_id=route.model_id)
         stream = handle.generate.remote(task.task_type, params, task.id, lora_files)
@@ -114,13 +124,17 @@ class OrchestrationRunner:
     async def _with_fetched_loras(self, job: Job) -> tuple[Task, dict[str, bytes]]:
         """The task with its LoRA URLs replaced by content names, and those files for its steps."""
         with job.timed("input_fetch"):
-            params, lora_files = await job.blocking(self.routing.fetch_loras, job.task.params)
+            params, lora_files = await job.blocking(
+                self.routing.fetch_loras, job.task.params, _cancel_event(job)
+            )
         return job.task.model_copy(update={"params": params}), lora_files
 
     async def run(self, job: Job) -> RunResult:
         try:
             task, lora_files = await self._with_fetched_loras(job)
         except InputError as error:
+            if job.cancelled:
+                raise RunCancelled from None
             raise TaskFailure(str(error)) from None
         steps = orchestration(task.task_type)
         ctx = self.context(task.task_type, job, lora_files)
