@@ -26,8 +26,8 @@ class StepTarget:
     task_type: str  # the generation task type of the steps ("vace")
     handle: Any  # a DeploymentHandle of the family deployment serving that model
     model_id: str
-    # <sha256>.safetensors -> bytes of the LoRAs fetched by URL at claim time (deployments.lora_fetch)
-    lora_files: dict[str, bytes] = field(default_factory=dict)
+    # <sha256>.safetensors -> object ref of the LoRAs fetched by URL at claim time (deployments.lora_fetch)
+    lora_files: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

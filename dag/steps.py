@@ -18,7 +18,7 @@ def generate_step(
     task_type: str,
     params: dict[str, Any],
     task_id: str,
-    lora_files: dict[str, bytes] | None = None,
+    lora_files: dict[str, Any] | None = None,
 ) -> Artifact:
     """Run one task on a family deployment and return its artifact (blocking: for Ray tasks).
 

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+import ray
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
@@ -29,6 +30,10 @@ from Wan2GP.engine import Engine
 from Wan2GP.errors import Cancelled, EngineError
 
 logger = logging.getLogger("ray.serve")
+
+
+def _bytes_of(value: Any) -> bytes:
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 class _LoadedModel:
@@ -115,8 +120,9 @@ class GenerationDeployment:
     ):
         """Run one task; an async generator of the events described in the module docstring.
 
-        ``lora_files``: ``<sha256>.safetensors`` -> bytes of the LoRAs the params name by that content name
-        (`deployments.lora_fetch`); written once into this replica's LoRA folder."""
+        ``lora_files``: ``<sha256>.safetensors`` -> object ref (or bytes) of the LoRAs the params name by that
+        content name (`deployments.lora_fetch`); pulled and written only when this replica's LoRA folder
+        lacks the file."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
@@ -126,8 +132,8 @@ class GenerationDeployment:
 
         def run() -> None:
             try:
-                if lora_files:
-                    store_lora_files(self.lora_dir, lora_files)
+                if lora_files:  # object refs, pulled only when this replica lacks the file
+                    store_lora_files(self.lora_dir, lora_files, read=_bytes_of)
                 artifact = self.engine.generate(
                     task_type,
                     params,

@@ -28,7 +28,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,20 +219,27 @@ def replica_lora_dir(env: Mapping[str, str] | None = None) -> Path:
 
 
 def store_lora_files(
-    folder: Path, files: Mapping[str, bytes], max_bytes: int = DEFAULT_LORA_CACHE_MAX_BYTES
+    folder: Path,
+    files: Mapping[str, Any],
+    max_bytes: int = DEFAULT_LORA_CACHE_MAX_BYTES,
+    read: Callable[[Any], bytes] | None = None,
 ) -> list[str]:
     """Write each ``<sha256>.safetensors`` of ``files`` into ``folder`` unless already there (checking the
     bytes match the name), then evict the least recently used other files while over ``max_bytes``.
-    Returns the names written (not those already present). Raises ValueError for a bad name or digest."""
+
+    ``read`` turns a value of ``files`` into its bytes (e.g. ``ray.get`` of an object ref); it is called
+    only for files the folder lacks, so a LoRA already here is never transferred again. Returns the names
+    written (not those already present). Raises ValueError for a bad name or digest."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, data in files.items():
+    for name, value in files.items():
         if not _CONTENT_NAME.match(name):
             raise ValueError(f"LoRA file name {name!r} is not <sha256>{LORA_SUFFIX}")
         target = folder / name
         if target.is_file():
             os.utime(target)  # just used: the last to be evicted
             continue
+        data = read(value) if read is not None else value
         if hashlib.sha256(data).hexdigest() != name.removesuffix(LORA_SUFFIX):
             raise ValueError(f"LoRA file {name}: its bytes do not have that sha256")
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".part")

@@ -38,6 +38,15 @@ def _cause(error: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}" if not isinstance(cause, ValueError) else str(cause)
 
 
+async def _fetch_loras(job: Job, routing: Routing, params: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+    """The params with LoRA URLs replaced by content names, and content name -> object ref of the file:
+    put into the object store once per task, so replicas (and each travel segment) pull it only when
+    they lack it."""
+    params, files = await job.blocking(routing.fetch_loras, params, _cancel_event(job))
+    refs = {name: await job.blocking(ray.put, data) for name, data in files.items()}
+    return params, refs
+
+
 def _cancel_event(job: Job) -> threading.Event:
     """An event set when the job is cancelled: it aborts a download in progress."""
     event = threading.Event()
@@ -58,7 +67,7 @@ class GenerationRunner:
                 params = await job.blocking(
                     self.routing.fetch_inputs, task.params, route.task_type.input_fields
                 )
-                params, lora_files = await job.blocking(self.routing.fetch_loras, params, _cancel_event(job))
+                params, lora_files = await _fetch_loras(job, self.routing, params)
         except InputError as error:
             if job.cancelled:
                 raise RunCancelled from None
@@ -121,12 +130,10 @@ class OrchestrationRunner:
         route = self.routing.route(step_type, params)
         return StepTarget(step_type, self.handles[route.pool], route.model_id or "", lora_files)
 
-    async def _with_fetched_loras(self, job: Job) -> tuple[Task, dict[str, bytes]]:
+    async def _with_fetched_loras(self, job: Job) -> tuple[Task, dict]:
         """The task with its LoRA URLs replaced by content names, and those files for its steps."""
         with job.timed("input_fetch"):
-            params, lora_files = await job.blocking(
-                self.routing.fetch_loras, job.task.params, _cancel_event(job)
-            )
+            params, lora_files = await _fetch_loras(job, self.routing, job.task.params)
         return job.task.model_copy(update={"params": params}), lora_files
 
     async def run(self, job: Job) -> RunResult:

@@ -125,7 +125,9 @@ def test_fetch_fails_naming_the_field(server, tmp_path):
 def test_replica_folder_writes_once_checks_digests_and_evicts(tmp_path):
     folder = tmp_path / "loras"
     assert store_lora_files(folder, {content_name(SHA): LORA}) == [content_name(SHA)]
-    assert store_lora_files(folder, {content_name(SHA): LORA}) == []  # already there
+    reads = []
+    assert store_lora_files(folder, {content_name(SHA): "ref"}, read=reads.append) == []  # already there
+    assert reads == []  # a file the folder holds is never pulled again
     with pytest.raises(ValueError, match="do not have that sha256"):
         store_lora_files(folder, {content_name("1" * 64): LORA})
     with pytest.raises(ValueError, match="is not <sha256>.safetensors"):
