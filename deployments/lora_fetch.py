@@ -10,7 +10,7 @@ The original's clients name LoRAs by URL (``activated_loras``, ``additional_lora
    its own (same allowlist and deadline as inputs, byte cap ``max_lora_bytes``, its LRU cache keyed by URL
    so a second task downloads nothing); the file must start with a valid safetensors header and, when
    pinned, have that sha256. Its content name is ``<sha256>.safetensors``;
-3. reaches the replica as bytes keyed by content name (replicas share no filesystem), which writes each
+3. reaches the replica as an object ref keyed by content name (replicas share no filesystem), which pulls and writes each
    once into its content-addressed LoRA folder (:func:`store_lora_files`), and the params reach the engine
    with each URL replaced by that name (:func:`Wan2GP.loras.replace_lora_urls`).
 
