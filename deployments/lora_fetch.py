@@ -10,9 +10,9 @@ The original's clients name LoRAs by URL (``activated_loras``, ``additional_lora
    its own (same allowlist and deadline as inputs, byte cap ``max_lora_bytes``, its LRU cache keyed by URL
    so a second task downloads nothing); the file must start with a valid safetensors header and, when
    pinned, have that sha256. Its content name is ``<sha256>.safetensors``;
-3. reaches the replica as an object ref keyed by content name (replicas share no filesystem), which pulls and writes each
-   once into its content-addressed LoRA folder (:func:`store_lora_files`), and the params reach the engine
-   with each URL replaced by that name (:func:`Wan2GP.loras.replace_lora_urls`).
+3. reaches the replica as an object ref keyed by content name (replicas share no filesystem); the replica
+   pulls it only when its content-addressed LoRA folder lacks it (:func:`store_lora_files`), and the params
+   reach the engine with each URL replaced by that name (:func:`Wan2GP.loras.replace_lora_urls`).
 
 Key formats: diffusers' Wan loader (``WanLoraLoaderMixin.lora_state_dict``) already converts
 ComfyUI / LightX2V (``diffusion_model.*``) and musubi / kohya (``lora_unet_*``) keys; nothing to do here.
