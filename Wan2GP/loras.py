@@ -176,6 +176,9 @@ def replace_lora_urls(params: dict, fetched: dict[str, str]) -> dict:
         out["additional_loras"] = {swap(k): v for k, v in additional.items()}
     elif isinstance(additional, list | tuple):
         out["additional_loras"] = [swap(v) for v in additional]
+    loras = out.get("loras")  # the image models' [{path, scale}] list
+    if isinstance(loras, list):
+        out["loras"] = [{**v, "path": swap(v.get("path"))} if isinstance(v, dict) else v for v in loras]
     phase_config = out.get("phase_config")
     if isinstance(phase_config, dict) and isinstance(phase_config.get("phases"), list):
         phases = []

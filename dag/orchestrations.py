@@ -8,7 +8,7 @@ the dispatcher's DAG runner calls `prepare`, `execute`, then `finish` (or `abort
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from db.models import Task
@@ -26,6 +26,8 @@ class StepTarget:
     task_type: str  # the generation task type of the steps ("vace")
     handle: Any  # a DeploymentHandle of the family deployment serving that model
     model_id: str
+    # <sha256>.safetensors -> object ref of the LoRAs fetched by URL at claim time (deployments.lora_fetch)
+    lora_files: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -69,7 +69,9 @@ def generate_node(
     if params.num_inference_steps is not None:
         request["num_inference_steps"] = params.num_inference_steps
     try:
-        return generate_step(target.handle, target.model_id, target.task_type, request, task_id)
+        return generate_step(
+            target.handle, target.model_id, target.task_type, request, task_id, target.lora_files
+        )
     except StepFailed as error:
         raise StepFailed(f"perspective video: {error}") from None
 

@@ -13,15 +13,21 @@ class StepFailed(RuntimeError):
 
 
 def generate_step(
-    handle: Any, model_id: str, task_type: str, params: dict[str, Any], task_id: str
+    handle: Any,
+    model_id: str,
+    task_type: str,
+    params: dict[str, Any],
+    task_id: str,
+    lora_files: dict[str, Any] | None = None,
 ) -> Artifact:
     """Run one task on a family deployment and return its artifact (blocking: for Ray tasks).
 
     The artifact's metadata gains `denoise_started` / `denoise_finished` (epoch seconds): when the
     replica really generated, as opposed to waiting for a free replica or loading the model.
+    `lora_files`: the LoRAs fetched by URL that `params` name by content name (`StepTarget.lora_files`).
     """
     options = handle.options(stream=True, multiplexed_model_id=model_id)
-    stream = options.generate.remote(task_type, params, task_id)
+    stream = options.generate.remote(task_type, params, task_id, lora_files)
     started = None
     try:
         for event in stream:

@@ -81,7 +81,7 @@ def segment_node(
         guide = apply_control(guide, mask, control, offset=spec.start)
     params = segment_params(plan, spec, guide, mask)
     try:
-        artifact = generate_step(step.handle, step.model_id, step.task_type, params, task_id)
+        artifact = generate_step(step.handle, step.model_id, step.task_type, params, task_id, step.lora_files)
     except StepFailed as error:
         raise StepFailed(f"segment {spec.index}: {error}") from None
     frames, _ = decode_video(artifact.data)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.auth import AuthSettings
 from deployments.limits import LimitSettings
+from deployments.lora_fetch import LoraSettings
 from deployments.task_types import DEPLOYMENTS
 from deployments.webhooks import WebhookSettings
 from storage import InputSettings
@@ -152,6 +153,9 @@ class AppConfig(BaseModel):
         description="the family deployments to run (T2V, VACE, Flux) and their resources",
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    loras: LoraSettings = Field(
+        default_factory=LoraSettings, description="LoRAs named by URL: allowed or not, size caps"
+    )
     webhooks: WebhookSettings = Field(
         default_factory=WebhookSettings, description="signed POSTs when tasks complete or fail"
     )

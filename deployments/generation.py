@@ -19,15 +19,21 @@ import threading
 import time
 from typing import Any
 
+import ray
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from deployments.errors import describe_validation_error
+from deployments.lora_fetch import replica_lora_dir, store_lora_files
 from Wan2GP.engine import Engine
 from Wan2GP.errors import Cancelled, EngineError
 
 logger = logging.getLogger("ray.serve")
+
+
+def _bytes_of(value: Any) -> bytes:
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 class _LoadedModel:
@@ -52,13 +58,17 @@ class GenerationDeployment:
         preload: str | None = None,
     ):
         from Wan2GP.catalog import Catalog
+        from Wan2GP.loras import default_lora_dirs
 
         self.family = family
+        # LoRAs fetched by URL arrive as bytes (replicas share no filesystem) and are kept here.
+        self.lora_dir = replica_lora_dir()
         self.engine = Engine(
             device=device,
             memory_profile=memory_profile,
             catalog=Catalog.load(models_dir),
             default_models=default_models,
+            lora_dirs=[*default_lora_dirs(), self.lora_dir],
         )
         self.load_error: str | None = None
         self.generations = 0
@@ -101,8 +111,18 @@ class GenerationDeployment:
         await asyncio.to_thread(self._load, model_id)
         return _LoadedModel(self.family, model_id)
 
-    async def generate(self, task_type: str, params: dict[str, Any], task_id: str | None = None):
-        """Run one task; an async generator of the events described in the module docstring."""
+    async def generate(
+        self,
+        task_type: str,
+        params: dict[str, Any],
+        task_id: str | None = None,
+        lora_files: dict[str, bytes] | None = None,
+    ):
+        """Run one task; an async generator of the events described in the module docstring.
+
+        ``lora_files``: ``<sha256>.safetensors`` -> object ref (or bytes) of the LoRAs the params name by that
+        content name (`deployments.lora_fetch`); pulled and written only when this replica's LoRA folder
+        lacks the file."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
@@ -112,6 +132,8 @@ class GenerationDeployment:
 
         def run() -> None:
             try:
+                if lora_files:  # object refs, pulled only when this replica lacks the file
+                    store_lora_files(self.lora_dir, lora_files, read=_bytes_of)
                 artifact = self.engine.generate(
                     task_type,
                     params,

@@ -25,6 +25,7 @@ from deployments.auth import open_keys
 from deployments.config import AppConfig
 from deployments.dispatcher import BlockingPool, Dispatcher
 from deployments.events import EventBus
+from deployments.lora_fetch import LoraFetcher
 from deployments.recovery import new_worker_id, stable_identity
 from deployments.routing import Routing
 from deployments.runners import GenerationRunner, OrchestrationRunner, UtilityRunner
@@ -109,6 +110,7 @@ class Ingress:
             self.fetcher,
             handles,
             limits=self.config.limits,
+            loras=LoraFetcher(self.config.loras, input_url_allow=self.config.inputs.input_url_allow),
         )
         # How many tasks may run at once, per capacity pool.
         capacity = {name: self.config.deployments[name].capacity for name in handles}
@@ -174,6 +176,7 @@ class Ingress:
     async def __del__(self) -> None:
         """Graceful shutdown: stop claiming, let in-flight work finish, give the rest back."""
         await self.dispatcher.stop()
+        self.routing.loras.close()
         await self.webhooks.close()
         self.fetcher.close()
         self.store.close()

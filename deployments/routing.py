@@ -31,6 +31,7 @@ from deployments.limits import (
     check_lists,
     check_travel,
 )
+from deployments.lora_fetch import LoraFetcher
 from deployments.task_types import (
     DAG_POOL,
     FAMILY_DEPLOYMENT,
@@ -94,8 +95,10 @@ class Routing:
         fetcher: InputFetcher,
         deployments: Iterable[str],
         limits: LimitSettings | None = None,
+        loras: LoraFetcher | None = None,
     ):
         self.catalog = catalog
+        self.loras = loras or LoraFetcher()
         self.default_models = default_models
         self.fetcher = fetcher
         self.deployments = frozenset(deployments)
@@ -197,6 +200,7 @@ class Routing:
                 await self.fetcher.check_async(ref, field=label)
             except InputError as error:
                 raise InvalidTask(f"params.{label}", error.problem) from None
+        await asyncio.to_thread(self._check_lora_urls, route, params)
 
     def model(self, task_type: str, params: dict[str, Any]) -> ModelDefinition:
         """The model a generation runs on. Raises InvalidParams / InvalidTask("params.model")."""
@@ -212,6 +216,12 @@ class Routing:
             raise InvalidParams(error) from None
         except (EngineError, ValueError) as error:
             raise InvalidTask("params.model", str(error)) from None
+
+    def _check_lora_urls(self, route: Route, params: dict[str, Any]) -> None:
+        """LoRA URLs of a generation or an orchestration's steps: downloads allowed, .safetensors, pin
+        syntax, SSRF guard (InvalidTask)."""
+        if route.kind in (GENERATION, ORCHESTRATION):
+            self.loras.check(params)
 
     # --- inputs ------------------------------------------------------------------------------------
 
@@ -234,6 +244,13 @@ class Routing:
                     await self._check_video(name, path, f"{name}[{i}]")
                 resolved[name] = [p.read_bytes() for p in paths]
         return resolved
+
+    def fetch_loras(
+        self, params: dict[str, Any], cancel: threading.Event | None = None
+    ) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The params with LoRA URLs replaced by content names, and those files' bytes (blocking;
+        InputError). See `deployments.lora_fetch`."""
+        return self.loras.fetch(params, cancel)
 
     async def _check_video(self, name: str, path: Path, label: str) -> None:
         if name == "clips" or kind_for_field(name) == "video":

@@ -26,7 +26,7 @@ from dag.orchestrations import RunContext, StepTarget
 from dag.steps import StepFailed
 from dag.utility_tasks import utility_node
 from dag.vace_control import control_requested, run_vace_control
-from db.models import TaskStatus
+from db.models import Task, TaskStatus
 from db.store import TaskStore
 from deployments.dispatcher import Job, RunCancelled, RunResult, TaskFailure, failure_message
 from deployments.errors import InvalidTask, TaskNotFound, describe_validation_error
@@ -57,6 +57,22 @@ def user_message(error: BaseException, what: str) -> str:
     return f"{what} failed unexpectedly ({type(cause).__name__}); incident {incident} in the service log"
 
 
+async def _fetch_loras(job: Job, routing: Routing, params: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+    """The params with LoRA URLs replaced by content names, and content name -> object ref of the file:
+    put into the object store once per task, so replicas (and each travel segment) pull it only when
+    they lack it."""
+    params, files = await job.blocking(routing.fetch_loras, params, _cancel_event(job))
+    refs = {name: await job.blocking(ray.put, data) for name, data in files.items()}
+    return params, refs
+
+
+def _cancel_event(job: Job) -> threading.Event:
+    """An event set when the job is cancelled: it aborts a download in progress."""
+    event = threading.Event()
+    job.on_cancel(event.set)
+    return event
+
+
 class GenerationRunner:
     def __init__(self, handles: dict[str, DeploymentHandle], routing: Routing):
         self.handles = handles
@@ -65,7 +81,13 @@ class GenerationRunner:
     async def run(self, job: Job) -> RunResult:
         task, route = job.task, job.route
         assert route is not None and job.inputs is not None  # the dispatcher fetched them
-        params = job.inputs
+        try:
+            with job.timed("lora_fetch"):
+                params, lora_files = await _fetch_loras(job, self.routing, job.inputs)
+        except InputError as error:
+            if job.cancelled:
+                raise RunCancelled from None
+            raise TaskFailure(str(error)) from None
         control_report: dict[str, Any] = {}
         if route.pool == "VACE" and control_requested(params):  # Wan2GP's control preparation, on CPU
             ref = _vace_control_node.remote(params)
@@ -79,7 +101,7 @@ class GenerationRunner:
                     raise TaskFailure(user_message(error, "VACE control preparation")) from None
                 raise
         handle = self.handles[route.pool].options(stream=True, multiplexed_model_id=route.model_id)
-        stream = handle.generate.remote(task.task_type, params, task.id)
+        stream = handle.generate.remote(task.task_type, params, task.id, lora_files)
         job.on_cancel(stream.cancel)
         artifact = None
         try:
@@ -118,29 +140,46 @@ class OrchestrationRunner:
         self.handles = handles
         self.worker_id = worker_id
 
-    def context(self, orchestrator_type: str, job: Job) -> RunContext:
+    def context(
+        self, orchestrator_type: str, job: Job, lora_files: dict[str, bytes] | None = None
+    ) -> RunContext:
         step_type = task_type(orchestrator_type).step_type  # type: ignore[union-attr]
         return RunContext(
             store=self.store,
             storage=self.storage,
             fetcher=self.fetcher,
             worker_id=self.worker_id,
-            step=partial(self._step_target, step_type),
+            step=partial(self._step_target, step_type, lora_files or {}),
             blocking=job.blocking,
         )
 
     def _step_target(
-        self, step_type: str, params: dict[str, Any], task_type: str | None = None
+        self,
+        step_type: str,
+        lora_files: dict[str, bytes],
+        params: dict[str, Any],
+        task_type: str | None = None,
     ) -> StepTarget:
         # `task_type`: a step of another generation type than the orchestration's (flf2v for i2v segments)
         step_type = task_type or step_type
         route = self.routing.route(step_type, params)
-        return StepTarget(step_type, self.handles[route.pool], route.model_id or "")
+        return StepTarget(step_type, self.handles[route.pool], route.model_id or "", lora_files)
+
+    async def _with_fetched_loras(self, job: Job) -> tuple[Task, dict]:
+        """The task with its LoRA URLs replaced by content names, and those files for its steps."""
+        with job.timed("input_fetch"):
+            params, lora_files = await _fetch_loras(job, self.routing, job.task.params)
+        return job.task.model_copy(update={"params": params}), lora_files
 
     async def run(self, job: Job) -> RunResult:
-        task = job.task
+        try:
+            task, lora_files = await self._with_fetched_loras(job)
+        except InputError as error:
+            if job.cancelled:
+                raise RunCancelled from None
+            raise TaskFailure(str(error)) from None
         steps = orchestration(task.task_type)
-        ctx = self.context(task.task_type, job)
+        ctx = self.context(task.task_type, job, lora_files)
         try:
             run = await job.blocking(steps.prepare, ctx, task)
         except ValidationError as error:

@@ -72,8 +72,10 @@ def test_fetched_urls_become_names_in_the_cache_folder():
         "lora_names": [URL, "style"],
         "additional_loras": {URL: 0.5},
         "phase_config": {"phases": [{"loras": [{"url": URL, "multiplier": "1.0"}]}]},
+        "loras": [{"path": URL, "scale": 0.8}, {"path": "style"}],
     }
     swapped = replace_lora_urls(params, {URL: "ab12.safetensors"})
+    assert swapped["loras"] == [{"path": "ab12.safetensors", "scale": 0.8}, {"path": "style"}]
     assert swapped["lora_names"] == ["ab12.safetensors", "style"]
     assert swapped["additional_loras"] == {"ab12.safetensors": 0.5}
     assert swapped["phase_config"]["phases"][0]["loras"][0] == {

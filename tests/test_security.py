@@ -130,5 +130,7 @@ def test_a_locked_database_is_503_without_details(tmp_path: Path):
             locker.execute("ROLLBACK")
             locker.close()
         assert response.status_code == 503 and response.headers["retry-after"] == "5"
-        assert response.json() == {"detail": "the task database is unavailable (it did not answer in time); retry later"}
+        assert response.json() == {
+            "detail": "the task database is unavailable (it did not answer in time); retry later"
+        }
         assert client.post("/tasks", json={"task_type": "t2v", "params": {"prompt": "x"}}).status_code == 201
