@@ -135,3 +135,52 @@ def test_refused_at_post(service: dict, lora: str, problem: str):
     assert response.status_code == 422, response.text
     assert "activated_loras" in response.text and problem in response.text
     assert service["hits"]["/hf/style.bin"] == 0
+
+
+def test_the_original_clients_travel_payload_unchanged(service: dict):
+    """What the original's clients send today: the orchestrator_details form, a Wan 2.2 Lightning model
+    (its tiny stand-in), a two-phase phase_config with per-phase LoRAs, and brightness 0 ("unchanged")."""
+    from Wan2GP.tiny import TINY_WAN22_LORAS
+
+    high, low = (name.removesuffix(".safetensors") for name in TINY_WAN22_LORAS)
+    details = {
+        "run_id": "client",
+        "input_image_paths_resolved": [str(service["inputs"] / f"anchor{i}.png") for i in range(2)],
+        "num_new_segments_to_generate": 1,
+        "base_prompts_expanded": ["red to blue"],
+        "negative_prompts_expanded": [""],
+        "segment_frames_expanded": [9],
+        "frame_overlap_expanded": [],
+        "parsed_resolution_wh": "64x48",
+        "model_name": "tiny-vace-22-lightning",
+        "seed_base": 11,
+        "after_first_post_generation_brightness": 0,
+        "after_first_post_generation_saturation": 1,
+        "phase_config": {
+            "num_phases": 2,
+            "steps_per_phase": [1, 1],
+            "flow_shift": 5,
+            "sample_solver": "euler",
+            "model_switch_phase": 1,
+            "phases": [
+                {"phase": 1, "guidance_scale": 3, "loras": [{"url": high, "multiplier": "1.0"}]},
+                {"phase": 2, "guidance_scale": 1, "loras": [{"url": low, "multiplier": "1.0"}]},
+            ],
+        },
+    }
+    response = service["client"].post(
+        "/tasks", json={"task_type": "travel_orchestrator", "params": {"orchestrator_details": details}}
+    )
+    assert response.status_code == 201, response.text
+    orchestrator = wait_final(service["client"], response.json()["id"], timeout_s=240)
+    assert orchestrator["status"] == "Complete", orchestrator["error_message"]
+    video = frames(service, orchestrator)
+    assert len(video) == 9 and video.mean() > 10  # brightness 0 leaves the video as generated, not black
+    with open_store(service["db"]) as store:
+        segment = next(
+            t for t in store.list(limit=100)
+            if t.task_type == "travel_segment" and t.params.get("orchestrator_task_id") == orchestrator["id"]
+        )  # fmt: skip
+    phases = segment.result["phases"]
+    assert [p["guidance_scale"] for p in phases] == [3.0, 1.0], phases
+    assert segment.result["model"] == "tiny-vace-22-lightning"
