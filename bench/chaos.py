@@ -371,7 +371,11 @@ def judge(
         outputs = (
             [p.name for p in (setup.files / task.id).glob("*")] if (setup.files / task.id).is_dir() else []
         )
-        primary = [name for name in outputs if not name.endswith(("_guide.mp4", "_mask.mp4"))]
+        # Beside the output: debug guides/masks and the output's thumbnail (thumb_{id8}.jpg, issue 20).
+        primary = [
+            name for name in outputs
+            if not name.endswith(("_guide.mp4", "_mask.mp4")) and not name.startswith("thumb_")
+        ]  # fmt: skip
         doubles = seen.get(task.id, Watch()).double + (
             [f"output files {primary}"] if len(primary) > 1 else []
         )
