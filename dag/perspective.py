@@ -89,6 +89,8 @@ def final_frame_node(params: PerspectiveParams, clip: Artifact, run_id: str) -> 
             "height": int(frames.shape[1]),
             "model": clip.metadata.get("model"),
             "seed": clip.metadata.get("seed"),
+            "perspective_type": params.perspective_type,
+            "ignored_params": params.ignored_params(),
         },  # fmt: skip
     )
 

@@ -5,7 +5,7 @@ The DAG that runs it is `dag.perspective`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -27,9 +27,26 @@ class PerspectiveParams(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1, le=200)
     run_id: str | None = None
     debug_mode_enabled: bool = False
+    # The original's guide for the new view: "pose" (OpenPose there, our weight-free estimator here) or
+    # "depth" (a depth model, not installed here: refused).
+    perspective_type: Literal["pose", "depth"] = "pose"
 
-    # Unknown keys from existing clients are kept; original and short names both accepted.
+    # Unknown keys from existing clients are kept and reported in the result as ignored
+    # (`ignored_params`); original and short names both accepted.
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @field_validator("perspective_type")
+    @classmethod
+    def _pose_only(cls, value: str) -> str:
+        if value == "depth":
+            raise ValueError(
+                "'depth' needs a depth model to build the guide, which is not installed here; use 'pose'"
+            )
+        return value
+
+    def ignored_params(self) -> dict[str, str]:
+        """Keys this orchestration does not read, as the task's result reports them."""
+        return {key: "not used by different_perspective_orchestrator" for key in self.model_extra or {}}
 
     _resolution = field_validator("resolution", mode="before")(
         lambda value: parse_resolution(value) or (832, 480)
