@@ -361,7 +361,7 @@ def test_downloads_use_their_own_bounded_pool_and_leave_the_loop_free(tmp_path: 
         # While five slow downloads are pending, the loop and the default executor (database calls,
         # health checks) answer at once.
         mark = loop.time()
-        await asyncio.wait_for(asyncio.to_thread(lambda: None), 0.5)
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 2.0)
         seen["executor_latency"] = loop.time() - mark
         mark = loop.time()
         await asyncio.sleep(0.01)
@@ -375,8 +375,9 @@ def test_downloads_use_their_own_bounded_pool_and_leave_the_loop_free(tmp_path: 
     # Two threads: two downloads started at once, the others queued; five 1 s downloads took 3 waves.
     assert seen["started_at_0.4s"] == 2
     assert server.requests["/trickle"] == 5
-    assert 2.9 <= seen["total"] < 6.0
-    assert seen["executor_latency"] < 0.5 and seen["loop_latency"] < 0.25
+    assert 2.9 <= seen["total"] < 8.0
+    # Bounds with headroom for a loaded 2-core machine: a blocked pool would take the downloads' 1 s.
+    assert seen["executor_latency"] < 0.9 and seen["loop_latency"] < 0.5
     assert all(isinstance(r, InputError) and "did not answer in time" in str(r) for r in seen["results"])
 
 

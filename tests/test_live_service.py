@@ -45,7 +45,12 @@ def service(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Ite
         "storage": {"root": str(root / "files")},
         "models": "tiny",
         "deployments": {"T2V": {"num_gpus": 0.5, "num_cpus": 0.1}},
-        "ingress": {"poll_interval_s": 0.2, "progress_interval_s": 0.0, "shutdown_grace_s": 1.0},
+        "ingress": {
+            "poll_interval_s": 0.2,
+            "progress_interval_s": 0.0,
+            "shutdown_grace_s": 1.0,
+            "fail_unknown_task_types": True,
+        },  # so a failure counter moves (default: off)
     }
     with pytest.MonkeyPatch.context() as env:
         # Read by the ingress replica (Ray's workers inherit the environment the cluster started with).
@@ -136,7 +141,7 @@ def test_prometheus_export_has_the_hwgp_counters_moving_and_the_dashboard_reads_
     client = service["client"]
     task_id = client.post("/tasks", json={"task_type": "t2v", "params": SMALL}).json()["id"]
     assert wait_final(client, task_id)["status"] == "Complete"
-    with open_store(service["db"]) as store:  # a row no deployment serves: the ingress fails it
+    with open_store(service["db"]) as store:  # a row no deployment serves: failed (fail_unknown_task_types)
         orphan = store.add("hunyuan", {}).id
     assert wait_final(client, orphan)["status"] == "Failed"
 
