@@ -32,7 +32,7 @@ from Wan2GP.errors import Cancelled, EngineError
 logger = logging.getLogger("ray.serve")
 
 
-def _bytes_of(value: Any) -> bytes:
+def object_bytes(value: Any) -> bytes:
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
@@ -133,7 +133,7 @@ class GenerationDeployment:
         def run() -> None:
             try:
                 if lora_files:  # object refs, pulled only when this replica lacks the file
-                    store_lora_files(self.lora_dir, lora_files, read=_bytes_of)
+                    store_lora_files(self.lora_dir, lora_files, read=object_bytes)
                 artifact = self.engine.generate(
                     task_type,
                     params,

@@ -26,7 +26,8 @@ from ray import serve
 from ray.util.placement_group import get_current_placement_group, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from deployments.generation import describe_validation_error
+from deployments.generation import describe_validation_error, object_bytes
+from deployments.lora_fetch import replica_lora_dir, store_lora_files
 from Wan2GP.errors import Cancelled, EngineError
 from Wan2GP.parallel import MODES, NCCL_SAFE_ENV, plan_degrees
 
@@ -96,14 +97,18 @@ class RankWorker:
 
         from Wan2GP.catalog import Catalog
         from Wan2GP.engine import Engine
+        from Wan2GP.loras import default_lora_dirs
         from Wan2GP.parallel import ParallelEngine, init_distributed
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         resolved = init_distributed(self.rank, self.world_size, master_addr, master_port, device=device)
+        # LoRAs fetched by URL arrive as bytes (ranks share no filesystem) and are kept here.
+        self.lora_dir = replica_lora_dir()
         engine = Engine(
             device=str(resolved),
             catalog=Catalog.load(self.models_dir, tiny_dir=self.tiny_dir),
             default_models=self.default_models,
+            lora_dirs=[*default_lora_dirs(), self.lora_dir],
         )
         self.parallel = ParallelEngine(engine, mode=mode, **(options or {}))
         env = {name: os.environ.get(name) for name in NCCL_SAFE_ENV}
@@ -115,8 +120,16 @@ class RankWorker:
         self.parallel.prepare(model_id)
         return {"model": model_id, "seconds": time.perf_counter() - start}
 
-    def generate(self, task_type: str, params: dict[str, Any], task_id: str | None) -> dict[str, Any]:
+    def generate(
+        self,
+        task_type: str,
+        params: dict[str, Any],
+        task_id: str | None,
+        lora_files: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """This rank's part of one generation; the event ``generate`` streams (artifact on rank 0 only)."""
+        if lora_files:  # object refs, pulled only when this rank lacks the file
+            store_lora_files(self.lora_dir, lora_files, read=object_bytes)
         self._cancel.clear()
         with self._lock:
             self._progress.clear()
@@ -230,8 +243,15 @@ class MultiGpuGenerationDeployment:
             ray.get([w.load.remote(preload) for w in self.workers])
             self.loaded_model = preload
 
-    async def generate(self, task_type: str, params: dict[str, Any], task_id: str | None = None):
-        """Run one task on all ranks; an async generator of the events of :mod:`deployments.generation`."""
+    async def generate(
+        self,
+        task_type: str,
+        params: dict[str, Any],
+        task_id: str | None = None,
+        lora_files: dict[str, Any] | None = None,
+    ):
+        """Run one task on all ranks; an async generator of the events of :mod:`deployments.generation`
+        (``lora_files`` as there: the LoRAs fetched by URL, by content name)."""
         if self.broken is not None:
             yield {"event": "error", "kind": "engine", "message": f"replica is broken: {self.broken}"}
             return
@@ -251,7 +271,10 @@ class MultiGpuGenerationDeployment:
 
         started = time.perf_counter()
         self.busy = True
-        tasks = [asyncio.ensure_future(w.generate.remote(task_type, params, task_id)) for w in self.workers]
+        tasks = [
+            asyncio.ensure_future(w.generate.remote(task_type, params, task_id, lora_files))
+            for w in self.workers
+        ]
         try:
             while not tasks[0].done():
                 await asyncio.wait([tasks[0]], timeout=0.2)
