@@ -107,4 +107,4 @@ def test_cancel_button_cancels(app_url: str, browser) -> None:
         page.locator(f"tr[data-task-id='{waiting}'] button:has-text('cancel')").click()
         page.locator(f"tr[data-task-id='{waiting}'] .status.Cancelled").wait_for(timeout=10_000)
         assert client.get(f"/tasks/{waiting}").json()["status"] == "Cancelled"
-        assert client.post(f"/tasks/{first}/cancel").status_code == 200
+        client.post(f"/tasks/{first}/cancel")  # clean-up: it may have finished already (409)
