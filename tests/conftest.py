@@ -12,7 +12,7 @@ import pytest
 
 from db.store import TaskStore, open_store
 
-pytest_plugins = ["supabase_fixtures"]
+pytest_plugins = ["supabase_fixtures", "disk_fixtures"]
 
 # Tests never reach a hub: every model they use is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

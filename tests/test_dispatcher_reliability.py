@@ -6,14 +6,13 @@ is wrong (issue 17 items 1, 3, 4, 5)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from disk_fixtures import files_under, fill_disk
 from test_dispatcher import FakeGpu, in_loop, make_dispatcher, until
 
 from db.errors import StoreUnavailable
@@ -200,43 +199,13 @@ async def test_stop_hands_back_a_task_whose_runner_ignores_the_stop(store, tmp_p
 # --- a full disk, through the dispatcher ----------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB tmpfs, unmounted afterwards."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    try:
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError) as error:
-        pytest.fail(f"mounting a tmpfs needs root (this project's test machines run as root): {error}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def fill(disk: Path, leave_free: int) -> Path:
-    stats = os.statvfs(disk)
-    filler = disk / "filler.bin"
-    filler.write_bytes(b"\0" * max(0, stats.f_bavail * stats.f_frsize - leave_free))
-    return filler
-
-
-def files_under(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-
-
 @in_loop
 async def test_a_full_disk_keeps_the_artifact_until_space_returns(store, tmp_path, small_disk, running):
     runner = OnCue(size=300_000)
     runner.report.set()
     dispatcher = make_dispatcher(store, tmp_path, runner, {"T2V": 1})
     dispatcher.storage = OutputStorage(StorageConfig(root=str(small_disk / "files")))
-    filler = fill(small_disk, leave_free=100_000)
+    filler = fill_disk(small_disk, leave_free=100_000)
     task_id = store.add("t2v", {"prompt": "x"}).id
     dispatcher.start()
     running.append(dispatcher)
@@ -267,7 +236,7 @@ async def test_a_disk_full_past_the_bound_fails_readably_and_records_nothing(
     runner.finish.set()
     dispatcher = make_dispatcher(store, tmp_path, runner, {"T2V": 1}, storage_retry_s=0.5, max_attempts=1)
     dispatcher.storage = OutputStorage(StorageConfig(root=str(small_disk / "files")))
-    fill(small_disk, leave_free=100_000)
+    fill_disk(small_disk, leave_free=100_000)
     task_id = store.add("t2v", {"prompt": "x"}).id
     dispatcher.start()
     running.append(dispatcher)
@@ -316,7 +285,7 @@ async def test_a_step_output_on_a_full_disk_waits_for_space(store, tmp_path, sma
     runner = SavesAStep(storage, step_row)
     dispatcher = make_dispatcher(store, tmp_path, runner, {"T2V": 1})
     dispatcher.storage = storage
-    filler = fill(small_disk, leave_free=100_000)
+    filler = fill_disk(small_disk, leave_free=100_000)
     task_id = store.add("t2v", {"prompt": "x"}).id
     dispatcher.start()
     running.append(dispatcher)

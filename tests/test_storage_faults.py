@@ -14,56 +14,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from disk_fixtures import files_under, fill_disk
 from pyarrow import fs as pafs
 from storage_fixtures import S3Server
 
 from storage import OutputStorage, S3Settings, StorageConfig, StorageError, StorageUnavailable
 from Wan2GP.artifact import Artifact
 
-TMPFS_BYTES = 1024 * 1024
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
 
 
 def _task_id() -> str:
     return str(uuid.uuid4())
 
 
-def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB tmpfs, unmounted afterwards."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    try:
-        _mount("-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(mount_point))
-    except (OSError, subprocess.CalledProcessError) as error:
-        pytest.fail(f"mounting a tmpfs needs root (this project's test machines run as root): {error}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def _fill(disk: Path, leave_free: int) -> Path:
-    """A filler file that leaves about `leave_free` bytes of `disk` free."""
-    stats = os.statvfs(disk)
-    filler = disk / "filler.bin"
-    filler.write_bytes(b"\0" * max(0, stats.f_bavail * stats.f_frsize - leave_free))
-    return filler
-
-
-def _listing(folder: Path) -> list[str]:
-    """Every file under `folder`, relative, hidden ones (temp files, receipts) included."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-
-
 def test_full_disk_records_nothing_and_is_retryable(small_disk: Path):
     storage = OutputStorage(StorageConfig(root=small_disk / "files"))
     task_id = _task_id()
     video = os.urandom(300_000)
-    filler = _fill(small_disk, leave_free=100_000)  # the write starts, then runs out of space
+    filler = fill_disk(small_disk, leave_free=100_000)  # the write starts, then runs out of space
 
     with pytest.raises(StorageUnavailable) as info:
         storage.save(task_id, Artifact(video, "clip.mp4", "video/mp4"))
@@ -71,21 +42,21 @@ def test_full_disk_records_nothing_and_is_retryable(small_disk: Path):
     assert info.value.retryable is True
     assert info.value.errno == errno.ENOSPC
     assert "clip.mp4" in str(info.value) and task_id in str(info.value)
-    assert _listing(small_disk / "files") == []  # no truncated output, no temp file, no receipt
+    assert files_under(small_disk / "files") == []  # no truncated output, no temp file, no receipt
     assert storage.find_saved(task_id) is None
 
     filler.unlink()  # space comes back: the same save now stores it completely
     saved = storage.save(task_id, Artifact(video, "clip.mp4", "video/mp4"))
     assert saved.local_path.read_bytes() == video
     assert storage.find_saved(task_id) == saved
-    assert _listing(small_disk / "files") == [f".receipts/{task_id}.json", f"{task_id}/clip.mp4"]
+    assert files_under(small_disk / "files") == [f".receipts/{task_id}.json", f"{task_id}/clip.mp4"]
 
 
 def test_a_failed_overwrite_keeps_the_complete_earlier_output(small_disk: Path):
     storage = OutputStorage(StorageConfig(root=small_disk / "files"))
     task_id = _task_id()
     first = storage.save(task_id, Artifact(b"first complete video", "clip.mp4", "video/mp4"))
-    _fill(small_disk, leave_free=50_000)
+    fill_disk(small_disk, leave_free=50_000)
 
     with pytest.raises(StorageUnavailable):
         storage.save(task_id, Artifact(os.urandom(200_000), "clip.mp4", "video/mp4"))
@@ -105,14 +76,14 @@ def test_read_only_disk_is_retryable(small_disk: Path):
 
     assert info.value.retryable is True and info.value.errno == errno.EROFS
     _mount("-o", "remount,rw", str(small_disk))
-    assert _listing(small_disk / "files") == []
+    assert files_under(small_disk / "files") == []
 
 
 def test_asave_retrying_waits_for_space_with_the_artifact_in_memory(small_disk: Path):
     storage = OutputStorage(StorageConfig(root=small_disk / "files"))
     task_id = _task_id()
     video = os.urandom(400_000)
-    filler = _fill(small_disk, leave_free=10_000)
+    filler = fill_disk(small_disk, leave_free=10_000)
     freed = threading.Timer(0.5, filler.unlink)  # an operator frees space while the save retries
     freed.start()
     try:
@@ -130,7 +101,7 @@ def test_asave_retrying_waits_for_space_with_the_artifact_in_memory(small_disk: 
 
 def test_asave_retrying_gives_up_after_its_bound(small_disk: Path):
     storage = OutputStorage(StorageConfig(root=small_disk / "files"))
-    _fill(small_disk, leave_free=10_000)
+    fill_disk(small_disk, leave_free=10_000)
 
     with pytest.raises(StorageUnavailable):
         asyncio.run(
