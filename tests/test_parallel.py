@@ -214,8 +214,10 @@ def test_parallel_generation_matches_single_process(
         # 3 latent frames: split over 2 ranks; too short for 4 (each rank needs a frame past frame 0).
         assert result["split_decode_used"] is (world_size == 2)
         if mode == "cfg":
-            # Same arithmetic as one process, only split: bit-identical latents.
-            assert latent_max_abs == 0.0
+            # Same arithmetic as one process, only split. Bit-identical on most CPUs, but a BLAS may pick another
+            # kernel for batch 1 than for the batched CFG pair (CI measured max-abs 6.2e-06, rel 3.7e-07).
+            assert latent_error < 1e-6
+            assert latent_max_abs < 1e-4
         else:
             assert latent_error < 1e-5
             print(
@@ -236,7 +238,7 @@ def test_parallel_generation_matches_single_process(
     if mode == "cfg":
         for rank in range(world_size):
             vace_latents = np.load(tmp_path / f"rank{rank}-vace-latents.npy")
-            assert np.array_equal(vace_latents, reference["vace_latents"])  # VACE under CFG split: exact
+            assert relative_error(vace_latents, reference["vace_latents"]) < 1e-6  # VACE under the CFG split
             vace_frames, _ = decode_video((tmp_path / f"rank{rank}-vace.mp4").read_bytes())
             assert vace_frames.shape == (9, 48, 64, 3)
             assert relative_error(vace_frames, reference["vace_frames"]) < 0.05
