@@ -3,9 +3,8 @@
 The original worker sends every video output's first frame as a JPEG named ``thumb_{task_id[:8]}.jpg``
 beside the output (``first_frame_data`` / ``first_frame_filename`` of complete-task); its complete-task
 function makes image thumbnails itself (a third of the size, JPEG quality 80). The public URL of the stored
-thumbnail is then written into the task's params as ``thumbnail_url``: at the top level for most task types,
-under ``full_orchestrator_payload`` for ``travel_stitch`` and under ``orchestrator_details`` for
-``wan_2_2_i2v``.
+thumbnail is then written into the task's params as ``thumbnail_url`` (where: ``db.thumbnails``, applied by
+every store's ``complete``).
 
 Here both kinds are bounded to ``MAX_THUMBNAIL_SIDE`` on the long side (the original sent full-size video
 frames), so a 4K output never makes a 4K "thumbnail".
@@ -13,9 +12,7 @@ frames), so a 4K output never makes a 4K "thumbnail".
 
 from __future__ import annotations
 
-import copy
 import io
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -86,23 +83,3 @@ def thumbnail_artifact(task_id: str, output: Artifact, max_side: int = MAX_THUMB
     return Artifact(
         data=data, filename=thumbnail_filename(task_id), media_type=THUMBNAIL_MEDIA_TYPE, metadata=metadata
     )
-
-
-def params_with_thumbnail_url(task_type: str, params: dict[str, Any], thumbnail_url: str) -> dict[str, Any]:
-    """A copy of a task's params with ``thumbnail_url`` where the original's complete-task writes it."""
-    updated = copy.deepcopy(params) if isinstance(params, dict) else {}
-    if task_type == "travel_stitch":
-        nested = updated.get("full_orchestrator_payload")
-        updated["full_orchestrator_payload"] = {
-            **(nested if isinstance(nested, dict) else {}),
-            "thumbnail_url": thumbnail_url,
-        }
-    elif task_type == "wan_2_2_i2v":
-        nested = updated.get("orchestrator_details")
-        updated["orchestrator_details"] = {
-            **(nested if isinstance(nested, dict) else {}),
-            "thumbnail_url": thumbnail_url,
-        }
-    else:
-        updated["thumbnail_url"] = thumbnail_url
-    return updated

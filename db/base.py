@@ -19,6 +19,7 @@ from db.models import MAX_PARAMS_BYTES, NewTask, Task, TaskStatus
 
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_LIST_LIMIT = 10_000
+MAX_THUMBNAIL_URL = 4096  # characters; a URL or storage location, not data
 
 
 class TaskStore(abc.ABC):
@@ -99,16 +100,28 @@ class TaskStore(abc.ABC):
         output_location: str,
         worker_id: str | None = None,
         result: dict[str, Any] | None = None,
+        thumbnail_url: str | None = None,
     ) -> Task:
         """`In Progress` → `Complete`, recording `result` (a JSON object, see `Task.result`) with the output.
         With `worker_id`, only that worker's claim may complete it.
+
+        `thumbnail_url` (the output's thumbnail) goes into the task's params, in the same write, where the
+        original's complete-task puts it (`db.thumbnails.params_with_thumbnail_url`); every other key stays.
 
         Raises `TaskConflict` when the task is not in progress (cancelled, requeued, already finished), so an
         abandoned attempt can never record an output.
         """
         if not output_location:
             raise InvalidTask("output_location", "must not be empty")
-        return self._complete(task_id, output_location, worker_id, _json_object(result, "result"))
+        if thumbnail_url is not None and (not isinstance(thumbnail_url, str) or not thumbnail_url):
+            raise InvalidTask("thumbnail_url", "must be a non-empty string")
+        if thumbnail_url is not None and len(thumbnail_url) > MAX_THUMBNAIL_URL:
+            raise InvalidTask(
+                "thumbnail_url", f"is {len(thumbnail_url)} characters; the limit is {MAX_THUMBNAIL_URL}"
+            )
+        return self._complete(
+            task_id, output_location, worker_id, _json_object(result, "result"), thumbnail_url
+        )
 
     def complete_idempotent(
         self,
@@ -116,6 +129,7 @@ class TaskStore(abc.ABC):
         output_location: str,
         worker_id: str | None = None,
         result: dict[str, Any] | None = None,
+        thumbnail_url: str | None = None,
     ) -> Task:
         """`complete`, safe to retry after a lost reply (a timeout, `StoreUnavailable`).
 
@@ -124,7 +138,7 @@ class TaskStore(abc.ABC):
         state raises as `complete` does, so a retry never overwrites another attempt's output.
         """
         try:
-            return self.complete(task_id, output_location, worker_id, result)
+            return self.complete(task_id, output_location, worker_id, result, thumbnail_url)
         except TaskConflict:
             task = self.get(task_id)
             if (
@@ -218,9 +232,15 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def _complete(
-        self, task_id: str, output_location: str, worker_id: str | None, result: dict[str, Any] | None
+        self,
+        task_id: str,
+        output_location: str,
+        worker_id: str | None,
+        result: dict[str, Any] | None,
+        thumbnail_url: str | None,
     ) -> Task:
-        """`result` is None or a JSON-serialisable dict."""
+        """`result` is None or a JSON-serialisable dict; `thumbnail_url` None or a non-empty string, written
+        into the params (`db.thumbnails`) by the same statement or transaction that completes the row."""
 
     @abc.abstractmethod
     def _start(self, task_id: str, worker_id: str) -> Task: ...

@@ -141,7 +141,8 @@ SET_PROGRESS = Call(
     "ok",
 )
 COMPLETE = Call(
-    "SELECT * FROM complete_task(%(task_id)s, %(output_location)s, %(worker_id)s, %(result)s)",
+    "SELECT * FROM complete_task(%(task_id)s, %(output_location)s, %(worker_id)s, %(result)s,"
+    " %(thumbnail_url)s)",
     "complete-task",
     "row",
 )
@@ -392,10 +393,20 @@ class PostgresTaskStore(TaskStore):
         return bool(self.transport.call(SET_PROGRESS, args))
 
     def _complete(
-        self, task_id: str, output_location: str, worker_id: str | None, result: dict[str, Any] | None
+        self,
+        task_id: str,
+        output_location: str,
+        worker_id: str | None,
+        result: dict[str, Any] | None,
+        thumbnail_url: str | None,
     ) -> Task:
         return self._task(
-            COMPLETE, task_id=task_id, output_location=output_location, worker_id=worker_id, result=result
+            COMPLETE,
+            task_id=task_id,
+            output_location=output_location,
+            worker_id=worker_id,
+            result=result,
+            thumbnail_url=thumbnail_url,
         )
 
     def fail(

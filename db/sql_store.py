@@ -19,6 +19,7 @@ from typing import Any
 from db.base import DEFAULT_MAX_ATTEMPTS, TaskStore
 from db.errors import InvalidTask, TaskConflict, TaskNotFound
 from db.models import NewTask, Task, TaskStatus
+from db.thumbnails import params_with_thumbnail_url
 
 COLUMNS = (
     "id, task_type, params, status, dependant_on, project_id, priority, output_location, error_message, "
@@ -229,11 +230,16 @@ class SqlTaskStore(TaskStore):
             return bool(self._execute(cur, sql, args))
 
     def _complete(
-        self, task_id: str, output_location: str, worker_id: str | None, result: dict[str, Any] | None
+        self,
+        task_id: str,
+        output_location: str,
+        worker_id: str | None,
+        result: dict[str, Any] | None,
+        thumbnail_url: str | None,
     ) -> Task:
         sql = (
             "UPDATE tasks SET status = 'Complete', output_location = :output_location, error_message = NULL, "
-            "result = :result, "
+            "result = :result, params = coalesce(:params, params), "
             f"progress = 1, generation_processed_at = {NOW}, updated_at = {NOW} "
             "WHERE id = :id AND status = 'In Progress' AND (:worker_id IS NULL OR worker_id = :worker_id) "
         )
@@ -242,8 +248,18 @@ class SqlTaskStore(TaskStore):
             "output_location": output_location,
             "worker_id": worker_id,
             "result": json.dumps(result) if result is not None else None,
+            "params": None,
         }
-        with self._write() as cur:
+        with self._write() as cur:  # one write transaction: the params read here are the ones replaced
+            if thumbnail_url is not None:
+                rows = self._execute(
+                    cur, "SELECT task_type, params FROM tasks WHERE id = :id", {"id": task_id}
+                )
+                if rows:
+                    params = params_with_thumbnail_url(
+                        rows[0]["task_type"], _json_or_none(rows[0]["params"]), thumbnail_url
+                    )
+                    args["params"] = json.dumps(params)
             task = self._one(self._execute(cur, sql + RETURNING, args))
             if task is None:
                 raise self._conflict(cur, task_id, "complete", worker_id)
@@ -361,3 +377,11 @@ def _clip(message: str | None) -> str | None:
     if message is None:
         return None
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
+
+
+def _json_or_none(text: str | None) -> Any:
+    """A stored JSON column's value; None when it is not valid JSON (a row written by hand)."""
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None

@@ -555,14 +555,17 @@ class Dispatcher:
             result = await self.runners[job.route.kind].run(job)
             if job.dropped:
                 raise RunCancelled
-            # --- thumbnail (issue 20): stored beside the output, `thumbnail_url` in its metadata ---
-            await self.pool.run(save_thumbnail, self.storage, task.id, result.artifact)
+            # --- thumbnail (issue 20): stored beside the output; its location goes in the artifact's
+            # metadata and, by `_complete`, into the task's params as the original does ---
+            thumbnail_url = await self.pool.run(save_thumbnail, self.storage, task.id, result.artifact)
             # ---
             with job.timed("save"):
                 saved = await self._save(job, result.artifact)
             if result.finish is not None:
                 await self._retrying(job, "finishing", _store_retryable, result.finish, saved.output_location)
-            await self._complete(job, saved, task_result(task, result.artifact, saved.uploaded, job.timings))
+            await self._complete(
+                job, saved, task_result(task, result.artifact, saved.uploaded, job.timings), thumbnail_url
+            )
             self.metrics.completed(task, time.monotonic() - job.started, result.model_id or job.model_id)
         except TaskFailure as failure:
             await self._fail(job, str(failure), retryable=failure.retryable)
@@ -639,10 +642,12 @@ class Dispatcher:
         except StorageError as error:
             raise TaskFailure(f"storing the output failed: {error}", retryable=error.retryable) from None
 
-    async def _complete(self, job: Job, saved: SavedOutput, result: dict[str, Any] | None) -> None:
-        """Mark the row `Complete`, retrying while the database is unavailable. Idempotent and guarded by
-        our worker id: a retry after a lost reply is recognised, and a row taken from us is never
-        completed (TaskConflict)."""
+    async def _complete(
+        self, job: Job, saved: SavedOutput, result: dict[str, Any] | None, thumbnail_url: str | None = None
+    ) -> None:
+        """Mark the row `Complete` (with `thumbnail_url` written into its params by the same write),
+        retrying while the database is unavailable. Idempotent and guarded by our worker id: a retry
+        after a lost reply is recognised, and a row taken from us is never completed (TaskConflict)."""
         job.phase = "completing"
         done = await self._retrying(
             job,
@@ -653,6 +658,7 @@ class Dispatcher:
             saved.output_location,
             self.worker_id,
             result,
+            thumbnail_url,
             within_s=self.settings.complete_retry_s,
         )
         self._notify(done)

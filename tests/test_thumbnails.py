@@ -12,7 +12,6 @@ from storage.outputs import OutputStorage
 from Wan2GP.artifact import Artifact
 from Wan2GP.thumbnails import (
     image_thumbnail,
-    params_with_thumbnail_url,
     thumbnail_artifact,
     thumbnail_filename,
     video_thumbnail,
@@ -65,20 +64,3 @@ def test_thumbnail_artifact_per_media_type_and_stored_beside_the_output(tmp_path
     saved_thumb = storage.save(task_id, thumb)
     assert saved_thumb.local_path.parent == saved.local_path.parent  # beside the output
     assert saved_thumb.output_location.endswith(f"/{task_id}/thumb_0f1e2d3c.jpg")
-
-
-def test_thumbnail_url_goes_where_the_original_writes_it():
-    params = {"prompt": "x", "full_orchestrator_payload": {"run_id": "r"}, "orchestrator_details": {"a": 1}}
-    url = "https://x.supabase.co/storage/v1/object/public/image_uploads/t/thumb_t.jpg"
-    stitch = params_with_thumbnail_url("travel_stitch", params, url)
-    assert stitch["full_orchestrator_payload"] == {"run_id": "r", "thumbnail_url": url}
-    assert "thumbnail_url" not in stitch
-    i2v = params_with_thumbnail_url("wan_2_2_i2v", params, url)
-    assert i2v["orchestrator_details"] == {"a": 1, "thumbnail_url": url}
-    assert params_with_thumbnail_url("vace", params, url)["thumbnail_url"] == url
-    assert params_with_thumbnail_url("travel_stitch", {}, url) == {
-        "full_orchestrator_payload": {"thumbnail_url": url}
-    }
-    assert (
-        "thumbnail_url" not in params and "thumbnail_url" not in params["full_orchestrator_payload"]
-    )  # a copy

@@ -9,9 +9,13 @@ import { HttpError } from "./http.ts";
 const BUCKET = Deno.env.get("HWGP_VIDEO_BUCKET") ?? "image_uploads";
 const MAX_UPLOAD_BYTES = Number(Deno.env.get("HWGP_MAX_UPLOAD_BYTES") ?? String(200 * 1024 * 1024));
 
-/** The largest complete-task body: a base64 file of MAX_UPLOAD_BYTES (4/3 larger) and its fields. */
+// A first frame (complete-task's first_frame_data) is a thumbnail, not an output: a smaller cap.
+const MAX_THUMBNAIL_BYTES = Number(Deno.env.get("HWGP_MAX_THUMBNAIL_BYTES") ?? String(10 * 1024 * 1024));
+
+/** The largest complete-task body: a base64 file of MAX_UPLOAD_BYTES and a base64 first frame of
+ * MAX_THUMBNAIL_BYTES (each 4/3 larger), and their fields. */
 export function maxUploadBodyBytes(): number {
-  return Math.ceil(MAX_UPLOAD_BYTES * 4 / 3) + 64 * 1024;
+  return Math.ceil((MAX_UPLOAD_BYTES + MAX_THUMBNAIL_BYTES) * 4 / 3) + 64 * 1024;
 }
 
 const CONTENT_TYPES: Record<string, string> = {
@@ -36,22 +40,47 @@ export function sanitizeFilename(name: string): string {
   return clean;
 }
 
-export function decodeBase64File(data: string): Uint8Array<ArrayBuffer> {
-  let binary: string;
-  try {
-    binary = atob(data.replace(/\s+/g, ""));
-  } catch (_error) {
-    throw new HttpError(400, "file_data: is not valid base64", "file_data");
-  }
-  if (binary.length === 0) throw new HttpError(400, "file_data: is empty", "file_data");
-  if (binary.length > MAX_UPLOAD_BYTES) {
+/** The bytes of a base64 field (`file_data`, `first_frame_data`); 400 naming it when it is not base64,
+ * empty, or over `maxBytes` (checked on the text's length before anything is decoded). */
+export function decodeBase64File(
+  data: string,
+  field = "file_data",
+  maxBytes = MAX_UPLOAD_BYTES,
+): Uint8Array<ArrayBuffer> {
+  const text = data.replace(/\s+/g, "");
+  if (Math.floor(text.length / 4) * 3 > maxBytes + 2) {
     throw new HttpError(
       400,
-      `file_data: ${binary.length} bytes; the limit is ${MAX_UPLOAD_BYTES}`,
-      "file_data",
+      `${field}: about ${Math.floor(text.length / 4) * 3} bytes; the limit is ${maxBytes}`,
+      field,
     );
   }
+  let binary: string;
+  try {
+    binary = atob(text);
+  } catch (_error) {
+    throw new HttpError(400, `${field}: is not valid base64`, field);
+  }
+  if (binary.length === 0) throw new HttpError(400, `${field}: is empty`, field);
+  if (binary.length > maxBytes) {
+    throw new HttpError(400, `${field}: ${binary.length} bytes; the limit is ${maxBytes}`, field);
+  }
   return Uint8Array.from(binary, (c) => c.charCodeAt(0));
+}
+
+/** A first frame from complete-task's `first_frame_data`: base64 of a JPEG (the original worker sends
+ * `thumb_{id8}.jpg`), at most HWGP_MAX_THUMBNAIL_BYTES. 400 naming the field otherwise. */
+export function decodeFirstFrame(data: string): Uint8Array<ArrayBuffer> {
+  const bytes = decodeBase64File(data, "first_frame_data", MAX_THUMBNAIL_BYTES);
+  // A JPEG starts with SOI and a marker (FF D8 FF) and ends with EOI (FF D9).
+  const n = bytes.length;
+  if (
+    n < 4 || bytes[0] !== 0xff || bytes[1] !== 0xd8 || bytes[2] !== 0xff || bytes[n - 2] !== 0xff ||
+    bytes[n - 1] !== 0xd9
+  ) {
+    throw new HttpError(400, "first_frame_data: is not a JPEG image", "first_frame_data");
+  }
+  return bytes;
 }
 
 export async function uploadToStorage(objectPath: string, bytes: Uint8Array<ArrayBuffer>): Promise<string> {
