@@ -108,6 +108,19 @@ def test_each_family_over_http(service: dict, task_type: str, params: dict, fram
         assert (info["frames"], info["width"], info["height"]) == (frames, *size)
 
 
+def test_a_completed_t2v_row_records_its_thumbnail_in_its_params(service: dict):
+    params = {**SMALL, "prompt": "thumbs", "video_length": 5, "shot_id": "s1", "thumbnail_url": "sent"}
+    task_id = submit(service["client"], "t2v", params)
+    task = wait_final(service["client"], task_id)
+    assert task["status"] == "Complete", task["error_message"]
+    with open_store(service["db"], migrate=False) as store:
+        row = store.get(task_id)
+    url = f"files/{task_id}/thumb_{task_id[:8]}.jpg"
+    assert row.params == {**params, "thumbnail_url": url}  # keys kept; a sent URL replaced (t2v: top level)
+    assert row.result["thumbnail_url"] == url
+    assert (service["files"] / task_id / f"thumb_{task_id[:8]}.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+
+
 def test_tasks_written_straight_into_sqlite_run(service: dict):
     task_id = str(uuid.uuid4())
     raw_execute(
