@@ -194,7 +194,8 @@ IGNORED_KEYS: dict[str, str] = {
     "generation_name": _CLIENT_STATE,
     "random_seed": _CLIENT_STATE,
     "add_in_position": _CLIENT_STATE,
-    "thumbnail_url": _CLIENT_STATE,
+    "thumbnail_url": "the output's thumbnail: completing the task writes its own into the params, as the "
+    "original does",
     "show_input_images": "the original drew the input images above the video as a preview; not drawn here",
 }
 

@@ -131,9 +131,12 @@ class SupabaseTaskStore(PostgresTaskStore):
         filename: str,
         worker_id: str | None = None,
         result: dict[str, Any] | None = None,
+        first_frame: bytes | None = None,
     ) -> Task:
         """Upload `data` through `complete-task` (Supabase Storage) and complete the task with its URL
-        (and `result`, see `Task.result`)."""
+        (and `result`, see `Task.result`). `first_frame` (JPEG bytes, as the original worker sends a
+        video's) is stored as `thumb_{task_id[:8]}.jpg` and its URL written into the params' `thumbnail_url`;
+        an image output without one gets complete-task's own third-size thumbnail."""
         if not isinstance(self.transport, HttpTransport):
             raise InvalidTask(
                 "db", "complete_with_file uploads through the edge functions: use supabase+https://…"
@@ -145,6 +148,9 @@ class SupabaseTaskStore(PostgresTaskStore):
             "worker_id": worker_id,
             "result": result,
         }
+        if first_frame is not None:
+            body["first_frame_data"] = base64.b64encode(first_frame).decode()
+            body["first_frame_filename"] = f"thumb_{task_id[:8]}.jpg"  # the original worker's name
         return Task.model_validate(self.transport.post("complete-task", body))
 
 

@@ -47,7 +47,7 @@ from deployments.recovery import identity_of, requeue_predecessors
 from deployments.results import task_result
 from deployments.routing import Route, Routing
 from deployments.task_types import GENERATION, ORCHESTRATION
-from deployments.thumbnail_step import save_thumbnail
+from deployments.thumbnail_step import save_thumbnail, stored_thumbnail
 from deployments.webhooks import without_delivery_keys
 from storage import InputError, OutputStorage, SavedOutput, StorageError
 from Wan2GP.artifact import Artifact
@@ -548,7 +548,8 @@ class Dispatcher:
                 saved = await self.pool.run(self.storage.find_saved, task.id)
                 if saved is not None:  # an earlier attempt stored it, then could not complete the row
                     logger.info("task %s: output already stored at %s", task.id, saved.output_location)
-                    await self._complete(job, saved, None)
+                    thumbnail_url = await self.pool.run(stored_thumbnail, self.storage, task.id)
+                    await self._complete(job, saved, None, thumbnail_url)
                     return
             if job.route.kind == GENERATION:
                 await self._fetch_inputs(job)

@@ -2,10 +2,10 @@
 
 `save_thumbnail` is the one call the dispatcher's save step makes: the output's first frame (a video) or
 a third-size copy (an image), bounded to 512 px, stored with the task's files as `thumb_{id8}.jpg` (local
-first, uploaded the same way as the output), and its location put in the artifact's metadata as
-`thumbnail_url`, which the task's result carries. The original also writes `thumbnail_url` into the
-task's params (`Wan2GP.thumbnails.params_with_thumbnail_url` says where); the task stores here have no
-params update yet, so the result is where it is recorded.
+first, uploaded the same way as the output, never recorded as the output), and its location put in the
+artifact's metadata as `thumbnail_url`, which the task's result carries. The dispatcher then hands that location to the store's
+`complete(…, thumbnail_url=)`, which writes it into the task's params where the original does
+(`db/thumbnails.py`) in the same write that completes the row.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 
 from storage import OutputStorage, StorageError
 from Wan2GP.artifact import Artifact
-from Wan2GP.thumbnails import thumbnail_artifact
+from Wan2GP.thumbnails import THUMBNAIL_MEDIA_TYPE, thumbnail_artifact, thumbnail_filename
 
 logger = logging.getLogger("ray.serve")
 
@@ -27,10 +27,26 @@ def save_thumbnail(storage: OutputStorage, task_id: str, artifact: Artifact) -> 
         thumbnail = thumbnail_artifact(task_id, artifact)
         if thumbnail is None:
             return None
-        saved = storage.save(task_id, thumbnail)
+        # An extra file, not the task's output: `save` would write the receipt that `find_saved` takes
+        # for the output, and a later attempt would complete the task with its thumbnail.
+        saved = storage.save_bytes(task_id, thumbnail.data, thumbnail.filename, thumbnail.media_type)
     except (ValueError, OSError, StorageError) as error:
         logger.warning("task %s: no thumbnail: %s", task_id, error)
         artifact.metadata["thumbnail_error"] = str(error).splitlines()[0]
         return None
     artifact.metadata["thumbnail_url"] = saved.output_location
     return saved.output_location
+
+
+def stored_thumbnail(storage: OutputStorage, task_id: str) -> str | None:
+    """The location of the thumbnail an earlier attempt stored for `task_id` (uploaded again when an
+    upload backend is configured, so the location is current), or None. For a task completed from an
+    output an earlier attempt stored."""
+    try:
+        path = storage.local_path(task_id, thumbnail_filename(task_id))
+        data = path.read_bytes()
+        return storage.save_bytes(task_id, data, path.name, THUMBNAIL_MEDIA_TYPE).output_location
+    except (OSError, ValueError, StorageError) as error:
+        if not isinstance(error, FileNotFoundError):
+            logger.warning("task %s: stored thumbnail not recorded: %s", task_id, error)
+        return None

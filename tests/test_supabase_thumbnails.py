@@ -152,3 +152,16 @@ def test_bad_thumbnails_are_400_naming_the_field_and_upload_nothing(
     assert not any(key.startswith(f"image_uploads/{task.id}/") for key in storage_objects.objects)
     stored = direct.get(task.id)
     assert stored.status == TaskStatus.IN_PROGRESS and stored.params == {"prompt": "p"}
+
+
+def test_the_http_store_sends_a_first_frame_with_its_file(
+    fn: EdgeFunctions, direct: TaskStore, storage_objects: StorageObjects
+):
+    task = direct.add("t2v", {"prompt": "p"})
+    direct.claim_next("w")
+    frame = jpeg(16, 16)
+    with SupabaseTaskStore(fn.store_url()) as store:
+        done = store.complete_with_file(task.id, b"video", "o.mp4", worker_id="w", first_frame=frame)
+    key = f"image_uploads/{task.id}/thumbnails/thumb_{task.id[:8]}.jpg"
+    assert storage_objects.objects[key] == ("image/jpeg", frame)
+    assert done.params == direct.get(task.id).params == {"prompt": "p", "thumbnail_url": public(fn, key)}

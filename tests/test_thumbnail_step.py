@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Iterator
 
-from deployments.thumbnail_step import save_thumbnail
+import numpy as np
+import pytest
+from test_dispatcher import FakeGpu, in_loop, make_dispatcher, until
+
+from db.models import TaskStatus
+from db.store import TaskStore, open_store
+from deployments.dispatcher import Dispatcher
+from deployments.thumbnail_step import save_thumbnail, stored_thumbnail
 from storage import OutputStorage, StorageConfig
 from Wan2GP.artifact import Artifact
 from Wan2GP.video import encode_mp4, encode_png, load_image
@@ -42,3 +49,49 @@ def test_no_thumbnail_never_fails_the_task(tmp_path):
     text = Artifact(b"{}", "out.json", "application/json", {})
     assert save_thumbnail(storage(tmp_path), TASK_ID, text) is None and text.metadata == {}
     assert not (tmp_path / "files" / TASK_ID).exists()
+
+
+def test_a_thumbnail_is_never_taken_for_the_tasks_output(tmp_path):
+    # The thumbnail is stored before the output: if the output's save then fails (or the process dies), the
+    # next attempt's `find_saved` must not find the thumbnail and complete the task with it.
+    outputs = storage(tmp_path)
+    video = Artifact(encode_mp4(np.full((3, 32, 32, 3), 99, np.uint8), fps=16), "out.mp4", "video/mp4", {})
+    location = save_thumbnail(outputs, TASK_ID, video)
+    assert location is not None and outputs.find_saved(TASK_ID) is None
+    saved = outputs.save(TASK_ID, video)
+    assert outputs.find_saved(TASK_ID) == saved
+    # A task completed from that stored output (a later attempt) finds its thumbnail again.
+    assert stored_thumbnail(outputs, TASK_ID) == location
+    assert stored_thumbnail(outputs, "1c4f7b6e-1d2a-4c3b-9e8f-123456789abc") is None
+
+
+@pytest.fixture
+def running() -> list[Dispatcher]:
+    """Dispatchers a test started: `in_loop` stops them before its event loop closes."""
+    return []
+
+
+@pytest.fixture
+def store(tmp_path) -> Iterator[TaskStore]:
+    with open_store(f"sqlite:///{tmp_path / 'tasks.db'}") as opened:
+        yield opened
+
+
+@in_loop
+async def test_a_task_completed_from_an_earlier_attempts_output_records_its_thumbnail(
+    store, tmp_path, running
+):
+    # An earlier attempt stored the output and its thumbnail, then could not complete the row: the next
+    # claim completes it without running again, the thumbnail in its params as after a normal run.
+    gpu = FakeGpu()
+    dispatcher = make_dispatcher(store, tmp_path, gpu, {"T2V": 1})
+    task_id = store.add("t2v", {"prompt": "x", "shot_id": "s"}).id
+    video = Artifact(encode_mp4(np.full((3, 32, 32, 3), 99, np.uint8), fps=16), "out.mp4", "video/mp4", {})
+    location = save_thumbnail(dispatcher.storage, task_id, video)
+    saved = dispatcher.storage.save(task_id, video)
+    dispatcher.start()
+    running.append(dispatcher)
+    await until(lambda: store.get(task_id).status == TaskStatus.COMPLETE)
+    task = store.get(task_id)
+    assert gpu.started == [] and task.output_location == saved.output_location
+    assert task.params == {"prompt": "x", "shot_id": "s", "thumbnail_url": location}
