@@ -5,6 +5,7 @@
 // (Function secrets may not start with SUPABASE_: that prefix is the platform's.)
 
 import { HttpError } from "./http.ts";
+import { decodesAsJpeg } from "./thumbnails.ts";
 
 const BUCKET = Deno.env.get("HWGP_VIDEO_BUCKET") ?? "image_uploads";
 const MAX_UPLOAD_BYTES = Number(Deno.env.get("HWGP_MAX_UPLOAD_BYTES") ?? String(200 * 1024 * 1024));
@@ -72,13 +73,12 @@ export function decodeBase64File(
  * `thumb_{id8}.jpg`), at most HWGP_MAX_THUMBNAIL_BYTES. 400 naming the field otherwise. */
 export function decodeFirstFrame(data: string): Uint8Array<ArrayBuffer> {
   const bytes = decodeBase64File(data, "first_frame_data", MAX_THUMBNAIL_BYTES);
-  // A JPEG starts with SOI and a marker (FF D8 FF) and ends with EOI (FF D9).
-  const n = bytes.length;
-  if (
-    n < 4 || bytes[0] !== 0xff || bytes[1] !== 0xd8 || bytes[2] !== 0xff || bytes[n - 2] !== 0xff ||
-    bytes[n - 1] !== 0xd9
-  ) {
-    throw new HttpError(400, "first_frame_data: is not a JPEG image", "first_frame_data");
+  if (!decodesAsJpeg(bytes)) {
+    throw new HttpError(
+      400,
+      "first_frame_data: is not a JPEG image (it does not decode as one)",
+      "first_frame_data",
+    );
   }
   return bytes;
 }

@@ -24,6 +24,17 @@ function decodeImage(bytes: Uint8Array): Rgba | null {
   return null;
 }
 
+/** Whether `bytes` are a whole JPEG image that decodes (within the pixel limit). */
+export function decodesAsJpeg(bytes: Uint8Array): boolean {
+  if (bytes.length < 4 || bytes[0] !== 0xff || bytes[1] !== 0xd8 || bytes[2] !== 0xff) return false;
+  try {
+    const image = decodeImage(bytes);
+    return image !== null && image.width > 0 && image.height > 0;
+  } catch (_error) {
+    return false;
+  }
+}
+
 /** Area-average downscale of RGBA pixels to width × height (each output pixel averages its source box). */
 function downscale(src: Rgba, width: number, height: number): Rgba {
   const out = new Uint8Array(width * height * 4);
