@@ -57,7 +57,10 @@ def check_vace_control(params: dict[str, Any]) -> VaceControlParams:
             ("video_prompt_type",),
             "depth (D / Y) needs a depth model; none is installed (WAN2GP_DEPTH_MODEL_DIR)",
         )
-    if (letters.process != "raw" or letters.outside) and params.get("video_guide") in (None, ""):
+    guide = params.get("video_guide")
+    if (letters.process != "raw" or letters.outside) and (
+        guide is None or isinstance(guide, str) and not guide
+    ):
         raise field_error(("video_guide",), f"is required by video_prompt_type {control.video_prompt_type!r}")
     return control
 

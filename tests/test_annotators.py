@@ -22,6 +22,7 @@ from annotator_fixtures import (
 
 from dag.interpolate import dis_flow_interpolate, rife_interpolate_images
 from dag.pose import KEYPOINTS, detect_pose, detect_poses, generate_openpose, pose_estimator, render_people
+from dag.vace_control import prepare_vace_params
 from Wan2GP.annotators import ANNOTATORS_ENV, OPENPOSE_FILE
 from Wan2GP.openpose import BodyPoseNet, OpenposeBody, file_state_dict
 from Wan2GP.rife import IFNet, RifeInterpolator, dyadic_slots
@@ -131,6 +132,24 @@ def test_without_weights_the_silhouette_estimator_runs_and_is_named(tmp_path, mo
     assert pose_estimator().name == "silhouette_heuristic"
     _, meta = generate_openpose(seeing_figure_image())
     assert meta["pose_estimator"] == "silhouette_heuristic"
+
+
+def test_vace_pose_letter_uses_and_reports_the_installed_estimator(tmp_path, monkeypatch):
+    guide = np.stack([seeing_figure_image()] * 3)
+    params = {"prompt": "x", "video_guide": guide, "video_prompt_type": "PV", "resolution": "256x256"}
+    _, report = prepare_vace_params(params)
+    assert report["pose_estimator"] == "silhouette_heuristic"  # coloured dots: not a silhouette it reads
+
+    save_openpose(seeing_openpose(), tmp_path)
+    use_folder(monkeypatch, tmp_path)
+    ready, report = prepare_vace_params(params)
+    assert report["control_process"] == "pose" and report["pose_estimator"] == "openpose"
+    expected = render_people(detect_poses(seeing_figure_image()), SEEING_SIZE, SEEING_SIZE)
+    assert ready["video_guide"].shape == (3, SEEING_SIZE, SEEING_SIZE, 3)
+    for frame in ready["video_guide"]:
+        np.testing.assert_array_equal(frame, expected)
+    _, canny = prepare_vace_params({**params, "video_prompt_type": "EV"})
+    assert "pose_estimator" not in canny  # only a pose guide names it
 
 
 # ---------------------------------------------------------------------------------------------------------
