@@ -1,7 +1,9 @@
-"""Frame interpolation between two images without model weights: OpenCV DIS optical flow, both directions.
+"""Frame interpolation between two images: RIFE when its weights are installed, else DIS optical flow.
 
-``rife_interpolate_images`` keeps the original task's name. A RIFE model is not implemented here (no weights
-are available to this project); the weight-free method is stated in the output metadata as "dis_flow".
+``rife_interpolate_images`` keeps the original task's name. With ``flownet.pkl`` in ``$HWGP_ANNOTATORS_DIR``
+(``Wan2GP/annotators.py``) the RIFE IFNet of ``Wan2GP/rife.py`` makes the frames; without it a weight-free
+interpolator does (OpenCV DIS flow computed both ways, each image warped to the frame's time, blended).
+The output metadata's ``interpolator`` says which ran: "rife" or "dis_flow".
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from typing import Any
 import cv2
 import numpy as np
 
+from Wan2GP.annotators import RIFE_FILE, annotator_file
 from Wan2GP.video import fit_resolution, load_image, to_uint8_frames
 
-METHOD = "dis_flow"
+DIS_FLOW = "dis_flow"
+RIFE = "rife"
 MAX_INTERPOLATED_FRAMES = 1025
 
 
@@ -50,16 +54,38 @@ def _warp(image: np.ndarray, flow: np.ndarray, scale: float) -> np.ndarray:
     )
 
 
+def dis_flow_interpolate(first: np.ndarray, second: np.ndarray, frames: int) -> np.ndarray:
+    """The weight-free interpolator: frame i at time t = i / (frames - 1) blends both images warped to t.
+
+    The flow at time t is approximated from the flows between the images computed both ways (DIS), image1
+    is sampled at x + t * flow(2->1)(x) and image2 at x + (1 - t) * flow(1->2)(x), and the two are mixed
+    with weights 1 - t and t. Both images are uint8 (H, W, 3) of one size; the ends are exact.
+    """
+    # With linear motion d, a point at x at time t was at x - t*d in image1 and is at x + (1 - t)*d in
+    # image2. flow(2->1) ~ -d and flow(1->2) ~ d near moving content, so both images can be sampled at x.
+    forward = _flow(first, second)
+    backward = _flow(second, first)
+    out = np.empty((frames, *first.shape), dtype=np.uint8)
+    out[0], out[-1] = first, second
+    for i in range(1, frames - 1):
+        t = i / (frames - 1)
+        from_first = _warp(first, backward, t)
+        from_second = _warp(second, forward, 1.0 - t)
+        mixed = (1.0 - t) * from_first + t * from_second
+        out[i] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    return out
+
+
 def rife_interpolate_images(
     image1: Any, image2: Any, frames: int, resolution: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """``frames`` frames going from ``image1`` (first frame, exact) to ``image2`` (last frame, exact).
 
-    Between them, frame i at time t = i / (frames - 1) blends both images warped to t: the flow at time t
-    is approximated from the flows between the images computed both ways (DIS), image1 is sampled at
-    x + t * flow(2->1)(x) and image2 at x + (1 - t) * flow(1->2)(x), and the two are mixed with weights
-    1 - t and t. ``resolution`` (width, height) resizes both images first (centre crop); otherwise image2
-    is fitted to image1's size. Returns (uint8 (frames, H, W, 3), metadata with the method used).
+    With RIFE installed, frame i is RIFE's frame at the time k / 2^d nearest i / (frames - 1) (the network
+    predicts midpoints; exact when frames - 1 is a power of two) and the metadata lists those ``times``;
+    otherwise ``dis_flow_interpolate`` makes frame i at exactly i / (frames - 1). ``resolution`` (width,
+    height) resizes both images first (centre crop); otherwise image2 is fitted to image1's size. Returns
+    (uint8 (frames, H, W, 3), metadata naming the ``interpolator`` that ran).
     """
     first = _image(image1, "image1")
     second = _image(image2, "image2")
@@ -76,20 +102,17 @@ def rife_interpolate_images(
     elif second.shape != first.shape:
         second = fit_resolution(second, first.shape[1], first.shape[0], "crop")
 
-    # With linear motion d, a point at x at time t was at x - t*d in image1 and is at x + (1 - t)*d in
-    # image2. flow(2->1) ~ -d and flow(1->2) ~ d near moving content, so both images can be sampled at x.
-    forward = _flow(first, second)
-    backward = _flow(second, first)
-    out = np.empty((frames, *first.shape), dtype=np.uint8)
-    out[0], out[-1] = first, second
-    for i in range(1, frames - 1):
-        t = i / (frames - 1)
-        from_first = _warp(first, backward, t)
-        from_second = _warp(second, forward, 1.0 - t)
-        mixed = (1.0 - t) * from_first + t * from_second
-        out[i] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    weights = annotator_file(RIFE_FILE)
+    if weights is None:
+        out = dis_flow_interpolate(first, second, frames)
+        extra: dict[str, Any] = {"interpolator": DIS_FLOW}
+    else:
+        from Wan2GP.rife import load_rife  # torch only when the weights are there
+
+        out, times = load_rife(weights)(first, second, frames)
+        extra = {"interpolator": RIFE, "times": [round(t, 6) for t in times]}
     metadata = {
-        "method": METHOD,
+        **extra,
         "frames": frames,
         "width": int(first.shape[1]),
         "height": int(first.shape[0]),

@@ -6,9 +6,10 @@ The target pose is the input pose mirrored, rotated or turned (`target_pose`: "m
 "yaw:60"), or the pose found in `target_image_path`. The last step is mirrored by a `dp_final_gen` row,
 as in the original, and the orchestrator completes with that frame as a PNG.
 
-What differs from the original: it drew its guide with an OpenPose model and a depth model; we have
-no weights for those, so poses come from `dag.pose` (a weight-free silhouette estimator that needs one
-full-body figure on a plain background) and there is no depth guide.
+What differs from the original: it drew its guide with an OpenPose model and a depth model. Poses come
+from `dag.pose`: OpenPose when `body_pose_model.pth` is installed (`$HWGP_ANNOTATORS_DIR`), else a
+weight-free silhouette estimator that needs one full-body figure on a plain background; the final
+frame's metadata names it (`pose_estimator`). There is no depth guide.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ray.dag import InputNode, MultiOutputNode
 
 from dag.orchestrations import RunContext, StepTarget
 from dag.perspective_plan import PerspectiveParams, target_pose, validate
-from dag.pose import detect_pose, pose_guide_video
+from dag.pose import detect_pose, pose_estimator_name, pose_guide_video
 from dag.steps import StepFailed, generate_step
 from db.models import NewTask, Task
 from db.store import TaskNotFound
@@ -90,6 +91,7 @@ def final_frame_node(params: PerspectiveParams, clip: Artifact, run_id: str) -> 
             "model": clip.metadata.get("model"),
             "seed": clip.metadata.get("seed"),
             "perspective_type": params.perspective_type,
+            "pose_estimator": pose_estimator_name(),  # the guide node's: same configuration
             "ignored_params": params.ignored_params(),
         },  # fmt: skip
     )

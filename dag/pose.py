@@ -1,26 +1,29 @@
-"""Pose skeletons without model weights: a silhouette pose estimator, an OpenPose-style renderer, pose guides.
+"""Pose skeletons: a pose estimator (OpenPose when its weights are installed, else a silhouette heuristic),
+an OpenPose-style renderer, pose guides.
 
 Poses are float arrays of shape (18, 3) in the OpenPose COCO-18 order (``KEYPOINTS``): x and y normalised
 to [0, 1] of the image width and height, and a confidence in [0, 1] (0 = keypoint missing). "Right" is the
 person's right, which is the image's left for a person facing the camera, as in OpenPose.
 
-Why no learned model: MediaPipe's legacy ``mp.solutions.pose`` bundled its .tflite weights only up to
-mediapipe 0.10.21, which needs numpy<2 and protobuf<5 (this project runs numpy 2 and protobuf 7: its graph
-setup fails there), and the current mediapipe (1.x) ships no pose weights at all: its PoseLandmarker
-downloads a .task file. So ``detect_pose`` estimates keypoints from the person's silhouette against a
-plain background (body proportions, arm and leg extremities). It is reliable for a single full-body figure
-on a uniform background and coarse otherwise; the renderer and the pose guides do not depend on it and take
-landmarks from any source.
+Which estimator runs (``pose_estimator()``): the OpenPose body model (``Wan2GP/openpose.py``) when
+``body_pose_model.pth`` is in ``$HWGP_ANNOTATORS_DIR`` (``Wan2GP/annotators.py``); otherwise the weight-free
+``silhouette_pose``, which estimates keypoints from the person's silhouette against a plain background
+(body proportions, arm and leg extremities): reliable for a single full-body figure on a uniform background
+and coarse otherwise. Results name the estimator that ran ("openpose" or "silhouette_heuristic"). The
+renderer and the pose guides do not depend on either and take landmarks from any source.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
+from Wan2GP.annotators import OPENPOSE_FILE, annotator_file
 from Wan2GP.video import decode_video, load_image, to_uint8_frames
 
 KEYPOINTS = (
@@ -54,7 +57,8 @@ COLOURS = (
     (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
 )  # fmt: skip
 _MIRROR = (0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14, 17, 16)  # left <-> right keypoints
-DETECTOR = "silhouette_heuristic"
+SILHOUETTE = "silhouette_heuristic"
+OPENPOSE = "openpose"
 
 
 def _check_pose(pose: Any, name: str = "pose") -> np.ndarray:
@@ -132,7 +136,7 @@ def _silhouette(image: np.ndarray, threshold: int) -> np.ndarray | None:
     return figure
 
 
-def detect_pose(image: np.ndarray, threshold: int = 40) -> np.ndarray | None:
+def silhouette_pose(image: np.ndarray, threshold: int = 40) -> np.ndarray | None:
     """Estimate an 18-keypoint pose from a single upright full-body figure on a plain background.
 
     Returns None when no figure stands out from the border colour by more than ``threshold`` (0-255).
@@ -201,6 +205,62 @@ def detect_pose(image: np.ndarray, threshold: int = 40) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The estimator that runs: OpenPose when installed, the silhouette heuristic otherwise
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoseEstimator:
+    """A named pose estimator: ``detect(image)`` -> every person found in a uint8 (H, W, 3) RGB image."""
+
+    name: str
+    detect: Callable[[np.ndarray], list[np.ndarray]]
+
+
+def _silhouette_people(image: np.ndarray) -> list[np.ndarray]:
+    pose = silhouette_pose(image)
+    return [] if pose is None else [pose]
+
+
+def pose_estimator_name() -> str:
+    """The name of the estimator ``pose_estimator()`` gives, without loading it."""
+    return SILHOUETTE if annotator_file(OPENPOSE_FILE) is None else OPENPOSE
+
+
+def pose_estimator() -> PoseEstimator:
+    """OpenPose when ``body_pose_model.pth`` is in the annotators folder (loaded once per process), else the
+    silhouette heuristic."""
+    weights = annotator_file(OPENPOSE_FILE)
+    if weights is None:
+        return PoseEstimator(SILHOUETTE, _silhouette_people)
+    from Wan2GP.openpose import load_openpose  # torch only when the weights are there
+
+    return PoseEstimator(OPENPOSE, load_openpose(weights))
+
+
+def detect_poses(image: np.ndarray, estimator: PoseEstimator | None = None) -> list[np.ndarray]:
+    """Every person in ``image`` (most confident first) by ``estimator`` (default: ``pose_estimator()``)."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3:
+        raise ValueError("image must be an (H, W, 3) array")
+    estimator = estimator or pose_estimator()
+    return estimator.detect(to_uint8_frames(image)[0])
+
+
+def detect_pose(image: np.ndarray, estimator: PoseEstimator | None = None) -> np.ndarray | None:
+    """The main (most confident) person's pose, or None when nobody is found."""
+    people = detect_poses(image, estimator)
+    return people[0] if people else None
+
+
+def render_people(poses: list[np.ndarray], width: int, height: int) -> np.ndarray:
+    """Every pose drawn on one black frame (``render_pose`` of each, overlaid)."""
+    canvas = render_pose(None, width, height)
+    for pose in poses:
+        canvas = np.maximum(canvas, render_pose(pose, width, height))
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Pose videos
 # ---------------------------------------------------------------------------------------------------------
 
@@ -232,26 +292,30 @@ def _media(source: Any, name: str) -> tuple[np.ndarray, float | None]:
     return frames, fps
 
 
-def generate_openpose(source: Any, fps: int = 16, threshold: int = 40) -> tuple[np.ndarray, dict[str, Any]]:
-    """Pose skeleton video of an input video or image: one OpenPose-style frame per input frame.
+def generate_openpose(
+    source: Any, fps: int = 16, estimator: PoseEstimator | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Pose skeleton video of an input video or image: one OpenPose-style frame per input frame, every
+    person found drawn (``estimator``, default ``pose_estimator()``).
 
-    Frames where no figure is found are black. Returns (uint8 (T, H, W, 3) frames at the input's size,
-    metadata with frames, fps, width, height, frames_with_pose and the detector used). An image gives one
-    frame; ``fps`` applies when the source has none (images, arrays).
+    Frames where nobody is found are black. Returns (uint8 (T, H, W, 3) frames at the input's size,
+    metadata with frames, fps, width, height, frames_with_pose and ``pose_estimator``, the estimator that
+    ran). An image gives one frame; ``fps`` applies when the source has none (images, arrays).
     """
     frames, source_fps = _media(source, "source")
     if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
         raise ValueError(f"fps must be a positive integer, got {fps!r}")
+    estimator = estimator or pose_estimator()
     height, width = frames.shape[1:3]
-    poses = [detect_pose(frame, threshold) for frame in frames]
-    out = np.stack([render_pose(pose, width, height) for pose in poses])
+    people = [estimator.detect(frame) for frame in frames]
+    out = np.stack([render_people(poses, width, height) for poses in people])
     metadata = {
         "frames": len(out),
         "fps": source_fps or fps,
         "width": width,
         "height": height,
-        "frames_with_pose": sum(pose is not None for pose in poses),
-        "detector": DETECTOR,
+        "frames_with_pose": sum(bool(poses) for poses in people),
+        "pose_estimator": estimator.name,
     }
     return out, metadata
 

@@ -3,8 +3,8 @@
 Each returns frames or bytes and raises ValueError naming the parameter on bad input; the deployments
 that run them on CPU save the result and record the task.
 
-    generate_openpose        -> dag.pose.generate_openpose (frames, metadata)
-    rife_interpolate_images  -> dag.interpolate.rife_interpolate_images (frames, metadata)
+    generate_openpose        -> dag.pose.generate_openpose (frames, metadata naming the pose_estimator)
+    rife_interpolate_images  -> dag.interpolate.rife_interpolate_images (frames, metadata naming the interpolator)
     extract_frame            -> PNG bytes
     join_clips               -> frames
     different perspective    -> dag.pose.detect_pose / mirror_pose / rotate_pose / yaw_pose / pose_guide_video
@@ -19,7 +19,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dag.interpolate import rife_interpolate_images
-from dag.pose import detect_pose, generate_openpose, mirror_pose, pose_guide_video, rotate_pose, yaw_pose
+from dag.pose import (
+    detect_pose,
+    detect_poses,
+    generate_openpose,
+    mirror_pose,
+    pose_estimator,
+    pose_guide_video,
+    rotate_pose,
+    silhouette_pose,
+    yaw_pose,
+)
 from Wan2GP.params import parse_resolution
 from Wan2GP.video import decode_video, encode_png, fit_resolution, probe_video, stitch, to_uint8_frames
 from Wan2GP.video import extract_frame as _extract_frame
@@ -31,14 +41,17 @@ __all__ = [
     "JoinClipsParams",
     "OpenposeParams",
     "detect_pose",
+    "detect_poses",
     "extract_frame",
     "extract_frame_array",
     "generate_openpose",
     "join_clips",
     "mirror_pose",
+    "pose_estimator",
     "pose_guide_video",
     "rife_interpolate_images",
     "rotate_pose",
+    "silhouette_pose",
     "yaw_pose",
 ]
 

@@ -1,8 +1,9 @@
 """Utility task types, run as Ray tasks on CPU (never on a GPU replica's time).
 
-    generate_openpose        pose skeleton video (or PNG) of `input_video_path` / `input_image_path`
-    rife_interpolate_images  `frames` frames from `input_image_path1` to `input_image_path2` (DIS optical flow;
-                             RIFE weights are not bundled, the output metadata says which method ran)
+    generate_openpose        pose skeleton video (or PNG) of `input_video_path` / `input_image_path` (OpenPose
+                             when installed, else a silhouette heuristic; metadata `pose_estimator` says which)
+    rife_interpolate_images  `frames` frames from `input_image_path1` to `input_image_path2` (RIFE when
+                             installed, else DIS optical flow; metadata `interpolator` says which)
     extract_frame            frame `frame_index` of `input_video_path`, or of `input_video_task_id`'s output, as PNG
     join_clips               `clips` cross-faded in order over `overlap` frames each
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from dag.pose import detect_pose, render_pose
+from dag.pose import PoseEstimator, pose_estimator, render_people
 from Wan2GP.control import VaceControlParams, prepare_vace_control, read_letters
 from Wan2GP.field_errors import field_error
 from Wan2GP.params import parse_params
@@ -57,15 +57,20 @@ def check_vace_control(params: dict[str, Any]) -> VaceControlParams:
             ("video_prompt_type",),
             "depth (D / Y) needs a depth model; none is installed (WAN2GP_DEPTH_MODEL_DIR)",
         )
-    if (letters.process != "raw" or letters.outside) and params.get("video_guide") in (None, ""):
+    guide = params.get("video_guide")
+    if (letters.process != "raw" or letters.outside) and (
+        guide is None or isinstance(guide, str) and not guide
+    ):
         raise field_error(("video_guide",), f"is required by video_prompt_type {control.video_prompt_type!r}")
     return control
 
 
-def render_poses(frames: np.ndarray) -> np.ndarray:
-    """Pose drawings of frames (the weight-free estimator of `dag/pose.py`; black where no-one is found)."""
+def render_poses(frames: np.ndarray, estimator: PoseEstimator | None = None) -> np.ndarray:
+    """Pose drawings of frames (`dag/pose.py`: OpenPose when installed, else the weight-free estimator;
+    black where no-one is found)."""
+    estimator = estimator or pose_estimator()
     height, width = frames.shape[1:3]
-    return np.stack([render_pose(detect_pose(frame), width, height) for frame in frames])
+    return np.stack([render_people(estimator.detect(frame), width, height) for frame in frames])
 
 
 def prepare_vace_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -77,6 +82,7 @@ def prepare_vace_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     height, width = guide.shape[1:3]
     if parsed.resolution is not None:
         width, height = parsed.resolution
+    estimator = pose_estimator() if "pose" in _processes(control) else None
     prepared = prepare_vace_control(
         guide,
         parsed.video_mask,
@@ -84,7 +90,7 @@ def prepare_vace_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[st
         height,
         control,
         depth_estimator=load_depth_estimator() if "depth" in _processes(control) else None,
-        pose_renderer=render_poses,
+        pose_renderer=lambda frames: render_poses(frames, estimator),
     )
     ready = {k: v for k, v in params.items() if k not in CONTROL_KEYS}
     ready["video_guide"] = prepared.guide
@@ -94,6 +100,8 @@ def prepare_vace_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[st
         "ignored_letters": prepared.ignored,
         "notes": prepared.notes,
     }
+    if estimator is not None:
+        report["pose_estimator"] = estimator.name
     return ready, report
 
 

@@ -1,4 +1,6 @@
-"""Utility task functions: pose skeletons, pose guides, DIS-flow interpolation, frame extraction, joining."""
+"""Utility task functions: pose skeletons, pose guides, DIS-flow interpolation, frame extraction, joining.
+
+These run the weight-free estimators (no annotators folder); tests/test_annotators.py runs OpenPose and RIFE."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dag.pose import COLOURS, KEYPOINTS, detect_pose, render_pose
+from dag.pose import COLOURS, KEYPOINTS, detect_pose, render_pose, silhouette_pose
 from dag.utilities import (
     extract_frame,
     extract_frame_array,
@@ -21,9 +23,16 @@ from dag.utilities import (
     rotate_pose,
     yaw_pose,
 )
+from Wan2GP.annotators import ANNOTATORS_ENV
 from Wan2GP.video import encode_mp4, encode_png
 
 SIZE = 128
+
+
+@pytest.fixture(autouse=True)
+def weight_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No annotators folder: the weight-free estimator and interpolator run, whatever the developer's setting."""
+    monkeypatch.delenv(ANNOTATORS_ENV, raising=False)
 
 
 def figure(arms: str = "out", offset: int = 0) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
@@ -85,7 +94,7 @@ def test_render_draws_limbs_in_openpose_colours_on_black():
 def test_detects_a_drawn_figure():
     for arms in ("out", "down"):
         image, joints = figure(arms)
-        pose = detect_pose(image)
+        pose = silhouette_pose(image)
         assert pose is not None
         np.testing.assert_allclose(point(pose, "nose"), joints["head"], atol=4)
         # the person's right is the image's left
@@ -96,10 +105,11 @@ def test_detects_a_drawn_figure():
 
 
 def test_no_figure_gives_no_pose():
-    assert detect_pose(np.full((SIZE, SIZE, 3), 100, np.uint8)) is None
+    assert silhouette_pose(np.full((SIZE, SIZE, 3), 100, np.uint8)) is None
     speckle = np.full((SIZE, SIZE, 3), 100, np.uint8)
     speckle[10:12, 10:12] = 255
-    assert detect_pose(speckle) is None
+    assert silhouette_pose(speckle) is None
+    assert detect_pose(speckle) is None  # the estimator that runs without weights
 
 
 def test_generate_openpose_from_an_image_file(tmp_path):
@@ -108,7 +118,9 @@ def test_generate_openpose_from_an_image_file(tmp_path):
     frames, meta = generate_openpose(str(path))
     assert frames.shape == (1, SIZE, SIZE, 3)
     assert (
-        meta["frames"] == 1 and meta["frames_with_pose"] == 1 and meta["detector"] == "silhouette_heuristic"
+        meta["frames"] == 1
+        and meta["frames_with_pose"] == 1
+        and meta["pose_estimator"] == "silhouette_heuristic"
     )
     np.testing.assert_array_equal(frames[0], render_pose(standing_pose(), SIZE, SIZE))
 
@@ -195,7 +207,7 @@ def test_interpolated_midpoint_is_the_square_halfway():
     first, second, texture = moving_square(16)
     frames, meta = rife_interpolate_images(first, second, 5)
     assert frames.shape == (5, 96, 128, 3)
-    assert meta == {"method": "dis_flow", "frames": 5, "width": 128, "height": 96}
+    assert meta == {"interpolator": "dis_flow", "frames": 5, "width": 128, "height": 96}
     np.testing.assert_array_equal(frames[0], first)
     np.testing.assert_array_equal(frames[-1], second)
     middle = frames[2]
