@@ -239,3 +239,51 @@ def test_frame_counts_follow_the_mode(frames: list[int], overlap: int, mode: str
         assert plan.total_frames == sum(plan.segment_frames) - short
     clips = [np.zeros((f, 2, 2, 3), np.uint8) for f in plan.generated_frames]
     assert len(stitch_segments(plan, clips, None)) == plan.total_frames
+
+
+ODD = st.one_of(st.none(), st.booleans(), st.integers(-3, 30), st.text(max_size=8),
+                st.sampled_from(["vace", "i2v", "shared", "context", "true"]))  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            k: ODD
+            for k in (
+                "model_type",
+                "overlap_mode",
+                "chain_segments",
+                "fade_in",
+                "upscale_factor",
+                "continue_from_video",
+                "num_segments",
+                "overlap",
+                "crossfade_sharpness",
+            )
+        },
+    ),  # fmt: skip
+    st.booleans(),
+)
+def test_any_mix_of_variant_keys_parses_or_names_a_key(count: int, extra: dict, as_original: bool):
+    payload = native(images=[f"i{k}.png" for k in range(count)], **extra)
+    if as_original:
+        payload = {"orchestrator_details": {**original()["orchestrator_details"], **extra,
+                                            "input_image_paths_resolved": payload["images"]}}  # fmt: skip
+        payload["orchestrator_details"].pop("num_new_segments_to_generate")
+        payload["orchestrator_details"].pop("base_prompts_expanded")
+        payload["orchestrator_details"]["base_prompts_expanded"] = "a cat"
+        payload["orchestrator_details"]["negative_prompts_expanded"] = ""
+        payload["orchestrator_details"]["segment_frames_expanded"] = 17
+    try:
+        plan = parse_travel(payload)
+    except ValidationError as error:
+        assert error.errors()[0]["loc"]  # names a key
+        return
+    specs = plan_segments(plan)
+    assert len(specs) == plan.num_segments and plan.total_frames >= 5
+    assert (plan.mode == "vace" and plan.chain_segments) == plan.stitched
+    if not plan.stitched:
+        assert plan.total_frames == plan.segment_frames[-1] and plan.post.fade_in == 0
