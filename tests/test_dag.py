@@ -180,7 +180,18 @@ def test_independent_segments_run_in_parallel(service: dict):
 @pytest.mark.parametrize(
     ("params", "needle"),
     [
-        ({"images": ["anchor0.png"], "prompt": "x", "frames": 13, "resolution": "64x48"}, "images"),
+        ({"images": [], "prompt": "x", "frames": 13, "resolution": "64x48"}, "images"),
+        # one image makes one segment (the original's single image journey), not two
+        (
+            {
+                "images": ["anchor0.png"],
+                "prompt": "x",
+                "frames": 13,
+                "resolution": "64x48",
+                "num_segments": 2,
+            },
+            "num_segments",
+        ),
         (
             {"images": ["anchor0.png", "anchor1.png"], "prompt": "x", "frames": 13, "resolution": "abc"},
             "resolution",
