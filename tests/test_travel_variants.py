@@ -287,3 +287,22 @@ def test_any_mix_of_variant_keys_parses_or_names_a_key(count: int, extra: dict, 
     assert (plan.mode == "vace" and plan.chain_segments) == plan.stitched
     if not plan.stitched:
         assert plan.total_frames == plan.segment_frames[-1] and plan.post.fade_in == 0
+
+
+def test_post_time_work_check_resolves_the_i2v_step_model():
+    """At POST the work limit asks the step model for its default steps: an i2v run's model is an
+    image-to-video one (flf2v), which a VACE lookup would refuse."""
+    from deployments.config import TINY_DEFAULT_MODELS
+    from deployments.errors import InvalidTask
+    from deployments.routing import Routing
+    from storage import InputFetcher
+    from Wan2GP.catalog import Catalog
+
+    models = {key: model for group in TINY_DEFAULT_MODELS.values() for key, model in group.items()}
+    routing = Routing(Catalog.load(None), models, InputFetcher([]), ["T2V", "VACE"])
+    i2v = native(model_type="i2v", model="tiny-flf2v")
+    assert routing.route("travel_orchestrator", i2v).task_type.name == "travel_orchestrator"
+    single = native(images=["a.png"], model_type="i2v", model="tiny-i2v")
+    assert routing.route("travel_orchestrator", single).task_type.name == "travel_orchestrator"
+    with pytest.raises(InvalidTask, match="params.model: model 'tiny-flf2v' is a flf2v model"):
+        routing.route("travel_orchestrator", native(model="tiny-flf2v"))  # a VACE run on an flf2v model
