@@ -21,7 +21,7 @@ from dag.segment_plan import (
     plan_individual_segment,
     validate_individual_segment,
 )
-from dag.steps import StepFailed, generate_step
+from dag.steps import STAND_INS, StepFailed, generate_step
 from dag.travel_plan import structure_references
 from db.models import Task
 from deployments.errors import describe_validation_error
@@ -39,20 +39,21 @@ def segment_node(
     segment: IndividualSegmentPlan,
     start: bytes,
     start_is_video: bool,
-    end: bytes,
+    end: bytes | None,
     structure_videos: dict[str, bytes],
     step: StepTarget,
     task_id: str,
 ) -> Artifact:
     """Build the segment's generation inputs and generate it; the artifact is the segment's video."""
     start_image = extract_frame(start, -1) if start_is_video else load_image(start)
-    task_type, params = individual_segment_task(segment, start_image, load_image(end))
+    end_image = load_image(end) if end is not None else None
+    task_type, params = individual_segment_task(segment, start_image, end_image)
     notes: list[str] = []
     if segment.structure is not None:
         plan, spec = segment.plan, segment.spec
         try:
             control = build_control_video(
-                segment.structure, max(plan.total_frames, spec.end), plan.width, plan.height, plan.fps,
+                segment.structure, max(plan.timeline_frames, spec.end), plan.width, plan.height, plan.fps,
                 load_video=lambda path: decode_video(structure_videos[path]),
             )  # fmt: skip
         except ValidationError as error:
@@ -77,28 +78,28 @@ def prepare(ctx: RunContext, task: Task) -> SingleRun:
     segment = plan_individual_segment(task.params, default_run_id=task.id)
     # vace, or first/last-frame image-to-video for model_type i2v (on T2V); resolved here so a model of
     # the wrong family fails the task, named, instead of being retried
-    task_type = "flf2v" if segment.mode == "i2v" else "vace"
+    task_type = "vace"
+    if segment.mode == "i2v":
+        task_type = "flf2v" if segment.end_image is not None else "i2v"  # no end image: plain i2v
     model: dict[str, Any] = {"model": segment.plan.model} if segment.plan.model else {}
-    stand_in = (
-        {"image_start": "image", "image_end": "image"} if task_type == "flf2v" else {"video_guide": "guide"}
-    )
+    stand_in = STAND_INS[task_type]
     return SingleRun(task, segment, ctx.step({**stand_in, **model}, task_type=task_type))
 
 
 async def execute(ctx: RunContext, run: SingleRun) -> Artifact:
     segment: IndividualSegmentPlan = run.parsed
 
-    def load() -> tuple[bytes, bytes, dict[str, bytes]]:
+    def load() -> tuple[bytes, bytes | None, dict[str, bytes]]:
         if segment.start_from_continued_video:
             start = ctx.fetcher.fetch(segment.plan.continue_from_video, field="continue_from_video")
         else:
             start = ctx.fetcher.fetch(segment.start_image, field="start_image")
-        end = ctx.fetcher.fetch(segment.end_image, field="end_image")
+        end = ctx.fetcher.fetch(segment.end_image, field="end_image") if segment.end_image else None
         videos = {
             ref: ctx.fetcher.fetch(ref, field=field).read_bytes()
             for field, ref in structure_references(segment.structure)
         }
-        return start.read_bytes(), end.read_bytes(), videos
+        return start.read_bytes(), end.read_bytes() if end is not None else None, videos
 
     start, end, videos = await ctx.blocking(load)
     ref = segment_node.remote(

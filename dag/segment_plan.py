@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from dag.travel_plan import (
     SegmentSpec,
     TravelPlan,
+    image_segment_task,
     parse_travel,
     plan_segments,
     segment_filename,
@@ -49,7 +50,7 @@ class IndividualSegmentPlan:
     spec: SegmentSpec  # this segment, with the resolved frames, prompts and seed
     mode: str  # "vace": a VACE guide with both anchors; "i2v": first/last-frame image-to-video
     start_image: str | None  # path or URL; None when the segment starts from the continued video
-    end_image: str
+    end_image: str | None  # None: a single image journey (the run has one image), no end image
     start_from_continued_video: bool  # take the start image from the last frame of continue_from_video
     structure: StructureGuidance | None
     filename: str
@@ -118,7 +119,7 @@ def plan_individual_segment(
          if s.get(k) not in (None, "")),
         None,
     )  # fmt: skip
-    frames = spec.frames
+    frames = plan.segment_frames[index]  # as asked: a standalone segment has no context frames
     if frames_key is not None:
         raw = (
             individual.get(frames_key) if individual.get(frames_key) not in (None, "") else params[frames_key]
@@ -172,8 +173,9 @@ def plan_individual_segment(
 
 def _segment_images(
     params: dict[str, Any], individual: dict[str, Any], plan: TravelPlan, index: int
-) -> tuple[str | None, str, bool]:
-    """(start image, end image, start from the continued video's last frame), the original's precedence."""
+) -> tuple[str | None, str | None, bool]:
+    """(start image, end image, start from the continued video's last frame), the original's precedence;
+    a run of one image has no end image."""
     if individual.get("start_image_url") or individual.get("end_image_url"):
         start, end = individual.get("start_image_url"), individual.get("end_image_url")
         if not (isinstance(start, str) and start and isinstance(end, str) and end):
@@ -201,37 +203,24 @@ def _segment_images(
         if index == 0:
             return None, plan.anchors[0], True
         return plan.anchors[index - 1], plan.anchors[index], False
-    return plan.anchors[index], plan.anchors[index + 1], False
+    end = plan.anchors[index + 1] if index + 1 < len(plan.anchors) else None
+    return plan.anchors[index], end, False
 
 
 def individual_segment_task(
-    segment: IndividualSegmentPlan, start_image: np.ndarray, end_image: np.ndarray
+    segment: IndividualSegmentPlan, start_image: np.ndarray, end_image: np.ndarray | None
 ) -> tuple[str, dict[str, Any]]:
     """(task type, params) of the segment's generation, given its decoded start and end images.
 
-    vace: a guide holding the start image on frame 0 and the end image on the last frame (the rest
-    generated), with the run's generation settings; i2v: first/last-frame image-to-video ("flf2v" here).
+    vace: a guide holding the start image on frame 0 and the end image (if any) on the last frame (the rest
+    generated), with the run's generation settings; i2v: first/last-frame image-to-video ("flf2v" here),
+    or plain image-to-video ("i2v") without an end image.
     """
     plan, spec = segment.plan, segment.spec
     if segment.mode == "i2v":
-        params: dict[str, Any] = {
-            **plan.segment_params_extra,
-            "prompt": spec.prompt,
-            "resolution": f"{plan.width}x{plan.height}",
-            "video_length": spec.frames,
-            "seed": spec.seed,
-            "fps": plan.fps,
-            "image_start": start_image,
-            "image_end": end_image,
-        }
-        if spec.negative_prompt:
-            params["negative_prompt"] = spec.negative_prompt
-        if plan.model:
-            params["model"] = plan.model
-        return "flf2v", params
-    guide, mask = build_vace_guide(
-        spec.frames, plan.width, plan.height, None, [(0, start_image), (-1, end_image)]
-    )
+        return image_segment_task(plan, spec, start_image, end_image)
+    placed = [(0, start_image)] + ([(-1, end_image)] if end_image is not None else [])
+    guide, mask = build_vace_guide(spec.frames, plan.width, plan.height, None, placed)
     return "vace", segment_params(plan, spec, guide, mask)
 
 
@@ -244,7 +233,7 @@ def validate_individual_segment(params: dict[str, Any]) -> list[tuple[str, Any]]
             "structure guidance is a VACE control video: it needs model_type 'vace', not 'i2v'",
             segment.mode,
         )
-    refs: list[tuple[str, Any]] = [("end_image", segment.end_image)]
+    refs: list[tuple[str, Any]] = [("end_image", segment.end_image)] if segment.end_image else []
     if segment.start_image is not None:
         refs.insert(0, ("start_image", segment.start_image))
     if segment.start_from_continued_video:

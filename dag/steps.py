@@ -7,6 +7,14 @@ from typing import Any
 
 from Wan2GP.artifact import Artifact
 
+# Stand-in params by step type, for resolving a step's model and deployment before its real inputs exist
+# (RunContext.step): the steps make their own.
+STAND_INS: dict[str, dict[str, Any]] = {
+    "vace": {"video_guide": "guide"},
+    "flf2v": {"image_start": "image", "image_end": "image"},
+    "i2v": {"image_start": "image"},
+}
+
 
 class StepFailed(RuntimeError):
     """A step's generation failed for a reason in its inputs (reported as is, not retried)."""

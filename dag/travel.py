@@ -4,9 +4,10 @@ The dispatcher's DAG runner calls `validate` at the API, then `prepare`, `execut
 `travel_segment` row per segment and one `travel_stitch` row, with deterministic ids so a re-claimed
 orchestrator finds them again), then executes a DAG built with `.bind()`:
 
-    chained:      anchors ─> seg0 ─> seg1 ─> seg2 ─┐
-                                                    ├─> stitch
-    independent:  anchors ─> seg0, seg1, seg2 ─────┘       (segments run in parallel across replicas)
+    chained VACE: anchors ─> seg0 ─> seg1 ─> seg2 ─> stitch
+    independent:  anchors ─> seg0, seg1, seg2     (chain_segments false, or model_type i2v: segments run in
+                                                   parallel across replicas; each is its own clip and the
+                                                   run's output is the last one, as in the original)
 
 Intermediate clips travel as Ray objects, never through the database. Segments whose rows are
 already `Complete` (a resumed run) enter the DAG as constants loaded from their stored outputs.
@@ -26,15 +27,20 @@ from pydantic import ValidationError
 from ray.dag import InputNode, MultiOutputNode
 
 from dag.orchestrations import RunContext, StepTarget
-from dag.steps import StepFailed, generate_step
+from dag.steps import STAND_INS, StepFailed, generate_step
 from dag.travel_plan import (
+    SegmentSpec,
     TravelPlan,
+    adjust_clip,
+    colour_reference,
     final_filename,
+    image_segment_task,
     parse_travel,
     plan_segments,
     segment_filename,
     segment_guide,
     segment_params,
+    step_task_type,
     stitch_segments,
     structure_references,
     travel_structure,
@@ -62,7 +68,7 @@ def control_node(plan: TravelPlan, guidance: StructureGuidance, videos: dict[str
     """The run's structure guidance as one VACE control video over the stitched timeline (built once)."""
     try:
         return build_control_video(
-            guidance, plan.total_frames, plan.width, plan.height, plan.fps,
+            guidance, plan.timeline_frames, plan.width, plan.height, plan.fps,
             load_video=lambda path: decode_video(videos[path]),
         )  # fmt: skip
     except ValidationError as error:
@@ -74,27 +80,63 @@ def segment_node(
     plan: TravelPlan, spec: Any, previous: dict | np.ndarray | None, anchors: list[np.ndarray], step: StepTarget,
     task_id: str, control: ControlVideo | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Build segment `spec`'s guide and mask, generate it on the step deployment (VACE), return its frames."""
+    """Generate segment `spec` on the step deployment and return its frames: VACE (a guide and mask from
+    the anchors and `previous`, the previous clip or the continued video), or image-to-video between its
+    anchors. An unstitched segment is post-processed here: its clip is an output of the run."""
     previous_frames = previous["frames"] if isinstance(previous, dict) else previous
-    guide, mask = segment_guide(plan, spec, previous_frames, anchors)
-    if control is not None:  # structure guidance: control frames in the frames this segment generates
-        guide = apply_control(guide, mask, control, offset=spec.start)
-    params = segment_params(plan, spec, guide, mask)
+    guide = mask = None
+    if plan.mode == "i2v":
+        task_type, params = image_segment_task(plan, spec, *_segment_images(spec, anchors, previous_frames))
+    else:
+        guide, mask = segment_guide(plan, spec, previous_frames, anchors)
+        if control is not None:  # structure guidance: control frames in the frames this segment generates
+            guide = apply_control(guide, mask, control, offset=spec.start)
+        task_type, params = "vace", segment_params(plan, spec, guide, mask)
     try:
-        artifact = generate_step(step.handle, step.model_id, step.task_type, params, task_id, step.lora_files)
+        artifact = generate_step(step.handle, step.model_id, task_type, params, task_id, step.lora_files)
     except StepFailed as error:
         raise StepFailed(f"segment {spec.index}: {error}") from None
     frames, _ = decode_video(artifact.data)
+    if not plan.stitched and _adjusts(plan, spec.index):
+        continued = previous_frames if spec.index == 0 else None
+        references = (
+            colour_reference(plan, anchors, spec.index, continued) if plan.post.colour_match else None
+        )
+        frames = adjust_clip(plan, spec.index, frames, references, bool(plan.continue_from_video))
+        artifact.data = encode_mp4(frames, fps=plan.fps)
     artifact.filename = segment_filename(plan.run_id, spec.index)
     result = {
         "index": spec.index,
         "frames": frames,
         "artifact": artifact,
     }
-    if plan.debug or plan.skip_cleanup:
+    if (plan.debug or plan.skip_cleanup) and guide is not None:
         result["guide"] = encode_mp4(guide, fps=plan.fps)
         result["mask"] = encode_mp4(mask_to_video(mask), fps=plan.fps)
     return result
+
+
+def _segment_images(
+    spec: SegmentSpec, anchors: list[np.ndarray], continued: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(start image, end image or None) of an image-to-video segment, from its anchor placements."""
+    placed = dict(spec.anchors)  # frame index -> anchor index
+    if spec.start_from_video:
+        if continued is None:
+            raise ValueError(f"segment {spec.index} starts from the continued video, which was not given")
+        start = continued[-1]
+    else:
+        start = anchors[placed[0]]
+    end = anchors[placed[spec.frames - 1]] if spec.frames - 1 in placed else None
+    return start, end
+
+
+def _adjusts(plan: TravelPlan, index: int) -> bool:
+    """Whether the per-clip post-processing changes segment `index` (saturation and brightness act on the
+    clips after the first, and on every clip of a continued run)."""
+    post = plan.post
+    tonal = post.saturation != 1.0 or post.brightness != 0.0
+    return post.colour_match or (tonal and (index > 0 or bool(plan.continue_from_video)))
 
 
 @ray.remote(num_cpus=0.05, max_retries=0)
@@ -121,6 +163,9 @@ def stitch_node(
             "height": int(frames.shape[1]),
             "segments": len(clips),
             "chain_segments": plan.chain_segments,
+            "model_type": plan.mode,
+            "overlap_mode": plan.overlap_mode,
+            "stitched": True,
             "ignored_params": plan.ignored_params,
         },
     )
@@ -139,7 +184,7 @@ class TravelRun:
     task: Task
     plan: TravelPlan
     segment_ids: list[str]
-    stitch_id: str
+    stitch_id: str | None  # None when the run is not stitched (no travel_stitch row, as in the original)
     structure: StructureGuidance | None = None
     refs: list[ray.ObjectRef] | None = None
 
@@ -149,7 +194,7 @@ class TravelRun:
 
     @property
     def row_ids(self) -> list[str]:
-        return [*self.segment_ids, self.stitch_id]
+        return [*self.segment_ids, *([self.stitch_id] if self.stitch_id else [])]
 
 
 def prepare(ctx: RunContext, task: Task) -> TravelRun:
@@ -157,31 +202,28 @@ def prepare(ctx: RunContext, task: Task) -> TravelRun:
     plan = parse_travel(task.params, default_run_id=task.id)  # a resumed run keeps its file names
     specs = plan_segments(plan)
     segment_ids = [mirror_id(task.id, f"{TRAVEL_SEGMENT}:{spec.index}") for spec in specs]
-    stitch_id = mirror_id(task.id, TRAVEL_STITCH)
+    stitch_id = mirror_id(task.id, TRAVEL_STITCH) if plan.stitched else None
+    structure = travel_structure(task.params, plan)
     for spec, row_id in zip(specs, segment_ids, strict=True):
-        depends = segment_ids[spec.index - 1] if spec.index > 0 and plan.chain_segments else None
+        depends = segment_ids[spec.index - 1] if spec.index > 0 and plan.stitched else None
         params = {
             "orchestrator_task_id": task.id,
             "orchestrator_run_id": plan.run_id,
             "run_id": plan.run_id,
             "segment_index": spec.index,
             "frames": spec.frames,
+            "model_type": plan.mode,
             "prompt": spec.prompt,
         }
         _ensure_row(ctx.store, row_id, TRAVEL_SEGMENT, params, depends, task.project_id)
-    stitch_params = {
-        "orchestrator_task_id": task.id,
-        "run_id": plan.run_id,
-        "expected_frames": plan.total_frames,
-    }
-    _ensure_row(ctx.store, stitch_id, TRAVEL_STITCH, stitch_params, segment_ids[-1], task.project_id)
-    return TravelRun(
-        task=task,
-        plan=plan,
-        segment_ids=segment_ids,
-        stitch_id=stitch_id,
-        structure=travel_structure(task.params),
-    )
+    if stitch_id is not None:
+        stitch_params = {
+            "orchestrator_task_id": task.id,
+            "run_id": plan.run_id,
+            "expected_frames": plan.total_frames,
+        }
+        _ensure_row(ctx.store, stitch_id, TRAVEL_STITCH, stitch_params, segment_ids[-1], task.project_id)
+    return TravelRun(task=task, plan=plan, segment_ids=segment_ids, stitch_id=stitch_id, structure=structure)
 
 
 class MirrorRowConflict(ValueError):
@@ -256,47 +298,46 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
     anchors, continued, reused, structure_videos = await ctx.blocking(load_inputs)
     if reused:
         logger.info("travel %s: reusing stored segments %s", plan.run_id, sorted(reused))
-    # Where the steps go (the guide is only a stand-in for model resolution: steps make their own).
-    step = ctx.step({"video_guide": "guide", **({"model": plan.model} if plan.model else {})})
+    # Where the steps go (VACE, or image-to-video on T2V for model_type i2v); resolved from stand-ins.
+    step_type = step_task_type(plan)
+    model = {"model": plan.model} if plan.model else {}
+    step = ctx.step({**STAND_INS[step_type], **model}, task_type=step_type)
 
     with InputNode() as anchors_input:
         control = None
         if run.structure is not None and len(reused) < len(specs):
             control = control_node.bind(plan, run.structure, structure_videos)
         nodes: list[Any] = []
-        previous: Any = continued
+        previous: Any = continued  # segment 0 starts from the continued video (if any) in every mode
         for spec, row_id in zip(specs, run.segment_ids, strict=True):
             if spec.index in reused:
                 node: Any = {"index": spec.index, "frames": reused[spec.index], "reused": True}
             else:
-                node = segment_node.bind(
-                    plan,
-                    spec,
-                    previous if plan.chain_segments else None,
-                    anchors_input,
-                    step,
-                    row_id,
-                    control,
-                )
+                source = previous if plan.stitched or spec.index == 0 else None
+                node = segment_node.bind(plan, spec, source, anchors_input, step, row_id, control)
             nodes.append(node)
             previous = node
         generated = [n for n in nodes if not isinstance(n, dict)]
-        stitch = stitch_node.bind(plan, anchors_input, continued, *nodes)
-        dag = MultiOutputNode([*generated, stitch]) if generated else MultiOutputNode([stitch])
+        outputs = list(generated)
+        if plan.stitched:
+            outputs.append(stitch_node.bind(plan, anchors_input, continued, *nodes))
+        dag = MultiOutputNode(outputs) if outputs else None
 
     await ctx.blocking(_start_rows, store, ctx.worker_id, run, specs, reused)
-    run.refs = dag.execute(anchors)
-    segment_refs, stitch_ref = run.refs[:-1], run.refs[-1]
+    run.refs = dag.execute(anchors) if dag is not None else []
+    segment_refs = run.refs[: len(generated)]
     pending_ids = [rid for spec, rid in zip(specs, run.segment_ids, strict=True) if spec.index not in reused]
     for ref, row_id in zip(segment_refs, pending_ids, strict=True):
         result = await ref  # in order: chained segments finish in order anyway
         await ctx.blocking(_record_segment, ctx, plan, row_id, result)
-        if plan.chain_segments:
+        if plan.stitched:
             next_index = result["index"] + 1
             if next_index < len(specs) and next_index not in reused:
                 await ctx.blocking(store.start, run.segment_ids[next_index], ctx.worker_id)
+    if not plan.stitched:
+        return await ctx.blocking(_last_clip, ctx, run)
     await ctx.blocking(store.start, run.stitch_id, ctx.worker_id)
-    artifact: Artifact = await stitch_ref
+    artifact: Artifact = await run.refs[-1]
     if run.structure is not None:
         artifact.metadata["structure_type"] = run.structure.structure_type
     if plan.debug:
@@ -305,13 +346,43 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
     return artifact
 
 
+def _last_clip(ctx: RunContext, run: TravelRun) -> Artifact:
+    """The output of an unstitched run: its last segment's clip, as the original's orchestrator completes
+    with the last segment's output when it made no stitch task; every segment's output is listed."""
+    plan = run.plan
+    rows = [ctx.store.get(row_id) for row_id in run.segment_ids]
+    local = ctx.storage.resolve_local(rows[-1].output_location) if rows[-1].output_location else None
+    if local is None or not local.is_file():
+        raise StepFailed(f"the last segment's output ({rows[-1].output_location}) is gone")
+    data = local.read_bytes()
+    frames = decode_video(data)[0]
+    return Artifact(
+        data=data,
+        filename=segment_filename(plan.run_id, plan.num_segments - 1),
+        media_type="video/mp4",
+        metadata={
+            "frames": int(frames.shape[0]),
+            "expected_frames": plan.total_frames,
+            "fps": plan.fps,
+            "width": int(frames.shape[2]),
+            "height": int(frames.shape[1]),
+            "segments": plan.num_segments,
+            "chain_segments": plan.chain_segments,
+            "model_type": plan.mode,
+            "stitched": False,
+            "segment_outputs": [row.output_location for row in rows],
+            "ignored_params": plan.ignored_params,
+        },
+    )
+
+
 def _start_rows(store: TaskStore, worker_id: str, run: TravelRun, specs: list, reused: dict) -> None:
-    """Mark the segments about to run `In Progress`: all of them in independent mode, the first in a chain."""
+    """Mark the segments about to run `In Progress`: all of them when independent, the first in a chain."""
     for spec, row_id in zip(specs, run.segment_ids, strict=True):
         if spec.index in reused:
             continue
         store.start(row_id, worker_id)
-        if run.plan.chain_segments:
+        if run.plan.stitched:
             break
 
 
@@ -338,7 +409,10 @@ def _iso(timestamp: float) -> str:
 
 
 def finish(ctx: RunContext, run: TravelRun, output_location: str) -> None:
-    """The stitch row completes with the final video; intermediate files go unless debug / skip_cleanup."""
+    """The stitch row completes with the final video; intermediate files go unless debug / skip_cleanup.
+    Unstitched, the segments' clips are the run's outputs: they stay."""
+    if run.stitch_id is None:
+        return
     ctx.store.complete_idempotent(run.stitch_id, output_location, worker_id=ctx.worker_id)
     if run.plan.debug or run.plan.skip_cleanup:
         return
@@ -350,7 +424,7 @@ def finish(ctx: RunContext, run: TravelRun, output_location: str) -> None:
 
 def abort(ctx: RunContext, run: TravelRun, message: str, cancelled: bool) -> None:
     """A failed or cancelled run: its unfinished rows say so (their dependants fail naming them)."""
-    for row_id in [*run.segment_ids, run.stitch_id]:
+    for row_id in run.row_ids:
         row = ctx.store.get(row_id)
         if row.status.is_final:
             continue

@@ -4,8 +4,19 @@ The Ray DAG (``dag/travel.py``) calls these plain functions; everything here is 
 on its own.
 
 Timeline rules (docs/compatibility.md): each segment's frame count is quantized to 4n+1 (``(f // 4) * 4 + 1``); each of
-the N-1 overlaps is made even (rounded down) and capped at the shorter neighbour; the final video has
-Σ segment frames − Σ overlaps frames.
+the N-1 overlaps is made even (rounded down) and capped at the shorter neighbour.
+
+Overlap modes (``overlap_mode``, chained VACE runs only): ``"shared"`` (the original before November 2025, our
+native default): segment i+1 generates ``frames[i+1]`` frames of which the first ``overlap[i]`` re-generate
+clip i's last frames, so the final video has Σ frames − Σ overlaps frames. ``"context"`` (the original since
+November 2025 and its default, so the default of the ``orchestrator_details`` form): segment i+1 generates
+``frames[i+1] + overlap[i]`` frames (rounded down to 4n+1) whose first ``overlap[i]`` are that context, so the
+final video has Σ frames (less 2 per boundary whose overlap is not a multiple of 4).
+
+Output rule: only chained VACE runs are stitched (the original makes a ``travel_stitch`` task for nothing
+else). With ``chain_segments: false`` or ``model_type: "i2v"`` every segment is its own clip of ``frames[i]``
+frames (each segment's row holds it) and the run's output is the last segment's clip, as the original's
+orchestrator completes with the last segment's output when it made no stitch task.
 
 Chained mode (the original's behaviour): segment i+1's guide starts with the last ``overlap[i]`` frames of
 clip i (kept), then grey frames (generated), ending on its end anchor (kept). VACE therefore re-generates
@@ -14,9 +25,14 @@ those leading frames: the stitch cross-fades clip i's last ``overlap[i]`` frames
 is exactly Σ frames − Σ overlaps.
 
 Independent mode (``chain_segments: false``): every segment is conditioned only on its start anchor (frame 0)
-and end anchor (last frame), so segments can run in parallel; the stitch still cross-fades ``overlap[i]``
-frames at each boundary (the end of clip i, arriving at anchor i+1, blends into the start of clip i+1,
-leaving it), so the final length follows the same formula.
+and end anchor (last frame), so segments can run in parallel; they are not stitched (see the output rule).
+
+Image-to-video mode (``model_type: "i2v"``): every segment is a first/last-frame image-to-video generation
+(``flf2v``) from its start anchor to its end anchor, independent of the others (the original chains only VACE
+segments), unstitched.
+
+A single anchor image (no ``continue_from_video``): one segment that starts on that image and has no end
+image (the original's "single image journey": VACE with only frame 0 kept, or plain image-to-video).
 
 Anchors: without ``continue_from_video`` there are N+1 anchor images for N segments and segment i travels
 from anchor i to anchor i+1. With it there are N anchors: segment 0 starts from the last
@@ -55,6 +71,8 @@ MIN_SEGMENT_FRAMES = 5  # a segment needs distinct first and last frames for its
 DEFAULT_SEED = 12345  # the original's default seed_base
 DEFAULT_FPS = 16  # the original's default fps_helpers
 _RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX*×]\s*(\d+)\s*$")
+TRAVEL_MODES = ("vace", "i2v")  # the original's model_type values
+OVERLAP_MODES = ("shared", "context")  # see the module docstring
 
 
 class PostProcess(BaseModel):
@@ -92,6 +110,8 @@ class TravelPlan(BaseModel):
     seed_base: int = DEFAULT_SEED  # -1: every segment asks the engine for a random seed
     fps: int = Field(DEFAULT_FPS, ge=1, le=120)
     chain_segments: bool = True
+    mode: str = Field("vace", pattern="^(vace|i2v)$")  # the original's model_type
+    overlap_mode: str = Field("shared", pattern="^(shared|context)$")
     continue_from_video: str | None = None
     continue_overlap: int = 0  # frames of continue_from_video that segment 0 starts from
     post: PostProcess = Field(default_factory=PostProcess)
@@ -105,9 +125,30 @@ class TravelPlan(BaseModel):
         return len(self.segment_frames)
 
     @property
+    def stitched(self) -> bool:
+        """Whether the clips are cross-faded into one video: chained VACE runs only (the output rule)."""
+        return self.mode == "vace" and self.chain_segments
+
+    @property
+    def generated_frames(self) -> list[int]:
+        """Frames each segment generates: ``segment_frames``, plus the context frames in "context" mode."""
+        frames = list(self.segment_frames)
+        if self.stitched and self.overlap_mode == "context":
+            for i in range(1, len(frames)):
+                frames[i] = quantize_frames_down(frames[i] + self.overlaps[i - 1])
+        return frames
+
+    @property
+    def timeline_frames(self) -> int:
+        """Frames of the segments laid end to end with their overlaps shared (the structure guidance's
+        timeline, and the stitched video's length)."""
+        return sum(self.generated_frames) - sum(self.overlaps)
+
+    @property
     def total_frames(self) -> int:
-        """Frames of the stitched new segments (a continued video's own frames come on top, see stitch)."""
-        return sum(self.segment_frames) - sum(self.overlaps)
+        """Frames of the output: the stitched new segments (a continued video's own frames come on top, see
+        stitch), or, unstitched, the last segment's clip."""
+        return self.timeline_frames if self.stitched else self.generated_frames[-1]
 
 
 @dataclass(frozen=True)
@@ -124,6 +165,12 @@ class SegmentSpec:
     seed: int
     start: int  # first frame of this clip in the stitched timeline (new segments only)
     end: int  # one past its last frame
+    start_from_video: bool = False  # i2v: the start image is the continued video's last frame
+
+
+def quantize_frames_down(frames: int) -> int:
+    """The largest 4n+1 count not above ``frames`` (the original's rule for a segment with context frames)."""
+    return (frames - 1) // 4 * 4 + 1
 
 
 def segment_filename(run_id: str, index: int) -> str:
@@ -180,6 +227,8 @@ _ORIGINAL_KEYS: dict[str, tuple[str, ...]] = {
     "debug": ("debug_mode_enabled",),
     "skip_cleanup": ("skip_cleanup_enabled",),
     "independent_segments": ("independent_segments",),
+    "mode": ("model_type",),
+    "overlap_mode": ("overlap_mode",),
 }
 _NATIVE_KEYS: dict[str, tuple[str, ...]] = {
     "run_id": ("run_id",),
@@ -207,6 +256,8 @@ _NATIVE_KEYS: dict[str, tuple[str, ...]] = {
     "debug": ("debug",),
     "skip_cleanup": ("skip_cleanup",),
     "independent_segments": (),
+    "mode": ("model_type",),
+    "overlap_mode": ("overlap_mode",),
 }
 # Generation settings passed to every segment's VACE task (validated by the engine's BaseParams).
 _EXTRA_KEYS = (
@@ -449,14 +500,16 @@ def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
         anchors = []
     if not isinstance(anchors, list | tuple) or not all(isinstance(a, str) and a for a in anchors):
         raise fields.fail("anchors", "must be a list of image paths or URLs")
-    needed = 1 if continue_from else 2
-    if len(anchors) < needed:
-        what = "with continue_from_video" if continue_from else "to travel between"
-        raise fields.fail("anchors", f"needs at least {needed} images {what}, got {len(anchors)}")
-    count = len(anchors) if continue_from else len(anchors) - 1
+    if not anchors:
+        raise fields.fail("anchors", "needs at least 1 image")
+    # N+1 images make N segments; one image alone makes one segment from it (no end image); with
+    # continue_from_video every image ends a segment.
+    count = len(anchors) if continue_from else max(len(anchors) - 1, 1)
     declared = fields.integer("num_segments", minimum=1)
     if declared is not None and declared != count:
-        raise fields.fail("num_segments", f"is {declared} but {len(anchors)} images make {count} segments")
+        raise fields.fail(
+            "num_segments", f"is {declared} but {len(anchors)} image(s) make {count} segment(s)"
+        )
 
     prompts = fields.per_segment("prompts", count)
     if not all(isinstance(p, str) for p in prompts):
@@ -510,7 +563,67 @@ def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
     fps = fields.integer("fps", default=DEFAULT_FPS, minimum=1)
     if fps > 120:
         raise fields.fail("fps", f"must be <= 120, got {fps}")
-    total = sum(frames) - sum(overlaps)
+    ignored = _unused_keys(data, fields.keys, fields.prefix)
+
+    if fields.get("independent_segments") is not None and fields.get("chain_segments") is None:
+        chain_segments = not fields.flag("independent_segments", False)  # the original's older name
+    else:
+        chain_segments = fields.flag("chain_segments", True)
+    mode = fields.text("mode") or "vace"
+    if mode not in TRAVEL_MODES:
+        raise fields.fail("mode", f"must be one of {', '.join(TRAVEL_MODES)}, got {mode!r}")
+    # The original's newest version always adds the overlap as context frames; our native form keeps the
+    # frame counts its clients were built on (see the module docstring).
+    overlap_mode = fields.text("overlap_mode") or ("context" if original else "shared")
+    if overlap_mode not in OVERLAP_MODES:
+        raise fields.fail("overlap_mode", f"must be one of {', '.join(OVERLAP_MODES)}, got {overlap_mode!r}")
+    stitched = mode == "vace" and chain_segments
+    if not stitched:
+        why = "model_type i2v" if mode == "i2v" else "chain_segments false"
+        unstitched = f"not used: with {why} the segments are separate clips, not stitched"
+        if mode == "i2v" and fields.get("chain_segments") is True:
+            ignored[fields.loc("chain_segments")[-1]] = (
+                "the original chains only VACE segments: image-to-video segments are independent"
+            )
+        if any(raw_overlaps) and not (continue_from and mode == "vace"):  # else it starts segment 0
+            ignored[fields.loc("overlaps")[-1]] = unstitched
+        if mode == "i2v" and fields.get("continue_overlap") is not None:
+            ignored[fields.loc("continue_overlap")[-1]] = "image-to-video starts from the video's last frame"
+        for name in ("overlap_mode", "crossfade_sharpness"):
+            if fields.get(name) is not None:
+                ignored[fields.loc(name)[-1]] = unstitched
+        if not original:  # the original form never fades nor upscales without a model (below)
+            for name in ("fade_in", "fade_out", "upscale_factor"):
+                if fields.get(name) not in (None, 0, 0.0, 1.0, ""):
+                    raise fields.fail(
+                        name, f"applies to the stitched video, and with {why} the segments are not stitched"
+                    )
+    if mode == "i2v":
+        continue_overlap = 0  # image-to-video starts from the continued video's last frame only
+
+    plan = TravelPlan(
+        run_id=run_id,
+        anchors=list(anchors),
+        prompts=prompts,
+        negative_prompts=negatives,
+        segment_frames=frames,
+        overlaps=overlaps,
+        width=width,
+        height=height,
+        model=fields.text("model"),
+        seed_base=seed,
+        fps=fps,
+        chain_segments=chain_segments,
+        mode=mode,
+        overlap_mode=overlap_mode,
+        continue_from_video=continue_from,
+        continue_overlap=continue_overlap,
+        debug=fields.flag("debug", False),
+        skip_cleanup=fields.flag("skip_cleanup", False),
+        segment_params_extra=_extras(data, fields.prefix, original),
+    )
+
+    total = plan.total_frames
     fade_in = _fade_frames(fields, "fade_in", total)
     fade_out = _fade_frames(fields, "fade_out", total)
     if fade_in + fade_out > total:
@@ -520,7 +633,6 @@ def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
         raise fields.fail("upscale_factor", f"must be >= 0, got {upscale_factor}")
     if upscale_factor in (0.0, 1.0):  # the original sends 0.0 for "no upscale"
         upscale_factor = None
-    ignored = _unused_keys(data, fields.keys, fields.prefix)
     if original:
         # The original's fade params shaped its guide videos (anchors fading into grey), and its current
         # version hardcodes them off; they never faded the final video. Validated above, not applied.
@@ -539,10 +651,6 @@ def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
             )
         ignored["upscale_factor"] = "the original upscales only with an upscale_model_name; none given"
         upscale_factor = None
-    if fields.get("independent_segments") is not None and fields.get("chain_segments") is None:
-        chain_segments = not fields.flag("independent_segments", False)  # the original's older name
-    else:
-        chain_segments = fields.flag("chain_segments", True)
 
     post_values = {
         "colour_match": fields.flag("colour_match", False),
@@ -559,28 +667,7 @@ def parse_travel(params: dict, default_run_id: str | None = None) -> TravelPlan:
     except ValidationError as error:
         first = error.errors()[0]
         raise fields.fail(str(first["loc"][0]), first["msg"]) from None
-
-    return TravelPlan(
-        run_id=run_id,
-        anchors=list(anchors),
-        prompts=prompts,
-        negative_prompts=negatives,
-        segment_frames=frames,
-        overlaps=overlaps,
-        width=width,
-        height=height,
-        model=fields.text("model"),
-        seed_base=seed,
-        fps=fps,
-        chain_segments=chain_segments,
-        continue_from_video=continue_from,
-        continue_overlap=continue_overlap,
-        post=post,
-        debug=fields.flag("debug", False),
-        skip_cleanup=fields.flag("skip_cleanup", False),
-        segment_params_extra=_extras(data, fields.prefix, original),
-        ignored_params=ignored,
-    )
+    return plan.model_copy(update={"post": post, "ignored_params": ignored})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -593,10 +680,12 @@ def plan_segments(plan: TravelPlan) -> list[SegmentSpec]:
     specs = []
     start = 0
     offset = 0 if plan.continue_from_video else 1  # end anchor of segment i is anchors[i + offset]
-    for i, frames in enumerate(plan.segment_frames):
+    for i, frames in enumerate(plan.generated_frames):
         end_anchor = i + offset
         start_anchor = end_anchor - 1
-        if i == 0 and plan.continue_from_video:
+        if plan.mode == "i2v":
+            overlap_in = 0  # image-to-video segments start from an image (the continued video's last frame)
+        elif i == 0 and plan.continue_from_video:
             overlap_in = plan.continue_overlap
         elif plan.chain_segments and i > 0:
             overlap_in = plan.overlaps[i - 1]
@@ -605,7 +694,8 @@ def plan_segments(plan: TravelPlan) -> list[SegmentSpec]:
         placements = []
         if overlap_in == 0 and start_anchor >= 0:
             placements.append((0, start_anchor))
-        placements.append((frames - 1, end_anchor))
+        if end_anchor < len(plan.anchors):  # a single image has no end image: the model ends freely
+            placements.append((frames - 1, end_anchor))
         overlap_out = plan.overlaps[i] if i < len(plan.overlaps) else 0
         seed = -1 if plan.seed_base < 0 else plan.seed_base + i
         specs.append(
@@ -620,6 +710,7 @@ def plan_segments(plan: TravelPlan) -> list[SegmentSpec]:
                 seed=seed,
                 start=start,
                 end=start + frames,
+                start_from_video=plan.mode == "i2v" and i == 0 and bool(plan.continue_from_video),
             )
         )
         start += frames - overlap_out
@@ -679,12 +770,44 @@ def segment_params(plan: TravelPlan, spec: SegmentSpec, guide: np.ndarray, mask:
     return params
 
 
+def step_task_type(plan: TravelPlan) -> str:
+    """The generation task type of the run's segments: ``vace``, or for model_type i2v first/last-frame
+    image-to-video (``flf2v``), or plain image-to-video (``i2v``) for a single image without an end."""
+    if plan.mode == "vace":
+        return "vace"
+    return "flf2v" if len(plan.anchors) > 1 or plan.continue_from_video else "i2v"
+
+
+def image_segment_task(
+    plan: TravelPlan, spec: SegmentSpec, start_image: np.ndarray, end_image: np.ndarray | None
+) -> tuple[str, dict[str, Any]]:
+    """(task type, params) of an image-to-video segment: ``flf2v`` from its start to its end image, or
+    ``i2v`` from its start image alone (a single image journey)."""
+    params: dict[str, Any] = {
+        **plan.segment_params_extra,
+        "prompt": spec.prompt,
+        "resolution": f"{plan.width}x{plan.height}",
+        "video_length": spec.frames,
+        "seed": spec.seed,
+        "fps": plan.fps,
+        "image_start": start_image,
+    }
+    if end_image is not None:
+        params["image_end"] = end_image
+    if spec.negative_prompt:
+        params["negative_prompt"] = spec.negative_prompt
+    if plan.model:
+        params["model"] = plan.model
+    return ("flf2v" if end_image is not None else "i2v"), params
+
+
 def plan_summary(plan: TravelPlan) -> list[str]:
     """Human-readable lines of the expected frame counts, for debug logs (expected vs actual per step)."""
     lines = [
         f"travel {plan.run_id}: {plan.num_segments} segments, frames {plan.segment_frames}, overlaps "
         f"{plan.overlaps}, expected final {plan.total_frames} frames at {plan.width}x{plan.height}, "
-        f"{'chained' if plan.chain_segments else 'independent'}"
+        f"{plan.mode}, {'chained' if plan.chain_segments else 'independent'}, "
+        f"{'stitched (' + plan.overlap_mode + ' overlaps)' if plan.stitched else 'unstitched'}"
     ]
     for spec in plan_segments(plan):
         lines.append(
@@ -699,23 +822,45 @@ def plan_summary(plan: TravelPlan) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def colour_reference(
+    plan: TravelPlan, anchors: list[np.ndarray], index: int, continued: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) reference images of segment ``index``'s colour match, as the original picks them: the
+    segment's start and end anchors (a single image is both); with a continued video, segment 0 starts
+    from its last frame (``continued`` may be just that frame, (1, H, W, 3))."""
+    if len(anchors) != len(plan.anchors):
+        raise ValueError(f"anchors has {len(anchors)} images, the plan has {len(plan.anchors)}")
+    if plan.continue_from_video:
+        if index == 0 and continued is None:
+            raise ValueError("continued is required to colour match the first segment of a continued run")
+        start = continued[-1] if index == 0 else anchors[index - 1]
+        return start, anchors[index]
+    return anchors[index], anchors[min(index + 1, len(anchors) - 1)]
+
+
 def colour_references(
     plan: TravelPlan, anchors: list[np.ndarray], continued: np.ndarray | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(start, end) reference images of each segment's colour match, as the original picks them: the
-    segment's start and end anchors; with a continued video, segment 0 starts from its last frame."""
-    if len(anchors) != len(plan.anchors):
-        raise ValueError(f"anchors has {len(anchors)} images, the plan has {len(plan.anchors)}")
-    references = []
-    for i in range(plan.num_segments):
-        if plan.continue_from_video:
-            if i == 0 and continued is None:
-                raise ValueError("continued is required to colour match the first segment of a continued run")
-            start = continued[-1] if i == 0 else anchors[i - 1]
-            references.append((start, anchors[i]))
-        else:
-            references.append((anchors[i], anchors[i + 1]))
-    return references
+    """The :func:`colour_reference` of every segment."""
+    return [colour_reference(plan, anchors, i, continued) for i in range(plan.num_segments)]
+
+
+def adjust_clip(
+    plan: TravelPlan,
+    index: int,
+    clip: np.ndarray,
+    references: tuple[np.ndarray, np.ndarray] | None,
+    continued: bool = False,
+) -> np.ndarray:
+    """One clip's post-processing, in the original's order: saturation and brightness
+    (``after_first_post_generation_*``: every clip after the first, and every clip of a continued run),
+    then colour matching toward its (start, end) ``references`` when colour_match is on."""
+    post = plan.post
+    if index > 0 or continued:
+        clip = adjust_brightness(adjust_saturation(clip, post.saturation), post.brightness)
+    if post.colour_match and references is not None:
+        clip = colour_match(clip, *references)
+    return clip
 
 
 def stitch_segments(
@@ -737,7 +882,9 @@ def stitch_segments(
     """
     if len(clips) != plan.num_segments:
         raise ValueError(f"clips has {len(clips)} clips, the plan has {plan.num_segments} segments")
-    for i, (clip, frames) in enumerate(zip(clips, plan.segment_frames, strict=True)):
+    if not plan.stitched:
+        raise ValueError(f"travel {plan.run_id} is not stitched: its segments are separate clips")
+    for i, (clip, frames) in enumerate(zip(clips, plan.generated_frames, strict=True)):
         if not isinstance(clip, np.ndarray) or clip.ndim != 4:
             raise ValueError(f"clips[{i}] must be a (T, H, W, 3) uint8 array")
         if len(clip) != frames:
@@ -754,13 +901,10 @@ def stitch_segments(
             raise ValueError("anchors are required when colour_match is on")
         references = colour_references(plan, anchors, continued)
 
-    adjusted = []
-    for i, clip in enumerate(clips):
-        if i > 0 or continued is not None:
-            clip = adjust_brightness(adjust_saturation(clip, post.saturation), post.brightness)
-        if references is not None:
-            clip = colour_match(clip, *references[i])
-        adjusted.append(clip)
+    adjusted = [
+        adjust_clip(plan, i, clip, references[i] if references else None, continued is not None)
+        for i, clip in enumerate(clips)
+    ]
 
     overlaps = list(plan.overlaps)
     if continued is not None:
@@ -781,21 +925,29 @@ def validate(params: dict[str, Any]) -> list[tuple[str, Any]]:
     refs: list[tuple[str, Any]] = [("anchors", list(plan.anchors))]
     if plan.continue_from_video:
         refs.append(("continue_from_video", plan.continue_from_video))
-    refs.extend(structure_references(travel_structure(params)))
+    refs.extend(structure_references(travel_structure(params, plan)))
     return refs
 
 
-def travel_structure(params: dict[str, Any]) -> StructureGuidance | None:
+def travel_structure(params: dict[str, Any], plan: TravelPlan | None = None) -> StructureGuidance | None:
     """The structure guidance of a travel payload (``structure_video_path`` / ``structure_videos`` /
     ``structure_guidance`` ... in its ``orchestrator_details`` or at the top level), applied as the VACE
-    control video of every segment; errors name the key where the client put it."""
+    control video of every segment; errors name the key where the client put it. With the payload's
+    ``plan``, guidance on a model_type i2v run is refused (naming model_type)."""
     details = params.get("orchestrator_details")
     data, prefix = (details, ("orchestrator_details",)) if isinstance(details, dict) else (params, ())
     try:
-        return parse_structure_guidance(data)
+        guidance = parse_structure_guidance(data)
     except ValidationError as error:
         first = error.errors()[0]
         raise _error((*prefix, *first["loc"]), first["msg"], first.get("input")) from None
+    if guidance is not None and plan is not None and plan.mode == "i2v":
+        raise _error(
+            (*prefix, "model_type"),
+            "structure guidance is a VACE control video: it needs model_type 'vace', not 'i2v'",
+            plan.mode,
+        )
+    return guidance
 
 
 def structure_references(guidance: StructureGuidance | None) -> list[tuple[str, Any]]:

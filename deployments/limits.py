@@ -116,7 +116,7 @@ def check_generation(
 
 def check_travel(plan: Any, steps: int, limits: LimitSettings) -> None:
     """A travel plan (`dag.travel_plan.TravelPlan`): segments' work, final frames and upscaled size."""
-    frames = sum(plan.segment_frames)
+    frames = sum(plan.generated_frames)  # with context overlaps, more than segment_frames
     work = plan.width * plan.height * frames * steps
     if work > limits.max_work:
         parts = f"resolution {plan.width}x{plan.height} x {frames} frames in {plan.num_segments} segments x {steps} steps"

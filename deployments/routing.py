@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from dag.travel_plan import parse_travel
+from dag.steps import STAND_INS
+from dag.travel_plan import parse_travel, step_task_type
 from dag.vace_control import check_vace_control, control_requested, without_control
 from deployments.errors import InvalidParams, InvalidTask
 from deployments.limits import (
@@ -173,9 +174,10 @@ class Routing:
     def _check_travel_work(self, entry: TaskType, params: dict[str, Any]) -> None:
         plan = parse_travel(params)
         steps = plan.segment_params_extra.get("num_inference_steps")
-        if not isinstance(steps, int) or steps < 1:  # the step model's default
-            stand_in = {"video_guide": "guide", **({"model": plan.model} if plan.model else {})}
-            steps = self.model(entry.step_type or "vace", stand_in).defaults.num_inference_steps
+        if not isinstance(steps, int) or steps < 1:  # the step model's default (vace, or flf2v/i2v for i2v)
+            step_type = step_task_type(plan)
+            stand_in = {**STAND_INS[step_type], **({"model": plan.model} if plan.model else {})}
+            steps = self.model(step_type, stand_in).defaults.num_inference_steps
         check_travel(plan, steps, self.limits)
 
     def input_refs(self, route: Route, params: dict[str, Any]) -> list[tuple[str, str]]:

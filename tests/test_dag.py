@@ -146,8 +146,12 @@ def test_original_payload_form(service: dict):
     orchestrator = wait_final(client, response.json()["id"])
     assert orchestrator["status"] == "Complete", orchestrator["error_message"]
     final = client.get(f"/tasks/{orchestrator['id']}/output").content
-    assert probe_video(final)["frames"] == 9 + 13 - 4
+    # the original's newest rule ("context" overlaps, its form's default): segment 1 generates 13 + 4
+    # frames, the first 4 from segment 0, so the video has Σ segment frames
+    assert probe_video(final)["frames"] == 9 + 13
     segments, _ = rows_of(service, orchestrator["id"])
+    assert [probe_video(service["files"] / s.id / f"orig_seg{i:02d}_output.mp4")["frames"]
+            for i, s in enumerate(segments)] == [9, 17]  # fmt: skip
     # debug mode keeps the guide and mask next to each segment's output
     names = sorted(p.name for p in (service["files"] / segments[0].id).iterdir())
     assert names == ["orig_seg00_guide.mp4", "orig_seg00_mask.mp4", "orig_seg00_output.mp4"]
@@ -160,9 +164,11 @@ def test_independent_segments_run_in_parallel(service: dict):
     response = client.post("/tasks", json={"task_type": "travel_orchestrator", "params": params})
     orchestrator = wait_final(client, response.json()["id"])
     assert orchestrator["status"] == "Complete", orchestrator["error_message"]
-    assert probe_video(client.get(f"/tasks/{orchestrator['id']}/output").content)["frames"] == 17 + 17 - 4
-    segments, _ = rows_of(service, orchestrator["id"])
-    assert all(s.dependant_on is None for s in segments)
+    # not chained: no stitch (as in the original); the output is the last segment's clip
+    assert probe_video(client.get(f"/tasks/{orchestrator['id']}/output").content)["frames"] == 17
+    segments, stitch = rows_of(service, orchestrator["id"])
+    assert all(s.dependant_on is None for s in segments) and stitch is None
+    assert orchestrator["result"]["segment_outputs"] == [s.output_location for s in segments]
     spans = []
     for segment in segments:
         _, _, start, _, end = segment.progress_message.split()  # "generated from START to END"
@@ -174,7 +180,18 @@ def test_independent_segments_run_in_parallel(service: dict):
 @pytest.mark.parametrize(
     ("params", "needle"),
     [
-        ({"images": ["anchor0.png"], "prompt": "x", "frames": 13, "resolution": "64x48"}, "images"),
+        ({"images": [], "prompt": "x", "frames": 13, "resolution": "64x48"}, "images"),
+        # one image makes one segment (the original's single image journey), not two
+        (
+            {
+                "images": ["anchor0.png"],
+                "prompt": "x",
+                "frames": 13,
+                "resolution": "64x48",
+                "num_segments": 2,
+            },
+            "num_segments",
+        ),
         (
             {"images": ["anchor0.png", "anchor1.png"], "prompt": "x", "frames": 13, "resolution": "abc"},
             "resolution",

@@ -258,6 +258,50 @@ def test_individual_travel_segment(service: dict):
     assert output_frames(service, task).shape == (13, HEIGHT, WIDTH, 3)
 
 
+def travel_rows(service: dict, orchestrator_id: str) -> tuple[list, list]:
+    """(segment rows by index, stitch rows) of a travel run."""
+    with open_store(service["db"]) as store:
+        mine = [t for t in store.list(limit=1000) if t.params.get("orchestrator_task_id") == orchestrator_id]
+    segments = sorted(
+        (t for t in mine if t.task_type == "travel_segment"), key=lambda t: t.params["segment_index"]
+    )
+    return segments, [t for t in mine if t.task_type == "travel_stitch"]
+
+
+def test_travel_variants_end_to_end(service: dict):
+    # model_type i2v: independent first/last-frame segments on T2V, unstitched; the output is the last clip
+    details = travel_details(service, run_id="i2vrun", model_type="i2v", segment_frames_expanded=[13, 9],
+                             crossfade_sharp_amt=0.3)  # fmt: skip
+    task = post(service, "travel_orchestrator", {"orchestrator_details": details})
+    assert task["output_location"].endswith("/i2vrun_seg01_output.mp4")
+    assert output_frames(service, task).shape == (9, HEIGHT, WIDTH, 3)
+    segments, stitches = travel_rows(service, task["id"])
+    assert stitches == [] and [s.dependant_on for s in segments] == [None, None]
+    assert [s.status.value for s in segments] == ["Complete", "Complete"]
+    assert all("flf2v" in s.result["model"] for s in segments), [s.result["model"] for s in segments]
+    # each segment's clip is an output of the run, listed in its result and kept on disk
+    result = task["result"]
+    assert result["segment_outputs"] == [s.output_location for s in segments]
+    assert [probe_video(service["files"] / s.id / f"i2vrun_seg{i:02d}_output.mp4")["frames"]
+            for i, s in enumerate(segments)] == [13, 9]  # fmt: skip
+    assert set(result["ignored_params"]) == {"frame_overlap_expanded", "crossfade_sharp_amt"}
+
+    # a single anchor image: one VACE segment that starts on it
+    single = {"images": [path(service, "anchor0.png")], "prompt": "alone", "frames": 9, "run_id": "solo",
+              "resolution": f"{WIDTH}x{HEIGHT}", "num_inference_steps": 2, "seed": 3, "debug": True}  # fmt: skip
+    task = post(service, "travel_orchestrator", single)
+    frames = output_frames(service, task)
+    assert frames.shape == (9, HEIGHT, WIDTH, 3) and task["output_location"].endswith("/solo_final.mp4")
+    # its guide (kept in debug): frame 0 is the image, every later frame grey to generate (no end image)
+    guide = guide_of_segment(service, task["id"], "solo", 0)
+    anchor = load_image(path(service, "anchor0.png"))
+    assert len(guide) == 9 and np.abs(guide[0].astype(int) - anchor).mean() < 8
+    assert abs(float(guide[1:].mean()) - 127) < 3
+    refused = service["client"].post("/tasks", json={"task_type": "travel_orchestrator", "params": {
+        **single, "num_segments": 2}})  # fmt: skip
+    assert refused.status_code == 422 and "num_segments" in refused.text
+
+
 def guide_of_segment(service: dict, orchestrator_id: str, run_id: str, index: int) -> np.ndarray:
     with open_store(service["db"]) as store:
         [row] = [t for t in store.list(task_type="travel_segment", limit=1000)
@@ -269,7 +313,8 @@ def test_structure_video_guides_travel_segments(service: dict):
     details = travel_details(service, run_id="structured", model_name="tiny-vace", debug_mode_enabled=True,
                              structure_video_path=path(service, "bar.mp4"), structure_type="canny")  # fmt: skip
     task = post(service, "travel_orchestrator", {"orchestrator_details": details})
-    assert len(output_frames(service, task)) == 13 + 13 - 4
+    # the original's newest rule: segment 1 generates 13 + 4 context frames, so the video has Σ frames
+    assert len(output_frames(service, task)) == 13 + 13
     for index in (0, 1):
         guide = guide_of_segment(service, task["id"], "structured", index)
         generated = guide[5:12]  # frames between the kept ones (anchors, the previous segment's overlap)

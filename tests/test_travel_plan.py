@@ -91,7 +91,9 @@ def anchor_images(count: int) -> list[np.ndarray]:
 
 
 def test_both_payload_forms_parse_to_the_same_plan():
-    assert parse_travel(native()) == parse_travel(original())
+    # the original form's default overlap mode is its newest one ("context"); the native form's "shared"
+    assert parse_travel(native(overlap_mode="context")) == parse_travel(original())
+    assert parse_travel(native()) == parse_travel(original(overlap_mode="shared"))
     plan = parse_travel(native())
     assert plan.segment_frames == [17, 17]
     assert plan.overlaps == [4]
@@ -149,7 +151,12 @@ def test_original_upscale_zero_means_off_and_guide_fades_are_reported_not_applie
     [
         (native(images=[]), ("images",)),
         (native(images=None), ("images",)),
-        (native(images=["only-one.png"]), ("images",)),
+        (native(images=["only-one.png"], num_segments=2), ("num_segments",)),  # one image: one segment
+        (native(model_type="t2v"), ("model_type",)),
+        (native(overlap_mode="after"), ("overlap_mode",)),
+        (native(chain_segments=False, fade_in=4), ("fade_in",)),  # nothing is stitched to fade
+        (native(model_type="i2v", upscale_factor=2.0), ("upscale_factor",)),
+        (original(model_type="flf2v"), ("orchestrator_details", "model_type")),
         (native(prompt=None, prompts=["a", "b", "c"]), ("prompts",)),
         (native(frames=0), ("frames", 0)),
         (native(frames=[17, -3]), ("frames", 1)),
@@ -246,8 +253,11 @@ def test_planner_properties(payload):
         assert overlap >= min(raw_overlaps[i], plan.segment_frames[i], plan.segment_frames[i + 1]) - 1
 
     specs = plan_segments(plan)
-    assert plan.total_frames == sum(plan.segment_frames) - sum(plan.overlaps)
-    assert specs[0].start == 0 and specs[-1].end == plan.total_frames
+    if plan.chain_segments:  # the native default: "shared" overlaps
+        assert plan.total_frames == sum(plan.segment_frames) - sum(plan.overlaps)
+    else:  # unstitched: the output is the last segment's clip
+        assert plan.total_frames == plan.segment_frames[-1]
+    assert specs[0].start == 0 and specs[-1].end == plan.timeline_frames
     for spec in specs:
         assert spec.end - spec.start == spec.frames
         assert spec.seed == plan.seed_base + spec.index
@@ -397,6 +407,7 @@ PHASES = {
 def test_original_keys_not_read_are_reported_or_refused():
     plan = parse_travel(
         original(
+            frame_overlap_expanded=[0, 0],
             steps=6,
             shot_id="s1",
             enhance_prompt=False,
