@@ -199,3 +199,65 @@ async def test_one_task_runs_split_and_many_spread_over_the_one_gpu_replicas(sto
     await until(lambda: all(store.get(task.id).status == TaskStatus.COMPLETE for task in many), 5.0)
     decided = dispatcher.schedulers["T2V"].decided
     assert decided[REPLICAS] >= 2 and decided[SPLIT] >= 2
+
+
+# ---- the whole service: a real local Ray cluster, fake GPUs, tiny models on CPU -------------------------
+
+
+def test_app_sends_one_task_to_the_split_replica_and_many_to_the_one_gpu_replicas(tmp_path: Path) -> None:
+    """4 fake GPUs: 2 one-GPU T2V replicas and 1 two-GPU CFG-split replica. A lone task runs split; a
+    burst spreads over both 1-GPU replicas. The tasks' results and /replicas say where each ran."""
+    from hwgp_testing import running_app, wait_final
+
+    config = {
+        "db": f"sqlite:///{tmp_path / 'tasks.db'}",
+        "storage": {"root": str(tmp_path / "files")},
+        "models": "tiny",
+        "deployments": {
+            "T2V": {
+                "replicas": 2,
+                "num_gpus": 1,
+                "num_cpus": 0.2,
+                "device": "cpu",
+                "split": {"gpus_per_replica": 2, "parallel_mode": "cfg", "num_cpus": 0.2},
+            }
+        },
+    }
+    params = {"prompt": "split or not", "resolution": "64x48", "video_length": 9, "num_inference_steps": 4}
+    with running_app(config, num_gpus=4) as client:
+
+        def post(seed: int) -> str:
+            created = client.post("/tasks", json={"task_type": "t2v", "params": {**params, "seed": seed}})
+            assert created.status_code == 201, created.text
+            return created.json()["id"]
+
+        # One task: the split replica (both of its GPUs on it).
+        lone = wait_final(client, post(1))
+        assert lone["status"] == "Complete", lone["error_message"]
+        assert lone["result"]["scheduling"]["deployment"] == "T2V-split"
+        assert lone["result"]["scheduling"]["reason"].startswith("latency: 1 task(s) waiting")
+        replicas = client.get("/replicas").json()
+        split_replicas = replicas["T2V-split"]["replicas"]
+        assert [r["generations"] for r in split_replicas] == [1] and split_replicas[0]["world_size"] == 2
+        assert [r["generations"] for r in replicas["T2V"]["replicas"]] == [0, 0]
+        view = replicas["scheduling"]["T2V"]
+        assert view["last_decision"]["task_id"] == lone["id"] and view["last_decision"]["pool"] == SPLIT
+        assert view["pools"][SPLIT]["deployment"] == "T2V-split" and view["pools"][SPLIT]["idle"] == 1
+
+        # A burst: the queue is longer than the split replica, so the 1-GPU replicas take tasks (the split
+        # replica takes what they cannot).
+        burst = [wait_final(client, task_id) for task_id in [post(seed) for seed in range(10, 16)]]
+        assert all(task["status"] == "Complete" for task in burst), [t["error_message"] for t in burst]
+        pools = Counter(task["result"]["scheduling"]["pool"] for task in burst)
+        assert pools[REPLICAS] >= 3, pools
+        reasons = [task["result"]["scheduling"]["reason"] for task in burst]
+        assert any(reason.startswith("throughput") for reason in reasons), reasons
+        replicas = client.get("/replicas").json()
+        one_gpu = [r["generations"] for r in replicas["T2V"]["replicas"]]
+        print(f"burst of 6: pools {dict(pools)}, 1-GPU replicas ran {one_gpu}")
+        assert len(one_gpu) == 2 and min(one_gpu) >= 1 and sum(one_gpu) == pools[REPLICAS]
+        assert replicas["T2V-split"]["replicas"][0]["generations"] == 1 + pools[SPLIT]
+        view = replicas["scheduling"]["T2V"]
+        assert view["pools"][REPLICAS]["decided"] == pools[REPLICAS]
+        assert view["pools"][SPLIT]["decided"] == 1 + pools[SPLIT]
+        assert view["pools"][REPLICAS]["busy"] == 0 and view["queued"] == 0
