@@ -187,23 +187,23 @@ class Ingress:
         )
 
     async def replica_stats(self) -> dict[str, Any]:
-        """Each deployment's counters as one of its replicas reports them, plus (`replicas`) every replica's
-        when they answer within REPLICA_STATS_S (a replica busy with a generation may not); and, for a family
+        """Each deployment's counters as one of its replicas reports them, plus (`replicas`) every replica's,
+        when they answer within REPLICA_STATS_S (a replica busy with a generation does not); and, for a family
         with a split pool, `scheduling`: both pools, busy/idle, the queue and the policy's last decision."""
         names = list(self.handles)
-        results = await asyncio.gather(
-            *(self.handles[name].stats.remote() for name in names), return_exceptions=True
-        )
-        every = await asyncio.gather(
-            *(
-                self.handles[name].broadcast("stats").results_async(timeout_s=REPLICA_STATS_S)
-                for name in names
-            ),
-            return_exceptions=True,
-        )
+        # A replica runs one request at a time: while every replica generates, its stats wait behind it.
+        one = [asyncio.wait_for(self.handles[name].stats.remote(), REPLICA_STATS_S) for name in names]
+        every = [
+            self.handles[name].broadcast("stats").results_async(timeout_s=REPLICA_STATS_S) for name in names
+        ]
+        answers = await asyncio.gather(*one, *every, return_exceptions=True)
+        results, every = answers[: len(names)], answers[len(names) :]
         stats: dict[str, Any] = {}
         for name, one, replicas in zip(names, results, every, strict=True):
-            entry = one if not isinstance(one, BaseException) else {"error": str(one)}
+            if isinstance(one, TimeoutError):
+                entry = {"error": f"every replica busy: no answer within {REPLICA_STATS_S:g} s"}
+            else:
+                entry = one if not isinstance(one, BaseException) else {"error": str(one)}
             if isinstance(replicas, BaseException):
                 entry["replicas"] = {"error": f"{type(replicas).__name__}: {replicas}"}
             else:

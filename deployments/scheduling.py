@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 REPLICAS = "replicas"
@@ -79,14 +79,15 @@ def choose_pool(
         )
         return Decision(SPLIT, split.deployment, reason, waiting, free)
     if free_replicas:
+        split_state = f"more than {free_split} free split slot(s)" if free_split else "split replica(s) busy"
         reason = (
-            f"throughput: {waiting} tasks waiting > {free_split} free split slot(s); "
+            f"throughput: {waiting} task(s) waiting, {split_state}; "
             f"{free_replicas} of {replicas.capacity} 1-GPU slot(s) free"
         )
         return Decision(REPLICAS, replicas.deployment, reason, waiting, free)
     if free_split:
         reason = (
-            f"throughput: {waiting} tasks waiting, every 1-GPU slot busy; the split replica's {gpus} "
+            f"throughput: {waiting} task(s) waiting, every 1-GPU slot busy; the split replica's {gpus} "
             "would idle otherwise"
         )
         return Decision(SPLIT, split.deployment, reason, waiting, free)
@@ -122,9 +123,7 @@ class FamilyScheduler:
             busy.get(SPLIT, 0),
         )
         if decision is not None:
-            decision = Decision(
-                decision.role, decision.deployment, decision.reason, waiting, decision.free, task_id
-            )
+            decision = replace(decision, task_id=task_id)
             self.last = decision
             self.decided[decision.role] += 1
         return decision

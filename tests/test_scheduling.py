@@ -8,6 +8,8 @@ GPUs (2 one-GPU T2V replicas + 1 two-GPU CFG-split replica, tiny models on CPU).
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,7 +54,10 @@ def test_one_waiting_task_runs_split_for_latency() -> None:
 def test_a_longer_queue_goes_to_the_one_gpu_replicas_then_overflows_to_split() -> None:
     decision = choose_pool(4, ONE_GPU, 0, SPLIT_POOL, 0)
     assert decision is not None and decision.role == REPLICAS
-    assert decision.reason.startswith("throughput: 4 tasks waiting") and "2 of 2 1-GPU" in decision.reason
+    assert (
+        decision.reason
+        == "throughput: 4 task(s) waiting, more than 1 free split slot(s); 2 of 2 1-GPU slot(s) free"
+    )
     # One 1-GPU replica busy, three waiting: still the 1-GPU replica.
     assert choose_pool(3, ONE_GPU, 1, SPLIT_POOL, 0).role == REPLICAS  # type: ignore[union-attr]
     # Both 1-GPU replicas busy: the split replica takes the task rather than idle.
@@ -60,7 +65,8 @@ def test_a_longer_queue_goes_to_the_one_gpu_replicas_then_overflows_to_split() -
     assert overflow is not None and overflow.role == SPLIT
     assert "every 1-GPU slot busy" in overflow.reason
     # The split replica busy and one task waiting: a free 1-GPU replica runs it now.
-    assert choose_pool(1, ONE_GPU, 0, SPLIT_POOL, 1).role == REPLICAS  # type: ignore[union-attr]
+    now = choose_pool(1, ONE_GPU, 0, SPLIT_POOL, 1)
+    assert now is not None and now.role == REPLICAS and "split replica(s) busy" in now.reason
     # Nothing free: no decision, the task waits.
     assert choose_pool(1, ONE_GPU, 2, SPLIT_POOL, 1) is None
 
@@ -226,8 +232,9 @@ def test_app_sends_one_task_to_the_split_replica_and_many_to_the_one_gpu_replica
     params = {"prompt": "split or not", "resolution": "64x48", "video_length": 9, "num_inference_steps": 4}
     with running_app(config, num_gpus=4) as client:
 
-        def post(seed: int) -> str:
-            created = client.post("/tasks", json={"task_type": "t2v", "params": {**params, "seed": seed}})
+        def post(seed: int, steps: int = 4) -> str:
+            task = {"task_type": "t2v", "params": {**params, "seed": seed, "num_inference_steps": steps}}
+            created = client.post("/tasks", json=task)
             assert created.status_code == 201, created.text
             return created.json()["id"]
 
@@ -246,7 +253,25 @@ def test_app_sends_one_task_to_the_split_replica_and_many_to_the_one_gpu_replica
 
         # A burst: the queue is longer than the split replica, so the 1-GPU replicas take tasks (the split
         # replica takes what they cannot).
-        burst = [wait_final(client, task_id) for task_id in [post(seed) for seed in range(10, 16)]]
+        burst_ids = [post(seed, steps=200) for seed in range(10, 16)]  # seconds each on CPU
+        # While they run, /replicas answers (within its 2 s per-replica wait) and shows busy pools.
+        busy_seen, started, calls = None, time.monotonic(), []
+        while busy_seen is None and time.monotonic() - started < 60:
+            asked = time.monotonic()
+            replicas = client.get("/replicas").json()
+            pools_now = replicas["scheduling"]["T2V"]["pools"]
+            calls.append(
+                (round(time.monotonic() - asked, 2), pools_now[REPLICAS]["busy"], pools_now[SPLIT]["busy"])
+            )
+            if pools_now[REPLICAS]["busy"] + pools_now[SPLIT]["busy"] >= 2:
+                busy_seen = replicas
+        print(
+            f"lone task timings {lone['result']['timings']}; /replicas (s, busy 1-GPU, split): {calls[:20]}"
+        )
+        assert busy_seen is not None, "never saw two pools' slots busy"
+        print(f"/replicas while busy: {json.dumps(busy_seen)[:2000]}")
+        assert all(seconds < 10 for seconds, _, _ in calls)
+        burst = [wait_final(client, task_id) for task_id in burst_ids]
         assert all(task["status"] == "Complete" for task in burst), [t["error_message"] for t in burst]
         pools = Counter(task["result"]["scheduling"]["pool"] for task in burst)
         assert pools[REPLICAS] >= 3, pools
