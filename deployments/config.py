@@ -149,6 +149,10 @@ class DeploymentConfig(BaseModel):
         return self.replica_capacity + self.split_capacity
 
 
+# The family deployments whose models (Wan pipelines) a multi-GPU replica can split.
+SPLITTABLE_DEPLOYMENTS = ("T2V", "VACE")
+
+
 def split_deployment_name(family: str) -> str:
     """The Serve deployment of a family's split replicas."""
     return f"{family}-split"
@@ -256,4 +260,18 @@ class AppConfig(BaseModel):
             raise ValueError(
                 f"deployments: unknown deployment(s) {sorted(unknown)}; known: {sorted(DEPLOYMENTS)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _splittable_families(self) -> AppConfig:
+        """Only Wan pipelines split across GPUs (Wan2GP/parallel.py): the image families cannot."""
+        for name, deployment in self.deployments.items():
+            if name in SPLITTABLE_DEPLOYMENTS:
+                continue
+            if deployment.split is not None or deployment.gpus_per_replica > 1:
+                field_name = "split" if deployment.split is not None else "gpus_per_replica"
+                raise ValueError(
+                    f"deployments.{name}.{field_name}: {name} models cannot be split across GPUs; only "
+                    f"{', '.join(SPLITTABLE_DEPLOYMENTS)} (Wan pipelines) can"
+                )
         return self

@@ -143,6 +143,15 @@ def test_bad_split_configs_are_refused_at_load_naming_the_field(t2v: dict, expec
         AppConfig.model_validate({"deployments": {"T2V": t2v}})
 
 
+def test_image_families_cannot_split() -> None:
+    with pytest.raises(ValidationError, match=r"deployments\.Flux\.split: Flux models cannot be split"):
+        AppConfig.model_validate({"deployments": {"Flux": {"split": {}}}})
+    with pytest.raises(ValidationError, match=r"deployments\.Image\.gpus_per_replica: Image models cannot"):
+        AppConfig.model_validate({"deployments": {"Image": {"gpus_per_replica": 2}}})
+    config = AppConfig.model_validate({"deployments": {"VACE": {"split": {"parallel_mode": "ulysses"}}}})
+    assert config.deployments["VACE"].split is not None
+
+
 # ---- the dispatcher's wiring (no Ray) ------------------------------------------------------------------
 
 
