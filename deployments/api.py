@@ -428,7 +428,9 @@ def create_app(
         @app.get("/replicas")
         async def replicas(principal: Caller) -> dict[str, Any]:
             """Each family deployment's counters (loads, resident model) as one of its replicas reports
-            them; for "*" keys only (they name hosts and processes)."""
+            them, every replica's under `replicas`, and under `scheduling` each family with a split pool:
+            its pools, their busy/idle slots, its queue and the policy's last decision with its reason.
+            For "*" keys only (they name hosts and processes)."""
             if not principal.sees_everything:
                 raise HTTPException(403, detail='/replicas needs a key with projects "*"')
             return await replica_stats()

@@ -12,7 +12,7 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.auth import check_exposure
-from deployments.config import REAL_DEFAULT_MODELS, TINY_DEFAULT_MODELS, AppConfig
+from deployments.config import REAL_DEFAULT_MODELS, TINY_DEFAULT_MODELS, AppConfig, split_deployment_name
 from deployments.generation import GenerationDeployment
 from deployments.ingress import Ingress
 from deployments.multi_gpu import MultiGpuGenerationDeployment, multi_gpu_options
@@ -81,6 +81,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     handles = {}
     for name, deployment in config.deployments.items():
         preload = next(iter(defaults[name].values())) if deployment.preload else None
+        common = {
+            "default_models": defaults[name],
+            "device": deployment.device,
+            "models_dir": config.models_dir,
+            "preload": preload,
+        }
         if deployment.gpus_per_replica > 1:
             # One replica spans several GPUs: a placement group, one rank worker per GPU.
             options: dict[str, Any] = {
@@ -103,22 +109,30 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         if deployment.gpus_per_replica > 1:
             handles[name] = MultiGpuGenerationDeployment.options(**options).bind(
                 family=name,
-                default_models=defaults[name],
                 world_size=deployment.gpus_per_replica,
                 mode=deployment.parallel_mode,
                 cpus_per_rank=deployment.num_cpus,  # must match the bundles multi_gpu_options reserved
-                device=deployment.device,
-                models_dir=config.models_dir,
-                preload=preload,
+                **common,
             )
         else:
             handles[name] = GenerationDeployment.options(**options).bind(
+                family=name, memory_profile=deployment.memory_profile, **common
+            )
+        if deployment.split is not None:
+            # The family's second pool, on GPUs of its own: the dispatcher picks a pool per task
+            # (deployments/scheduling.py). One task at a time: a split generation holds all its GPUs.
+            split = deployment.split
+            handles[split_deployment_name(name)] = MultiGpuGenerationDeployment.options(
+                name=split_deployment_name(name),
+                **multi_gpu_options(split.gpus_per_replica, cpus_per_rank=split.num_cpus),
+                num_replicas=split.replicas,
+                graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
+            ).bind(
                 family=name,
-                default_models=defaults[name],
-                memory_profile=deployment.memory_profile,
-                device=deployment.device,
-                models_dir=config.models_dir,
-                preload=preload,
+                world_size=split.gpus_per_replica,
+                mode=split.parallel_mode,
+                cpus_per_rank=split.num_cpus,
+                **common,
             )
     merged = {key: model for models in defaults.values() for key, model in models.items()}
     ingress = Ingress.options(

@@ -55,6 +55,38 @@ class AutoscalingConfig(BaseModel):
     target_ongoing_requests: float = Field(default=1.0, gt=0)
 
 
+class SplitConfig(BaseModel):
+    """A family's second pool beside its 1-GPU replicas: replicas spanning several GPUs that split each video
+    (`deployments.multi_gpu`). The dispatcher sends a task to one pool or the other by the family's queue
+    length (`deployments.scheduling`, docs/performance.md "Scheduling on several GPUs")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus_per_replica: int = Field(default=2, ge=2, description="GPUs one split replica spans")
+    parallel_mode: Literal["cfg", "ulysses", "cfg+ulysses"] = Field(
+        default="cfg", description="how a split replica divides a generation (Wan2GP/parallel.py)"
+    )
+    replicas: int = Field(default=1, ge=1, description="split replicas (each on its own GPUs)")
+    num_cpus: float = Field(default=0.25, ge=0, description="CPU share of each rank worker")
+
+    @model_validator(mode="after")
+    def _splittable(self) -> SplitConfig:
+        _check_split("split.", self.parallel_mode, self.gpus_per_replica)
+        return self
+
+
+def _check_split(prefix: str, mode: str, gpus: int) -> None:
+    """A mode / GPU count that cannot split is refused at load, naming both fields."""
+    from Wan2GP.parallel import plan_degrees  # torch.distributed: imported only when checking a split
+
+    try:
+        plan_degrees(mode, gpus)
+    except ValueError as error:
+        raise ValueError(
+            f"{prefix}parallel_mode {mode!r} with {prefix}gpus_per_replica {gpus}: {error}"
+        ) from None
+
+
 class DeploymentConfig(BaseModel):
     """One family deployment (T2V, VACE, Flux): its models, its share of a GPU and how many replicas run it."""
 
@@ -80,15 +112,50 @@ class DeploymentConfig(BaseModel):
         default=None, description="cuda, cuda:1, cpu; default cuda when the replica has one"
     )
     preload: bool = Field(default=False, description="load the family's first default model at start")
+    split: SplitConfig | None = Field(
+        default=None,
+        description="also run split replicas (several GPUs each) beside these 1-GPU ones; a short queue "
+        "goes to them (latency), a longer one to the 1-GPU replicas (throughput)",
+    )
+
+    @model_validator(mode="after")
+    def _split_beside_one_gpu_replicas(self) -> DeploymentConfig:
+        if self.gpus_per_replica > 1:
+            _check_split("", self.parallel_mode, self.gpus_per_replica)
+            if self.split is not None:
+                raise ValueError(
+                    f"split: goes beside 1-GPU replicas, but gpus_per_replica is {self.gpus_per_replica} "
+                    "(every replica already splits); set gpus_per_replica: 1 or drop split"
+                )
+        return self
 
     @property
     def max_replicas(self) -> int:
         return self.autoscaling.max_replicas if self.autoscaling else self.replicas
 
     @property
-    def capacity(self) -> int:
-        """How many tasks the ingress may have in flight on this deployment at once."""
+    def replica_capacity(self) -> int:
+        """Tasks this deployment's own replicas run at once."""
         return self.max_replicas * self.max_ongoing_requests
+
+    @property
+    def split_capacity(self) -> int:
+        """Tasks the split replicas run at once (one each: a split generation holds all their GPUs)."""
+        return self.split.replicas if self.split else 0
+
+    @property
+    def capacity(self) -> int:
+        """How many tasks of this family the ingress may have in flight at once (both pools)."""
+        return self.replica_capacity + self.split_capacity
+
+
+# The family deployments whose models (Wan pipelines) a multi-GPU replica can split.
+SPLITTABLE_DEPLOYMENTS = ("T2V", "VACE")
+
+
+def split_deployment_name(family: str) -> str:
+    """The Serve deployment of a family's split replicas."""
+    return f"{family}-split"
 
 
 class IngressConfig(BaseModel):
@@ -193,4 +260,18 @@ class AppConfig(BaseModel):
             raise ValueError(
                 f"deployments: unknown deployment(s) {sorted(unknown)}; known: {sorted(DEPLOYMENTS)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _splittable_families(self) -> AppConfig:
+        """Only Wan pipelines split across GPUs (Wan2GP/parallel.py): the image families cannot."""
+        for name, deployment in self.deployments.items():
+            if name in SPLITTABLE_DEPLOYMENTS:
+                continue
+            if deployment.split is not None or deployment.gpus_per_replica > 1:
+                field_name = "split" if deployment.split is not None else "gpus_per_replica"
+                raise ValueError(
+                    f"deployments.{name}.{field_name}: {name} models cannot be split across GPUs; only "
+                    f"{', '.join(SPLITTABLE_DEPLOYMENTS)} (Wan pipelines) can"
+                )
         return self

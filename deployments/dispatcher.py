@@ -46,6 +46,7 @@ from deployments.errors import InvalidTask, TaskConflict
 from deployments.recovery import identity_of, requeue_predecessors
 from deployments.results import task_result
 from deployments.routing import Route, Routing
+from deployments.scheduling import Decision, FamilyScheduler
 from deployments.task_types import GENERATION, ORCHESTRATION
 from deployments.thumbnail_step import save_thumbnail, stored_thumbnail
 from deployments.webhooks import without_delivery_keys
@@ -111,6 +112,8 @@ class Job:
         self.child_rows: list[str] = []  # rows mirroring an orchestration's steps, heartbeated with it
         self.inputs: dict[str, Any] | None = None  # a generation's params with its inputs' bytes
         self.waiting_for: str | None = None  # inputs fetched, waiting for this deployment's capacity
+        # A family with a split pool: which of its two pools runs this job, and why (deployments/scheduling)
+        self.decision: Decision | None = None
         self.started = time.monotonic()
         self.timings: dict[str, float] = {}  # seconds per stage (input_fetch, load, save): the task's result
         # "running" (the runner has it), "storing" (saving the artifact), "completing" (writing the row):
@@ -243,6 +246,8 @@ class DispatcherStatus:
     in_flight_ids: list[str] = field(default_factory=list)
     loops: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> silent_s, error, restarts
     unserved: dict[str, int] = field(default_factory=dict)  # queued task types nothing here serves
+    # family -> its pools (busy/idle), queue and the policy's last decision (families with a split pool)
+    scheduling: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def new_worker_id() -> str:
@@ -277,11 +282,13 @@ class Dispatcher:
         metrics: DispatchMetrics | None = None,
         worker_id: str | None = None,
         observers: Sequence[TaskObserver] = (),
+        schedulers: dict[str, FamilyScheduler] | None = None,
     ):
         """`runners`: route kind (generation / orchestration / utility) -> runner. `capacity`: how many
         tasks may run at once per pool of `routing.pools()`; a pool left out is not claimed from.
         `worker_id` of the form IDENTITY/INCARNATION (`deployments.recovery.new_worker_id`) also takes
-        back, at the first maintenance, the rows an earlier incarnation left behind."""
+        back, at the first maintenance, the rows an earlier incarnation left behind. `schedulers`: family
+        -> how its tasks are shared between its 1-GPU and split pools (its capacity covers both)."""
         self.store = store
         self.storage = storage
         self.routing = routing
@@ -309,6 +316,8 @@ class Dispatcher:
         self._loops: dict[str, asyncio.Task] = {}
         self._runs: set[asyncio.Task] = set()
         self._reserved: dict[str, int] = {}  # pool -> slots a claim in progress may fill
+        self.schedulers = {name: s for name, s in (schedulers or {}).items() if name in self.pools}
+        self._queued: dict[str, int] = {}  # family with a split pool -> Queued rows at the last claim
 
     @property
     def maintenance_interval_s(self) -> float:
@@ -357,6 +366,10 @@ class Dispatcher:
                 for name, h in self.loops.items()
             },
             unserved=dict(self.unserved),
+            scheduling={
+                family: scheduler.view(self._busy_by_role(family), self._queued.get(family, 0))
+                for family, scheduler in self.schedulers.items()
+            },
         )
 
     async def stop(self) -> None:
@@ -512,6 +525,9 @@ class Dispatcher:
                 self._runs.add(run)
                 run.add_done_callback(self._runs.discard)
             claimed += len(tasks)
+        for family in self.schedulers:  # the queue length its scheduler decides by (after this claim)
+            counts = await self.pool.run(self.store.count_by_status, self.pools[family])
+            self._queued[family] = counts[TaskStatus.QUEUED]
         self.metrics.in_flight(len(self.in_flight))
         return claimed
 
@@ -556,6 +572,12 @@ class Dispatcher:
             result = await self.runners[job.route.kind].run(job)
             if job.dropped:
                 raise RunCancelled
+            if job.decision is not None:  # the task's result says which pool ran it, and why
+                result.artifact.metadata["scheduling"] = {
+                    "deployment": job.decision.deployment,
+                    "pool": job.decision.role,
+                    "reason": job.decision.reason,
+                }
             # --- thumbnail (issue 20): stored beside the output; its location goes in the artifact's
             # metadata and, by `_complete`, into the task's params as the original does ---
             thumbnail_url = await self.pool.run(save_thumbnail, self.storage, task.id, result.artifact)
@@ -618,13 +640,47 @@ class Dispatcher:
             raise (RunCancelled() if job.dropped else TaskFailure(str(error))) from None
         job.waiting_for = deployment
         capacity = self.capacity.get(deployment)
-        while capacity is not None and (
-            self._in_flight_on(deployment) + self._reserved.get(deployment, 0) >= capacity
-        ):
+        while capacity is not None and not self._place(job, deployment, capacity):
             if job.dropped:
                 raise RunCancelled
             await asyncio.sleep(0.05)
         job.pool, job.waiting_for = deployment, None
+
+    # --- two pools of one family (deployments/scheduling.py) --------------------------------------
+
+    def _place(self, job: Job, deployment: str, capacity: int) -> bool:
+        """Whether the job may start now on `deployment`; for a family with a split pool, also which of
+        its pools runs it (`job.decision`). Synchronous: no other job is placed in between."""
+        if self._in_flight_on(deployment) + self._reserved.get(deployment, 0) >= capacity:
+            return False
+        scheduler = self.schedulers.get(deployment)
+        if scheduler is None:
+            return True
+        # This job, the family's other claimed jobs not started yet, and its rows still Queued.
+        waiting = (
+            1
+            + self._queued.get(deployment, 0)
+            + sum(
+                1
+                for other in self.in_flight.values()
+                if other is not job and other.decision is None and self._family_of(other) == deployment
+            )
+        )
+        job.decision = scheduler.decide(waiting, self._busy_by_role(deployment), job.task.id)
+        return job.decision is not None
+
+    def _family_of(self, job: Job) -> str | None:
+        """The family deployment a generation job runs on (before routing: the pool it was claimed on)."""
+        if job.route is not None:
+            return job.route.pool if job.route.kind == GENERATION else None
+        return job.pool
+
+    def _busy_by_role(self, family: str) -> dict[str, int]:
+        busy: Counter[str] = Counter()
+        for job in self.in_flight.values():
+            if job.pool == family and job.decision is not None:
+                busy[job.decision.role] += 1
+        return dict(busy)
 
     async def _save(self, job: Job, artifact: Artifact) -> SavedOutput:
         """Store the artifact under its final name, retrying a retryable storage error (full disk, object

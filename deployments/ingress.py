@@ -22,19 +22,40 @@ from db.models import Task
 from db.store import TaskStore, open_store
 from deployments.api import create_app
 from deployments.auth import open_keys
-from deployments.config import AppConfig
+from deployments.config import AppConfig, split_deployment_name
 from deployments.dispatcher import BlockingPool, Dispatcher
 from deployments.events import EventBus
 from deployments.lora_fetch import LoraFetcher
 from deployments.recovery import new_worker_id, stable_identity
 from deployments.routing import Routing
 from deployments.runners import GenerationRunner, OrchestrationRunner, UtilityRunner
+from deployments.scheduling import FamilyScheduler, Pool
 from deployments.task_types import DAG_POOL, GENERATION, ORCHESTRATION, UTILITY, UTILITY_POOL
 from deployments.webhooks import WebhookNotifier, WebhookSender
 from storage import InputFetcher, OutputStorage
 from Wan2GP.catalog import Catalog
 
 logger = logging.getLogger("ray.serve")
+
+# How long /replicas waits for every replica's stats (a replica running a generation answers after it).
+REPLICA_STATS_S = 2.0
+
+
+def family_schedulers(config: AppConfig) -> dict[str, FamilyScheduler]:
+    """A scheduler for each family that has a split pool beside its 1-GPU replicas."""
+    schedulers = {}
+    for name, deployment in config.deployments.items():
+        if deployment.split is None:
+            continue
+        replicas = Pool(name, 1, deployment.max_replicas, deployment.replica_capacity)
+        split = Pool(
+            split_deployment_name(name),
+            deployment.split.gpus_per_replica,
+            deployment.split.replicas,
+            deployment.split_capacity,
+        )
+        schedulers[name] = FamilyScheduler(name, replicas, split)
+    return schedulers
 
 
 class ServeMetrics:
@@ -108,12 +129,12 @@ class Ingress:
             Catalog.load(self.config.models_dir),
             default_models,
             self.fetcher,
-            handles,
+            self.config.deployments,  # the families (handles also hold their split pools)
             limits=self.config.limits,
             loras=LoraFetcher(self.config.loras, input_url_allow=self.config.inputs.input_url_allow),
         )
         # How many tasks may run at once, per capacity pool.
-        capacity = {name: self.config.deployments[name].capacity for name in handles}
+        capacity = {name: deployment.capacity for name, deployment in self.config.deployments.items()}
         capacity[DAG_POOL] = settings.orchestration_capacity
         capacity[UTILITY_POOL] = settings.utility_capacity
         self.pool = BlockingPool(settings.threads)
@@ -144,6 +165,7 @@ class Ingress:
             metrics=ServeMetrics(),
             worker_id=worker_id,
             observers=[self.events, self.webhooks],
+            schedulers=family_schedulers(self.config),
         )
         self.dispatcher.start()
         logger.info(
@@ -165,13 +187,32 @@ class Ingress:
         )
 
     async def replica_stats(self) -> dict[str, Any]:
-        results = await asyncio.gather(
-            *(h.stats.remote() for h in self.handles.values()), return_exceptions=True
-        )
-        return {
-            name: (r if not isinstance(r, BaseException) else {"error": str(r)})
-            for name, r in zip(self.handles, results, strict=True)
-        }
+        """Each deployment's counters as one of its replicas reports them, plus (`replicas`) every replica's,
+        when they answer within REPLICA_STATS_S (a replica busy with a generation does not); and, for a family
+        with a split pool, `scheduling`: both pools, busy/idle, the queue and the policy's last decision."""
+        names = list(self.handles)
+        # A replica runs one request at a time: while every replica generates, its stats wait behind it.
+        one = [asyncio.wait_for(self.handles[name].stats.remote(), REPLICA_STATS_S) for name in names]
+        every = [
+            self.handles[name].broadcast("stats").results_async(timeout_s=REPLICA_STATS_S) for name in names
+        ]
+        answers = await asyncio.gather(*one, *every, return_exceptions=True)
+        results, every = answers[: len(names)], answers[len(names) :]
+        stats: dict[str, Any] = {}
+        for name, one, replicas in zip(names, results, every, strict=True):
+            if isinstance(one, TimeoutError):
+                entry = {"error": f"every replica busy: no answer within {REPLICA_STATS_S:g} s"}
+            else:
+                entry = one if not isinstance(one, BaseException) else {"error": str(one)}
+            if isinstance(replicas, BaseException):
+                entry["replicas"] = {"error": f"{type(replicas).__name__}: {replicas}"}
+            else:
+                entry["replicas"] = replicas
+            stats[name] = entry
+        scheduling = self.dispatcher.status().scheduling
+        if scheduling:
+            stats["scheduling"] = scheduling
+        return stats
 
     async def __del__(self) -> None:
         """Graceful shutdown: stop claiming, let in-flight work finish, give the rest back."""

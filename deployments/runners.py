@@ -100,7 +100,9 @@ class GenerationRunner:
                 if isinstance(error.cause, ValueError):
                     raise TaskFailure(user_message(error, "VACE control preparation")) from None
                 raise
-        handle = self.handles[route.pool].options(stream=True, multiplexed_model_id=route.model_id)
+        # A family with a split pool: the deployment the dispatcher's scheduler chose (deployments/scheduling)
+        deployment = job.decision.deployment if job.decision is not None else route.pool
+        handle = self.handles[deployment].options(stream=True, multiplexed_model_id=route.model_id)
         stream = handle.generate.remote(task.task_type, params, task.id, lora_files)
         job.on_cancel(stream.cancel)
         artifact = None

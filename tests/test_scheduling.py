@@ -1,0 +1,297 @@
+"""Scheduling a family between its 1-GPU replicas and its split replicas by queue length.
+
+The policy (`deployments.scheduling.choose_pool`) and the config without Ray; the dispatcher's wiring with a
+real SQLite table and plain async runners; then the whole service in a real local Ray cluster with fake
+GPUs (2 one-GPU T2V replicas + 1 two-GPU CFG-split replica, tiny models on CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from test_dispatcher import FakeGpu, in_loop, make_dispatcher, until
+
+from db.models import TaskStatus
+from db.store import TaskStore, open_store
+from deployments.config import AppConfig, DeploymentConfig, split_deployment_name
+from deployments.dispatcher import Dispatcher, Job, RunResult
+from deployments.scheduling import REPLICAS, SPLIT, FamilyScheduler, Pool, choose_pool
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TaskStore]:
+    with open_store(f"sqlite:///{tmp_path / 'tasks.db'}") as opened:
+        yield opened
+
+
+@pytest.fixture
+def running() -> list[Dispatcher]:
+    """Dispatchers a test started: `in_loop` stops them before its event loop closes."""
+    return []
+
+
+ONE_GPU = Pool("T2V", gpus_per_replica=1, replicas=2, capacity=2)
+SPLIT_POOL = Pool("T2V-split", gpus_per_replica=2, replicas=1, capacity=1)
+
+# ---- the policy ----------------------------------------------------------------------------------------
+
+
+def test_one_waiting_task_runs_split_for_latency() -> None:
+    decision = choose_pool(1, ONE_GPU, 0, SPLIT_POOL, 0)
+    assert decision is not None
+    assert (decision.role, decision.deployment) == (SPLIT, "T2V-split")
+    assert decision.reason.startswith("latency: 1 task(s) waiting") and "2 GPUs" in decision.reason
+    assert decision.free == {REPLICAS: 2, SPLIT: 1}
+
+
+def test_a_longer_queue_goes_to_the_one_gpu_replicas_then_overflows_to_split() -> None:
+    decision = choose_pool(4, ONE_GPU, 0, SPLIT_POOL, 0)
+    assert decision is not None and decision.role == REPLICAS
+    assert (
+        decision.reason
+        == "throughput: 4 task(s) waiting, more than 1 free split slot(s); 2 of 2 1-GPU slot(s) free"
+    )
+    # One 1-GPU replica busy, three waiting: still the 1-GPU replica.
+    assert choose_pool(3, ONE_GPU, 1, SPLIT_POOL, 0).role == REPLICAS  # type: ignore[union-attr]
+    # Both 1-GPU replicas busy: the split replica takes the task rather than idle.
+    overflow = choose_pool(2, ONE_GPU, 2, SPLIT_POOL, 0)
+    assert overflow is not None and overflow.role == SPLIT
+    assert "every 1-GPU slot busy" in overflow.reason
+    # The split replica busy and one task waiting: a free 1-GPU replica runs it now.
+    now = choose_pool(1, ONE_GPU, 0, SPLIT_POOL, 1)
+    assert now is not None and now.role == REPLICAS and "split replica(s) busy" in now.reason
+    # Nothing free: no decision, the task waits.
+    assert choose_pool(1, ONE_GPU, 2, SPLIT_POOL, 1) is None
+
+
+def test_as_many_waiting_as_split_replicas_all_run_split() -> None:
+    two_split = Pool("T2V-split", gpus_per_replica=2, replicas=2, capacity=2)
+    assert choose_pool(2, ONE_GPU, 0, two_split, 0).role == SPLIT  # type: ignore[union-attr]
+    assert choose_pool(3, ONE_GPU, 0, two_split, 0).role == REPLICAS  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="waiting: at least the task being placed"):
+        choose_pool(0, ONE_GPU, 0, two_split, 0)
+
+
+def test_the_family_scheduler_remembers_its_last_decision_for_the_status_view() -> None:
+    scheduler = FamilyScheduler("T2V", ONE_GPU, SPLIT_POOL)
+    assert scheduler.capacity == 3
+    assert scheduler.view({}, 0)["last_decision"] is None
+    scheduler.decide(1, {}, task_id="a")
+    scheduler.decide(3, {SPLIT: 1}, task_id="b")
+    assert scheduler.decide(1, {SPLIT: 1, REPLICAS: 2}, task_id="c") is None  # not recorded
+    view = scheduler.view({SPLIT: 1, REPLICAS: 1}, queued=1)
+    assert view["pools"][SPLIT] == {
+        "deployment": "T2V-split",
+        "gpus_per_replica": 2,
+        "replicas": 1,
+        "capacity": 1,
+        "busy": 1,
+        "idle": 0,
+        "decided": 1,
+    }
+    assert view["pools"][REPLICAS]["busy"] == 1 and view["pools"][REPLICAS]["idle"] == 1
+    assert view["queued"] == 1
+    last = view["last_decision"]
+    assert (last["task_id"], last["pool"], last["waiting"]) == ("b", REPLICAS, 3)
+    assert last["reason"].startswith("throughput")
+
+
+# ---- the config ----------------------------------------------------------------------------------------
+
+
+def test_split_config_adds_its_capacity_and_a_deployment_name() -> None:
+    config = DeploymentConfig.model_validate({"replicas": 2, "split": {"gpus_per_replica": 2}})
+    assert config.split is not None and config.split.parallel_mode == "cfg"
+    assert (config.replica_capacity, config.split_capacity, config.capacity) == (2, 1, 3)
+    assert split_deployment_name("T2V") == "T2V-split"
+    assert DeploymentConfig().capacity == 1  # no split: as before
+
+
+@pytest.mark.parametrize(
+    ("t2v", "expected"),
+    [
+        (
+            {"split": {"gpus_per_replica": 4, "parallel_mode": "cfg"}},
+            r"deployments\.T2V\.split\n.*split\.parallel_mode 'cfg' with split\.gpus_per_replica 4: "
+            r"mode 'cfg' needs exactly 2 ranks",
+        ),
+        (
+            {"split": {"gpus_per_replica": 1}},
+            r"deployments\.T2V\.split\.gpus_per_replica\n.*greater than or equal to 2",
+        ),
+        ({"split": {"gpu": 2}}, r"deployments\.T2V\.split\.gpu\n.*Extra inputs are not permitted"),
+        ({"split": {"parallel_mode": "ring"}}, r"deployments\.T2V\.split\.parallel_mode\n"),
+        (
+            {"gpus_per_replica": 2, "split": {}},
+            r"deployments\.T2V\n.*split: goes beside 1-GPU replicas, but gpus_per_replica is 2",
+        ),
+        (
+            {"gpus_per_replica": 3, "parallel_mode": "cfg"},
+            r"deployments\.T2V\n.*parallel_mode 'cfg' with gpus_per_replica 3",
+        ),
+    ],
+)
+def test_bad_split_configs_are_refused_at_load_naming_the_field(t2v: dict, expected: str) -> None:
+    with pytest.raises(ValidationError, match=expected):
+        AppConfig.model_validate({"deployments": {"T2V": t2v}})
+
+
+def test_image_families_cannot_split() -> None:
+    with pytest.raises(ValidationError, match=r"deployments\.Flux\.split: Flux models cannot be split"):
+        AppConfig.model_validate({"deployments": {"Flux": {"split": {}}}})
+    with pytest.raises(ValidationError, match=r"deployments\.Image\.gpus_per_replica: Image models cannot"):
+        AppConfig.model_validate({"deployments": {"Image": {"gpus_per_replica": 2}}})
+    config = AppConfig.model_validate({"deployments": {"VACE": {"split": {"parallel_mode": "ulysses"}}}})
+    assert config.deployments["VACE"].split is not None
+
+
+# ---- the dispatcher's wiring (no Ray) ------------------------------------------------------------------
+
+
+class PoolRecorder(FakeGpu):
+    """A FakeGpu that records which pool the scheduler gave each task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.placed: dict[str, str] = {}
+
+    async def run(self, job: Job) -> RunResult:
+        assert job.decision is not None
+        self.placed[job.task.id] = job.decision.role
+        return await super().run(job)
+
+
+def scheduled_dispatcher(store: TaskStore, tmp_path: Path, runner: FakeGpu) -> Dispatcher:
+    dispatcher = make_dispatcher(store, tmp_path, runner, {"T2V": 3})
+    dispatcher.schedulers = {"T2V": FamilyScheduler("T2V", ONE_GPU, SPLIT_POOL)}
+    return dispatcher
+
+
+PARAMS = {"prompt": "a cat", "resolution": "64x48", "video_length": 9}
+
+
+@in_loop
+async def test_one_task_runs_split_and_many_spread_over_the_one_gpu_replicas(store, tmp_path, running):
+    gpu = PoolRecorder()
+    dispatcher = scheduled_dispatcher(store, tmp_path, gpu)
+    single = store.add("t2v", PARAMS)
+    dispatcher.start()
+    running.append(dispatcher)
+    await until(lambda: single.id in gpu.placed)
+    assert gpu.placed[single.id] == SPLIT
+    view = dispatcher.status().scheduling["T2V"]
+    assert view["pools"][SPLIT]["busy"] == 1 and view["pools"][REPLICAS]["idle"] == 2
+    assert view["last_decision"]["task_id"] == single.id
+    assert view["last_decision"]["reason"].startswith("latency: 1 task(s) waiting")
+    gpu.go.set()
+    await until(lambda: store.get(single.id).status == TaskStatus.COMPLETE)
+    result = store.get(single.id).result
+    assert result["scheduling"]["deployment"] == "T2V-split" and result["scheduling"]["pool"] == SPLIT
+
+    # Five at once: three slots. The first placed go to the 1-GPU replicas (the queue is long), the
+    # split replica takes the third rather than idle; the other two wait for a slot.
+    gpu.go.clear()
+    many = [store.add("t2v", {**PARAMS, "seed": i}) for i in range(5)]
+    dispatcher.wake()
+    await until(lambda: sum(task.id in gpu.placed for task in many) == 3)
+    await asyncio.sleep(0.2)  # nothing more starts while the three run
+    started = [task.id for task in many if task.id in gpu.placed]
+    assert len(started) == 3
+    assert Counter(gpu.placed[task_id] for task_id in started) == {REPLICAS: 2, SPLIT: 1}
+    first = next(task_id for task_id in gpu.started if task_id in started)
+    assert gpu.placed[first] == REPLICAS  # the queue was long when the first was placed
+    view = dispatcher.status().scheduling["T2V"]
+    assert view["pools"][REPLICAS]["busy"] == 2 and view["pools"][SPLIT]["busy"] == 1
+    assert view["pools"][REPLICAS]["idle"] == 0 and view["queued"] == 2
+    gpu.go.set()
+    await until(lambda: all(store.get(task.id).status == TaskStatus.COMPLETE for task in many), 5.0)
+    decided = dispatcher.schedulers["T2V"].decided
+    assert decided[REPLICAS] >= 2 and decided[SPLIT] >= 2
+
+
+# ---- the whole service: a real local Ray cluster, fake GPUs, tiny models on CPU -------------------------
+
+
+def test_app_sends_one_task_to_the_split_replica_and_many_to_the_one_gpu_replicas(tmp_path: Path) -> None:
+    """4 fake GPUs: 2 one-GPU T2V replicas and 1 two-GPU CFG-split replica. A lone task runs split; a
+    burst spreads over both 1-GPU replicas. The tasks' results and /replicas say where each ran."""
+    from hwgp_testing import running_app, wait_final
+
+    config = {
+        "db": f"sqlite:///{tmp_path / 'tasks.db'}",
+        "storage": {"root": str(tmp_path / "files")},
+        "models": "tiny",
+        "deployments": {
+            "T2V": {
+                "replicas": 2,
+                "num_gpus": 1,
+                "num_cpus": 0.2,
+                "device": "cpu",
+                "split": {"gpus_per_replica": 2, "parallel_mode": "cfg", "num_cpus": 0.2},
+            }
+        },
+    }
+    params = {"prompt": "split or not", "resolution": "64x48", "video_length": 9, "num_inference_steps": 4}
+    with running_app(config, num_gpus=4) as client:
+
+        def post(seed: int, steps: int = 4) -> str:
+            task = {"task_type": "t2v", "params": {**params, "seed": seed, "num_inference_steps": steps}}
+            created = client.post("/tasks", json=task)
+            assert created.status_code == 201, created.text
+            return created.json()["id"]
+
+        # One task: the split replica (both of its GPUs on it).
+        lone = wait_final(client, post(1))
+        assert lone["status"] == "Complete", lone["error_message"]
+        assert lone["result"]["scheduling"]["deployment"] == "T2V-split"
+        assert lone["result"]["scheduling"]["reason"].startswith("latency: 1 task(s) waiting")
+        replicas = client.get("/replicas").json()
+        split_replicas = replicas["T2V-split"]["replicas"]
+        assert [r["generations"] for r in split_replicas] == [1] and split_replicas[0]["world_size"] == 2
+        assert [r["generations"] for r in replicas["T2V"]["replicas"]] == [0, 0]
+        view = replicas["scheduling"]["T2V"]
+        assert view["last_decision"]["task_id"] == lone["id"] and view["last_decision"]["pool"] == SPLIT
+        assert view["pools"][SPLIT]["deployment"] == "T2V-split" and view["pools"][SPLIT]["idle"] == 1
+
+        # A burst: the queue is longer than the split replica, so the 1-GPU replicas take tasks (the split
+        # replica takes what they cannot).
+        burst_ids = [post(seed, steps=200) for seed in range(10, 16)]  # seconds each on CPU
+        # While they run, /replicas answers (within its 2 s per-replica wait) and shows busy pools.
+        busy_seen, started, calls = None, time.monotonic(), []
+        while busy_seen is None and time.monotonic() - started < 60:
+            asked = time.monotonic()
+            replicas = client.get("/replicas").json()
+            pools_now = replicas["scheduling"]["T2V"]["pools"]
+            calls.append(
+                (round(time.monotonic() - asked, 2), pools_now[REPLICAS]["busy"], pools_now[SPLIT]["busy"])
+            )
+            if pools_now[REPLICAS]["busy"] + pools_now[SPLIT]["busy"] >= 2:
+                busy_seen = replicas
+        print(
+            f"lone task timings {lone['result']['timings']}; /replicas (s, busy 1-GPU, split): {calls[:20]}"
+        )
+        assert busy_seen is not None, "never saw two pools' slots busy"
+        print(f"/replicas while busy: {json.dumps(busy_seen)[:2000]}")
+        assert all(seconds < 10 for seconds, _, _ in calls)
+        burst = [wait_final(client, task_id) for task_id in burst_ids]
+        assert all(task["status"] == "Complete" for task in burst), [t["error_message"] for t in burst]
+        pools = Counter(task["result"]["scheduling"]["pool"] for task in burst)
+        assert pools[REPLICAS] >= 3, pools
+        reasons = [task["result"]["scheduling"]["reason"] for task in burst]
+        assert any(reason.startswith("throughput") for reason in reasons), reasons
+        replicas = client.get("/replicas").json()
+        one_gpu = [r["generations"] for r in replicas["T2V"]["replicas"]]
+        print(f"burst of 6: pools {dict(pools)}, 1-GPU replicas ran {one_gpu}")
+        assert len(one_gpu) == 2 and min(one_gpu) >= 1 and sum(one_gpu) == pools[REPLICAS]
+        assert replicas["T2V-split"]["replicas"][0]["generations"] == 1 + pools[SPLIT]
+        view = replicas["scheduling"]["T2V"]
+        assert view["pools"][REPLICAS]["decided"] == pools[REPLICAS]
+        assert view["pools"][SPLIT]["decided"] == 1 + pools[SPLIT]
+        assert view["pools"][REPLICAS]["busy"] == 0 and view["queued"] == 0
