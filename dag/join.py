@@ -54,6 +54,7 @@ from db.models import Task, TaskStatus
 from db.store import TaskConflict, TaskNotFound
 from deployments.errors import describe_validation_error
 from deployments.task_types import JOIN_CLIPS_SEGMENT
+from deployments.thumbnail_step import save_row_thumbnail, save_thumbnail
 from Wan2GP.artifact import Artifact
 from Wan2GP.video import decode_video, encode_mp4
 
@@ -235,6 +236,7 @@ class JoinChainRun:
     # Clips already decoded by `prepare` (an edit's keepers, a reversed first clip), by index.
     decoded: dict[int, dict] = dataclasses.field(default_factory=dict)
     refs: list[ray.ObjectRef] = dataclasses.field(default_factory=list)
+    output: Artifact | None = None  # the last join's video, for the last row's thumbnail in `finish_chain`
 
     def cancel(self) -> None:
         for ref in self.refs:
@@ -304,6 +306,7 @@ async def execute_chain(ctx: RunContext, run: JoinChainRun) -> Artifact:
         previous = result
     artifact: Artifact = previous["artifact"]
     artifact.metadata.update(joins=len(run.row_ids), run_id=plan.run_id, ignored=list(plan.ignored))
+    run.output = artifact
     return artifact
 
 
@@ -337,13 +340,17 @@ def _record_join(ctx: RunContext, row_id: str, artifact: Artifact) -> None:
     if ctx.store.get(row_id).status == TaskStatus.COMPLETE:  # completed on its own meanwhile
         return
     saved = ctx.storage.save(row_id, artifact)
-    ctx.store.complete(row_id, saved.output_location, worker_id=ctx.worker_id)
+    thumbnail_url = save_thumbnail(ctx.storage, row_id, artifact)  # the join's first frame, as the original
+    ctx.store.complete(row_id, saved.output_location, worker_id=ctx.worker_id, thumbnail_url=thumbnail_url)
 
 
 def finish_chain(ctx: RunContext, run: JoinChainRun, output_location: str) -> None:
-    """The last join's row completes with the orchestrator's output (one file, not two)."""
-    if ctx.store.get(run.row_ids[-1]).status != TaskStatus.COMPLETE:
-        ctx.store.complete(run.row_ids[-1], output_location, worker_id=ctx.worker_id)
+    """The last join's row completes with the orchestrator's output (one file, not two) and a thumbnail
+    of its own."""
+    last = run.row_ids[-1]
+    if ctx.store.get(last).status != TaskStatus.COMPLETE:
+        thumbnail_url = save_row_thumbnail(ctx.storage, last, run.output)
+        ctx.store.complete(last, output_location, worker_id=ctx.worker_id, thumbnail_url=thumbnail_url)
 
 
 def abort_chain(ctx: RunContext, run: JoinChainRun, message: str, cancelled: bool) -> None:

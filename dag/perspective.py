@@ -28,6 +28,7 @@ from dag.steps import StepFailed, generate_step
 from db.models import NewTask, Task
 from db.store import TaskNotFound
 from deployments.task_types import PERSPECTIVE_FINAL
+from deployments.thumbnail_step import save_row_thumbnail
 from Wan2GP.artifact import Artifact
 from Wan2GP.video import decode_video, encode_mp4, encode_png, fit_resolution, load_image
 
@@ -107,6 +108,7 @@ class PerspectiveRun:
     run_id: str
     final_id: str
     refs: list[ray.ObjectRef] | None = None
+    output: Artifact | None = None  # the final frame, for the final row's thumbnail in `finish`
 
     def cancel(self) -> None:
         for ref in self.refs or []:
@@ -161,11 +163,17 @@ async def execute(ctx: RunContext, run: PerspectiveRun) -> Artifact:
         await ctx.blocking(
             ctx.storage.save_bytes, run.final_id, clip_artifact.data, f"{run.run_id}_video.mp4", "video/mp4"
         )
-    return await final_ref
+    run.output = await final_ref
+    return run.output
 
 
 def finish(ctx: RunContext, run: PerspectiveRun, output_location: str) -> None:
-    ctx.store.complete_idempotent(run.final_id, output_location, worker_id=ctx.worker_id)
+    """The final row completes with the run's output and a thumbnail of its own (an image's: a third of
+    its size, as the original's complete-task makes for image outputs)."""
+    thumbnail_url = save_row_thumbnail(ctx.storage, run.final_id, run.output)
+    ctx.store.complete_idempotent(
+        run.final_id, output_location, worker_id=ctx.worker_id, thumbnail_url=thumbnail_url
+    )
 
 
 def abort(ctx: RunContext, run: PerspectiveRun, message: str, cancelled: bool) -> None:

@@ -51,6 +51,7 @@ from db.store import TaskNotFound, TaskStore
 from deployments.errors import describe_validation_error
 from deployments.results import task_result
 from deployments.task_types import TRAVEL_SEGMENT, TRAVEL_STITCH
+from deployments.thumbnail_step import save_row_thumbnail, save_thumbnail
 from Wan2GP.artifact import Artifact
 from Wan2GP.structure import ControlVideo, StructureGuidance, apply_control, build_control_video
 from Wan2GP.video import decode_video, encode_mp4, load_image, mask_to_video
@@ -187,6 +188,7 @@ class TravelRun:
     stitch_id: str | None  # None when the run is not stitched (no travel_stitch row, as in the original)
     structure: StructureGuidance | None = None
     refs: list[ray.ObjectRef] | None = None
+    output: Artifact | None = None  # the run's final video, for the stitch row's thumbnail in `finish`
 
     def cancel(self) -> None:
         for ref in self.refs or []:
@@ -338,6 +340,7 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
         return await ctx.blocking(_last_clip, ctx, run)
     await ctx.blocking(store.start, run.stitch_id, ctx.worker_id)
     artifact: Artifact = await run.refs[-1]
+    run.output = artifact
     if run.structure is not None:
         artifact.metadata["structure_type"] = run.structure.structure_type
     if plan.debug:
@@ -396,8 +399,13 @@ def _record_segment(ctx: RunContext, plan: TravelPlan, row_id: str, result: dict
         base = segment_filename(plan.run_id, result["index"]).removesuffix("_output.mp4")
         ctx.storage.save_bytes(row_id, result["guide"], f"{base}_guide.mp4", "video/mp4")
         ctx.storage.save_bytes(row_id, result["mask"], f"{base}_mask.mp4", "video/mp4")
+    # The segment's first frame, as the original worker sends with every video it completes (the report
+    # then carries thumbnail_url / thumbnail_error like a dispatched task's result).
+    thumbnail_url = save_thumbnail(ctx.storage, row_id, result["artifact"])
     report = task_result(None, result["artifact"], saved.uploaded)  # the segment's own seed, steps, timings
-    ctx.store.complete_idempotent(row_id, saved.output_location, worker_id=ctx.worker_id, result=report)
+    ctx.store.complete_idempotent(
+        row_id, saved.output_location, worker_id=ctx.worker_id, result=report, thumbnail_url=thumbnail_url
+    )
     if plan.debug:
         logger.info(
             "[SEGMENT_DEBUG] %s segment %d: %d frames", plan.run_id, result["index"], len(result["frames"])
@@ -409,11 +417,16 @@ def _iso(timestamp: float) -> str:
 
 
 def finish(ctx: RunContext, run: TravelRun, output_location: str) -> None:
-    """The stitch row completes with the final video; intermediate files go unless debug / skip_cleanup.
-    Unstitched, the segments' clips are the run's outputs: they stay."""
+    """The stitch row completes with the final video and its own thumbnail (in
+    `params.full_orchestrator_payload.thumbnail_url`, the original's rule); intermediate files (the
+    segments' clips and thumbnails) go unless debug / skip_cleanup. Unstitched, the segments' clips are
+    the run's outputs: they stay."""
     if run.stitch_id is None:
         return
-    ctx.store.complete_idempotent(run.stitch_id, output_location, worker_id=ctx.worker_id)
+    thumbnail_url = save_row_thumbnail(ctx.storage, run.stitch_id, run.output)
+    ctx.store.complete_idempotent(
+        run.stitch_id, output_location, worker_id=ctx.worker_id, thumbnail_url=thumbnail_url
+    )
     if run.plan.debug or run.plan.skip_cleanup:
         return
     for row_id in run.segment_ids:

@@ -6,10 +6,15 @@ first, uploaded the same way as the output, never recorded as the output), and i
 artifact's metadata as `thumbnail_url`, which the task's result carries. The dispatcher then hands that location to the store's
 `complete(…, thumbnail_url=)`, which writes it into the task's params where the original does
 (`db/thumbnails.py`) in the same write that completes the row.
+
+Rows an orchestration completes itself (travel segments and the `travel_stitch` row, a join chain's rows,
+a perspective's final row) get theirs the same way from the orchestration, on its blocking thread:
+`save_thumbnail` for a step's own output, `save_row_thumbnail` for a row that shares the run's output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from storage import OutputStorage, StorageError
@@ -36,6 +41,15 @@ def save_thumbnail(storage: OutputStorage, task_id: str, artifact: Artifact) -> 
         return None
     artifact.metadata["thumbnail_url"] = saved.output_location
     return saved.output_location
+
+
+def save_row_thumbnail(storage: OutputStorage, row_id: str, output: Artifact | None) -> str | None:
+    """`save_thumbnail` for a row completed with the run's own output (`travel_stitch`, a chain's last
+    join, a perspective's final row): stored under the row's id as `thumb_{row_id[:8]}.jpg`, leaving
+    `output`'s metadata, which is the orchestrator's result, as it is. None when there is no output."""
+    if output is None:
+        return None
+    return save_thumbnail(storage, row_id, dataclasses.replace(output, metadata={}))
 
 
 def stored_thumbnail(storage: OutputStorage, task_id: str) -> str | None:

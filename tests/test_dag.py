@@ -17,7 +17,7 @@ from ray import serve
 from db.store import open_store
 from deployments.app import build_app
 from hwgp_testing import running_app, wait_final
-from Wan2GP.video import encode_mp4, encode_png, load_image, probe_video
+from Wan2GP.video import decode_video, encode_mp4, encode_png, load_image, probe_video
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +122,24 @@ def test_three_anchor_chained_travel(service: dict):
             and "denoise" in segment.result["timings"]
         )
     assert orchestrator["result"]["output"]["bytes"] == len(final)
+    # Thumbnails of the rows the run completes itself, where the original's complete-task puts them: the
+    # stitch row's first frame under params.full_orchestrator_payload (with accelerated false), stored
+    # under the row's id; each segment's at the top level (its file goes with the segment's clip).
+    holder = stitch.params["full_orchestrator_payload"]
+    assert holder["accelerated"] is False and stitch.params["expected_frames"] == 22
+    assert holder["thumbnail_url"].endswith(f"/{stitch.id}/{thumb_name(stitch.id)}")
+    thumb = load_image((service["files"] / stitch.id / thumb_name(stitch.id)).read_bytes())
+    first = decode_video(final)[0][0]
+    assert thumb.shape == first.shape == (48, 64, 3)
+    assert np.abs(thumb.astype(float) - first).mean() < 8
+    for segment in segments:
+        location = segment.params["thumbnail_url"]
+        assert location.endswith(f"/{segment.id}/{thumb_name(segment.id)}")
+        assert segment.result["thumbnail_url"] == location
+
+
+def thumb_name(task_id: str) -> str:
+    return f"thumb_{task_id[:8]}.jpg"
 
 
 def test_original_payload_form(service: dict):
@@ -154,7 +172,8 @@ def test_original_payload_form(service: dict):
             for i, s in enumerate(segments)] == [9, 17]  # fmt: skip
     # debug mode keeps the guide and mask next to each segment's output
     names = sorted(p.name for p in (service["files"] / segments[0].id).iterdir())
-    assert names == ["orig_seg00_guide.mp4", "orig_seg00_mask.mp4", "orig_seg00_output.mp4"]
+    assert names == ["orig_seg00_guide.mp4", "orig_seg00_mask.mp4", "orig_seg00_output.mp4",
+                     thumb_name(segments[0].id)]  # fmt: skip
 
 
 def test_independent_segments_run_in_parallel(service: dict):
@@ -235,6 +254,9 @@ def test_different_perspective(service: dict):
             t for t in store.list(task_type="dp_final_gen") if t.params["orchestrator_task_id"] == task["id"]
         ]
     assert final.status.value == "Complete" and final.output_location == task["output_location"]
+    # its own thumbnail: a third of the final frame, as the original makes for an image output
+    assert final.params["thumbnail_url"].endswith(f"/{final.id}/{thumb_name(final.id)}")
+    assert load_image((service["files"] / final.id / thumb_name(final.id)).read_bytes()).shape == (43, 43, 3)
 
     blank = {**params, "input_image_path": str(service["inputs"] / "empty.png"), "target_pose": "yaw:60"}
     no_person = client.post(

@@ -147,6 +147,12 @@ def test_join_clips_orchestrator_chains_joins_in_mirror_rows(service: dict):
     assert rows[1].output_location == task["output_location"]  # the last join's file is the run's output
     first = decode_video(service["client"].get(f"/tasks/{rows[0].id}/output").content)[0]
     assert len(first) == 12 + 12 + 5
+    # each join row's first-frame thumbnail, stored under its id and recorded in its params (top level)
+    for row, video in ((rows[0], first), (rows[1], frames)):
+        name = f"thumb_{row.id[:8]}.jpg"
+        assert row.params["thumbnail_url"].endswith(f"/{row.id}/{name}")
+        thumb = load_image((service["files"] / row.id / name).read_bytes())
+        assert thumb.shape == (HEIGHT, WIDTH, 3) and abs(float(thumb.mean()) - levels(video)[0]) < 3
 
 
 def test_join_orchestrator_loop_first_clip(service: dict):

@@ -11,7 +11,7 @@ from test_dispatcher import FakeGpu, in_loop, make_dispatcher, until
 from db.models import TaskStatus
 from db.store import TaskStore, open_store
 from deployments.dispatcher import Dispatcher
-from deployments.thumbnail_step import save_thumbnail, stored_thumbnail
+from deployments.thumbnail_step import save_row_thumbnail, save_thumbnail, stored_thumbnail
 from storage import OutputStorage, StorageConfig
 from Wan2GP.artifact import Artifact
 from Wan2GP.video import encode_mp4, encode_png, load_image
@@ -49,6 +49,22 @@ def test_no_thumbnail_never_fails_the_task(tmp_path):
     text = Artifact(b"{}", "out.json", "application/json", {})
     assert save_thumbnail(storage(tmp_path), TASK_ID, text) is None and text.metadata == {}
     assert not (tmp_path / "files" / TASK_ID).exists()
+
+
+def test_a_row_sharing_the_runs_output_gets_its_own_thumbnail(tmp_path):
+    # A travel_stitch row completed with its orchestrator's video: the thumbnail goes under the row's id,
+    # and the orchestrator's artifact (its result's metadata) is not touched; a broken one fails nothing.
+    row_id = "9a8b7c6d-1d2a-4c3b-9e8f-123456789abc"
+    video = Artifact(
+        encode_mp4(np.full((3, 48, 64, 3), 99, np.uint8), fps=16), "f.mp4", "video/mp4", {"x": 1}
+    )
+    location = save_row_thumbnail(storage(tmp_path), row_id, video)
+    assert location is not None and location.endswith(f"/{row_id}/thumb_9a8b7c6d.jpg")
+    assert load_image((tmp_path / "files" / row_id / "thumb_9a8b7c6d.jpg").read_bytes()).shape == (48, 64, 3)
+    assert video.metadata == {"x": 1}
+    broken = Artifact(b"not a video", "f.mp4", "video/mp4", {})
+    assert save_row_thumbnail(storage(tmp_path), row_id, broken) is None and broken.metadata == {}
+    assert save_row_thumbnail(storage(tmp_path), row_id, None) is None
 
 
 def test_a_thumbnail_is_never_taken_for_the_tasks_output(tmp_path):
