@@ -80,9 +80,14 @@ class InpaintFrames:
         video = await ctx.blocking(
             lambda: ctx.fetcher.fetch(params.video_path, field="video_path").read_bytes()
         )
-        ref = inpaint_node.remote(video, params, generation, run.step, run.task.id)
-        run.refs.append(ref)
-        return await await_with_deadline(ref, DEFAULT_MAX_WAIT_S, "the inpaint")
+        model = {"model": params.model} if params.model else {}
+        async with ctx.place(run.step, run.task.id, {**generation, **model}) as step:
+            ref = inpaint_node.remote(video, params, generation, step, run.task.id)
+            run.refs.append(ref)
+            artifact: Artifact = await await_with_deadline(ref, DEFAULT_MAX_WAIT_S, "the inpaint")
+        if step.scheduling is not None:
+            artifact.metadata["scheduling"] = step.scheduling
+        return artifact
 
     def finish(self, ctx: RunContext, run: SingleRun, output_location: str) -> None:
         """Nothing else to store."""

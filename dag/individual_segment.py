@@ -102,11 +102,16 @@ async def execute(ctx: RunContext, run: SingleRun) -> Artifact:
         return start.read_bytes(), end.read_bytes() if end is not None else None, videos
 
     start, end, videos = await ctx.blocking(load)
-    ref = segment_node.remote(
-        segment, start, segment.start_from_continued_video, end, videos, run.step, run.task.id
-    )
-    run.refs.append(ref)
-    return await await_with_deadline(ref, DEFAULT_MAX_WAIT_S, "the segment")
+    model = {"model": segment.plan.model} if segment.plan.model else {}
+    async with ctx.place(run.step, run.task.id, {**segment.plan.segment_params_extra, **model}) as step:
+        ref = segment_node.remote(
+            segment, start, segment.start_from_continued_video, end, videos, step, run.task.id
+        )
+        run.refs.append(ref)
+        artifact: Artifact = await await_with_deadline(ref, DEFAULT_MAX_WAIT_S, "the segment")
+    if step.scheduling is not None:
+        artifact.metadata["scheduling"] = step.scheduling
+    return artifact
 
 
 def finish(ctx: RunContext, run: SingleRun, output_location: str) -> None:

@@ -286,14 +286,18 @@ async def execute_chain(ctx: RunContext, run: JoinChainRun) -> Artifact:
     done_elsewhere = await ctx.blocking(_take_over, ctx, run.row_ids[pending[0]])
     for n, i in enumerate(pending):
         if done_elsewhere is None:
-            ref = join_node.remote(
-                previous or clips[0], clips[i + 1], plan.joins[i], plan.generation, run.steps[i],
-                run.row_ids[i], joined_filename(run.row_ids[i]), f"join {i}",
-            )  # fmt: skip
-            run.refs = [ref]
-            result = await await_with_deadline(
-                ref, plan.joins[i].max_wait_time or DEFAULT_MAX_WAIT_S, f"join {i}"
-            )
+            model = {"model": plan.joins[i].model} if plan.joins[i].model else {}
+            async with ctx.place(run.steps[i], run.row_ids[i], {**plan.generation, **model}) as step:
+                ref = join_node.remote(
+                    previous or clips[0], clips[i + 1], plan.joins[i], plan.generation, step,
+                    run.row_ids[i], joined_filename(run.row_ids[i]), f"join {i}",
+                )  # fmt: skip
+                run.refs = [ref]
+                result = await await_with_deadline(
+                    ref, plan.joins[i].max_wait_time or DEFAULT_MAX_WAIT_S, f"join {i}"
+                )
+            if step.scheduling is not None:  # the join row's result says which pool ran it
+                result["artifact"].metadata["scheduling"] = step.scheduling
         else:
             result = done_elsewhere
         # take the next row before this one completes, so it is never claimable in between

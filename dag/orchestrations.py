@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from db.models import Task
@@ -28,6 +29,44 @@ class StepTarget:
     model_id: str
     # <sha256>.safetensors -> object ref of the LoRAs fetched by URL at claim time (deployments.lora_fetch)
     lora_files: dict[str, Any] = field(default_factory=dict)
+    family: str = ""  # the family deployment serving the model (its pools are scheduled together)
+    # Where a placed step runs and why ({deployment, pool, reason}); None before placement, or for a
+    # family without a split pool. Recorded as the step row's result `scheduling`.
+    scheduling: dict[str, str] | None = None
+
+
+class StepPlacement(Protocol):
+    """One step's slot on its family (`RunContext.place`): asked for when made (the step counts as
+    waiting from then on), `async with` waits for a free slot and gives the target on the pool the
+    scheduler chose; leaving the block returns the slot. `withdraw` gives up one never entered."""
+
+    async def __aenter__(self) -> StepTarget: ...
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def withdraw(self) -> None: ...
+
+
+@dataclass
+class Unplaced:
+    """The placement of a step on a family without a split pool: its replicas, as Serve routes it."""
+
+    target: StepTarget
+
+    async def __aenter__(self) -> StepTarget:
+        return self.target
+
+    async def __aexit__(self, *exc: Any) -> None:
+        return None
+
+    def withdraw(self) -> None:
+        return None
+
+
+def unplaced(target: StepTarget, step_id: str, params: dict[str, Any] | None = None) -> StepPlacement:
+    return Unplaced(target)
 
 
 @dataclass
@@ -43,6 +82,12 @@ class RunContext:
     step: Callable[..., StepTarget]
     # Runs a blocking call (store, storage, fetch) on the dispatcher's thread pool.
     blocking: Callable[..., Awaitable[Any]]
+    # place(target, step_id, params): the slot one step runs in, chosen by the family's scheduler in the
+    # dispatcher's process (deployments/scheduling.py) right before the step's Ray task is launched with
+    # the handle it gives. `params`: the step's generation params as far as known (its guidance keys,
+    # `model`), for the CFG check. Ask for the steps that run together at once (a burst), one at a time
+    # for a chain.
+    place: Callable[..., StepPlacement] = unplaced
 
 
 class OrchestrationRun(Protocol):

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
-from ray.dag import InputNode, MultiOutputNode
 
 from dag.orchestrations import RunContext, StepTarget
 from dag.perspective_plan import PerspectiveParams, target_pose, validate
@@ -145,14 +144,17 @@ async def execute(ctx: RunContext, run: PerspectiveRun) -> Artifact:
 
     images = await ctx.blocking(load)
     step = ctx.step({"video_guide": "guide", **({"model": params.model} if params.model else {})})
-    with InputNode() as images_input:
-        guide = pose_guide_node.bind(params, images_input)
-        clip = generate_node.bind(params, guide, images_input, step, run.task.id)
-        final = final_frame_node.bind(params, clip, run.run_id)
-        dag = MultiOutputNode([guide, clip, final])
-    run.refs = dag.execute(images)
-    guide_ref, clip_ref, final_ref = run.refs
-    clip_artifact: Artifact = await clip_ref
+    images_ref = await ctx.blocking(ray.put, images)
+    guide_ref = pose_guide_node.remote(params, images_ref)
+    run.refs = [guide_ref]
+    await guide_ref  # the generation's slot is asked for when its guide is ready
+    model = {"model": params.model} if params.model else {}
+    async with ctx.place(step, run.task.id, model) as placed:
+        clip_ref = generate_node.remote(params, guide_ref, images_ref, placed, run.task.id)
+        run.refs.append(clip_ref)
+        clip_artifact: Artifact = await clip_ref
+    final_ref = final_frame_node.remote(params, clip_ref, run.run_id)
+    run.refs.append(final_ref)
     await ctx.blocking(ctx.store.start, run.final_id, ctx.worker_id)
     if params.debug_mode_enabled:  # keep the intermediate guide and video next to the final frame
         guide_frames = await guide_ref

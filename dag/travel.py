@@ -2,7 +2,9 @@
 
 The dispatcher's DAG runner calls `validate` at the API, then `prepare`, `execute` and `finish` (or `abort`). It plans the segments, mirrors them in the tasks table (one
 `travel_segment` row per segment and one `travel_stitch` row, with deterministic ids so a re-claimed
-orchestrator finds them again), then executes a DAG built with `.bind()`:
+orchestrator finds them again), then runs the segments' Ray tasks, each launched once the family's
+scheduler gives it a slot (`RunContext.place`: a chain asks for one at a time, independent segments all at
+once), with clips passed between tasks as object refs:
 
     chained VACE: anchors ─> seg0 ─> seg1 ─> seg2 ─> stitch
     independent:  anchors ─> seg0, seg1, seg2     (chain_segments false, or model_type i2v: segments run in
@@ -10,11 +12,12 @@ orchestrator finds them again), then executes a DAG built with `.bind()`:
                                                    run's output is the last one, as in the original)
 
 Intermediate clips travel as Ray objects, never through the database. Segments whose rows are
-already `Complete` (a resumed run) enter the DAG as constants loaded from their stored outputs.
+already `Complete` (a resumed run) enter as constants loaded from their stored outputs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -24,9 +27,8 @@ from typing import Any
 import numpy as np
 import ray
 from pydantic import ValidationError
-from ray.dag import InputNode, MultiOutputNode
 
-from dag.orchestrations import RunContext, StepTarget
+from dag.orchestrations import RunContext, StepPlacement, StepTarget
 from dag.steps import STAND_INS, StepFailed, generate_step
 from dag.travel_plan import (
     SegmentSpec,
@@ -304,42 +306,59 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
     step_type = step_task_type(plan)
     model = {"model": plan.model} if plan.model else {}
     step = ctx.step({**STAND_INS[step_type], **model}, task_type=step_type)
+    guidance = {**plan.segment_params_extra, **model}  # what the scheduler's CFG check reads
 
-    with InputNode() as anchors_input:
-        control = None
-        if run.structure is not None and len(reused) < len(specs):
-            control = control_node.bind(plan, run.structure, structure_videos)
-        nodes: list[Any] = []
-        previous: Any = continued  # segment 0 starts from the continued video (if any) in every mode
-        for spec, row_id in zip(specs, run.segment_ids, strict=True):
-            if spec.index in reused:
-                node: Any = {"index": spec.index, "frames": reused[spec.index], "reused": True}
-            else:
-                source = previous if plan.stitched or spec.index == 0 else None
-                node = segment_node.bind(plan, spec, source, anchors_input, step, row_id, control)
-            nodes.append(node)
-            previous = node
-        generated = [n for n in nodes if not isinstance(n, dict)]
-        outputs = list(generated)
-        if plan.stitched:
-            outputs.append(stitch_node.bind(plan, anchors_input, continued, *nodes))
-        dag = MultiOutputNode(outputs) if outputs else None
+    # Each segment's Ray task is launched from here once the family's scheduler gives it a slot
+    # (`ctx.place`), with that pool's handle; clips pass between tasks as object refs.
+    pending = [(spec, row_id) for spec, row_id in zip(specs, run.segment_ids, strict=True)
+               if spec.index not in reused]  # fmt: skip
+    anchors_ref = await ctx.blocking(ray.put, anchors)
+    control = None
+    if run.structure is not None and pending:
+        control = control_node.remote(plan, run.structure, structure_videos)
+    run.refs = [] if control is None else [control]
+    outputs: dict[int, Any] = {
+        i: {"index": i, "frames": frames, "reused": True} for i, frames in reused.items()
+    }
+
+    async def generate(spec: SegmentSpec, row_id: str, source: Any, placement: StepPlacement) -> None:
+        async with placement as target:
+            ref = segment_node.remote(plan, spec, source, anchors_ref, target, row_id, control)
+            run.refs.append(ref)
+            outputs[spec.index] = ref
+            result = await ref  # the slot is held while the segment's task runs
+        if target.scheduling is not None:  # the segment row's result says which pool ran it, and why
+            result["artifact"].metadata["scheduling"] = target.scheduling
+        await ctx.blocking(_record_segment, ctx, plan, row_id, result)
 
     await ctx.blocking(_start_rows, store, ctx.worker_id, run, specs, reused)
-    run.refs = dag.execute(anchors) if dag is not None else []
-    segment_refs = run.refs[: len(generated)]
-    pending_ids = [rid for spec, rid in zip(specs, run.segment_ids, strict=True) if spec.index not in reused]
-    for ref, row_id in zip(segment_refs, pending_ids, strict=True):
-        result = await ref  # in order: chained segments finish in order anyway
-        await ctx.blocking(_record_segment, ctx, plan, row_id, result)
-        if plan.stitched:
-            next_index = result["index"] + 1
-            if next_index < len(specs) and next_index not in reused:
-                await ctx.blocking(store.start, run.segment_ids[next_index], ctx.worker_id)
+    if plan.stitched:  # a chain: each segment asks for its slot when the previous one is done
+        for spec, row_id in pending:
+            if spec.index > 0 and spec.index - 1 not in reused:
+                await ctx.blocking(store.start, row_id, ctx.worker_id)
+            source = outputs.get(spec.index - 1, continued) if spec.index > 0 else continued
+            await generate(spec, row_id, source, ctx.place(step, row_id, guidance))
+    else:  # independent segments ask at once: a burst the scheduler spreads over its pools
+        placements = [ctx.place(step, row_id, guidance) for _, row_id in pending]
+        segments = [
+            asyncio.ensure_future(generate(spec, row_id, continued if spec.index == 0 else None, placement))
+            for (spec, row_id), placement in zip(pending, placements, strict=True)
+        ]
+        try:
+            await asyncio.gather(*segments)
+        except BaseException:
+            for segment in segments:  # one failed: the others record nothing and give their slots back
+                segment.cancel()
+            raise
+        finally:
+            for placement in placements:  # those never entered (a sibling failed first)
+                placement.withdraw()
     if not plan.stitched:
         return await ctx.blocking(_last_clip, ctx, run)
     await ctx.blocking(store.start, run.stitch_id, ctx.worker_id)
-    artifact: Artifact = await run.refs[-1]
+    stitch = stitch_node.remote(plan, anchors_ref, continued, *(outputs[spec.index] for spec in specs))
+    run.refs.append(stitch)
+    artifact: Artifact = await stitch
     run.output = artifact
     if run.structure is not None:
         artifact.metadata["structure_type"] = run.structure.structure_type

@@ -46,7 +46,7 @@ from deployments.errors import InvalidTask, TaskConflict
 from deployments.recovery import identity_of, requeue_predecessors
 from deployments.results import task_result
 from deployments.routing import Route, Routing
-from deployments.scheduling import Decision, FamilyScheduler
+from deployments.scheduling import Decision, FamilyScheduler, StepTicket, task_uses_cfg
 from deployments.task_types import GENERATION, ORCHESTRATION
 from deployments.thumbnail_step import save_thumbnail, stored_thumbnail
 from deployments.webhooks import without_delivery_keys
@@ -114,6 +114,7 @@ class Job:
         self.waiting_for: str | None = None  # inputs fetched, waiting for this deployment's capacity
         # A family with a split pool: which of its two pools runs this job, and why (deployments/scheduling)
         self.decision: Decision | None = None
+        self.cfg = True  # whether it runs classifier-free guidance (a cfg split gains nothing otherwise)
         self.started = time.monotonic()
         self.timings: dict[str, float] = {}  # seconds per stage (input_fetch, load, save): the task's result
         # "running" (the runner has it), "storing" (saving the artifact), "completing" (writing the row):
@@ -167,6 +168,16 @@ class Job:
             *args,
             within_s=self._dispatcher.settings.storage_retry_s,
         )
+
+    def step_ticket(self, family: str, step_id: str, cfg: bool = True) -> StepTicket | None:
+        """A ticket for one of this orchestration's steps on `family`, counted as waiting from now on; None
+        when the family has no split pool (its steps go to its replicas, unscheduled)."""
+        scheduler = self._dispatcher.schedulers.get(family)
+        return scheduler.ticket(step_id, cfg) if scheduler is not None else None
+
+    async def lease_step(self, ticket: StepTicket) -> Decision:
+        """Wait until the step's ticket gets a slot (RunCancelled when the job is dropped meanwhile)."""
+        return await self._dispatcher._lease_step(self, ticket)
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -504,6 +515,8 @@ class Dispatcher:
         claimed = 0
         for pool, task_types in self.pools.items():
             free = self.capacity[pool] - self._in_flight_on(pool) - self._waiting_on(pool)
+            if pool in self.schedulers:  # orchestration steps holding slots of the family
+                free -= sum(self.schedulers[pool].leased.values())
             if pool in self.routing.deployments and not self._may_fetch_more():
                 free = 0
             if free <= 0 or self.stopping:
@@ -568,16 +581,14 @@ class Dispatcher:
                     await self._complete(job, saved, None, thumbnail_url)
                     return
             if job.route.kind == GENERATION:
+                if job.route.pool in self.schedulers:  # a cfg split gains nothing without CFG
+                    job.cfg = await self.pool.run(task_uses_cfg, self.routing, task.task_type, task.params)
                 await self._fetch_inputs(job)
             result = await self.runners[job.route.kind].run(job)
             if job.dropped:
                 raise RunCancelled
             if job.decision is not None:  # the task's result says which pool ran it, and why
-                result.artifact.metadata["scheduling"] = {
-                    "deployment": job.decision.deployment,
-                    "pool": job.decision.role,
-                    "reason": job.decision.reason,
-                }
+                result.artifact.metadata["scheduling"] = job.decision.placement()
             # --- thumbnail (issue 20): stored beside the output; its location goes in the artifact's
             # metadata and, by `_complete`, into the task's params as the original does ---
             thumbnail_url = await self.pool.run(save_thumbnail, self.storage, task.id, result.artifact)
@@ -656,18 +667,33 @@ class Dispatcher:
         scheduler = self.schedulers.get(deployment)
         if scheduler is None:
             return True
-        # This job, the family's other claimed jobs not started yet, and its rows still Queued.
-        waiting = (
-            1
-            + self._queued.get(deployment, 0)
-            + sum(
-                1
-                for other in self.in_flight.values()
-                if other is not job and other.decision is None and self._family_of(other) == deployment
-            )
-        )
-        job.decision = scheduler.decide(waiting, self._busy_by_role(deployment), job.task.id)
+        # This job, the family's other claimed jobs not started yet, and its rows still Queued (the
+        # scheduler adds the orchestration steps waiting).
+        waiting = 1 + self._tasks_waiting(deployment, besides=job)
+        job.decision = scheduler.decide(waiting, self._busy_by_role(deployment), job.task.id, job.cfg)
         return job.decision is not None
+
+    def _tasks_waiting(self, family: str, besides: Job | None = None) -> int:
+        """The family's tasks wanting a slot: its rows still Queued and its claimed jobs not placed yet."""
+        claimed = sum(
+            1
+            for other in self.in_flight.values()
+            if other is not besides and other.decision is None and self._family_of(other) == family
+        )
+        return self._queued.get(family, 0) + claimed
+
+    async def _lease_step(self, job: Job, ticket: StepTicket) -> Decision:
+        """An orchestration step's slot: tried now and every 50 ms, as a generation waits in `_fetch_inputs`
+        (the ticket already counts as waiting, so tasks placed meanwhile see it)."""
+        family = ticket.scheduler.family
+        while True:
+            if job.dropped:
+                ticket.release()
+                raise RunCancelled
+            decision = ticket.lease(self._tasks_waiting(family), self._busy_by_role(family))
+            if decision is not None:
+                return decision
+            await asyncio.sleep(0.05)
 
     def _family_of(self, job: Job) -> str | None:
         """The family deployment a generation job runs on (before routing: the pool it was claimed on)."""

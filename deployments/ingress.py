@@ -53,6 +53,7 @@ def family_schedulers(config: AppConfig) -> dict[str, FamilyScheduler]:
             deployment.split.gpus_per_replica,
             deployment.split.replicas,
             deployment.split_capacity,
+            deployment.split.parallel_mode,
         )
         schedulers[name] = FamilyScheduler(name, replicas, split)
     return schedulers

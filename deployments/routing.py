@@ -208,6 +208,10 @@ class Routing:
         """The model a generation runs on. Raises InvalidParams / InvalidTask("params.model")."""
         return self._parse(task_type, params)[1]
 
+    def parse(self, task_type: str, params: dict[str, Any]) -> tuple[BaseParams, ModelDefinition]:
+        """A generation's parsed params and model (inputs left out). Raises InvalidParams / InvalidTask."""
+        return self._parse(task_type, params)
+
     def _parse(self, task_type: str, params: dict[str, Any]) -> tuple[BaseParams, ModelDefinition]:
         try:
             if TASK_FAMILIES.get(task_type) == "vace":

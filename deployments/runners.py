@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import uuid
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -22,8 +23,8 @@ from pydantic import ValidationError
 from ray.exceptions import RayTaskError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 
-from dag.orchestrations import RunContext, StepTarget
-from dag.steps import StepFailed
+from dag.orchestrations import RunContext, StepPlacement, StepTarget, Unplaced
+from dag.steps import STAND_INS, StepFailed
 from dag.utility_tasks import utility_node
 from dag.vace_control import control_requested, run_vace_control
 from db.models import Task, TaskStatus
@@ -31,6 +32,7 @@ from db.store import TaskStore
 from deployments.dispatcher import Job, RunCancelled, RunResult, TaskFailure, failure_message
 from deployments.errors import InvalidTask, TaskNotFound, describe_validation_error
 from deployments.routing import Routing
+from deployments.scheduling import StepTicket, task_uses_cfg
 from deployments.task_types import orchestration, task_type
 from storage import InputError, InputFetcher, OutputStorage
 
@@ -153,7 +155,20 @@ class OrchestrationRunner:
             worker_id=self.worker_id,
             step=partial(self._step_target, step_type, lora_files or {}),
             blocking=job.blocking,
+            place=partial(self._place, job),
         )
+
+    def _place(
+        self, job: Job, target: StepTarget, step_id: str, params: dict[str, Any] | None = None
+    ) -> StepPlacement:
+        """A step's placement (`RunContext.place`): scheduled with the family's tasks when it has a split
+        pool, else its replicas as before."""
+        ticket = job.step_ticket(target.family, step_id)
+        if ticket is None:
+            return Unplaced(target)
+        stand_in = {**STAND_INS.get(target.task_type, {}), **(params or {})}
+        ticket.cfg = task_uses_cfg(self.routing, target.task_type, stand_in)  # before it is leased
+        return LeasedStep(job, target, ticket, self.handles)
 
     def _step_target(
         self,
@@ -165,7 +180,7 @@ class OrchestrationRunner:
         # `task_type`: a step of another generation type than the orchestration's (flf2v for i2v segments)
         step_type = task_type or step_type
         route = self.routing.route(step_type, params)
-        return StepTarget(step_type, self.handles[route.pool], route.model_id or "", lora_files)
+        return StepTarget(step_type, self.handles[route.pool], route.model_id or "", lora_files, route.pool)
 
     async def _with_fetched_loras(self, job: Job) -> tuple[Task, dict]:
         """The task with its LoRA URLs replaced by content names, and those files for its steps."""
@@ -214,6 +229,26 @@ class OrchestrationRunner:
             raise TaskFailure(message, retryable=not failed_in_code) from None
         model = artifact.metadata.get("model", task.task_type)
         return RunResult(artifact, model, finish=partial(steps.finish, ctx, run))
+
+
+class LeasedStep:
+    """A step placed by its family's scheduler: entering waits for a slot (the dispatcher's
+    `Job.lease_step`) and gives the target with the chosen pool's handle; leaving returns the slot."""
+
+    def __init__(
+        self, job: Job, target: StepTarget, ticket: StepTicket, handles: dict[str, DeploymentHandle]
+    ):
+        self.job, self.target, self.ticket, self.handles = job, target, ticket, handles
+
+    async def __aenter__(self) -> StepTarget:
+        decision = await self.job.lease_step(self.ticket)
+        return replace(self.target, handle=self.handles[decision.deployment], scheduling=decision.placement())
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.ticket.release()
+
+    def withdraw(self) -> None:
+        self.ticket.release()
 
 
 class UtilityRunner:

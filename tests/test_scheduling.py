@@ -22,7 +22,15 @@ from db.models import TaskStatus
 from db.store import TaskStore, open_store
 from deployments.config import AppConfig, DeploymentConfig, split_deployment_name
 from deployments.dispatcher import Dispatcher, Job, RunResult
-from deployments.scheduling import REPLICAS, SPLIT, FamilyScheduler, Pool, choose_pool
+from deployments.scheduling import (
+    REPLICAS,
+    SPLIT,
+    FamilyScheduler,
+    Pool,
+    choose_pool,
+    phase_guidance,
+    task_uses_cfg,
+)
 
 
 @pytest.fixture
@@ -38,7 +46,8 @@ def running() -> list[Dispatcher]:
 
 
 ONE_GPU = Pool("T2V", gpus_per_replica=1, replicas=2, capacity=2)
-SPLIT_POOL = Pool("T2V-split", gpus_per_replica=2, replicas=1, capacity=1)
+SPLIT_POOL = Pool("T2V-split", gpus_per_replica=2, replicas=1, capacity=1, parallel_mode="cfg")
+ULYSSES_POOL = Pool("T2V-split", gpus_per_replica=2, replicas=1, capacity=1, parallel_mode="ulysses")
 
 # ---- the policy ----------------------------------------------------------------------------------------
 
@@ -90,9 +99,11 @@ def test_the_family_scheduler_remembers_its_last_decision_for_the_status_view() 
     assert view["pools"][SPLIT] == {
         "deployment": "T2V-split",
         "gpus_per_replica": 2,
+        "parallel_mode": "cfg",
         "replicas": 1,
         "capacity": 1,
         "busy": 1,
+        "steps": 0,
         "idle": 0,
         "decided": 1,
     }
@@ -101,6 +112,125 @@ def test_the_family_scheduler_remembers_its_last_decision_for_the_status_view() 
     last = view["last_decision"]
     assert (last["task_id"], last["pool"], last["waiting"]) == ("b", REPLICAS, 3)
     assert last["reason"].startswith("throughput")
+
+
+def test_a_task_without_cfg_prefers_a_one_gpu_replica_over_a_cfg_split() -> None:
+    # Alone in the queue (a CFG task would run split), it takes a 1-GPU replica: the split gains nothing.
+    decision = choose_pool(1, ONE_GPU, 0, SPLIT_POOL, 0, cfg=False)
+    assert decision is not None and decision.role == REPLICAS
+    assert decision.reason == "no CFG: a cfg split would idle one GPU; 2 of 2 1-GPU slot(s) free"
+    # Every 1-GPU slot busy: the split replica runs it rather than leave it waiting.
+    overflow = choose_pool(1, ONE_GPU, 2, SPLIT_POOL, 0, cfg=False)
+    assert overflow is not None and overflow.role == SPLIT
+    assert overflow.reason.startswith("no CFG, every 1-GPU slot busy: the cfg split replica runs it")
+    assert choose_pool(1, ONE_GPU, 2, SPLIT_POOL, 1, cfg=False) is None
+    # A Ulysses split divides the sequence: it gains on any task, so the queue-length policy holds.
+    ulysses = choose_pool(1, ONE_GPU, 0, ULYSSES_POOL, 0, cfg=False)
+    assert ulysses is not None and ulysses.role == SPLIT and ulysses.reason.startswith("latency")
+
+
+@pytest.fixture(scope="module")
+def routing(tmp_path_factory: pytest.TempPathFactory):
+    from test_dispatcher import CATALOG, MODELS
+
+    from deployments.routing import Routing
+    from storage import InputFetcher, OutputStorage, StorageConfig
+
+    root = tmp_path_factory.mktemp("routing")
+    storage = OutputStorage(StorageConfig(root=str(root)))
+    return Routing(CATALOG, MODELS, InputFetcher([str(root)], outputs=storage), ["T2V", "VACE"])
+
+
+@pytest.mark.parametrize(
+    ("task_type", "params", "guidance", "cfg"),
+    [
+        ("t2v", {"prompt": "a"}, [5.0], True),  # the tiny model's default
+        ("t2v", {"prompt": "a", "guidance_scale": 1}, [1.0], False),
+        ("t2v", {"prompt": "a", "use_lighti2x_lora": True}, [1.0], False),  # the preset's guidance
+        ("t2v", {"prompt": "a", "use_causvid_lora": True, "guidance_scale": 4}, [4.0], True),  # given wins
+        ("t2v", {"prompt": "a", "guidance_phases": 2, "guidance_scale": 1, "guidance2_scale": 3}, [1.0, 3.0], True),
+        (
+            "t2v",
+            {"prompt": "a", "phase_config": {
+                "num_phases": 2, "steps_per_phase": [2, 2], "flow_shift": 5, "sample_solver": "euler",
+                "phases": [{"guidance_scale": 1}, {"guidance_scale": 1}],
+            }},
+            [1.0, 1.0],
+            False,
+        ),
+        ("vace", {"video_guide": "guide", "guidance_scale": 1}, [1.0], False),  # a travel step's stand-in
+    ],
+)  # fmt: skip
+def test_guidance_of_a_task_says_whether_it_runs_cfg(routing, task_type, params, guidance, cfg) -> None:
+    parsed, definition = routing.parse(task_type, params)
+    assert phase_guidance(definition, parsed) == guidance
+    assert task_uses_cfg(routing, task_type, params) is cfg
+
+
+def test_unparseable_params_count_as_cfg(routing) -> None:
+    assert task_uses_cfg(routing, "t2v", {"prompt": "a", "guidance_scale": "lots"}) is True
+
+
+# ---- orchestration steps: tickets and leases (no Ray) ---------------------------------------------------
+
+
+def test_a_chain_asks_one_step_at_a_time_and_runs_each_split() -> None:
+    scheduler = FamilyScheduler("VACE", ONE_GPU, SPLIT_POOL)
+    for index in range(3):
+        ticket = scheduler.ticket(f"seg{index}")
+        assert scheduler.steps_waiting == 1
+        decision = ticket.lease(0, {})
+        assert decision is not None and decision.role == SPLIT and decision.task_id == f"seg{index}"
+        assert decision.reason.startswith("latency: 1 task(s) waiting")
+        assert scheduler.steps_waiting == 0 and scheduler.busy({}) == {REPLICAS: 0, SPLIT: 1}
+        assert ticket.lease(0, {}) is decision  # leasing again keeps the slot it has
+        ticket.release()
+        ticket.release()  # idempotent
+        assert scheduler.busy({}) == {REPLICAS: 0, SPLIT: 0}
+    with pytest.raises(RuntimeError, match="seg2: its ticket was released"):
+        ticket.lease(0, {})
+
+
+def test_independent_steps_ask_at_once_and_spread_like_a_burst() -> None:
+    scheduler = FamilyScheduler("VACE", ONE_GPU, SPLIT_POOL)
+    tickets = [scheduler.ticket(f"seg{i}") for i in range(4)]
+    assert scheduler.view({}, 0)["steps_waiting"] == 4
+    roles = [ticket.lease(0, {}) for ticket in tickets]
+    # Four waiting for three slots: the 1-GPU replicas first (throughput), the split replica takes the
+    # third rather than idle, the fourth waits.
+    assert [d.role if d else None for d in roles] == [REPLICAS, REPLICAS, SPLIT, None]
+    assert roles[0].reason.startswith("throughput: 4 task(s) waiting")  # type: ignore[union-attr]
+    view = scheduler.view({}, 0)
+    assert view["pools"][SPLIT]["steps"] == 1 and view["pools"][REPLICAS]["busy"] == 2
+    assert view["pools"][REPLICAS]["idle"] == 0 and view["steps_waiting"] == 1
+    tickets[0].release()
+    last = tickets[3].lease(0, {})
+    assert last is not None and last.role == REPLICAS
+    tickets[1].release(), tickets[2].release(), tickets[3].release()
+    # A ticket given up before it leased (a sibling failed) stops counting as waiting.
+    withdrawn = scheduler.ticket("seg9")
+    withdrawn.release()
+    assert scheduler.steps_waiting == 0 and scheduler.busy({}) == {REPLICAS: 0, SPLIT: 0}
+
+
+def test_tasks_and_steps_see_each_others_slots_and_queue() -> None:
+    scheduler = FamilyScheduler("T2V", ONE_GPU, SPLIT_POOL)
+    step = scheduler.ticket("seg0")
+    assert step.lease(0, {}).role == SPLIT  # type: ignore[union-attr]
+    # A lone task now: the split slot is the step's, so a 1-GPU replica runs it.
+    task = scheduler.decide(1, {})
+    assert task is not None and task.role == REPLICAS and "split replica(s) busy" in task.reason
+    # A step waiting makes the queue longer for a task: two waiting > one free split slot.
+    step.release()
+    waiting = scheduler.ticket("seg1")
+    task = scheduler.decide(1, {})
+    assert task is not None and task.role == REPLICAS and task.reason.startswith("throughput: 2 task(s)")
+    # Tasks running fill the pools for a step as well.
+    assert waiting.lease(0, {REPLICAS: 2, SPLIT: 1}) is None
+    assert scheduler.steps_waiting == 1
+    no_cfg = scheduler.ticket("seg2", cfg=False)
+    decision = no_cfg.lease(0, {})
+    assert decision is not None and decision.role == REPLICAS and decision.reason.startswith("no CFG")
 
 
 # ---- the config ----------------------------------------------------------------------------------------
