@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 from test_dispatcher import FakeGpu, in_loop, make_dispatcher, until
@@ -21,7 +22,7 @@ from test_dispatcher import FakeGpu, in_loop, make_dispatcher, until
 from db.models import TaskStatus
 from db.store import TaskStore, open_store
 from deployments.config import AppConfig, DeploymentConfig, split_deployment_name
-from deployments.dispatcher import Dispatcher, Job, RunResult
+from deployments.dispatcher import Dispatcher, Job, RunCancelled, RunResult
 from deployments.scheduling import (
     REPLICAS,
     SPLIT,
@@ -346,30 +347,130 @@ async def test_one_task_runs_split_and_many_spread_over_the_one_gpu_replicas(sto
     assert decided[REPLICAS] >= 2 and decided[SPLIT] >= 2
 
 
+@in_loop
+async def test_an_orchestration_step_leases_a_slot_the_tasks_then_see_busy(store, tmp_path, running):
+    """A step's lease (Job.step_ticket / lease_step, as the OrchestrationRunner's `ctx.place` uses them)
+    holds the split slot: a task posted meanwhile takes a 1-GPU replica; a step finding every slot busy
+    waits, shows in the status view, gets the slot when one is returned, and a dropped job stops
+    waiting. A guidance-1 task takes a 1-GPU replica although it is alone."""
+    gpu = PoolRecorder()
+    dispatcher = scheduled_dispatcher(store, tmp_path, gpu)
+    dispatcher.start()
+    running.append(dispatcher)
+    orchestrator = Job(dispatcher, store.add("travel_orchestrator", {}), "DAG")  # not claimed: no DAG pool
+    assert orchestrator.step_ticket("Flux", "seg") is None  # no split pool there: its replicas, unscheduled
+    first = orchestrator.step_ticket("T2V", "seg0")
+    assert first is not None
+    decision = await orchestrator.lease_step(first)
+    assert decision.role == SPLIT and decision.placement() == {
+        "deployment": "T2V-split",
+        "pool": SPLIT,
+        "reason": decision.reason,
+    }
+    view = dispatcher.status().scheduling["T2V"]
+    assert view["pools"][SPLIT]["busy"] == 1 and view["pools"][SPLIT]["steps"] == 1
+
+    lone = store.add("t2v", PARAMS)
+    dispatcher.wake()
+    await until(lambda: lone.id in gpu.placed)
+    assert gpu.placed[lone.id] == REPLICAS  # the split slot is the step's
+    assert store.get(lone.id).status == TaskStatus.IN_PROGRESS
+    other = store.add("t2v", {**PARAMS, "seed": 2})
+    dispatcher.wake()
+    await until(lambda: other.id in gpu.placed)
+    assert gpu.placed[other.id] == REPLICAS
+
+    # Every slot busy: the next step waits, and counts as waiting.
+    second = orchestrator.step_ticket("T2V", "seg1")
+    assert second is not None
+    waiting = asyncio.ensure_future(orchestrator.lease_step(second))
+    await asyncio.sleep(0.2)
+    assert not waiting.done() and dispatcher.status().scheduling["T2V"]["steps_waiting"] == 1
+    first.release()
+    assert (await asyncio.wait_for(waiting, 2.0)).role == SPLIT
+    gpu.go.set()
+    await until(lambda: store.get(other.id).status == TaskStatus.COMPLETE)
+    assert store.get(lone.id).result["scheduling"]["pool"] == REPLICAS
+
+    # A guidance-1 task alone: a 1-GPU replica, not the (free) split replica, which would idle a GPU.
+    second.release()
+    no_cfg = store.add("t2v", {**PARAMS, "seed": 3, "guidance_scale": 1})
+    dispatcher.wake()
+    await until(lambda: store.get(no_cfg.id).status == TaskStatus.COMPLETE)
+    scheduling = store.get(no_cfg.id).result["scheduling"]
+    assert scheduling["pool"] == REPLICAS and scheduling["reason"].startswith(
+        "no CFG: a cfg split would idle"
+    )
+
+    # A step waiting when its job is dropped stops waiting and gives its ticket up.
+    gpu.go.clear()
+    tickets = [orchestrator.step_ticket("T2V", f"b{i}") for i in range(3)]
+    blockers = [await orchestrator.lease_step(ticket) for ticket in tickets if ticket is not None]
+    assert sorted(d.role for d in blockers) == [REPLICAS, REPLICAS, SPLIT]
+    stuck = orchestrator.step_ticket("T2V", "stuck")
+    assert stuck is not None
+    waiting = asyncio.ensure_future(orchestrator.lease_step(stuck))
+    await asyncio.sleep(0.1)
+    orchestrator.stop()
+    with pytest.raises(RunCancelled):
+        await asyncio.wait_for(waiting, 2.0)
+    assert dispatcher.schedulers["T2V"].steps_waiting == 0
+
+
 # ---- the whole service: a real local Ray cluster, fake GPUs, tiny models on CPU -------------------------
 
 
 def test_app_sends_one_task_to_the_split_replica_and_many_to_the_one_gpu_replicas(tmp_path: Path) -> None:
-    """4 fake GPUs: 2 one-GPU T2V replicas and 1 two-GPU CFG-split replica. A lone task runs split; a
-    burst spreads over both 1-GPU replicas. The tasks' results and /replicas say where each ran."""
+    """7 fake GPUs: T2V with 2 one-GPU replicas and 1 two-GPU CFG-split replica, VACE with 1 one-GPU
+    replica and 1 CFG-split replica. A chained travel's segments run split, one after the other; a lone
+    task runs split, a lone guidance-1 task on a 1-GPU replica; a burst spreads over both 1-GPU replicas.
+    The tasks' (and segment rows') results and /replicas say where each ran."""
     from hwgp_testing import running_app, wait_final
+    from Wan2GP.video import encode_png
 
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for i in range(3):
+        image = np.zeros((48, 64, 3), dtype=np.uint8)
+        image[10:30, 10 + 8 * i : 30 + 8 * i] = 255  # a square that moves between anchors
+        (inputs / f"anchor{i}.png").write_bytes(encode_png(image))
+    family = {"num_gpus": 1, "num_cpus": 0.2, "device": "cpu"}
+    split = {"gpus_per_replica": 2, "parallel_mode": "cfg", "num_cpus": 0.2}
     config = {
         "db": f"sqlite:///{tmp_path / 'tasks.db'}",
         "storage": {"root": str(tmp_path / "files")},
+        "input_dirs": [str(inputs)],
         "models": "tiny",
         "deployments": {
-            "T2V": {
-                "replicas": 2,
-                "num_gpus": 1,
-                "num_cpus": 0.2,
-                "device": "cpu",
-                "split": {"gpus_per_replica": 2, "parallel_mode": "cfg", "num_cpus": 0.2},
-            }
+            "T2V": {**family, "replicas": 2, "split": split},
+            "VACE": {**family, "replicas": 1, "split": split},
         },
     }
     params = {"prompt": "split or not", "resolution": "64x48", "video_length": 9, "num_inference_steps": 4}
-    with running_app(config, num_gpus=4) as client:
+    with running_app(config, num_gpus=7, num_cpus=4) as client:
+        # A chained travel (2 segments): each segment asks for a slot when the previous one is done, finds
+        # the VACE split replica free and runs on it (latency); the segment rows record it.
+        travel = {
+            "images": [str(inputs / f"anchor{i}.png") for i in range(3)],
+            "prompt": "a square travels", "frames": 9, "overlap": 2, "resolution": "64x48",
+            "num_inference_steps": 2, "seed": 3,
+        }  # fmt: skip
+        created = client.post("/tasks", json={"task_type": "travel_orchestrator", "params": travel})
+        assert created.status_code == 201, created.text
+        orchestrator = wait_final(client, created.json()["id"])
+        assert orchestrator["status"] == "Complete", orchestrator["error_message"]
+        with open_store(config["db"]) as store:
+            rows = [t for t in store.list(limit=100) if t.task_type == "travel_segment"]
+        segments = sorted(rows, key=lambda t: t.params["segment_index"])
+        assert [s.status for s in segments] == [TaskStatus.COMPLETE] * 2
+        placements = [s.result["scheduling"] for s in segments]
+        print(f"chained travel segments placed: {placements}")
+        assert [p["deployment"] for p in placements] == ["VACE-split"] * 2
+        assert all(p["reason"].startswith("latency: 1 task(s) waiting") for p in placements), placements
+        replicas = client.get("/replicas").json()
+        assert [r["generations"] for r in replicas["VACE-split"]["replicas"]] == [2]
+        assert [r["generations"] for r in replicas["VACE"]["replicas"]] == [0]
+        assert replicas["scheduling"]["VACE"]["pools"][SPLIT]["decided"] == 2
 
         def post(seed: int, steps: int = 4) -> str:
             task = {"task_type": "t2v", "params": {**params, "seed": seed, "num_inference_steps": steps}}
@@ -389,6 +490,14 @@ def test_app_sends_one_task_to_the_split_replica_and_many_to_the_one_gpu_replica
         view = replicas["scheduling"]["T2V"]
         assert view["last_decision"]["task_id"] == lone["id"] and view["last_decision"]["pool"] == SPLIT
         assert view["pools"][SPLIT]["deployment"] == "T2V-split" and view["pools"][SPLIT]["idle"] == 1
+
+        # Alone too, but without CFG (guidance 1): a 1-GPU replica, where the cfg split would idle a GPU.
+        created = client.post("/tasks", json={"task_type": "t2v", "params": {**params, "guidance_scale": 1}})
+        assert created.status_code == 201, created.text
+        no_cfg = wait_final(client, created.json()["id"])
+        assert no_cfg["status"] == "Complete", no_cfg["error_message"]
+        assert no_cfg["result"]["scheduling"]["deployment"] == "T2V"
+        assert no_cfg["result"]["scheduling"]["reason"].startswith("no CFG: a cfg split would idle one GPU")
 
         # A burst: the queue is longer than the split replica, so the 1-GPU replicas take tasks (the split
         # replica takes what they cannot).
@@ -419,9 +528,9 @@ def test_app_sends_one_task_to_the_split_replica_and_many_to_the_one_gpu_replica
         replicas = client.get("/replicas").json()
         one_gpu = [r["generations"] for r in replicas["T2V"]["replicas"]]
         print(f"burst of 6: pools {dict(pools)}, 1-GPU replicas ran {one_gpu}")
-        assert len(one_gpu) == 2 and min(one_gpu) >= 1 and sum(one_gpu) == pools[REPLICAS]
+        assert len(one_gpu) == 2 and min(one_gpu) >= 1 and sum(one_gpu) == 1 + pools[REPLICAS]
         assert replicas["T2V-split"]["replicas"][0]["generations"] == 1 + pools[SPLIT]
         view = replicas["scheduling"]["T2V"]
-        assert view["pools"][REPLICAS]["decided"] == pools[REPLICAS]
+        assert view["pools"][REPLICAS]["decided"] == 1 + pools[REPLICAS]
         assert view["pools"][SPLIT]["decided"] == 1 + pools[SPLIT]
         assert view["pools"][REPLICAS]["busy"] == 0 and view["queued"] == 0
