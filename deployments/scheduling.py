@@ -160,8 +160,8 @@ def _without_cfg(
     """A task without CFG when the split pool splits CFG: a 1-GPU replica if one is free."""
     if free_replicas:
         reason = (
-            f"no CFG: a cfg split would idle one GPU; {free_replicas} of {replicas.capacity} 1-GPU "
-            "slot(s) free"
+            "no CFG: a cfg split would waste one GPU (both ranks compute the same prediction); "
+            f"{free_replicas} of {replicas.capacity} 1-GPU slot(s) free"
         )
         return Decision(REPLICAS, replicas.deployment, reason, waiting, free)
     if free_split:

@@ -119,7 +119,10 @@ def test_a_task_without_cfg_prefers_a_one_gpu_replica_over_a_cfg_split() -> None
     # Alone in the queue (a CFG task would run split), it takes a 1-GPU replica: the split gains nothing.
     decision = choose_pool(1, ONE_GPU, 0, SPLIT_POOL, 0, cfg=False)
     assert decision is not None and decision.role == REPLICAS
-    assert decision.reason == "no CFG: a cfg split would idle one GPU; 2 of 2 1-GPU slot(s) free"
+    assert decision.reason == (
+        "no CFG: a cfg split would waste one GPU (both ranks compute the same prediction); "
+        "2 of 2 1-GPU slot(s) free"
+    )
     # Every 1-GPU slot busy: the split replica runs it rather than leave it waiting.
     overflow = choose_pool(1, ONE_GPU, 2, SPLIT_POOL, 0, cfg=False)
     assert overflow is not None and overflow.role == SPLIT
@@ -392,14 +395,14 @@ async def test_an_orchestration_step_leases_a_slot_the_tasks_then_see_busy(store
     await until(lambda: store.get(other.id).status == TaskStatus.COMPLETE)
     assert store.get(lone.id).result["scheduling"]["pool"] == REPLICAS
 
-    # A guidance-1 task alone: a 1-GPU replica, not the (free) split replica, which would idle a GPU.
+    # A guidance-1 task alone: a 1-GPU replica, not the (free) split replica, which would waste a GPU.
     second.release()
     no_cfg = store.add("t2v", {**PARAMS, "seed": 3, "guidance_scale": 1})
     dispatcher.wake()
     await until(lambda: store.get(no_cfg.id).status == TaskStatus.COMPLETE)
     scheduling = store.get(no_cfg.id).result["scheduling"]
     assert scheduling["pool"] == REPLICAS and scheduling["reason"].startswith(
-        "no CFG: a cfg split would idle"
+        "no CFG: a cfg split would waste one GPU"
     )
 
     # A step waiting when its job is dropped stops waiting and gives its ticket up.
@@ -491,13 +494,13 @@ def test_app_sends_one_task_to_the_split_replica_and_many_to_the_one_gpu_replica
         assert view["last_decision"]["task_id"] == lone["id"] and view["last_decision"]["pool"] == SPLIT
         assert view["pools"][SPLIT]["deployment"] == "T2V-split" and view["pools"][SPLIT]["idle"] == 1
 
-        # Alone too, but without CFG (guidance 1): a 1-GPU replica, where the cfg split would idle a GPU.
+        # Alone too, but without CFG (guidance 1): a 1-GPU replica, where the cfg split would waste a GPU.
         created = client.post("/tasks", json={"task_type": "t2v", "params": {**params, "guidance_scale": 1}})
         assert created.status_code == 201, created.text
         no_cfg = wait_final(client, created.json()["id"])
         assert no_cfg["status"] == "Complete", no_cfg["error_message"]
         assert no_cfg["result"]["scheduling"]["deployment"] == "T2V"
-        assert no_cfg["result"]["scheduling"]["reason"].startswith("no CFG: a cfg split would idle one GPU")
+        assert no_cfg["result"]["scheduling"]["reason"].startswith("no CFG: a cfg split would waste one GPU")
 
         # A burst: the queue is longer than the split replica, so the 1-GPU replicas take tasks (the split
         # replica takes what they cannot).
