@@ -143,12 +143,12 @@ async def execute(ctx: RunContext, run: PerspectiveRun) -> Artifact:
         return image, target
 
     images = await ctx.blocking(load)
-    step = ctx.step({"video_guide": "guide", **({"model": params.model} if params.model else {})})
+    model = {"model": params.model} if params.model else {}
+    step = ctx.step({"video_guide": "guide", **model})
     images_ref = await ctx.blocking(ray.put, images)
     guide_ref = pose_guide_node.remote(params, images_ref)
     run.refs = [guide_ref]
     await guide_ref  # the generation's slot is asked for when its guide is ready
-    model = {"model": params.model} if params.model else {}
     async with ctx.place(step, run.task.id, model) as placed:
         clip_ref = generate_node.remote(params, guide_ref, images_ref, placed, run.task.id)
         run.refs.append(clip_ref)
@@ -166,6 +166,8 @@ async def execute(ctx: RunContext, run: PerspectiveRun) -> Artifact:
             ctx.storage.save_bytes, run.final_id, clip_artifact.data, f"{run.run_id}_video.mp4", "video/mp4"
         )
     run.output = await final_ref
+    if placed.scheduling is not None:  # the run's result says which pool generated its video
+        run.output.metadata["scheduling"] = placed.scheduling
     return run.output
 
 

@@ -169,11 +169,14 @@ class Job:
             within_s=self._dispatcher.settings.storage_retry_s,
         )
 
-    def step_ticket(self, family: str, step_id: str, cfg: bool = True) -> StepTicket | None:
-        """A ticket for one of this orchestration's steps on `family`, counted as waiting from now on; None
-        when the family has no split pool (its steps go to its replicas, unscheduled)."""
-        scheduler = self._dispatcher.schedulers.get(family)
-        return scheduler.ticket(step_id, cfg) if scheduler is not None else None
+    def schedules(self, family: str) -> bool:
+        """Whether `family` has a split pool, whose scheduler places this orchestration's steps there."""
+        return family in self._dispatcher.schedulers
+
+    def step_ticket(self, family: str, step_id: str, cfg: bool = True) -> StepTicket:
+        """A ticket for one of this orchestration's steps on `family` (`schedules(family)`), counted as
+        waiting from now on."""
+        return self._dispatcher.schedulers[family].ticket(step_id, cfg)
 
     async def lease_step(self, ticket: StepTicket) -> Decision:
         """Wait until the step's ticket gets a slot (RunCancelled when the job is dropped meanwhile)."""

@@ -163,12 +163,11 @@ class OrchestrationRunner:
     ) -> StepPlacement:
         """A step's placement (`RunContext.place`): scheduled with the family's tasks when it has a split
         pool, else its replicas as before."""
-        ticket = job.step_ticket(target.family, step_id)
-        if ticket is None:
+        if not job.schedules(target.family):
             return Unplaced(target)
         stand_in = {**STAND_INS.get(target.task_type, {}), **(params or {})}
-        ticket.cfg = task_uses_cfg(self.routing, target.task_type, stand_in)  # before it is leased
-        return LeasedStep(job, target, ticket, self.handles)
+        cfg = task_uses_cfg(self.routing, target.task_type, stand_in)
+        return LeasedStep(job, target, job.step_ticket(target.family, step_id, cfg), self.handles)
 
     def _step_target(
         self,

@@ -361,9 +361,9 @@ async def test_an_orchestration_step_leases_a_slot_the_tasks_then_see_busy(store
     dispatcher.start()
     running.append(dispatcher)
     orchestrator = Job(dispatcher, store.add("travel_orchestrator", {}), "DAG")  # not claimed: no DAG pool
-    assert orchestrator.step_ticket("Flux", "seg") is None  # no split pool there: its replicas, unscheduled
+    assert not orchestrator.schedules("Flux")  # no split pool there: its steps go to its replicas
+    assert orchestrator.schedules("T2V")
     first = orchestrator.step_ticket("T2V", "seg0")
-    assert first is not None
     decision = await orchestrator.lease_step(first)
     assert decision.role == SPLIT and decision.placement() == {
         "deployment": "T2V-split",
@@ -385,7 +385,6 @@ async def test_an_orchestration_step_leases_a_slot_the_tasks_then_see_busy(store
 
     # Every slot busy: the next step waits, and counts as waiting.
     second = orchestrator.step_ticket("T2V", "seg1")
-    assert second is not None
     waiting = asyncio.ensure_future(orchestrator.lease_step(second))
     await asyncio.sleep(0.2)
     assert not waiting.done() and dispatcher.status().scheduling["T2V"]["steps_waiting"] == 1
@@ -408,10 +407,9 @@ async def test_an_orchestration_step_leases_a_slot_the_tasks_then_see_busy(store
     # A step waiting when its job is dropped stops waiting and gives its ticket up.
     gpu.go.clear()
     tickets = [orchestrator.step_ticket("T2V", f"b{i}") for i in range(3)]
-    blockers = [await orchestrator.lease_step(ticket) for ticket in tickets if ticket is not None]
+    blockers = [await orchestrator.lease_step(ticket) for ticket in tickets]
     assert sorted(d.role for d in blockers) == [REPLICAS, REPLICAS, SPLIT]
     stuck = orchestrator.step_ticket("T2V", "stuck")
-    assert stuck is not None
     waiting = asyncio.ensure_future(orchestrator.lease_step(stuck))
     await asyncio.sleep(0.1)
     orchestrator.stop()
