@@ -1,0 +1,131 @@
+"""Issue 21.5 on CPU with the tiny models: the engine's frames before encoding (uint8 on the device), the
+encode as a separate stage with the same bytes, and the per-prompt text-embedding cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from Wan2GP.acceleration import AccelerationConfig, PromptCache
+from Wan2GP.artifact import Rendered
+from Wan2GP.catalog import Catalog
+from Wan2GP.engine import Engine
+from Wan2GP.parallel import wrap_vae_decode
+from Wan2GP.video import decode_video, to_uint8_frames
+
+pytest_plugins = ["engine_fixtures"]
+
+PARAMS = {"model": "tiny-t2v", "prompt": "a cat", "resolution": "64x48", "video_length": 9, "seed": 1,
+          "num_inference_steps": 2}  # fmt: skip
+
+
+def test_uint8_on_the_device_equals_the_numpy_conversion():
+    generator = torch.Generator().manual_seed(0)
+    video = torch.rand(5, 3, 6, 8, generator=generator)  # channels first, as output_type="pt" gives
+    video[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0])  # halves: round to even
+    video[1, 0, 0, :2] = torch.tensor([-0.005, 1.005])  # VAE rounding past [0, 1] is clipped
+    on_device = to_uint8_frames(video)
+    on_host = to_uint8_frames(video.permute(0, 2, 3, 1).numpy())
+    assert on_device.dtype == np.uint8 and on_device.shape == (5, 6, 8, 3)
+    assert np.array_equal(on_device, on_host)
+    bf16 = video.to(torch.bfloat16)  # a GPU VAE's dtype
+    assert np.array_equal(to_uint8_frames(bf16), to_uint8_frames(bf16.float().permute(0, 2, 3, 1).numpy()))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        to_uint8_frames(torch.full((1, 3, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        to_uint8_frames(torch.full((1, 3, 2, 2), 2.0))
+
+
+def test_render_returns_frames_and_their_encode_is_what_generate_returns(engine: Engine):
+    rendered = engine.render("t2v", PARAMS, task_id="t1")
+    assert isinstance(rendered, Rendered)
+    assert rendered.frames.dtype == np.uint8 and rendered.frames.shape == (9, 48, 64, 3)
+    assert "encode_file" not in rendered.metadata["timings"]  # nothing encoded on the replica's time
+    artifact = rendered.encode()
+    assert artifact.filename == "t1.mp4" and artifact.media_type == "video/mp4"
+    assert artifact.metadata["timings"]["encode_file"] >= 0
+    assert engine.generate("t2v", PARAMS, task_id="t1").data == artifact.data  # same seed, same bytes
+    decoded, _ = decode_video(artifact.data)
+    assert np.abs(decoded.astype(int) - rendered.frames.astype(int)).mean() < 8  # the MP4 of these frames
+
+    image = engine.render("flux", {"model": "tiny-flux", "prompt": "a dog", "resolution": "32x32", "seed": 2,
+                                   "num_inference_steps": 2}, task_id="i1")  # fmt: skip
+    assert image.frames.shape == (1, 32, 32, 3)
+    png = image.encode()
+    assert png.filename == "i1.png" and png.media_type == "image/png"
+    assert np.array_equal(_png(png.data), image.frames[0])  # PNG is lossless
+
+
+def _png(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _text_encoder_calls(engine: Engine) -> list[int]:
+    calls = [0]
+    engine.pipe.text_encoder.register_forward_pre_hook(
+        lambda module, args: calls.__setitem__(0, calls[0] + 1)
+    )
+    return calls
+
+
+def _latents(engine: Engine, params: dict):
+    recorder = wrap_vae_decode(engine.pipe.vae)
+    rendered = engine.render("t2v", params)
+    return recorder.last_latents.clone(), rendered
+
+
+def test_a_repeated_prompt_skips_the_text_encoder_and_gives_the_same_latents(catalog: Catalog):
+    engine = Engine(device="cpu", catalog=catalog, lora_dirs=[])
+    engine.load("tiny-t2v")
+    calls = _text_encoder_calls(engine)
+    first_latents, first = _latents(engine, PARAMS)
+    assert calls[0] > 0  # the prompt and the negative prompt
+    assert first.metadata["acceleration"]["text_encode_cache"] == {"hits": 0, "misses": 1}
+    encoder_calls = calls[0]
+
+    second_latents, second = _latents(engine, PARAMS)
+    assert calls[0] == encoder_calls  # the text encoder ran zero times
+    assert second.metadata["acceleration"]["text_encode_cache"] == {"hits": 1, "misses": 0}
+    assert torch.equal(second_latents, first_latents)
+    assert np.array_equal(second.frames, first.frames)
+
+    # Another negative prompt (or prompt, or CFG on/off) is another key.
+    other = engine.render("t2v", {**PARAMS, "negative_prompt": "blurry"})
+    assert other.metadata["acceleration"]["text_encode_cache"] == {"hits": 0, "misses": 1}
+    assert calls[0] == 2 * encoder_calls
+
+    # A model switch clears it: the other model's text encoder may differ.
+    engine.load("tiny-t2v-22")
+    assert len(engine.prompt_cache) == 0
+    engine.load("tiny-t2v")
+    calls = _text_encoder_calls(engine)
+    again = engine.render("t2v", PARAMS)
+    assert again.metadata["acceleration"]["text_encode_cache"] == {"hits": 0, "misses": 1}
+    assert calls[0] == encoder_calls
+
+
+def test_the_prompt_cache_is_bounded_and_can_be_off(catalog: Catalog):
+    engine = Engine(device="cpu", catalog=catalog, lora_dirs=[], prompt_cache_entries=1)
+    for prompt in ("a", "b", "a"):
+        rendered = engine.render("t2v", {**PARAMS, "prompt": prompt})
+        assert rendered.metadata["acceleration"]["text_encode_cache"] == {"hits": 0, "misses": 1}
+    assert len(engine.prompt_cache) == 1
+    off = Engine(device="cpu", catalog=catalog, lora_dirs=[], prompt_cache_entries=0)
+    off.render("t2v", PARAMS)
+    rendered = off.render("t2v", PARAMS)
+    assert rendered.metadata["acceleration"]["text_encode_cache"] == {"hits": 0, "misses": 0}
+    with pytest.raises(ValueError, match="prompt_cache_entries"):
+        PromptCache(-1)
+
+
+def test_compile_auto_is_on_for_a_resident_gpu_only():
+    assert AccelerationConfig(compile="auto").check("resident", "cpu").compile is False
+    assert AccelerationConfig(compile="auto").check("resident", "cuda:0").compile is True
+    assert AccelerationConfig(compile="auto").check("model_offload", "cuda").compile is False
+    with pytest.raises(ValueError, match="compile: must be true, false or 'auto'"):
+        AccelerationConfig(compile="yes").check("resident", "cpu")
