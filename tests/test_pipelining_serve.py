@@ -51,6 +51,19 @@ def test_queued_tasks_all_complete_in_order_with_the_encode_off_the_replica(tmp_
         rows = [store.get(task_id) for task_id in ids]
     results = [row.result for row in rows]
     assert [r["seed"] for r in results] == list(range(TASKS))
+    # Each result says where the time went (issue 21.6): every stage, none negative, and the stages the
+    # task went through in turn fit in its time between claim and completion.
+    stages = ("queue_wait", "input_fetch", "load", "text_encode", "denoise", "decode", "encode", "save")
+    for row, result in zip(rows, results, strict=True):
+        timings = result["timings"]
+        assert set(stages) <= set(timings), timings
+        assert all(seconds >= 0 for seconds in timings.values()), timings
+        claimed_to_complete = (row.generation_processed_at - row.generation_started_at).total_seconds()
+        assert sum(timings[s] for s in stages if s != "queue_wait") <= claimed_to_complete + 0.05, timings
+        assert timings["queue_wait"] <= (row.generation_started_at - row.created_at).total_seconds() + 0.01
+    # The second task of the same prompt skipped the text encoder.
+    assert [r["acceleration"]["text_encode_cache"]["hits"] for r in results] == [0] + [1] * (TASKS - 1)
+
     # Queue order kept: the replica generated them in the order they were queued.
     busy = {entry["task_id"]: entry for entry in replica["recent"]}
     assert [busy[task_id]["started"] for task_id in ids] == sorted(
