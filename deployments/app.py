@@ -119,6 +119,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 device=deployment.device,
                 models_dir=config.models_dir,
                 preload=preload,
+                acceleration={
+                    "compile": deployment.compile,
+                    "attention_backend": deployment.attention_backend,
+                },
             )
     merged = {key: model for models in defaults.values() for key, model in models.items()}
     ingress = Ingress.options(

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
+from deployments.config import DeploymentConfig
 from Wan2GP.acceleration import AccelerationConfig, PromptCache
 from Wan2GP.artifact import Rendered
 from Wan2GP.catalog import Catalog
@@ -121,6 +123,38 @@ def test_the_prompt_cache_is_bounded_and_can_be_off(catalog: Catalog):
     assert rendered.metadata["acceleration"]["text_encode_cache"] == {"hits": 0, "misses": 0}
     with pytest.raises(ValueError, match="prompt_cache_entries"):
         PromptCache(-1)
+
+
+def test_deployment_config_checks_compile_and_the_attention_backend():
+    assert DeploymentConfig().compile == "auto" and DeploymentConfig().attention_backend is None
+    assert DeploymentConfig(attention_backend="_native_cudnn").attention_backend == "_native_cudnn"
+    with pytest.raises(ValidationError, match="attention_backend: 'fastest' is not one of"):
+        DeploymentConfig(attention_backend="fastest")
+    with pytest.raises(ValidationError, match="compile: needs memory_profile 'resident'"):
+        DeploymentConfig(compile=True, memory_profile="cpu")
+    with pytest.raises(ValidationError, match="compile: not available on multi-GPU replicas"):
+        DeploymentConfig(compile=True, gpus_per_replica=2)
+    with pytest.raises(ValidationError, match="compile"):
+        DeploymentConfig(compile="sometimes")
+
+
+def test_compiled_engine_compiles_once_and_auto_stays_eager_on_cpu(catalog: Catalog, tmp_path):
+    from torch._dynamo.utils import counters
+
+    config = AccelerationConfig(compile=True, inductor_cache_dir=str(tmp_path / "inductor"))
+    engine = Engine(device="cpu", catalog=catalog, lora_dirs=[], acceleration=config)
+    first = engine.render("t2v", PARAMS)
+    assert first.metadata["acceleration"]["compiled"] == ["transformer"]
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    second = engine.render("t2v", {**PARAMS, "seed": 2, "prompt": "a dog"})  # same shapes: no recompile
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not np.array_equal(second.frames, first.frames)
+
+    auto = Engine(
+        device="cpu", catalog=catalog, lora_dirs=[], acceleration=AccelerationConfig(compile="auto")
+    )
+    assert auto.render("t2v", PARAMS).metadata["acceleration"]["compiled"] == []
 
 
 def test_compile_auto_is_on_for_a_resident_gpu_only():

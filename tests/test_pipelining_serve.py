@@ -12,6 +12,7 @@ import pytest
 
 from db.store import open_store
 from hwgp_testing import running_app, wait_final
+from Wan2GP.acceleration import AccelerationConfig
 from Wan2GP.catalog import Catalog
 from Wan2GP.engine import Engine
 
@@ -26,7 +27,7 @@ def test_queued_tasks_all_complete_in_order_with_the_encode_off_the_replica(tmp_
         "db": f"sqlite:///{tmp_path / 'tasks.db'}",
         "storage": {"root": str(tmp_path / "files")},
         "models": "tiny",
-        "deployments": {"T2V": {"num_gpus": 1, "num_cpus": 0.1}},
+        "deployments": {"T2V": {"num_gpus": 1, "num_cpus": 0.1, "attention_backend": "_native_math"}},
         "ingress": {"poll_interval_s": 0.1, "progress_interval_s": 0.0, "shutdown_grace_s": 1.0},
     }
     with running_app(config, num_gpus=1) as client:
@@ -42,7 +43,8 @@ def test_queued_tasks_all_complete_in_order_with_the_encode_off_the_replica(tmp_
 
     # Nothing lost, nothing swapped: each output is the one its own seed gives, byte for byte (the same
     # engine and encoder in this process, on the same tiny weights).
-    engine = Engine(device="cpu", catalog=Catalog.load(), lora_dirs=[])
+    acceleration = AccelerationConfig(attention_backend="_native_math")
+    engine = Engine(device="cpu", catalog=Catalog.load(), lora_dirs=[], acceleration=acceleration)
     for seed, data in enumerate(outputs):
         assert engine.generate("t2v", {**SMALL, "model": "tiny-t2v", "seed": seed}).data == data
     assert len(set(outputs)) == TASKS
@@ -51,6 +53,9 @@ def test_queued_tasks_all_complete_in_order_with_the_encode_off_the_replica(tmp_
         rows = [store.get(task_id) for task_id in ids]
     results = [row.result for row in rows]
     assert [r["seed"] for r in results] == list(range(TASKS))
+    # The deployment's config reached the engine, and each result records what ran (compile "auto": off on CPU).
+    assert {r["acceleration"]["attention_backend"] for r in results} == {"_native_math"}
+    assert {tuple(r["acceleration"]["compiled"]) for r in results} == {()}
     # Each result says where the time went (issue 21.6): every stage, none negative, and the stages the
     # task went through in turn fit in its time between claim and completion.
     stages = ("queue_wait", "input_fetch", "load", "text_encode", "denoise", "decode", "encode", "save")
