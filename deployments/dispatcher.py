@@ -119,7 +119,8 @@ class Job:
         self.waiting_for: str | None = None  # inputs fetched, waiting for this deployment's capacity
         self.started = time.monotonic()
         self.timings: dict[str, float] = {}  # seconds per stage (input_fetch, load, save): the task's result
-        # "running" (the runner has it), "storing" (saving the artifact), "completing" (writing the row):
+        # "running" (the runner has it), "encoding" (the replica handed its frames back), "storing" (saving
+        # the artifact), "completing" (writing the row):
         # at stop, only running jobs are interrupted; the others have a finished artifact to keep.
         self.phase = "running"
         self._dispatcher = dispatcher
@@ -156,7 +157,9 @@ class Job:
 
     def gpu_done(self) -> None:
         """The replica has handed back its output: count on CPU_STAGE_POOL from now on and wake the claim
-        loop, so the deployment takes its next task while this one is encoded and saved."""
+        loop, so the deployment takes its next task while this one is encoded and saved. At stop, its
+        finished frames are kept like an artifact being stored (phase "encoding": not interrupted)."""
+        self.phase = "encoding"
         if self.pool != CPU_STAGE_POOL and self._dispatcher._in_flight_on(CPU_STAGE_POOL) < CPU_STAGE_LIMIT:
             self.pool = CPU_STAGE_POOL
             self._dispatcher._wake.set()

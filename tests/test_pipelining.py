@@ -3,14 +3,20 @@ encode as a separate stage with the same bytes, and the per-prompt text-embeddin
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from test_dispatcher import in_loop, make_dispatcher, statuses, until
 
+from db.store import open_store
+from deployments import dispatcher as dispatcher_module
 from deployments.config import DeploymentConfig
+from deployments.dispatcher import Job, RunResult
 from Wan2GP.acceleration import AccelerationConfig, PromptCache
-from Wan2GP.artifact import Rendered
+from Wan2GP.artifact import Artifact, Rendered
 from Wan2GP.catalog import Catalog
 from Wan2GP.engine import Engine
 from Wan2GP.parallel import wrap_vae_decode
@@ -163,3 +169,76 @@ def test_compile_auto_is_on_for_a_resident_gpu_only():
     assert AccelerationConfig(compile="auto").check("model_offload", "cuda").compile is False
     with pytest.raises(ValueError, match="compile: must be true, false or 'auto'"):
         AccelerationConfig(compile="yes").check("resident", "cpu")
+
+
+@pytest.fixture
+def store(tmp_path):
+    with open_store(f"sqlite:///{tmp_path / 'tasks.db'}") as opened:
+        yield opened
+
+
+@pytest.fixture
+def running() -> list:
+    return []  # dispatchers a test started: `in_loop` stops them
+
+
+class PipelinedGpu:
+    """A runner standing in for GenerationRunner: 'generates' (one at a time is all the capacity allows),
+    hands the replica back (`job.gpu_done()`), then waits for its encode to be let through."""
+
+    def __init__(self):
+        self.generating = 0
+        self.peak = 0
+        self.encoding: list[str] = []
+        self.gates: dict[str, asyncio.Event] = {}
+
+    async def run(self, job: Job) -> RunResult:
+        task_id = job.task.id
+        self.generating += 1
+        self.peak = max(self.peak, self.generating)
+        await asyncio.sleep(0.02)
+        self.generating -= 1
+        job.gpu_done()
+        self.encoding.append(task_id)
+        gate = self.gates.setdefault(task_id, asyncio.Event())
+        await gate.wait()
+        return RunResult(Artifact(b"video of " + task_id.encode(), f"{task_id}.mp4", "video/mp4", {}), "fake")
+
+
+@in_loop
+async def test_the_deployment_takes_the_next_task_while_the_last_one_encodes(store, tmp_path, running):
+    gpu = PipelinedGpu()
+    dispatcher = make_dispatcher(store, tmp_path, gpu, {"T2V": 1})
+    ids = [store.add("t2v", {"prompt": f"cat {i}"}).id for i in range(4)]
+    dispatcher.start()
+    running.append(dispatcher)
+    # Capacity 1, yet all four generated while none has been encoded: each one freed the replica for the next.
+    await until(lambda: len(gpu.encoding) == 4)
+    assert gpu.peak == 1
+    assert gpu.encoding == ids  # claimed and generated in queue order
+    for task_id in reversed(ids):  # encodes finishing in any order lose nothing
+        gpu.gates[task_id].set()
+    await until(lambda: statuses(store) == {"Complete": 4})
+    for task_id in ids:
+        assert (
+            tmp_path / "files" / task_id / f"{task_id}.mp4"
+        ).read_bytes() == b"video of " + task_id.encode()
+
+
+@in_loop
+async def test_the_cpu_stage_is_bounded(store, tmp_path, running, monkeypatch):
+    monkeypatch.setattr(dispatcher_module, "CPU_STAGE_LIMIT", 2)
+    gpu = PipelinedGpu()
+    dispatcher = make_dispatcher(store, tmp_path, gpu, {"T2V": 1})
+    ids = [store.add("t2v", {"prompt": f"cat {i}"}).id for i in range(4)]
+    dispatcher.start()
+    running.append(dispatcher)
+    # Two wait in the CPU stage; the third keeps the deployment's capacity until its own encode ends.
+    await until(lambda: len(gpu.encoding) == 3)
+    await asyncio.sleep(0.2)
+    assert gpu.encoding == ids[:3]
+    gpu.gates[ids[2]].set()
+    await until(lambda: len(gpu.encoding) == 4)
+    for task_id in ids:
+        gpu.gates.setdefault(task_id, asyncio.Event()).set()
+    await until(lambda: statuses(store) == {"Complete": 4})
