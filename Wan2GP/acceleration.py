@@ -11,6 +11,10 @@ Applied by the engine to a loaded pipeline's transformer(s) (``transformer`` and
 - **attention backend** (:func:`set_attention_backend`): diffusers' attention dispatcher (``native``,
   ``_native_cudnn``, ``_native_flash``, ``flash`` when flash-attn is installed, ...); the one used is
   recorded in each result.
+- **text-embedding cache** (:class:`PromptCache`): the pipeline's ``encode_prompt`` remembers its embeddings
+  per (model, text encoder, prompt, negative prompt, max length, ...) in a bounded LRU, so a repeated prompt
+  skips the text encoder (UMT5-XXL for Wan: seconds per task). Cleared when the engine switches model; each
+  result reports its hits and misses (``acceleration.text_encode_cache``).
 - **step caching** (:func:`step_cache`): the original's task params ``skip_steps_cache_type``,
   ``skip_steps_multiplier`` and ``skip_steps_start_step_perc`` mapped onto diffusers' MagCache hooks:
   ``"mag"`` skips whole transformer forwards (reusing the last residual) where the calibrated magnitude ratios
@@ -27,8 +31,10 @@ import contextlib
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AccelerationConfig",
+    "PromptCache",
     "StepCache",
     "StepCacheReport",
     "apply_acceleration",
@@ -73,31 +80,51 @@ class AccelerationConfig:
     """What an engine applies to every pipeline it loads.
 
     Args:
-        compile: regional torch.compile of the transformer blocks (resident memory profile only).
+        compile: regional torch.compile of the transformer blocks (resident memory profile only); ``"auto"``:
+            on a CUDA device with the resident profile, off elsewhere (compiling costs more than it saves on a
+            CPU, and offloading hooks move weights during the compiled forward).
         attention_backend: a diffusers attention backend name (None: diffusers' default, ``native``).
         inductor_cache_dir: where compiled artefacts live (default ``$TORCHINDUCTOR_CACHE_DIR`` or
             ``$HWGP_CACHE_DIR/inductor``).
     """
 
-    compile: bool = False
+    compile: bool | str = False
     attention_backend: str | None = None
     inductor_cache_dir: str | None = None
 
-    def check(self, memory_profile: str) -> AccelerationConfig:
+    def check(self, memory_profile: str, device: str | None = None) -> AccelerationConfig:
+        """This config with ``compile="auto"`` decided for ``device``; a ValueError naming the field for a
+        setting that cannot run."""
+        if self.compile == "auto":
+            on_gpu = device is not None and device.startswith("cuda")
+            return replace(self, compile=on_gpu and memory_profile == "resident").check(
+                memory_profile, device
+            )
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: must be true, false or 'auto', got {self.compile!r}")
         if self.compile and memory_profile != "resident":
             raise ValueError(
                 f"compile: needs memory_profile 'resident' (offloading hooks move weights during the compiled "
                 f"forward), got {memory_profile!r}"
             )
         if self.attention_backend is not None:
-            from diffusers.models.attention_dispatch import AttentionBackendName
-
-            known = [b.value for b in AttentionBackendName]
-            if self.attention_backend not in known:
-                raise ValueError(
-                    f"attention_backend: {self.attention_backend!r} is not one of {', '.join(known)}"
-                )
+            check_attention_backend(self.attention_backend)
         return self
+
+
+def attention_backends() -> list[str]:
+    """The names diffusers' attention dispatcher knows (its registry), whether or not installed here."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return [b.value for b in AttentionBackendName]
+
+
+def check_attention_backend(name: str) -> str:
+    """``name`` when diffusers knows it; a ValueError naming the field and the known names otherwise."""
+    known = attention_backends()
+    if name not in known:
+        raise ValueError(f"attention_backend: {name!r} is not one of {', '.join(known)}")
+    return name
 
 
 def use_inductor_cache_dir(path: str | None = None) -> str:
@@ -146,6 +173,84 @@ def apply_acceleration(pipe, config: AccelerationConfig | None) -> dict[str, Any
         applied["compiled"] = compile_transformers(pipe, config.inductor_cache_dir)
         applied["inductor_cache_dir"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     return applied
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text-embedding cache: a repeated prompt skips the text encoder
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cache_key(value: Any) -> Any:
+    """A hashable form of an ``encode_prompt`` argument, or _UNCACHEABLE (an image, a tensor: run uncached)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, torch.device | torch.dtype):
+        return str(value)
+    if isinstance(value, list | tuple):
+        items = tuple(_cache_key(item) for item in value)
+        return _UNCACHEABLE if _UNCACHEABLE in items else items
+    return _UNCACHEABLE
+
+
+_UNCACHEABLE = object()
+
+
+class PromptCache:
+    """A bounded LRU of ``pipe.encode_prompt`` results, keyed by the engine's scope (model id, text encoder
+    identity) and every argument of the call (prompt, negative prompt, CFG, max sequence length, device).
+
+    The embeddings stay where the text encoder put them (on the GPU: ~4 MB per Wan prompt pair in bf16, so the
+    default 16 entries hold ~64 MB). The pipelines only read them, so handing the same tensors out twice gives
+    the same latents (tests/test_pipelining.py checks it). A call with an argument that is not plain data
+    (an image) runs uncached."""
+
+    def __init__(self, max_entries: int = 16):
+        if max_entries < 0:
+            raise ValueError(f"prompt_cache_entries: must be >= 0, got {max_entries}")
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def counts(self) -> tuple[int, int]:
+        return self.hits, self.misses
+
+    def counts_since(self, before: tuple[int, int]) -> dict[str, int]:
+        """Hits and misses since ``counts()`` returned ``before`` (one task's, as its result reports them)."""
+        return {"hits": self.hits - before[0], "misses": self.misses - before[1]}
+
+    def install(self, pipe, scope: Any) -> None:
+        """Wrap ``pipe.encode_prompt`` (the runners call it by keyword before the pipeline)."""
+        if self.max_entries == 0:
+            return
+        encode_prompt = pipe.encode_prompt
+
+        def cached_encode_prompt(*args, **kwargs):
+            key = _cache_key((scope, args, tuple(sorted(kwargs.items()))))
+            if key is _UNCACHEABLE:
+                return encode_prompt(*args, **kwargs)
+            with self._lock:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return self._entries[key]
+            value = encode_prompt(*args, **kwargs)
+            with self._lock:
+                self.misses += 1
+                self._entries[key] = value
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+            return value
+
+        pipe.encode_prompt = cached_encode_prompt
 
 
 # ----------------------------------------------------------------------------------------------------------

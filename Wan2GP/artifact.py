@@ -1,9 +1,22 @@
-"""The result of one generation: encoded bytes plus what a caller needs to store and describe them."""
+"""The result of one generation: encoded bytes plus what a caller needs to store and describe them.
+
+Two stages, so the GPU replica is free as soon as its GPU work ends (issue 21.5):
+
+    Rendered   raw uint8 frames (T, H, W, 3) + fps + metadata: what the replica returns
+    Artifact   the encoded file (MP4 / PNG) + metadata: what storage and the task's result take
+
+`Rendered.encode()` turns the first into the second; it runs wherever the caller decides (a CPU Ray
+task in the served path, in process for the plain-library `Engine.generate`).
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 
 @dataclass
@@ -21,3 +34,51 @@ class Artifact:
     @property
     def size(self) -> int:
         return len(self.data)
+
+
+# (frames, fps) -> MP4 bytes: Wan2GP.video.encode_mp4 unless a caller swaps in another (Wan2GP.parallel).
+VideoEncoder = Callable[..., bytes]
+
+
+@dataclass
+class Rendered:
+    """A generation's frames before encoding: uint8 (T, H, W, 3) RGB, one frame for an image."""
+
+    frames: np.ndarray
+    fps: int
+    stem: str  # the output's file name without its extension (the task id)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.frames, np.ndarray) or self.frames.dtype != np.uint8 or self.frames.ndim != 4:
+            raise ValueError(f"frames: must be a uint8 (T, H, W, 3) array, got {type(self.frames).__name__}")
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.frames.nbytes)
+
+    def encode(self, video_encoder: VideoEncoder | None = None) -> Artifact:
+        """The encoded file: a PNG for one frame, else an MP4 at `fps`. Its time goes in the metadata's
+        `timings["encode_file"]` (the result's `encode`)."""
+        from Wan2GP.video import encode_mp4, encode_png
+
+        started_at, start = time.time(), time.perf_counter()
+        if len(self.frames) == 1:
+            data, extension, media_type = encode_png(self.frames[0]), "png", "image/png"
+        else:
+            encode = video_encoder or encode_mp4
+            data, extension, media_type = encode(self.frames, fps=self.fps), "mp4", "video/mp4"
+        metadata = dict(self.metadata)
+        metadata["encode_started_at"] = round(started_at, 3)  # epoch s: after the replica handed it back
+        metadata["timings"] = {
+            **metadata.get("timings", {}),
+            "encode_file": round(time.perf_counter() - start, 4),
+        }
+        return Artifact(
+            data=data, filename=f"{self.stem}.{extension}", media_type=media_type, metadata=metadata
+        )
+
+
+def encode_rendered(rendered: Rendered) -> Artifact:
+    """`rendered.encode()` as a plain function: the body of the CPU Ray task the runner starts."""
+    return rendered.encode()

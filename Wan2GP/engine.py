@@ -1,5 +1,6 @@
 """The generation engine: load a model from the catalog, keep it resident, turn task params into a diffusers
-pipeline call, and return the encoded result as an :class:`~Wan2GP.artifact.Artifact`.
+pipeline call, and return its frames (:meth:`Engine.render`, a :class:`~Wan2GP.artifact.Rendered`) or the
+encoded result (:meth:`Engine.generate`, an :class:`~Wan2GP.artifact.Artifact`).
 
 A plain library: no Ray, no database. One engine holds one pipeline at a time; a second task on the same
 model reuses it, and switching to a model that shares components (text encoder, VAE, ...) keeps those.
@@ -18,8 +19,14 @@ from typing import Any
 
 import torch
 
-from Wan2GP.acceleration import AccelerationConfig, apply_acceleration, parse_step_cache, step_cache
-from Wan2GP.artifact import Artifact
+from Wan2GP.acceleration import (
+    AccelerationConfig,
+    PromptCache,
+    apply_acceleration,
+    parse_step_cache,
+    step_cache,
+)
+from Wan2GP.artifact import Artifact, Rendered
 from Wan2GP.catalog import (
     COMPATIBLE_FAMILIES,
     TASK_FAMILIES,
@@ -81,6 +88,7 @@ class Engine:
         default_models: task type or family -> model id used when a task names no model.
         lora_dirs: folders searched for LoRA names (default ``$HWGP_LORA_DIR``, ``$WAN2GP_CACHE/loras``).
         acceleration: compile / attention backend for every loaded pipeline (see :mod:`Wan2GP.acceleration`).
+        prompt_cache_entries: text embeddings kept per prompt (LRU; 0 turns the cache off).
     """
 
     def __init__(
@@ -91,11 +99,15 @@ class Engine:
         default_models: dict[str, str] | None = None,
         lora_dirs: list[str | Path] | None = None,
         acceleration: AccelerationConfig | None = None,
+        prompt_cache_entries: int = 16,
     ):
         self.memory_profile = check_profile(memory_profile)
-        self.acceleration = acceleration.check(memory_profile) if acceleration is not None else None
-        self.applied_acceleration: dict[str, Any] = {}
         self.device = "cpu" if memory_profile == "cpu" else (device or default_device())
+        self.acceleration = (
+            acceleration.check(memory_profile, str(self.device)) if acceleration is not None else None
+        )
+        self.applied_acceleration: dict[str, Any] = {}
+        self.prompt_cache = PromptCache(prompt_cache_entries)
         self.catalog = catalog if catalog is not None else Catalog.load()
         self.default_models = dict(default_models or {})
         self.lora_dirs = [Path(d) for d in lora_dirs] if lora_dirs is not None else default_lora_dirs()
@@ -106,7 +118,8 @@ class Engine:
         self._base_scheduler = None
         self._base_boundary: float | None = None  # a two-expert model's own boundary_ratio
         self._lock = threading.Lock()  # one load or generation at a time
-        # (frames, fps) -> MP4 bytes; None: Wan2GP.video.encode_mp4. Wan2GP.parallel swaps in a split encoder.
+        # (frames, fps) -> MP4 bytes for `generate`; None: Wan2GP.video.encode_mp4. Wan2GP.parallel swaps in
+        # a split encoder.
         self.video_encoder: Callable[..., bytes] | None = None
 
     @property
@@ -151,6 +164,7 @@ class Engine:
                     reuse[name] = current[name]
             # Drop our references before reading new weights, so unused modules can be freed first.
             self.pipe = None
+            self.prompt_cache.clear()  # embeddings of another model's text encoder
             self.definition = None
             self._component_keys = {}
             del current
@@ -162,6 +176,8 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         apply_memory_profile(pipe, self.memory_profile, self.device)
         self.applied_acceleration = apply_acceleration(pipe, self.acceleration)
+        if hasattr(pipe, "encode_prompt"):
+            self.prompt_cache.install(pipe, scope=(definition.id, keys.get("text_encoder")))
         self.load_count += 1
 
         self.pipe = pipe
@@ -208,6 +224,7 @@ class Engine:
             self.pipe = None
             self.definition = None
             self._component_keys = {}
+            self.prompt_cache.clear()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
@@ -228,17 +245,35 @@ class Engine:
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> Artifact:
-        """Run one task and return its encoded output.
+        """Run one task and return its encoded output (:meth:`render`, then the encode in this thread).
 
         Raises pydantic.ValidationError for bad params, UnsupportedTaskType / UnknownModel / WeightsNotFound
         for what cannot run here, and Cancelled when ``should_cancel()`` turns True.
         """
-        if task_type in IMAGE_TASK_FAMILIES:  # Qwen-Image / Z-Image tasks: Wan2GP/image_models.py
-            from Wan2GP.image_models import generate_image
+        rendered = self.render(
+            task_type, params, task_id=task_id, progress=progress, should_cancel=should_cancel
+        )
+        return rendered.encode(self.video_encoder)
 
-            return generate_image(
-                self, task_type, params, task_id=task_id, progress=progress, should_cancel=should_cancel
+    def render(
+        self,
+        task_type: str,
+        params: dict[str, Any],
+        *,
+        task_id: str | None = None,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> Rendered:
+        """Run one task and return its uint8 frames and metadata, unencoded: what a GPU replica hands back
+        as soon as decoding ends (the encode runs elsewhere, on a CPU). Raises as :meth:`generate` does."""
+        if task_type in IMAGE_TASK_FAMILIES:  # Qwen-Image / Z-Image tasks: Wan2GP/image_models.py
+            from Wan2GP.image_models import render_image
+            from Wan2GP.video import to_uint8_frames
+
+            image, metadata = render_image(
+                self, task_type, params, progress=progress, should_cancel=should_cancel
             )
+            return Rendered(to_uint8_frames(image[None]), 1, task_id or "output", metadata)
         parsed = parse_params(task_type, params)
         definition = self.resolve_model(task_type, parsed)
         task_family = _task_family(task_type, parsed)
@@ -261,23 +296,22 @@ class Engine:
         with self._lock:
             load_report = self._load(definition.id)
             settings = self._settings(definition, task_family, parsed)
+            settings.output_type = "pt"  # frames stay on the device until they are uint8
             loras = apply_loras(self.pipe, settings.loras)
             self.pipe.scheduler = self._scheduler(settings)
             settings.phases = self._phase_plan(settings, task_family)
             timings: dict[str, float] = {"load": load_report.seconds}
+            prompts_before = self.prompt_cache.counts()
             with step_cache(self.pipe, step_request, settings.steps, definition.id) as cache_report:
                 frames = runner(self.pipe, parsed, settings, timings, progress, should_cancel)
+            prompt_cache = self.prompt_cache.counts_since(prompts_before)
 
-        from Wan2GP.video import encode_mp4, encode_png, to_uint8_frames
+            from Wan2GP.video import to_uint8_frames
 
-        start = time.perf_counter()
-        frames = to_uint8_frames(frames)
-        if len(frames) == 1:
-            data, extension, media_type = encode_png(frames[0]), "png", "image/png"
-        else:
-            encode = self.video_encoder or encode_mp4
-            data, extension, media_type = encode(frames, fps=settings.fps), "mp4", "video/mp4"
-        timings["encode_file"] = time.perf_counter() - start
+            # uint8 on the device, then the copy to the host: part of the decode stage.
+            start = time.perf_counter()
+            frames = to_uint8_frames(frames)
+            timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - start
 
         metadata = {
             "task_type": task_type,
@@ -300,11 +334,10 @@ class Engine:
             "acceleration": {
                 **self.applied_acceleration,
                 "step_cache": cache_report and cache_report.as_dict(),
+                "text_encode_cache": prompt_cache,
             },
         }
-        return Artifact(
-            data=data, filename=f"{task_id or 'output'}.{extension}", media_type=media_type, metadata=metadata
-        )
+        return Rendered(frames, settings.fps, task_id or "output", metadata)
 
     def _settings(self, definition: ModelDefinition, task_family: str, params: BaseParams) -> Settings:
         """Merge model defaults, LoRA-flag presets and the task's own params (in that order of priority)."""

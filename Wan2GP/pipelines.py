@@ -3,7 +3,9 @@
 Each runner encodes the prompt itself (so its time is measured on its own), then calls the pipeline with
 ``output_type="np"`` and a step callback that reports progress and raises :class:`Cancelled`. The pipeline
 call is split into denoise (until the last step's callback) and decode (the rest: VAE decode and
-post-processing). Runners return float frames (T, H, W, 3) in [0, 1].
+post-processing). Runners return float frames (T, H, W, 3) in [0, 1]; with ``Settings.output_type="pt"`` (the
+engine's choice) a tensor on the pipeline's device instead, channels first, that the engine turns into uint8
+there before the copy to the host.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Settings:
     loras: list[LoraRequest] = field(default_factory=list)
     phase_spec: PhaseSpec | None = None
     phases: PhasePlan | None = None  # set once the pipeline and its scheduler are ready
+    output_type: str = "np"  # "pt": frames stay on the device (the engine converts them to uint8 there)
 
     @property
     def call_guidance(self) -> float:
@@ -112,7 +115,7 @@ def _run(pipe, kwargs: dict, settings: Settings, timings: dict, progress, should
             num_inference_steps=settings.steps,
             guidance_scale=settings.call_guidance,
             generator=_generator(settings.seed),
-            output_type=kwargs.pop("output_type", "np"),
+            output_type=kwargs.pop("output_type", settings.output_type),
             callback_on_step_end=hook,
             callback_on_step_end_tensor_inputs=["latents"],
             **kwargs,

@@ -30,8 +30,10 @@ def generate_step(
 ) -> Artifact:
     """Run one task on a family deployment and return its artifact (blocking: for Ray tasks).
 
-    The artifact's metadata gains `denoise_started` / `denoise_finished` (epoch seconds): when the
-    replica really generated, as opposed to waiting for a free replica or loading the model.
+    The replica hands back frames and takes its next request; they are encoded here, in the calling Ray
+    task's CPU, so an orchestration's steps keep the `Artifact` contract (the segment's stored MP4, which the
+    stitch decodes as the original does). The artifact's metadata gains `denoise_started` /
+    `denoise_finished` (epoch seconds): when the replica really generated, as opposed to waiting for a free replica or loading the model.
     `lora_files`: the LoRAs fetched by URL that `params` name by content name (`StepTarget.lora_files`).
     """
     options = handle.options(stream=True, multiplexed_model_id=model_id)
@@ -42,8 +44,10 @@ def generate_step(
             if event["event"] == "progress" and started is None:
                 started = time.time()
             elif event["event"] == "done":
-                artifact = event["artifact"]
-                artifact.metadata.update(denoise_started=started or time.time(), denoise_finished=time.time())
+                finished = time.time()
+                rendered = event.get("rendered")
+                artifact = rendered.encode() if rendered is not None else event["artifact"]
+                artifact.metadata.update(denoise_started=started or finished, denoise_finished=finished)
                 return artifact
             elif event["event"] == "error":
                 raise StepFailed(event["message"])

@@ -116,7 +116,13 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             )
         else:
             handles[name] = GenerationDeployment.options(**options).bind(
-                family=name, memory_profile=deployment.memory_profile, **common
+                family=name,
+                memory_profile=deployment.memory_profile,
+                acceleration={
+                    "compile": deployment.compile,
+                    "attention_backend": deployment.attention_backend,
+                },
+                **common,
             )
         if deployment.split is not None:
             # The family's second pool, on GPUs of its own: the dispatcher picks a pool per task

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.auth import AuthSettings
 from deployments.limits import LimitSettings
@@ -112,6 +112,17 @@ class DeploymentConfig(BaseModel):
         default=None, description="cuda, cuda:1, cpu; default cuda when the replica has one"
     )
     preload: bool = Field(default=False, description="load the family's first default model at start")
+    # --- speed on one GPU (issue 21; Wan2GP/acceleration.py) ---
+    compile: bool | Literal["auto"] = Field(
+        default="auto",
+        description="regional torch.compile of the transformer blocks; auto: on for a CUDA device with the "
+        "resident memory profile, off elsewhere (CPU, offloading, multi-GPU replicas)",
+    )
+    attention_backend: str | None = Field(
+        default=None,
+        description="a diffusers attention backend (native, _native_cudnn, flash, sage, ...); None: "
+        "diffusers' default. Each result records the one that ran (acceleration.attention_backend)",
+    )
     split: SplitConfig | None = Field(
         default=None,
         description="also run split replicas (several GPUs each) beside these 1-GPU ones; a short queue "
@@ -127,6 +138,22 @@ class DeploymentConfig(BaseModel):
                     f"split: goes beside 1-GPU replicas, but gpus_per_replica is {self.gpus_per_replica} "
                     "(every replica already splits); set gpus_per_replica: 1 or drop split"
                 )
+        return self
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_attention_backend(cls, name: str | None) -> str | None:
+        from Wan2GP.acceleration import check_attention_backend
+
+        return None if name is None else check_attention_backend(name)
+
+    @model_validator(mode="after")
+    def _compile_runs_here(self) -> DeploymentConfig:
+        if self.compile is True and self.memory_profile != "resident":
+            raise ValueError(f"compile: needs memory_profile 'resident', got {self.memory_profile!r}")
+        if self.gpus_per_replica > 1 and (self.compile is True or self.attention_backend is not None):
+            field = "compile" if self.compile is True else "attention_backend"
+            raise ValueError(f"{field}: not available on multi-GPU replicas (gpus_per_replica > 1) yet")
         return self
 
     @property

@@ -59,6 +59,12 @@ T = TypeVar("T")
 
 # The pseudo pool a generation counts on while its inputs download (it holds no deployment capacity).
 FETCHING_POOL = "Inputs"
+# The pseudo pool a generation counts on once its replica handed the frames back (encode, thumbnail, save run
+# on CPUs): the deployment's capacity goes to the next task meanwhile (issue 21.5).
+CPU_STAGE_POOL = "CPU stage"
+# At most this many generations in the CPU stage at once (their frames wait in memory): past it, a finished
+# generation keeps its deployment's capacity until it is encoded, as before pipelining.
+CPU_STAGE_LIMIT = 8
 # How long a progress write may hold up the generation that reports it; a slower write (the database is
 # locked) carries on in the background, and later steps are not written until it ends.
 PROGRESS_WAIT_S = 1.0
@@ -117,7 +123,8 @@ class Job:
         self.cfg = True  # whether it runs classifier-free guidance (a cfg split gains nothing otherwise)
         self.started = time.monotonic()
         self.timings: dict[str, float] = {}  # seconds per stage (input_fetch, load, save): the task's result
-        # "running" (the runner has it), "storing" (saving the artifact), "completing" (writing the row):
+        # "running" (the runner has it), "encoding" (the replica handed its frames back), "storing" (saving
+        # the artifact), "completing" (writing the row):
         # at stop, only running jobs are interrupted; the others have a finished artifact to keep.
         self.phase = "running"
         self._dispatcher = dispatcher
@@ -151,6 +158,15 @@ class Job:
                 stop()
             except Exception:  # stopping is best effort: the row's state is what counts
                 logger.exception("stopping task %s failed", self.task.id)
+
+    def gpu_done(self) -> None:
+        """The replica has handed back its output: count on CPU_STAGE_POOL from now on and wake the claim
+        loop, so the deployment takes its next task while this one is encoded and saved. At stop, its
+        finished frames are kept like an artifact being stored (phase "encoding": not interrupted)."""
+        self.phase = "encoding"
+        if self.pool != CPU_STAGE_POOL and self._dispatcher._in_flight_on(CPU_STAGE_POOL) < CPU_STAGE_LIMIT:
+            self.pool = CPU_STAGE_POOL
+            self._dispatcher._wake.set()
 
     async def progress(self, step: int, total: int) -> None:
         """Record denoising progress, at most every `progress_interval_s` (and always the last step)."""

@@ -1,12 +1,16 @@
 """A family deployment: one warm `Engine` per replica, serving one model family (T2V, VACE, Flux).
 
-Thin by design: it streams progress events and returns an `Artifact`; it never touches the database
-or storage, so a replica can run anywhere and a request can be retried anywhere.
+Thin by design: it streams progress events and returns the output's frames; it never touches the
+database or storage, so a replica can run anywhere and a request can be retried anywhere.
+
+Pipelined (issue 21.5): the replica returns raw uint8 frames (`Rendered`) as soon as the VAE decode ends and
+takes its next request; the MP4 / PNG encode runs on a CPU (`deployments.runners.encode_node`, or in the
+orchestration's own Ray task: `dag.steps.generate_step`).
 
 Stream protocol of `generate` (one dict per item):
     {"event": "loaded", "model": id, "seconds": s, "reused": bool}
     {"event": "progress", "step": i, "total": n}
-    {"event": "done", "artifact": Artifact}
+    {"event": "done", "rendered": Rendered}     (a multi-GPU replica sends {"event": "done", "artifact": Artifact})
     {"event": "error", "kind": "invalid" | "cancelled" | "engine", "message": str}
 """
 
@@ -17,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import ray
@@ -26,6 +31,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from deployments.errors import describe_validation_error
 from deployments.lora_fetch import replica_lora_dir, store_lora_files
+from Wan2GP.acceleration import AccelerationConfig
 from Wan2GP.engine import Engine
 from Wan2GP.errors import Cancelled, EngineError
 
@@ -56,6 +62,7 @@ class GenerationDeployment:
         device: str | None = None,
         models_dir: str | None = None,
         preload: str | None = None,
+        acceleration: dict[str, Any] | None = None,
     ):
         from Wan2GP.catalog import Catalog
         from Wan2GP.loras import default_lora_dirs
@@ -69,9 +76,13 @@ class GenerationDeployment:
             catalog=Catalog.load(models_dir),
             default_models=default_models,
             lora_dirs=[*default_lora_dirs(), self.lora_dir],
+            acceleration=AccelerationConfig(**acceleration) if acceleration else None,
         )
         self.load_error: str | None = None
         self.generations = 0
+        # When this replica was busy with each recent task (epoch seconds): its GPU time, which excludes the
+        # encode and the save since those run after it handed the frames back.
+        self.recent: deque[dict[str, Any]] = deque(maxlen=64)
         self._load_seconds = Histogram(
             "hwgp_model_load_seconds",
             description="Time to make a model resident on a replica.",
@@ -134,14 +145,16 @@ class GenerationDeployment:
             try:
                 if lora_files:  # object refs, pulled only when this replica lacks the file
                     store_lora_files(self.lora_dir, lora_files, read=object_bytes)
-                artifact = self.engine.generate(
+                started = time.time()
+                rendered = self.engine.render(
                     task_type,
                     params,
                     task_id=task_id,
                     progress=lambda step, total: emit({"event": "progress", "step": step, "total": total}),
                     should_cancel=cancel.is_set,
                 )
-                emit({"event": "done", "artifact": artifact})
+                self.recent.append({"task_id": task_id, "started": started, "finished": time.time()})
+                emit({"event": "done", "rendered": rendered})
             except ValidationError as error:
                 emit({"event": "error", "kind": "invalid", "message": describe_validation_error(error)})
             except Cancelled as error:
@@ -193,6 +206,12 @@ class GenerationDeployment:
             "loaded_model": self.engine.loaded_model_id,
             "generations": self.generations,
             "device": self.engine.device,
+            "recent": list(self.recent),
+            "prompt_cache": {
+                "entries": len(self.engine.prompt_cache),
+                "hits": self.engine.prompt_cache.hits,
+                "misses": self.engine.prompt_cache.misses,
+            },
         }
 
     def check_health(self) -> None:

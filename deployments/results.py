@@ -9,7 +9,10 @@ phases, ignored params, ... Nothing is filled in here that the producer did not 
              queue_wait   created -> claimed (both stamped by the database)
              input_fetch  downloading / resolving the task's inputs (the runner)
              load         making the model resident (the replica's multiplexed load plus the engine's own)
-             text_encode, denoise, decode, encode   the engine (`encode` is the mp4/png encoding)
+             text_encode, denoise, decode   the engine on the replica (text_encode ~0 on a cached prompt:
+                          `acceleration.text_encode_cache` counts the hits)
+             encode       the mp4/png encoding, in a CPU Ray task after the replica handed the frames back
+                          (`encode_started_at`: when it began, epoch seconds)
              save         the local write plus the upload when one is configured (`output.uploaded`)
 """
 

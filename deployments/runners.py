@@ -1,6 +1,7 @@
 """The Ray runners the dispatcher runs tasks through (see `deployments.dispatcher.Runner`).
 
-    GenerationRunner    one generation streamed from a family deployment (progress, then the artifact)
+    GenerationRunner    one generation streamed from a family deployment (progress, then the frames, encoded
+                        in a CPU Ray task while the replica takes its next task)
     OrchestrationRunner a multi-step task: plan it, mirror its steps as rows, run its Ray DAG
     UtilityRunner       a CPU utility as a Ray task (never on a GPU replica's time)
 
@@ -35,10 +36,14 @@ from deployments.routing import Routing
 from deployments.scheduling import StepTicket, task_uses_cfg
 from deployments.task_types import orchestration, task_type
 from storage import InputError, InputFetcher, OutputStorage
+from Wan2GP.artifact import Artifact, Rendered, encode_rendered
 
 logger = logging.getLogger("ray.serve")
 
 _vace_control_node = ray.remote(num_cpus=0.05, max_retries=0)(run_vace_control)
+# The MP4 / PNG encode of a replica's frames, on any node's CPU (ffmpeg runs in its own process). Idempotent,
+# so a worker lost mid-encode is retried once.
+encode_node = ray.remote(num_cpus=0.1, max_retries=1)(encode_rendered)
 
 
 def user_message(error: BaseException, what: str) -> str:
@@ -107,7 +112,7 @@ class GenerationRunner:
         handle = self.handles[deployment].options(stream=True, multiplexed_model_id=route.model_id)
         stream = handle.generate.remote(task.task_type, params, task.id, lora_files)
         job.on_cancel(stream.cancel)
-        artifact = None
+        output: Rendered | Artifact | None = None
         try:
             async for event in stream:
                 kind = event["event"]
@@ -115,18 +120,34 @@ class GenerationRunner:
                     job.timings["load"] = job.timings.get("load", 0.0) + event["seconds"]
                 elif kind == "progress":
                     await job.progress(event["step"], event["total"])
-                elif kind == "done":
-                    artifact = event["artifact"]
+                elif kind == "done":  # frames (a 1-GPU replica) or an encoded artifact (a multi-GPU one)
+                    output = event.get("rendered") or event.get("artifact")
                 elif kind == "error":
                     if event["kind"] == "cancelled":
                         raise RunCancelled
                     raise TaskFailure(event["message"])
         except TaskCancelledError:
             raise RunCancelled from None
-        if artifact is None:
+        if output is None:
             raise RunCancelled
+        job.gpu_done()  # the replica is free: its capacity goes to the next task while this one encodes
+        artifact = await self._encode(job, output) if isinstance(output, Rendered) else output
         artifact.metadata.update(control_report)
         return RunResult(artifact, route.model_id)
+
+    @staticmethod
+    async def _encode(job: Job, rendered: Rendered) -> Artifact:
+        """The MP4 / PNG of `rendered`, encoded in a CPU Ray task (its time: the result's `encode`)."""
+        ref = encode_node.remote(rendered)
+        job.on_cancel(lambda: ray.cancel(ref))
+        try:
+            return await ref
+        except TaskCancelledError:
+            raise RunCancelled from None
+        except RayTaskError as error:
+            if isinstance(error.cause, ValueError):  # frames that cannot be encoded: a fault of the output
+                raise TaskFailure(user_message(error, "encoding the output")) from None
+            raise  # ffmpeg or the node failed: the dispatcher retries the task
 
 
 class OrchestrationRunner:
