@@ -14,9 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from Wan2GP.postprocess import PostProcess
 
 
 @dataclass
@@ -79,6 +82,14 @@ class Rendered:
         )
 
 
-def encode_rendered(rendered: Rendered) -> Artifact:
-    """`rendered.encode()` as a plain function: the body of the CPU Ray task the runner starts."""
-    return rendered.encode()
+def encode_rendered(rendered: Rendered | Artifact, post: PostProcess | None = None) -> Artifact:
+    """`rendered.encode()` as a plain function: the body of the CPU Ray task the runner starts. With `post`
+    (the task's output post-processing, `Wan2GP.postprocess`) the frames are post-processed first, here on
+    the CPU; an artifact a multi-GPU replica already encoded is decoded for it (else returned as is)."""
+    if post is None or not post.active:
+        return rendered if isinstance(rendered, Artifact) else rendered.encode()
+    from Wan2GP.postprocess import apply_postprocess, rendered_from_artifact
+
+    if isinstance(rendered, Artifact):
+        rendered = rendered_from_artifact(rendered)
+    return apply_postprocess(rendered, post).encode()

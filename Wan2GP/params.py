@@ -33,6 +33,14 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from Wan2GP.catalog import TASK_FAMILIES
 from Wan2GP.errors import UnsupportedTaskType
 from Wan2GP.phases import Multiplier
+from Wan2GP.postprocess import (
+    DEFAULT_GRAIN_SATURATION,
+    SPATIAL_SCALES,
+    TEMPORAL_FACTORS,
+    PostProcess,
+    check_choice,
+    check_fraction,
+)
 from Wan2GP.schedulers import SOLVERS
 
 MAX_SIDE = 4096
@@ -132,9 +140,6 @@ REFUSED_KEYS: dict[str, str] = {
     "enhance_prompt": f"prompt enhancement needs a vision-language model, {_NOT_INSTALLED}; send the final prompt",
     "prompt_enhancer": f"prompt enhancement needs a vision-language model, {_NOT_INSTALLED}; send the final prompt",
     "audio_guide": f"audio-driven generation needs audio models, {_NOT_INSTALLED}",
-    "temporal_upsampling": f"RIFE/FILM output interpolation models are {_NOT_INSTALLED.removeprefix('which are ')}",
-    "spatial_upsampling": "output upsampling is not run by the engine (travel runs have upscale_factor)",
-    "film_grain_intensity": "film grain is not added by this engine",
     "slg_switch": "skip-layer guidance is not implemented by the diffusers pipelines used here",
     "cfg_star_switch": "CFG-Zero* is not implemented by the diffusers pipelines used here",
     "use_svi": "SVI (stable video infinity) continuation is not supported",
@@ -144,6 +149,18 @@ REFUSED_KEYS: dict[str, str] = {
     "sliding_window_size": "sliding-window long video generation is not supported; use travel_orchestrator",
     "image_guide": "image control guides are not supported",
     "image_mask": "image control masks are not supported",
+}
+# Output post-processing (Wan2GP/postprocess.py) is honoured on a generation task's output. An orchestration
+# passing it on would apply it to each of its steps' outputs (travel: every segment, before the stitch), not
+# to its final video as the original's single generation does, so orchestrations refuse it.
+_POSTPROCESS_IN_ORCHESTRATION = (
+    "output post-processing is honoured on generation tasks only, not in orchestrations (it would run on "
+    "every segment before the stitch); travel has upscale_factor, or post-process with a generation task"
+)
+ORCHESTRATION_REFUSED_KEYS: dict[str, str] = {
+    "temporal_upsampling": _POSTPROCESS_IN_ORCHESTRATION,
+    "spatial_upsampling": _POSTPROCESS_IN_ORCHESTRATION,
+    "film_grain_intensity": _POSTPROCESS_IN_ORCHESTRATION,
 }
 # Values that ask for nothing, per key (default: None, False, 0, "", [], {}).
 _INERT_VALUES: dict[str, tuple] = {
@@ -183,7 +200,8 @@ IGNORED_KEYS: dict[str, str] = {
     "structure_canny_intensity": "only read together with structure guidance, which is refused",
     "structure_depth_contrast": "only read together with structure guidance, which is refused",
     "embedded_guidance_scale": "Flux's distilled guidance is guidance_scale here",
-    "film_grain_saturation": "only read together with film_grain_intensity, which is refused when on",
+    "film_grain_saturation": "only read together with film_grain_intensity (honoured on generation tasks; "
+    "refused in orchestrations)",
     "RIFLEx_setting": "RIFLEx only matters past the trained length; positions are the pipeline's own",
     "priority": "queue order is the tasks table's own priority, not a generation parameter",
     "model_type": _CLIENT_STATE,
@@ -207,10 +225,13 @@ def _asks_nothing(key: str, value: Any) -> bool:
     return value is None or value is False or value == 0 or value in ("", [], {})
 
 
-def refused_reason(key: str, value: Any) -> str | None:
-    """Why ``key: value`` cannot be honoured here, or None when it can be accepted."""
+def refused_reason(key: str, value: Any, generation: bool = False) -> str | None:
+    """Why ``key: value`` cannot be honoured here, or None when it can be accepted. ``generation``: asked
+    by a generation task's params (which honour output post-processing), else by an orchestration's."""
     if key in REFUSED_KEYS and not _asks_nothing(key, value):
         return REFUSED_KEYS[key]
+    if not generation and key in ORCHESTRATION_REFUSED_KEYS and not _asks_nothing(key, value):
+        return ORCHESTRATION_REFUSED_KEYS[key]
     return None
 
 
@@ -220,6 +241,8 @@ def ignored_reason(key: str, value: Any, what: str) -> str:
         return IGNORED_KEYS[key]
     if key in REFUSED_KEYS:
         return f"{value!r} asks for nothing; {REFUSED_KEYS[key]}"
+    if key in ORCHESTRATION_REFUSED_KEYS:
+        return f"{value!r} asks for nothing; {ORCHESTRATION_REFUSED_KEYS[key]}"
     return f"unknown key: not a parameter of {what}"
 
 
@@ -385,6 +408,43 @@ class BaseParams(BaseModel):
         le=1.0,
         validation_alias=AliasChoices("denoising_strength", "denoise_strength", "strength"),
     )
+    # Output post-processing, run on the CPU after the replica (Wan2GP/postprocess.py); "" / 0 = off.
+    temporal_upsampling: str = ""  # "rife2" / "rife4"
+    spatial_upsampling: str = ""  # "lanczos1.5" / "lanczos2"
+    film_grain_intensity: float = 0.0
+    film_grain_saturation: float = DEFAULT_GRAIN_SATURATION
+
+    @field_validator("temporal_upsampling", "spatial_upsampling", mode="before")
+    @classmethod
+    def _known_upsampling(cls, value: Any, info) -> str:
+        choices = TEMPORAL_FACTORS if info.field_name == "temporal_upsampling" else SPATIAL_SCALES
+        return check_choice(info.field_name, value, choices)
+
+    @field_validator("film_grain_intensity", "film_grain_saturation", mode="before")
+    @classmethod
+    def _grain_fraction(cls, value: Any, info) -> float:
+        default = 0.0 if info.field_name == "film_grain_intensity" else DEFAULT_GRAIN_SATURATION
+        return check_fraction(info.field_name, value, default)
+
+    @model_validator(mode="after")
+    def _upsampled_within_max_side(self) -> BaseParams:
+        if self.resolution is not None and self.spatial_upsampling:
+            width, height = self.postprocess().output_size(*self.resolution)
+            if max(width, height) > MAX_SIDE:
+                raise ValueError(
+                    f"spatial_upsampling: {self.spatial_upsampling!r} turns {self.resolution[0]}x"
+                    f"{self.resolution[1]} into {width}x{height}, over {MAX_SIDE} a side"
+                )
+        return self
+
+    def postprocess(self) -> PostProcess:
+        """The output post-processing this task asks for (``PostProcess.active`` False when none)."""
+        return PostProcess(
+            self.temporal_upsampling,
+            self.spatial_upsampling,
+            self.film_grain_intensity,
+            self.film_grain_saturation,
+        )
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -420,7 +480,7 @@ class BaseParams(BaseModel):
                 type=PydanticCustomError("refused", "{reason}", {"reason": reason}), loc=(key,), input=value
             )
             for key, value in data.items()
-            if (reason := refused_reason(key, value))
+            if (reason := refused_reason(key, value, generation=True))
         ]
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
@@ -691,6 +751,16 @@ def params_class(task_type: str) -> type[BaseParams]:
             f"task_type {task_type!r} is not generated by this engine; supported: {', '.join(TASK_FAMILIES)}"
         )
     return FAMILY_PARAMS[TASK_FAMILIES[task_type]]
+
+
+def postprocess_request(task_type: str, params: dict[str, Any]) -> PostProcess | None:
+    """The output post-processing a generation task asks for, read from its params without parsing the
+    rest (no inputs decoded); None when it asks for none or its task type has no such keys (image models).
+    ValueError names a bad key (POST validated them already with the params model)."""
+    if not issubclass(params_class(task_type), BaseParams):
+        return None
+    post = PostProcess.from_params(params)
+    return post if post.active else None
 
 
 def parse_params(task_type: str, params: dict[str, Any]) -> BaseParams:

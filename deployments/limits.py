@@ -6,6 +6,9 @@ days. Routing calls these checks when a task is posted and again when it is clai
 straight into the table were never posted); they raise `InvalidTask` naming the fields to lower.
 
     work = width x height x frames x denoising steps      (a travel: summed over its segments)
+           + output width x height x frames               (a generation's output post-processing, when asked:
+                                                           Wan2GP.postprocess; its output size and frames are
+                                                           also held to max_output_pixels / max_output_frames)
 
 The default budget admits the largest real model's normal jobs (1280x720, 81 frames, 50 steps) four
 times over; the list caps keep a payload from naming thousands of anchors, references, clips or LoRAs.
@@ -21,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.errors import InvalidTask
 from storage import InputError
 from Wan2GP.catalog import ModelDefinition
-from Wan2GP.params import BaseParams
+from Wan2GP.params import MAX_SIDE, BaseParams
+from Wan2GP.postprocess import PostProcess
 from Wan2GP.video import probe_video
 
 LARGEST_NORMAL_JOB = 1280 * 720 * 81 * 50
@@ -109,9 +113,35 @@ def check_generation(
     else:
         frames = getattr(parsed, "video_length", None) or defaults.frames
     work = width * height * frames * steps
+    post = parsed.postprocess() if isinstance(parsed, BaseParams) else PostProcess()
+    if post.active:  # the CPU post-processing: counted as one more step over the (bigger) output
+        out_width, out_height = post.output_size(width, height)
+        out_frames = post.output_frames(frames)
+        work += out_width * out_height * out_frames
+        _check_output(post, out_width, out_height, out_frames, limits)
     if work > limits.max_work:
         parts = f"resolution {width}x{height} x {frames} frames x {steps} steps"
+        if post.active:
+            parts += f" + post-processed output {out_width}x{out_height} x {out_frames} frames"
         raise _over_budget(work, parts, "resolution, video_length or num_inference_steps", limits)
+
+
+def _check_output(post: PostProcess, width: int, height: int, frames: int, limits: LimitSettings) -> None:
+    """A post-processed output's size and frames within the output limits (`Wan2GP.postprocess`)."""
+    if post.spatial_upsampling and (
+        max(width, height) > MAX_SIDE or width * height > limits.max_output_pixels
+    ):
+        raise InvalidTask(
+            "params.spatial_upsampling",
+            f"{post.spatial_upsampling!r} gives {width}x{height} = {width * height:,} pixels per frame; the limit "
+            f"is {limits.max_output_pixels:,} (limits.max_output_pixels) and {MAX_SIDE} a side",
+        )
+    if frames > limits.max_output_frames:
+        raise InvalidTask(
+            "params.temporal_upsampling",
+            f"{post.temporal_upsampling!r} gives {frames} frames; the limit is {limits.max_output_frames} "
+            "(limits.max_output_frames)",
+        )
 
 
 def check_travel(plan: Any, steps: int, limits: LimitSettings) -> None:

@@ -37,12 +37,14 @@ from deployments.scheduling import StepTicket, task_uses_cfg
 from deployments.task_types import orchestration, task_type
 from storage import InputError, InputFetcher, OutputStorage
 from Wan2GP.artifact import Artifact, Rendered, encode_rendered
+from Wan2GP.params import postprocess_request
+from Wan2GP.postprocess import PostProcess
 
 logger = logging.getLogger("ray.serve")
 
 _vace_control_node = ray.remote(num_cpus=0.05, max_retries=0)(run_vace_control)
-# The MP4 / PNG encode of a replica's frames, on any node's CPU (ffmpeg runs in its own process). Idempotent,
-# so a worker lost mid-encode is retried once.
+# The MP4 / PNG encode of a replica's frames, on any node's CPU (ffmpeg runs in its own process), after the
+# task's output post-processing (Wan2GP.postprocess). Idempotent, so a worker lost mid-encode is retried once.
 encode_node = ray.remote(num_cpus=0.1, max_retries=1)(encode_rendered)
 
 
@@ -131,14 +133,22 @@ class GenerationRunner:
         if output is None:
             raise RunCancelled
         job.gpu_done()  # the replica is free: its capacity goes to the next task while this one encodes
-        artifact = await self._encode(job, output) if isinstance(output, Rendered) else output
+        try:
+            post = postprocess_request(task.task_type, params)
+        except ValueError as error:  # validated at POST; a row written straight into the table was not
+            raise TaskFailure(str(error)) from None
+        if isinstance(output, Rendered) or post is not None:
+            artifact = await self._encode(job, output, post)
+        else:
+            artifact = output
         artifact.metadata.update(control_report)
         return RunResult(artifact, route.model_id)
 
     @staticmethod
-    async def _encode(job: Job, rendered: Rendered) -> Artifact:
-        """The MP4 / PNG of `rendered`, encoded in a CPU Ray task (its time: the result's `encode`)."""
-        ref = encode_node.remote(rendered)
+    async def _encode(job: Job, rendered: Rendered | Artifact, post: PostProcess | None) -> Artifact:
+        """The MP4 / PNG of `rendered`, post-processed (`post`) and encoded in a CPU Ray task (their times:
+        the result's `postprocess` and `encode`)."""
+        ref = encode_node.remote(rendered, post)
         job.on_cancel(lambda: ray.cancel(ref))
         try:
             return await ref
