@@ -85,11 +85,14 @@ class Rendered:
 def encode_rendered(rendered: Rendered | Artifact, post: PostProcess | None = None) -> Artifact:
     """`rendered.encode()` as a plain function: the body of the CPU Ray task the runner starts. With `post`
     (the task's output post-processing, `Wan2GP.postprocess`) the frames are post-processed first, here on
-    the CPU; an artifact a multi-GPU replica already encoded is decoded for it (else returned as is)."""
+    the CPU; an artifact a replica already encoded is decoded for it unless `Engine.generate` post-processed
+    it (its metadata has `postprocess`), and returned as is when there is nothing to do."""
     if post is None or not post.active:
         return rendered if isinstance(rendered, Artifact) else rendered.encode()
     from Wan2GP.postprocess import apply_postprocess, rendered_from_artifact
 
     if isinstance(rendered, Artifact):
+        if "postprocess" in rendered.metadata:  # Engine.generate post-processed it already (multi-GPU)
+            return rendered
         rendered = rendered_from_artifact(rendered)
     return apply_postprocess(rendered, post).encode()

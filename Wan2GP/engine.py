@@ -46,7 +46,7 @@ from Wan2GP.memory import (
     pipeline_bytes,
     release_for_reuse,
 )
-from Wan2GP.params import BaseParams, parse_params, quantize_frames
+from Wan2GP.params import BaseParams, parse_params, postprocess_request, quantize_frames
 from Wan2GP.phases import (
     Multiplier,
     PhasePlan,
@@ -55,6 +55,7 @@ from Wan2GP.phases import (
     scheduler_timesteps,
 )
 from Wan2GP.pipelines import RUNNERS, PhaseSpec, Settings
+from Wan2GP.postprocess import apply_postprocess
 from Wan2GP.schedulers import make_scheduler, steps_run
 
 __all__ = ["Cancelled", "Engine", "LoadReport", "resolve_model"]
@@ -253,6 +254,9 @@ class Engine:
         rendered = self.render(
             task_type, params, task_id=task_id, progress=progress, should_cancel=should_cancel
         )
+        post = postprocess_request(task_type, params)
+        if post is not None:  # output post-processing, here in this thread (served: the runner's CPU stage)
+            rendered = apply_postprocess(rendered, post)
         return rendered.encode(self.video_encoder)
 
     def render(

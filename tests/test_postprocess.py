@@ -30,6 +30,9 @@ from Wan2GP.postprocess import (
 from Wan2GP.rife import RifeInterpolator
 from Wan2GP.video import decode_video, encode_mp4
 
+# The engine fixtures (tiny models built once per session) live in tests/engine_fixtures.py.
+pytest_plugins = ["engine_fixtures"]
+
 
 @pytest.fixture(autouse=True)
 def no_annotators(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,8 +163,9 @@ def test_encode_rendered_post_processes_frames_and_already_encoded_artifacts():
     again = encode_rendered(encoded, post)
     frames, fps = decode_video(again.data)
     assert frames.shape == (9, 96, 128, 3) and round(fps) == 32 and again.filename == "task.mp4"
-    # nothing asked: untouched
+    # nothing asked, or post-processed already by Engine.generate (a multi-GPU replica): untouched
     assert encode_rendered(encoded, None) is encoded
+    assert encode_rendered(again, post) is again
     assert decode_video(encode_rendered(rendered(video), PostProcess()).data)[0].shape == video.shape
 
 
@@ -257,3 +261,20 @@ def test_the_work_estimate_counts_the_post_processed_output(tmp_path: Path):
         detail = response.json()["detail"][0]
         assert detail["loc"] == ["body", "params", "temporal_upsampling"] and "33 frames" in detail["msg"]
         assert "limits.max_output_frames" in detail["msg"]
+
+
+def test_the_plain_library_engine_post_processes_too(engine):
+    params = {
+        "prompt": "a cat",
+        "resolution": "64x48",
+        "video_length": 5,
+        "num_inference_steps": 2,
+        "seed": 3,
+    }
+    plain = engine.generate("t2v", params)
+    asked = engine.generate(
+        "t2v", {**params, "spatial_upsampling": "lanczos1.5", "temporal_upsampling": "rife2"}
+    )
+    frames, fps = decode_video(asked.data)
+    assert frames.shape == (9, 72, 96, 3) and round(fps) == 2 * round(decode_video(plain.data)[1])
+    assert asked.metadata["postprocess"]["generated"]["frames"] == 5 and "postprocess" not in plain.metadata
