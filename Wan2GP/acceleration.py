@@ -235,7 +235,8 @@ class PromptCache:
 
         def cached_encode_prompt(*args, **kwargs):
             key = _cache_key((scope, args, tuple(sorted(kwargs.items()))))
-            if key is _UNCACHEABLE:
+            # A multi-GPU pipeline (Wan2GP.parallel) shares its prompt encoding across ranks: left uncached.
+            if key is _UNCACHEABLE or getattr(pipe, "_hwgp_parallel_layout", None) is not None:
                 return encode_prompt(*args, **kwargs)
             with self._lock:
                 if key in self._entries:

@@ -300,7 +300,10 @@ class Engine:
         with self._lock:
             load_report = self._load(definition.id)
             settings = self._settings(definition, task_family, parsed)
-            settings.output_type = "pt"  # frames stay on the device until they are uint8
+            # Frames stay on the device until they are uint8; a multi-GPU (Wan2GP.parallel) pipeline keeps the
+            # numpy output it was validated with (its replica test hung intermittently with "pt": issue 21).
+            parallel = getattr(self.pipe, "_hwgp_parallel_layout", None) is not None
+            settings.output_type = "np" if parallel else "pt"
             loras = apply_loras(self.pipe, settings.loras)
             self.pipe.scheduler = self._scheduler(settings)
             settings.phases = self._phase_plan(settings, task_family)
