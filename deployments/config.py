@@ -114,9 +114,10 @@ class DeploymentConfig(BaseModel):
     preload: bool = Field(default=False, description="load the family's first default model at start")
     # --- speed on one GPU (issue 21; Wan2GP/acceleration.py) ---
     compile: bool | Literal["auto"] = Field(
-        default="auto",
-        description="regional torch.compile of the transformer blocks; auto: on for a CUDA device with the "
-        "resident memory profile, off elsewhere (CPU, offloading, multi-GPU replicas)",
+        default=False,
+        description="regional torch.compile of the transformer blocks (first call per shape pays the compile); "
+        "auto: on for a CUDA device with the resident memory profile, off elsewhere (CPU, offloading, "
+        "multi-GPU replicas). Off by default until the served path is measured on a GPU with it on",
     )
     attention_backend: str | None = Field(
         default=None,

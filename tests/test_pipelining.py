@@ -132,7 +132,7 @@ def test_the_prompt_cache_is_bounded_and_can_be_off(catalog: Catalog):
 
 
 def test_deployment_config_checks_compile_and_the_attention_backend():
-    assert DeploymentConfig().compile == "auto" and DeploymentConfig().attention_backend is None
+    assert DeploymentConfig().compile is False and DeploymentConfig().attention_backend is None
     assert DeploymentConfig(attention_backend="_native_cudnn").attention_backend == "_native_cudnn"
     with pytest.raises(ValidationError, match="attention_backend: 'fastest' is not one of"):
         DeploymentConfig(attention_backend="fastest")

@@ -53,7 +53,7 @@ def test_queued_tasks_all_complete_in_order_with_the_encode_off_the_replica(tmp_
         rows = [store.get(task_id) for task_id in ids]
     results = [row.result for row in rows]
     assert [r["seed"] for r in results] == list(range(TASKS))
-    # The deployment's config reached the engine, and each result records what ran (compile "auto": off on CPU).
+    # The deployment's config reached the engine, and each result records what ran (compile off by default).
     assert {r["acceleration"]["attention_backend"] for r in results} == {"_native_math"}
     assert {tuple(r["acceleration"]["compiled"]) for r in results} == {()}
     # Each result says where the time went (issue 21.6): every stage, none negative, and the stages the
