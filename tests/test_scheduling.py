@@ -391,7 +391,7 @@ async def test_an_orchestration_step_leases_a_slot_the_tasks_then_see_busy(store
     first.release()
     assert (await asyncio.wait_for(waiting, 2.0)).role == SPLIT
     gpu.go.set()
-    await until(lambda: store.get(other.id).status == TaskStatus.COMPLETE)
+    await until(lambda: all(store.get(t.id).status == TaskStatus.COMPLETE for t in (lone, other)))
     assert store.get(lone.id).result["scheduling"]["pool"] == REPLICAS
 
     # A guidance-1 task alone: a 1-GPU replica, not the (free) split replica, which would waste a GPU.
