@@ -210,8 +210,10 @@ def replica_pid(deployment: str) -> int:
     Serve's request path, where a stats call waits behind the replica's running generation)."""
     pids = set()
     for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == "serve" and actor["name"].startswith("SERVE_REPLICA::") and (
-            f"#{deployment}#" in actor["name"]
+        if (
+            actor["namespace"] == "serve"
+            and actor["name"].startswith("SERVE_REPLICA::")
+            and (f"#{deployment}#" in actor["name"])
         ):
             handle = ray.get_actor(actor["name"], namespace="serve")
             try:
