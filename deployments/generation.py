@@ -81,6 +81,7 @@ class GenerationDeployment:
         self.load_error: str | None = None
         self.generations = 0
         self.prefetches = 0  # models loaded ahead of their task (`prefetch`)
+        self.last_prefetch: dict[str, Any] | None = None  # its model and when it started and finished
         # When this replica was busy with each recent task (epoch seconds): its GPU time, which excludes the
         # encode and the save since those run after it handed the frames back.
         self.recent: deque[dict[str, Any]] = deque(maxlen=64)
@@ -206,11 +207,12 @@ class GenerationDeployment:
         with `multiplexed_model_id=model_id`; returns what the load took (0 s when it was resident)."""
         if serve.get_multiplexed_model_id() != model_id:
             raise ValueError(f"prefetch: multiplexed_model_id must be {model_id!r}")
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         reused = self.engine.loaded_model_id == model_id
         await self._model(model_id)
         if not reused:
             self.prefetches += 1
+            self.last_prefetch = {"model": model_id, "started": wall, "finished": time.time()}
         return {"model": model_id, "seconds": time.perf_counter() - started, "reused": reused}
 
     def stats(self) -> dict[str, Any]:
@@ -222,6 +224,7 @@ class GenerationDeployment:
             "loaded_model": self.engine.loaded_model_id,
             "generations": self.generations,
             "prefetches": self.prefetches,
+            "last_prefetch": self.last_prefetch,
             "device": self.engine.device,
             "recent": list(self.recent),
             "prompt_cache": {
