@@ -588,7 +588,7 @@ class Dispatcher:
         names = [
             name
             for name in self.routing.deployments
-            if name in self.capacity and name not in self.schedulers and not prefetcher.busy(name)
+            if name in self.capacity and name not in self.schedulers and prefetcher.may_ask(name)
         ]
         if (
             not self.in_flight

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,6 +28,9 @@ logger = logging.getLogger("ray.serve")
 
 # The newest Queued rows looked at per scan (the list is newest first; a chained task is usually recent).
 PREFETCH_SCAN = 200
+# A deployment whose prefetch failed is not asked again for this long (a multi-GPU deployment has no
+# `prefetch`: its replicas do not multiplex models, so a load there could not steer routing anyway).
+FAILED_BACKOFF_S = 300.0
 
 
 class PrefetchRunner(Protocol):
@@ -91,10 +95,16 @@ class Prefetcher:
     loaded: int = 0  # the replica really loaded the model (not already resident)
     failed: int = 0
     last_scan: float = float("-inf")
+    paused_until: dict[str, float] = field(default_factory=dict)  # deployment -> after a failed prefetch
 
     def busy(self, deployment: str) -> int:
         """Replicas of `deployment` a prefetch holds (0 or 1)."""
         return int(deployment in self.in_flight)
+
+    def may_ask(self, deployment: str) -> bool:
+        """No prefetch in flight on `deployment`, and none failed there lately."""
+        paused = self.paused_until.get(deployment, float("-inf")) > time.monotonic()
+        return deployment not in self.in_flight and not paused
 
     def start(self, candidate: Candidate, wake: asyncio.Event) -> None:
         """Run the prefetch in the background; `wake` the claim loop when it ends (its replica is free)."""
@@ -118,6 +128,7 @@ class Prefetcher:
         error = run.exception()
         if error is not None:  # only an optimisation: the task loads its model itself when it runs
             self.failed += 1
+            self.paused_until[candidate.deployment] = time.monotonic() + FAILED_BACKOFF_S
             logger.warning(
                 "prefetching %s for task %s failed: %s", candidate.model_id, candidate.task_id, error
             )

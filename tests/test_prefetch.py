@@ -109,3 +109,27 @@ async def test_one_prefetch_at_a_time_and_never_over_a_model_a_queued_task_needs
     assert dispatcher.status().prefetch["started"] == 2
     gpu.go.set()
     await until(lambda: statuses(store).get("Queued", 0) == 0 and not dispatcher.in_flight, timeout_s=5)
+
+
+class RefusingGpu(PrefetchingGpu):
+    """A deployment whose replicas cannot prefetch (a multi-GPU one has no `prefetch`)."""
+
+    async def prefetch(self, deployment: str, model_id: str) -> dict[str, Any]:
+        self.prefetched.append((deployment, model_id))
+        raise RuntimeError("no method prefetch")
+
+
+@in_loop
+async def test_a_failed_prefetch_pauses_its_deployment_and_the_tasks_still_run(store, tmp_path, running):
+    gpu = RefusingGpu()
+    dispatcher = make_dispatcher(store, tmp_path, gpu, {"T2V": 3})
+    first = store.add("t2v", {"prompt": "x"}).id
+    store.add("t2v", WAN22, dependant_on=first)
+    store.add("i2v", {"prompt": "x", "image_start": "start.png"}, dependant_on=first)
+    dispatcher.start()
+    running.append(dispatcher)
+    await until(lambda: dispatcher.status().prefetch["failed"] == 1)
+    await asyncio.sleep(0.2)  # the second waiting task is not tried on the deployment that just failed
+    assert gpu.prefetched == [("T2V", "tiny-t2v-22")]
+    gpu.go.set()
+    await until(lambda: statuses(store).get("Complete", 0) == 2 and not dispatcher.in_flight)
