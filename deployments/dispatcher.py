@@ -48,7 +48,7 @@ from deployments.recovery import identity_of, requeue_predecessors
 from deployments.results import task_result
 from deployments.routing import Route, Routing
 from deployments.scheduling import Decision, FamilyScheduler, StepTicket, task_uses_cfg
-from deployments.task_types import GENERATION, ORCHESTRATION
+from deployments.task_types import DAG_POOL, GENERATION, ORCHESTRATION
 from deployments.thumbnail_step import save_thumbnail, stored_thumbnail
 from deployments.webhooks import without_delivery_keys
 from storage import InputError, OutputStorage, SavedOutput, StorageError
@@ -590,8 +590,15 @@ class Dispatcher:
             for name in self.routing.deployments
             if name in self.capacity and name not in self.schedulers and prefetcher.may_ask(name)
         ]
+        # An orchestration's steps use the family replicas unseen by the counts here: no prefetch meanwhile
+        # (it could evict the model of its next step).
+        orchestrating = any(
+            job.pool == DAG_POOL or (job.route is not None and job.route.kind == ORCHESTRATION)
+            for job in self.in_flight.values()
+        )
         if (
             not self.in_flight
+            or orchestrating
             or now - prefetcher.last_scan < self.settings.poll_interval_s
             or not any(self._deployment_view(name).busy < self.capacity[name] for name in names)
         ):

@@ -9,6 +9,7 @@ from typing import Any
 
 from db.models import TaskStatus
 from deployments.dispatcher import Job, RunResult
+from deployments.task_types import DAG_POOL
 from tests.test_dispatcher import FakeGpu, in_loop, make_dispatcher, running, statuses, store, until
 
 __all__ = ["running", "store"]  # fixtures used by name
@@ -131,5 +132,27 @@ async def test_a_failed_prefetch_pauses_its_deployment_and_the_tasks_still_run(s
     await until(lambda: dispatcher.status().prefetch["failed"] == 1)
     await asyncio.sleep(0.2)  # the second waiting task is not tried on the deployment that just failed
     assert gpu.prefetched == [("T2V", "tiny-t2v-22")]
+    gpu.go.set()
+    await until(lambda: statuses(store).get("Complete", 0) == 2 and not dispatcher.in_flight)
+
+
+@in_loop
+async def test_no_prefetch_while_an_orchestration_runs_its_steps_on_the_replicas(store, tmp_path, running):
+    gpu = PrefetchingGpu()
+    gpu.loaded.set()
+    dispatcher = make_dispatcher(store, tmp_path, gpu, {"T2V": 2})
+    first = store.add("t2v", {"prompt": "x"}).id
+    dispatcher.start()
+    running.append(dispatcher)
+    await until(lambda: gpu.started == [first])
+    # A travel orchestration in flight: its segments use T2V replicas the dispatcher's counts do not see.
+    travel = store.add("travel_orchestrator", {"orchestrator_details": {}})
+    dispatcher.in_flight[travel.id] = Job(dispatcher, travel, DAG_POOL)
+    store.add("t2v", WAN22, dependant_on=first)
+    await asyncio.sleep(0.3)
+    assert gpu.prefetched == []
+    del dispatcher.in_flight[travel.id]  # the orchestration ended
+    await until(lambda: gpu.prefetched == [("T2V", "tiny-t2v-22")])
+    store.cancel(travel.id)
     gpu.go.set()
     await until(lambda: statuses(store).get("Complete", 0) == 2 and not dispatcher.in_flight)
