@@ -43,11 +43,12 @@ from db.models import Task, TaskStatus
 from db.store import TaskStore
 from deployments.config import IngressConfig
 from deployments.errors import InvalidTask, TaskConflict
+from deployments.prefetch import PREFETCH_SCAN, DeploymentView, Prefetcher, choose, waiting_on_running
 from deployments.recovery import identity_of, requeue_predecessors
 from deployments.results import task_result
 from deployments.routing import Route, Routing
 from deployments.scheduling import Decision, FamilyScheduler, StepTicket, task_uses_cfg
-from deployments.task_types import GENERATION, ORCHESTRATION
+from deployments.task_types import DAG_POOL, GENERATION, ORCHESTRATION
 from deployments.thumbnail_step import save_thumbnail, stored_thumbnail
 from deployments.webhooks import without_delivery_keys
 from storage import InputError, OutputStorage, SavedOutput, StorageError
@@ -278,6 +279,8 @@ class DispatcherStatus:
     unserved: dict[str, int] = field(default_factory=dict)  # queued task types nothing here serves
     # family -> its pools (busy/idle), queue and the policy's last decision (families with a split pool)
     scheduling: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # models loaded ahead of their task (deployments/prefetch): started, loaded, failed, in_flight
+    prefetch: dict[str, Any] = field(default_factory=dict)
 
 
 def new_worker_id() -> str:
@@ -348,6 +351,11 @@ class Dispatcher:
         self._reserved: dict[str, int] = {}  # pool -> slots a claim in progress may fill
         self.schedulers = {name: s for name, s in (schedulers or {}).items() if name in self.pools}
         self._queued: dict[str, int] = {}  # family with a split pool -> Queued rows at the last claim
+        # Models loaded ahead of a task waiting on a running one, when the generation runner can
+        generation_runner = runners.get(GENERATION)
+        self.prefetcher = (
+            Prefetcher(generation_runner) if hasattr(generation_runner, "prefetch") else None  # type: ignore[arg-type]
+        )
 
     @property
     def maintenance_interval_s(self) -> float:
@@ -400,6 +408,7 @@ class Dispatcher:
                 family: scheduler.view(self._busy_by_role(family), self._queued.get(family, 0))
                 for family, scheduler in self.schedulers.items()
             },
+            prefetch=self.prefetcher.view() if self.prefetcher is not None else {},
         )
 
     async def stop(self) -> None:
@@ -425,6 +434,8 @@ class Dispatcher:
             run.cancel()
         if self._runs:
             await asyncio.wait(self._runs, timeout=1.0)
+        if self.prefetcher is not None:
+            await self.prefetcher.stop()
         for loop in self._loops.values():
             loop.cancel()
         await asyncio.gather(*self._loops.values(), return_exceptions=True)
@@ -536,6 +547,8 @@ class Dispatcher:
             free = self.capacity[pool] - self._in_flight_on(pool) - self._waiting_on(pool)
             if pool in self.schedulers:  # orchestration steps holding slots of the family
                 free -= sum(self.schedulers[pool].leased.values())
+            if self.prefetcher is not None:  # a replica loading a model ahead is busy meanwhile
+                free -= self.prefetcher.busy(pool)
             if pool in self.routing.deployments and not self._may_fetch_more():
                 free = 0
             if free <= 0 or self.stopping:
@@ -561,7 +574,70 @@ class Dispatcher:
             counts = await self.pool.run(self.store.count_by_status, self.pools[family])
             self._queued[family] = counts[TaskStatus.QUEUED]
         self.metrics.in_flight(len(self.in_flight))
+        if self.prefetcher is not None and not self.stopping:
+            await self._prefetch()
         return claimed
+
+    async def _prefetch(self) -> None:
+        """Start loading the model of a Queued task waiting on a task running here, on a free replica of
+        its family (deployments/prefetch). At most one scan per poll interval, and only when a deployment
+        could take a prefetch and something runs here to wait on."""
+        prefetcher = self.prefetcher
+        assert prefetcher is not None
+        now = time.monotonic()
+        names = [
+            name
+            for name in self.routing.deployments
+            if name in self.capacity and name not in self.schedulers and prefetcher.may_ask(name)
+        ]
+        # An orchestration's steps use the family replicas unseen by the counts here: no prefetch meanwhile
+        # (it could evict the model of its next step).
+        orchestrating = any(
+            job.pool == DAG_POOL or (job.route is not None and job.route.kind == ORCHESTRATION)
+            for job in self.in_flight.values()
+        )
+        if (
+            not self.in_flight
+            or orchestrating
+            or now - prefetcher.last_scan < self.settings.poll_interval_s
+            or not any(self._deployment_view(name).busy < self.capacity[name] for name in names)
+        ):
+            return
+        prefetcher.last_scan = now
+        queued = await self.pool.run(self.store.list, status=TaskStatus.QUEUED, limit=PREFETCH_SCAN)
+        prefetcher.forget_except({task.id for task in queued})
+        waiting = []
+        for task in waiting_on_running(queued, set(self.in_flight)):
+            if task.task_type not in self.served_task_types or task.id in prefetcher.done:
+                continue
+            try:
+                route = await self.pool.run(self.routing.route, task.task_type, task.params)
+            except InvalidTask:  # it fails when claimed; nothing to load for it
+                continue
+            if route.kind == GENERATION and route.model_id:
+                waiting.append((task, route.pool, route.model_id))
+        views = {name: self._deployment_view(name) for name in names}  # after the awaits above
+        for candidate in choose(waiting, views, set(prefetcher.in_flight), prefetcher.done):
+            prefetcher.start(candidate, self._wake)
+
+    def _deployment_view(self, deployment: str) -> DeploymentView:
+        """A deployment's replicas and the tasks that hold or will soon need one of them (claimed, fetching
+        inputs, running; not those in the CPU stage, whose replica is free again)."""
+        jobs = [
+            job
+            for job in self.in_flight.values()
+            if job.pool != CPU_STAGE_POOL
+            and (job.pool == deployment if job.route is None else job.route.pool == deployment)
+        ]
+        return DeploymentView(
+            capacity=self.capacity[deployment],
+            busy=len(jobs),
+            held_models=frozenset(
+                {job.model_id for job in jobs if job.route is not None}
+                | (self.prefetcher.reserved_models(deployment) if self.prefetcher is not None else set())
+            ),
+            unrouted=any(job.route is None for job in jobs),
+        )
 
     async def heartbeat(self) -> None:
         """Heartbeat every in-flight row and its mirror rows; stop a task whose row is no longer ours.

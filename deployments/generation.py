@@ -8,7 +8,7 @@ takes its next request; the MP4 / PNG encode runs on a CPU (`deployments.runners
 orchestration's own Ray task: `dag.steps.generate_step`).
 
 Stream protocol of `generate` (one dict per item):
-    {"event": "loaded", "model": id, "seconds": s, "reused": bool}
+    {"event": "loaded", "model": id, "seconds": s, "reused": bool}   (reused: resident before this request)
     {"event": "progress", "step": i, "total": n}
     {"event": "done", "rendered": Rendered}     (a multi-GPU replica sends {"event": "done", "artifact": Artifact})
     {"event": "error", "kind": "invalid" | "cancelled" | "engine", "message": str}
@@ -80,6 +80,8 @@ class GenerationDeployment:
         )
         self.load_error: str | None = None
         self.generations = 0
+        self.prefetches = 0  # models loaded ahead of their task (`prefetch`)
+        self.last_prefetch: dict[str, Any] | None = None  # its model and when it started and finished
         # When this replica was busy with each recent task (epoch seconds): its GPU time, which excludes the
         # encode and the save since those run after it handed the frames back.
         self.recent: deque[dict[str, Any]] = deque(maxlen=64)
@@ -168,6 +170,7 @@ class GenerationDeployment:
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             started = time.perf_counter()
+            reused = self.engine.loaded_model_id == model_id  # resident already (e.g. prefetched)
             try:
                 await self._model(model_id)
             except Exception as error:
@@ -177,7 +180,8 @@ class GenerationDeployment:
                     "message": f"cannot load model {model_id!r}: {error}",
                 }
                 return
-            yield {"event": "loaded", "model": model_id, "seconds": time.perf_counter() - started}
+            seconds = time.perf_counter() - started
+            yield {"event": "loaded", "model": model_id, "seconds": seconds, "reused": reused}
 
         worker = loop.run_in_executor(None, run)
         try:
@@ -197,6 +201,20 @@ class GenerationDeployment:
         model = self.engine.loaded_model_id or "?"
         self._generations.inc(tags={"model": model})
 
+    async def prefetch(self, model_id: str) -> dict[str, Any]:
+        """Load `model_id` ahead of the task that will need it (`deployments.prefetch`), through the same
+        multiplexed loader as `generate`, so Serve's router then sends that task to this replica. Called
+        with `multiplexed_model_id=model_id`; returns what the load took (0 s when it was resident)."""
+        if serve.get_multiplexed_model_id() != model_id:
+            raise ValueError(f"prefetch: multiplexed_model_id must be {model_id!r}")
+        started, wall = time.perf_counter(), time.time()
+        reused = self.engine.loaded_model_id == model_id
+        await self._model(model_id)
+        if not reused:
+            self.prefetches += 1
+            self.last_prefetch = {"model": model_id, "started": wall, "finished": time.time()}
+        return {"model": model_id, "seconds": time.perf_counter() - started, "reused": reused}
+
     def stats(self) -> dict[str, Any]:
         """Counters for tests and operators: how often the engine really loaded, what is resident."""
         return {
@@ -205,6 +223,8 @@ class GenerationDeployment:
             "load_count": self.engine.load_count,
             "loaded_model": self.engine.loaded_model_id,
             "generations": self.generations,
+            "prefetches": self.prefetches,
+            "last_prefetch": self.last_prefetch,
             "device": self.engine.device,
             "recent": list(self.recent),
             "prompt_cache": {

@@ -115,11 +115,13 @@ class GenerationRunner:
         stream = handle.generate.remote(task.task_type, params, task.id, lora_files)
         job.on_cancel(stream.cancel)
         output: Rendered | Artifact | None = None
+        model_load: dict[str, Any] = {}
         try:
             async for event in stream:
                 kind = event["event"]
                 if kind == "loaded":  # the replica made the model resident (0 s when it already was)
                     job.timings["load"] = job.timings.get("load", 0.0) + event["seconds"]
+                    model_load = {"model": event["model"], "reused": event.get("reused", False)}
                 elif kind == "progress":
                     await job.progress(event["step"], event["total"])
                 elif kind == "done":  # frames (a 1-GPU replica) or an encoded artifact (a multi-GPU one)
@@ -142,7 +144,14 @@ class GenerationRunner:
         else:
             artifact = output
         artifact.metadata.update(control_report)
+        if model_load:  # the result's `model_load.reused`: resident before the task (e.g. prefetched)
+            artifact.metadata["model_load"] = model_load
         return RunResult(artifact, route.model_id)
+
+    async def prefetch(self, deployment: str, model_id: str) -> dict[str, Any]:
+        """Have an idle replica of `deployment` load `model_id` ahead of its task (`deployments.prefetch`)."""
+        handle = self.handles[deployment].options(multiplexed_model_id=model_id)
+        return await handle.prefetch.remote(model_id)
 
     @staticmethod
     async def _encode(job: Job, rendered: Rendered | Artifact, post: PostProcess | None) -> Artifact:
