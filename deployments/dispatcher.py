@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,7 +43,14 @@ from db.models import Task, TaskStatus
 from db.store import TaskStore
 from deployments.config import IngressConfig
 from deployments.errors import InvalidTask, TaskConflict
-from deployments.prefetch import PREFETCH_SCAN, DeploymentView, Prefetcher, choose, waiting_on_running
+from deployments.prefetch import (
+    PREFETCH_SCAN,
+    PREFETCH_SCAN_INTERVAL_S,
+    DeploymentView,
+    Prefetcher,
+    choose,
+    waiting_on_running,
+)
 from deployments.recovery import identity_of, requeue_predecessors
 from deployments.results import task_result
 from deployments.routing import Route, Routing
@@ -316,12 +323,15 @@ class Dispatcher:
         worker_id: str | None = None,
         observers: Sequence[TaskObserver] = (),
         schedulers: dict[str, FamilyScheduler] | None = None,
+        prefetch_deployments: Collection[str] | None = None,
     ):
         """`runners`: route kind (generation / orchestration / utility) -> runner. `capacity`: how many
         tasks may run at once per pool of `routing.pools()`; a pool left out is not claimed from.
         `worker_id` of the form IDENTITY/INCARNATION (`deployments.recovery.new_worker_id`) also takes
         back, at the first maintenance, the rows an earlier incarnation left behind. `schedulers`: family
-        -> how its tasks are shared between its 1-GPU and split pools (its capacity covers both)."""
+        -> how its tasks are shared between its 1-GPU and split pools (its capacity covers both).
+        `prefetch_deployments`: the deployments whose replicas can load a model ahead (`prefetch`; multi-GPU
+        replicas cannot); None: every one."""
         self.store = store
         self.storage = storage
         self.routing = routing
@@ -353,6 +363,7 @@ class Dispatcher:
         self._queued: dict[str, int] = {}  # family with a split pool -> Queued rows at the last claim
         # Models loaded ahead of a task waiting on a running one, when the generation runner can
         generation_runner = runners.get(GENERATION)
+        self.prefetch_deployments = None if prefetch_deployments is None else set(prefetch_deployments)
         self.prefetcher = (
             Prefetcher(generation_runner) if hasattr(generation_runner, "prefetch") else None  # type: ignore[arg-type]
         )
@@ -588,7 +599,10 @@ class Dispatcher:
         names = [
             name
             for name in self.routing.deployments
-            if name in self.capacity and name not in self.schedulers and prefetcher.may_ask(name)
+            if name in self.capacity
+            and name not in self.schedulers
+            and (self.prefetch_deployments is None or name in self.prefetch_deployments)
+            and prefetcher.may_ask(name)
         ]
         # An orchestration's steps use the family replicas unseen by the counts here: no prefetch meanwhile
         # (it could evict the model of its next step).
@@ -599,7 +613,7 @@ class Dispatcher:
         if (
             not self.in_flight
             or orchestrating
-            or now - prefetcher.last_scan < self.settings.poll_interval_s
+            or now - prefetcher.last_scan < max(self.settings.poll_interval_s, PREFETCH_SCAN_INTERVAL_S)
             or not any(self._deployment_view(name).busy < self.capacity[name] for name in names)
         ):
             return

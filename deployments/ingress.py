@@ -167,6 +167,12 @@ class Ingress:
             worker_id=worker_id,
             observers=[self.events, self.webhooks],
             schedulers=family_schedulers(self.config),
+            # multi-GPU replicas load their model per task on every rank: nothing to load ahead there
+            prefetch_deployments=[
+                name
+                for name, deployment in self.config.deployments.items()
+                if deployment.gpus_per_replica == 1
+            ],
         )
         self.dispatcher.start()
         logger.info(

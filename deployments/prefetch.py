@@ -28,6 +28,8 @@ logger = logging.getLogger("ray.serve")
 
 # The newest Queued rows looked at per scan (the list is newest first; a chained task is usually recent).
 PREFETCH_SCAN = 200
+# Scans list Queued rows: at most this often (a Supabase list is an HTTP call), and never more than the claim loop.
+PREFETCH_SCAN_INTERVAL_S = 2.0
 # A deployment whose prefetch failed is not asked again for this long (a multi-GPU deployment has no
 # `prefetch`: its replicas do not multiplex models, so a load there could not steer routing anyway).
 FAILED_BACKOFF_S = 300.0
