@@ -80,6 +80,10 @@ class RankWorker:
         self._cancel = threading.Event()
         self._progress: list[tuple[int, int]] = []
         self._lock = threading.Lock()
+        # One generation at a time on a rank: a second one arriving while the first still runs (its request
+        # was cancelled during the split encode, which does not stop at a step) would interleave the two
+        # generations' collectives differently on each rank and deadlock them. It waits here instead.
+        self._generation = threading.Lock()
 
     def rendezvous(self) -> tuple[str, int]:
         """This worker's node address and a free port on it, for rank 0 to host the process group."""
@@ -128,6 +132,16 @@ class RankWorker:
         lora_files: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """This rank's part of one generation; the event ``generate`` streams (artifact on rank 0 only)."""
+        with self._generation:
+            return self._generate(task_type, params, task_id, lora_files)
+
+    def _generate(
+        self,
+        task_type: str,
+        params: dict[str, Any],
+        task_id: str | None,
+        lora_files: dict[str, Any] | None,
+    ) -> dict[str, Any]:
         if lora_files:  # object refs, pulled only when this rank lacks the file
             store_lora_files(self.lora_dir, lora_files, read=object_bytes)
         self._cancel.clear()
