@@ -753,6 +753,12 @@ def segment_guide(
 
 def segment_params(plan: TravelPlan, spec: SegmentSpec, guide: np.ndarray, mask: np.ndarray) -> dict:
     """The ``vace`` task params of one segment, as the engine's VaceParams accepts them."""
+    return _segment_task_params(plan, spec, video_guide=guide, video_mask=mask_to_video(mask))
+
+
+def _segment_task_params(plan: TravelPlan, spec: SegmentSpec, **inputs: Any) -> dict[str, Any]:
+    """What every segment generation gets (the run's extra keys, prompt, size, length, seed, fps, model),
+    plus its conditioning `inputs`."""
     params: dict[str, Any] = {
         **plan.segment_params_extra,
         "prompt": spec.prompt,
@@ -760,8 +766,7 @@ def segment_params(plan: TravelPlan, spec: SegmentSpec, guide: np.ndarray, mask:
         "video_length": spec.frames,
         "seed": spec.seed,
         "fps": plan.fps,
-        "video_guide": guide,
-        "video_mask": mask_to_video(mask),
+        **inputs,
     }
     if spec.negative_prompt:
         params["negative_prompt"] = spec.negative_prompt
@@ -783,22 +788,12 @@ def image_segment_task(
 ) -> tuple[str, dict[str, Any]]:
     """(task type, params) of an image-to-video segment: ``flf2v`` from its start to its end image, or
     ``i2v`` from its start image alone (a single image journey)."""
-    params: dict[str, Any] = {
-        **plan.segment_params_extra,
-        "prompt": spec.prompt,
-        "resolution": f"{plan.width}x{plan.height}",
-        "video_length": spec.frames,
-        "seed": spec.seed,
-        "fps": plan.fps,
-        "image_start": start_image,
-    }
-    if end_image is not None:
-        params["image_end"] = end_image
-    if spec.negative_prompt:
-        params["negative_prompt"] = spec.negative_prompt
-    if plan.model:
-        params["model"] = plan.model
-    return ("flf2v" if end_image is not None else "i2v"), params
+    ends = (
+        {"image_start": start_image}
+        if end_image is None
+        else {"image_start": start_image, "image_end": end_image}
+    )
+    return ("flf2v" if end_image is not None else "i2v"), _segment_task_params(plan, spec, **ends)
 
 
 def plan_summary(plan: TravelPlan) -> list[str]:
