@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+from pyarrow import fs as pafs
 from werkzeug.serving import make_server
 
 SUPABASE_S3_PATH = "/storage/v1/s3"
@@ -137,3 +138,15 @@ class MediaServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=10)
+
+
+def admin_fs(server: S3Server) -> pafs.S3FileSystem:
+    """A filesystem on ``server`` with the tests' credentials, allowed to create buckets (test set-up)."""
+    return pafs.S3FileSystem(
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+        scheme="http",
+        endpoint_override=server.endpoint,
+        allow_bucket_creation=True,
+    )

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from pyarrow import fs as pafs
 from pydantic import ValidationError
-from storage_fixtures import MediaServer, S3Server
+from storage_fixtures import MediaServer, S3Server, admin_fs
 
 from hwgp_testing import free_port
 from storage import (
@@ -288,21 +288,10 @@ def s3_server() -> Iterator[S3Server]:
     server.stop()
 
 
-def _admin_fs(server: S3Server) -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(
-        access_key="testing",
-        secret_key="testing",
-        region="us-east-1",
-        scheme="http",
-        endpoint_override=server.endpoint,
-        allow_bucket_creation=True,
-    )
-
-
 @pytest.fixture
 def bucket(s3_server: S3Server) -> str:
     name = f"hwgp-{uuid.uuid4().hex[:12]}"
-    _admin_fs(s3_server).create_dir(name)
+    admin_fs(s3_server).create_dir(name)
     return name
 
 
@@ -332,7 +321,7 @@ def test_s3_upload_key_layout_and_public_url(s3_server: S3Server, bucket: str, t
     assert saved.uploaded is True
     assert saved.output_location == f"https://cdn.example.com/{bucket}/{key}"
     assert saved.local_path.read_bytes() == VIDEO  # local copy kept
-    admin = _admin_fs(s3_server)
+    admin = admin_fs(s3_server)
     listed = admin.get_file_info(pafs.FileSelector(bucket, recursive=True))
     assert sorted(info.path for info in listed if info.is_file) == [f"{bucket}/{key}"]
     with admin.open_input_stream(f"{bucket}/{key}") as stream:
@@ -361,7 +350,7 @@ def test_s3_location_without_public_url_and_fetch_back(s3_server: S3Server, buck
 
 
 def test_supabase_upload_through_the_s3_endpoint_and_public_url(s3_server: S3Server, tmp_path: Path):
-    _admin_fs(s3_server).create_dir("image_uploads")
+    admin_fs(s3_server).create_dir("image_uploads")
     env = {
         "SUPABASE_URL": s3_server.url,
         "SUPABASE_SERVICE_KEY": "service-role-jwt",
@@ -458,7 +447,7 @@ def test_upload_retries_after_failures_with_backoff(s3_server: S3Server, bucket:
     assert saved.uploaded is True
     assert [(a, d) for a, _, d in retries] == [(1, 0.01), (2, 0.02)]
     assert all("connection reset" in message for _, message, _ in retries)
-    with _admin_fs(s3_server).open_input_stream(f"{bucket}/{task_id}/clip.mp4") as stream:
+    with admin_fs(s3_server).open_input_stream(f"{bucket}/{task_id}/clip.mp4") as stream:
         assert stream.read() == VIDEO  # the complete object, not a half from a failed attempt
 
 
@@ -479,7 +468,7 @@ def test_failed_attempts_leave_no_truncated_object(s3_server: S3Server, bucket: 
         storage.save(task_id, Artifact(VIDEO, "clip.mp4", "video/mp4"))
 
     # pyarrow completed each half-written object on close; the uploader deleted them again.
-    assert _admin_fs(s3_server).get_file_info(f"{bucket}/{task_id}/clip.mp4").type == pafs.FileType.NotFound
+    assert admin_fs(s3_server).get_file_info(f"{bucket}/{task_id}/clip.mp4").type == pafs.FileType.NotFound
     assert (tmp_path / "files" / task_id / "clip.mp4").read_bytes() == VIDEO
 
 
@@ -490,7 +479,7 @@ def test_upload_retries_until_the_bucket_exists(s3_server: S3Server, tmp_path: P
     def create_bucket_on_first_failure(attempt: int, error: Exception, delay: float) -> None:
         errors.append(str(error))
         if attempt == 1:
-            _admin_fs(s3_server).create_dir(bucket)
+            admin_fs(s3_server).create_dir(bucket)
 
     settings_ = _s3_settings(s3_server, bucket)
     uploader = S3Uploader(settings_, attempts=3, base_delay=0.01, on_retry=create_bucket_on_first_failure)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 from disk_fixtures import files_under, fill_disk
-from pyarrow import fs as pafs
-from storage_fixtures import S3Server
+from storage_fixtures import S3Server, admin_fs
 
 from storage import OutputStorage, S3Settings, StorageConfig, StorageError, StorageUnavailable
 from Wan2GP.artifact import Artifact
@@ -160,17 +159,6 @@ def s3_server() -> Iterator[S3Server]:
     server.stop()
 
 
-def _admin_fs(server: S3Server) -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(
-        access_key="testing",
-        secret_key="testing",
-        region="us-east-1",
-        scheme="http",
-        endpoint_override=server.endpoint,
-        allow_bucket_creation=True,
-    )
-
-
 def test_upload_failure_keeps_the_local_file_and_the_retry_only_uploads(s3_server: S3Server, tmp_path: Path):
     bucket = f"later-{uuid.uuid4().hex[:12]}"  # does not exist yet: every upload attempt fails
     settings = S3Settings(
@@ -191,12 +179,12 @@ def test_upload_failure_keeps_the_local_file_and_the_retry_only_uploads(s3_serve
     assert storage.find_saved(task_id) is None  # not fully stored: the upload is missing
     written = local.stat()
 
-    _admin_fs(s3_server).create_dir(bucket)
+    admin_fs(s3_server).create_dir(bucket)
     saved = storage.save(task_id, Artifact(video, "clip.mp4", "video/mp4"))
 
     assert saved.uploaded is True and saved.output_location == f"s3://{bucket}/{task_id}/clip.mp4"
     assert (local.stat().st_ino, local.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
-    with _admin_fs(s3_server).open_input_stream(f"{bucket}/{task_id}/clip.mp4") as stream:
+    with admin_fs(s3_server).open_input_stream(f"{bucket}/{task_id}/clip.mp4") as stream:
         assert stream.read() == video
     assert storage.find_saved(task_id) == saved
 
