@@ -30,6 +30,7 @@ logger = logging.getLogger("ray.serve")
 PREFETCH_SCAN = 200
 # Scans list Queued rows: at most this often (a Supabase list is an HTTP call), and never more than the claim loop.
 PREFETCH_SCAN_INTERVAL_S = 2.0
+PREFETCH_TIMEOUT_S = 600.0  # the longest a prefetch may load (a 14B model from a slow disk takes minutes)
 # A deployment whose prefetch failed is not asked again for this long (a multi-GPU deployment has no
 # `prefetch`: its replicas do not multiplex models, so a load there could not steer routing anyway).
 FAILED_BACKOFF_S = 300.0
@@ -116,7 +117,10 @@ class Prefetcher:
             "prefetching %s on %s for task %s", candidate.model_id, candidate.deployment, candidate.task_id
         )
         run = asyncio.get_running_loop().create_task(
-            self.runner.prefetch(candidate.deployment, candidate.model_id)
+            # A load that hangs must not hold the replica's slot for ever: past the deadline it counts as failed.
+            asyncio.wait_for(
+                self.runner.prefetch(candidate.deployment, candidate.model_id), PREFETCH_TIMEOUT_S
+            )
         )
         self.in_flight[candidate.deployment] = run
         run.add_done_callback(lambda finished: self._ended(candidate, finished, wake))
