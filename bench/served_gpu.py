@@ -174,8 +174,9 @@ def attention_backends(engine, args, device: str) -> str:
         k: v.to(device, dtype if v.is_floating_point() and k != "timestep" else v.dtype)
         for k, v in inputs.items()
     }
-    candidates = ["native", "_native_math"] if args.tiny else [
-        "native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage"]  # fmt: skip
+    from Wan2GP.acceleration import CPU_ATTENTION_CANDIDATES, GPU_ATTENTION_CANDIDATES
+
+    candidates = CPU_ATTENTION_CANDIDATES if args.tiny else GPU_ATTENTION_CANDIDATES
     known = {b.value for b in AttentionBackendName}
     reference, best, best_s = None, "native", float("inf")
     for name in [c for c in candidates if c in known]:
