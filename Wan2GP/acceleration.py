@@ -23,6 +23,13 @@ Applied by the engine to a loaded pipeline's transformer(s) (``transformer`` and
   Ratios come from a calibration run per model (:func:`calibrate_mag_ratios`, ``python -m
   Wan2GP.acceleration calibrate``), kept under ``$HWGP_CACHE_DIR/mag_ratios``. ``"tea"`` (TeaCache) has no
   diffusers implementation and is refused with that reason. Every result reports its forwards and skips.
+  On a compiled engine the blocks' own forwards stay compiled under the cache hooks
+  (:func:`compiled_under_hooks`).
+- **VAE decode** (:func:`vae_tiling`, :func:`channels_last_convolutions`): the Wan VAE's 3-D convolution
+  weights in ``channels_last_3d`` on CUDA (cuDNN's faster kernels: 2.78 -> 2.61 s and 9.6 -> 8.5 GiB at
+  832x480x81 on an H200), and tiled decoding only when the decode's estimated peak does not fit in the free
+  device memory (tiling costs time and seams; an H200 decodes 720p whole in 21.5 GiB). Each result records
+  whether it tiled (``acceleration.vae_tiling``).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import json
 import logging
 import os
 import threading
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -56,6 +64,7 @@ __all__ = [
     "save_mag_ratios",
     "set_attention_backend",
     "step_cache",
+    "vae_tiling",
 ]
 
 CACHE_TYPES = ("mag",)  # what skip_steps_cache_type accepts besides "" / None (off)
@@ -83,18 +92,31 @@ class AccelerationConfig:
         compile: regional torch.compile of the transformer blocks (resident memory profile only); ``"auto"``:
             on a CUDA device with the resident profile, off elsewhere (compiling costs more than it saves on a
             CPU, and offloading hooks move weights during the compiled forward).
-        attention_backend: a diffusers attention backend name (None: diffusers' default, ``native``).
+        attention_backend: a diffusers attention backend name (None: diffusers' default, ``native``);
+            ``"auto"``: at each load, time the model's self-attention at its default size under every backend
+            installed here and keep the fastest exact one (:func:`choose_attention_backend`).
         inductor_cache_dir: where compiled artefacts live (default ``$TORCHINDUCTOR_CACHE_DIR`` or
             ``$HWGP_CACHE_DIR/inductor``).
+        vae_tiling: tile the Wan VAE decode; ``"auto"``: only when its estimated peak exceeds the free device
+            memory (never on a CPU).
+        vae_channels_last: the Wan VAE's 3-D convolutions in channels-last layout; ``"auto"``: on CUDA.
     """
 
     compile: bool | str = False
     attention_backend: str | None = None
     inductor_cache_dir: str | None = None
+    vae_tiling: bool | str = "auto"
+    vae_channels_last: bool | str = "auto"
 
     def check(self, memory_profile: str, device: str | None = None) -> AccelerationConfig:
-        """This config with ``compile="auto"`` decided for ``device``; a ValueError naming the field for a
-        setting that cannot run."""
+        """This config with ``compile="auto"`` and ``vae_channels_last="auto"`` decided for ``device``; a
+        ValueError naming the field for a setting that cannot run."""
+        for name in ("vae_tiling", "vae_channels_last"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise ValueError(f"{name}: must be true, false or 'auto', got {getattr(self, name)!r}")
+        if self.vae_channels_last == "auto":
+            on_gpu = device is not None and device.startswith("cuda")
+            return replace(self, vae_channels_last=on_gpu).check(memory_profile, device)
         if self.compile == "auto":
             on_gpu = device is not None and device.startswith("cuda")
             return replace(self, compile=on_gpu and memory_profile == "resident").check(
@@ -120,11 +142,91 @@ def attention_backends() -> list[str]:
 
 
 def check_attention_backend(name: str) -> str:
-    """``name`` when diffusers knows it; a ValueError naming the field and the known names otherwise."""
+    """``name`` when diffusers knows it (or ``"auto"``); a ValueError naming the field and the known names
+    otherwise."""
     known = attention_backends()
-    if name not in known:
-        raise ValueError(f"attention_backend: {name!r} is not one of {', '.join(known)}")
+    if name != "auto" and name not in known:
+        raise ValueError(f"attention_backend: {name!r} is not one of auto, {', '.join(known)}")
     return name
+
+
+# Tried by attention_backend "auto", in this order; the first is the reference for exactness.
+GPU_ATTENTION_CANDIDATES = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3",
+                            "sage")  # fmt: skip
+CPU_ATTENTION_CANDIDATES = ("native", "_native_math")
+# A backend whose output is within this relative error of native's computes the same function (bf16 kernels
+# differ by ~5e-3 on an H200); approximate ones (Sage's int8 attention) would be refused by it.
+EXACT_ATTENTION_ERROR = 2e-2
+CPU_ATTENTION_TOKENS = 2048  # a CPU times a smaller problem (the choice there is a smoke check)
+
+
+def attention_tokens(family: str, width: int, height: int, frames: int, text_tokens: int = 512) -> int:
+    """The sequence length of a transformer's self-attention at this size (VAE 8x, patch 2x2; Wan: 4x in time)."""
+    spatial = (height // 16) * (width // 16)
+    if family == "flux":
+        return spatial + text_tokens  # joint attention over image and text tokens
+    return ((max(frames, 1) - 1) // 4 + 1) * spatial
+
+
+def choose_attention_backend(
+    transformer: torch.nn.Module, tokens: int, repeats: int = 3, exact_error: float = EXACT_ATTENTION_ERROR
+) -> dict[str, Any]:
+    """Time the transformer's self-attention (its heads and head size, ``tokens`` long, its dtype, its device)
+    under each candidate backend installed here; the fastest whose output matches ``native``'s within
+    ``exact_error`` (relative), else ``native``. Returns ``{"backend", "timings_ms", "unavailable", "tokens"}``."""
+    from diffusers.models.attention_dispatch import (
+        _check_attention_backend_requirements,
+        dispatch_attention_fn,
+    )
+
+    # The dtype most of its weights have (a few modules stay float32 in a bf16 transformer).
+    dtype = Counter(p.dtype for p in transformer.parameters()).most_common(1)[0][0]
+    device = next(transformer.parameters()).device
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        tokens = min(tokens, CPU_ATTENTION_TOKENS)
+    config = transformer.config
+    generator = torch.Generator("cpu").manual_seed(0)
+    q, k, v = (
+        torch.randn(1, tokens, config.num_attention_heads, config.attention_head_dim, generator=generator).to(
+            device, dtype
+        )
+        for _ in range(3)
+    )
+    known = set(attention_backends())
+    timings: dict[str, float] = {}
+    unavailable: dict[str, str] = {}
+    reference = None
+    for name in GPU_ATTENTION_CANDIDATES if on_gpu else CPU_ATTENTION_CANDIDATES:
+        if name not in known:
+            continue
+        try:
+            from diffusers.models.attention_dispatch import AttentionBackendName
+
+            _check_attention_backend_requirements(AttentionBackendName(name))
+            with torch.no_grad():
+                out = dispatch_attention_fn(q, k, v, backend=name)  # warm: kernel choice, workspace
+                if on_gpu:
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    out = dispatch_attention_fn(q, k, v, backend=name)
+                if on_gpu:
+                    torch.cuda.synchronize(device)
+        except Exception as error:  # not installed, or not for this GPU / dtype / head size
+            unavailable[name] = f"{type(error).__name__}: {str(error)[:120]}"
+            continue
+        seconds = (time.perf_counter() - start) / repeats
+        out = out.float()
+        if reference is None:
+            reference = out
+        error = float((out - reference).norm() / reference.norm().clamp_min(1e-12))
+        if error > exact_error:
+            unavailable[name] = f"not exact: relative error {error:.1e} vs native"
+            continue
+        timings[name] = round(seconds * 1000, 3)
+    best = min(timings, key=timings.__getitem__) if timings else "native"
+    return {"backend": best, "timings_ms": timings, "unavailable": unavailable, "tokens": tokens}
 
 
 def use_inductor_cache_dir(path: str | None = None) -> str:
@@ -162,17 +264,108 @@ def set_attention_backend(pipe, backend: str) -> str:
     return backend
 
 
-def apply_acceleration(pipe, config: AccelerationConfig | None) -> dict[str, Any]:
-    """Apply ``config`` to a freshly loaded ``pipe``; what was applied (recorded in each task's result)."""
+def apply_acceleration(
+    pipe, config: AccelerationConfig | None, attention_size: int | None = None
+) -> dict[str, Any]:
+    """Apply ``config`` to a freshly loaded ``pipe``; what was applied (recorded in each task's result).
+    ``attention_size``: the self-attention length that ``attention_backend: auto`` times (the model's default
+    size, :func:`attention_tokens`)."""
     applied: dict[str, Any] = {"compiled": [], "attention_backend": "native"}
     if config is None:
         return applied
-    if config.attention_backend is not None:
-        applied["attention_backend"] = set_attention_backend(pipe, config.attention_backend)
+    backend = config.attention_backend
+    transformers = _transformers(pipe)
+    if backend == "auto" and transformers and attention_size:
+        choice = choose_attention_backend(transformers[0][1], attention_size)
+        applied["attention_choice"] = choice
+        logger.info("attention_backend auto: %s of %s", choice["backend"], choice["timings_ms"])
+        backend = choice["backend"]
+    elif backend == "auto":
+        backend = None  # nothing to time (no transformer): diffusers' default
+    if backend is not None:
+        applied["attention_backend"] = set_attention_backend(pipe, backend)
     if config.compile:
         applied["compiled"] = compile_transformers(pipe, config.inductor_cache_dir)
         applied["inductor_cache_dir"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    if config.vae_channels_last is True and _wan_vae(pipe) is not None:
+        applied["vae_channels_last"] = channels_last_convolutions(pipe.vae)
     return applied
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VAE decode: channels-last convolutions, tiling only when memory needs it
+# ----------------------------------------------------------------------------------------------------------
+
+# Peak device bytes of a float32 Wan-VAE decode per output pixel (width x height x frames), measured on an H200
+# (bench/gpu_probes.py): 9.6 GiB at 832x480x81 and 21.5 GiB at 1280x720x81, ~310-320 B; bf16 about half.
+VAE_DECODE_BYTES_PER_PIXEL = 330
+VAE_MEMORY_MARGIN = 0.9  # of the free memory, for the allocator's fragmentation
+
+
+def _wan_vae(pipe):
+    vae = getattr(pipe, "vae", None)
+    return vae if type(vae).__name__ == "AutoencoderKLWan" else None
+
+
+def channels_last_convolutions(vae: torch.nn.Module) -> bool:
+    """The 3-D convolution weights of ``vae`` in ``channels_last_3d`` (the only rank-5 parameters, so the
+    module's own ``.to(memory_format=...)`` cannot do it); whether any was converted."""
+    converted = False
+    for module in vae.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            converted = True
+    return converted
+
+
+def vae_decode_bytes(width: int, height: int, frames: int, dtype: torch.dtype) -> int:
+    """Estimated peak device memory of a whole (untiled) Wan-VAE decode."""
+    scale = 1.0 if dtype == torch.float32 else 0.5
+    return int(VAE_DECODE_BYTES_PER_PIXEL * scale * width * height * max(frames, 1))
+
+
+def free_device_bytes(device: str | torch.device) -> int | None:
+    """What a CUDA device can still hand out: free memory plus what the caching allocator holds unused. None
+    on a CPU (host memory is not what limits a decode there)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def needs_vae_tiling(
+    width: int, height: int, frames: int, dtype: torch.dtype, free_bytes: int | None
+) -> bool:
+    """Whether a whole decode would not fit in ``free_bytes`` (None: no device limit, never)."""
+    if free_bytes is None:
+        return False
+    return vae_decode_bytes(width, height, frames, dtype) > VAE_MEMORY_MARGIN * free_bytes
+
+
+@contextlib.contextmanager
+def vae_tiling(
+    pipe, setting: bool | str, width: int, height: int, frames: int, device: str | torch.device
+) -> Iterator[bool | None]:
+    """Tile the Wan VAE's decode for one generation when ``setting`` says so (``"auto"``: when
+    :func:`needs_vae_tiling`), restored afterwards; yields whether it tiled (None: no Wan VAE)."""
+    vae = _wan_vae(pipe)
+    if vae is None:
+        yield None
+        return
+    tile = (
+        needs_vae_tiling(width, height, frames, vae.dtype, free_device_bytes(device))
+        if setting == "auto"
+        else bool(setting)
+    )
+    was = bool(getattr(vae, "use_tiling", False))
+    if tile != was:
+        vae.enable_tiling() if tile else vae.disable_tiling()
+    try:
+        yield tile
+    finally:
+        if tile != was:
+            vae.enable_tiling() if was else vae.disable_tiling()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -363,26 +556,32 @@ class StepCacheReport:
 
 
 class ForwardCounter:
-    """Counts transformer calls and the calls whose blocks really ran (the last block's feed-forward)."""
+    """Counts transformer calls and the calls whose blocks really ran: the last block's own forward, wrapped
+    under whatever hooks wrap it later (a cache hook that skips the block never calls it)."""
 
     def __init__(self, transformer: torch.nn.Module):
         self.forwards = 0
         self.computed = 0
-        last_block = transformer.blocks[-1]
-        self._handles = [
-            transformer.register_forward_pre_hook(self._count_forward),
-            last_block.ffn.register_forward_pre_hook(self._count_computed),
-        ]
+        self._block = transformer.blocks[-1]
+        self._own_forward = vars(self._block).get("forward")  # e.g. the compiled one (compiled_under_hooks)
+        inner = self._block.forward
+
+        def counted(*args, **kwargs):
+            self.computed += 1
+            return inner(*args, **kwargs)
+
+        self._block.forward = counted
+        self._handle = transformer.register_forward_pre_hook(self._count_forward)
 
     def _count_forward(self, module, args) -> None:
         self.forwards += 1
 
-    def _count_computed(self, module, args) -> None:
-        self.computed += 1
-
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        self._handle.remove()
+        if self._own_forward is not None:
+            self._block.forward = self._own_forward
+        else:
+            vars(self._block).pop("forward", None)
 
 
 MAX_SKIP_STEPS = 3
@@ -405,6 +604,33 @@ def eager_blocks(transformers: list[torch.nn.Module]) -> Iterator[bool]:
         yield bool(compiled)
     finally:
         for block, call in compiled:
+            block._compiled_call_impl = call
+
+
+@contextlib.contextmanager
+def compiled_under_hooks(transformers: list[torch.nn.Module]) -> Iterator[bool]:
+    """Move each compiled block's compilation below the block's hooks: its own ``forward`` runs compiled
+    (fullgraph, compiled once per block and kept), while hooks registered on it meanwhile (diffusers' cache
+    hooks, which decide in Python whether the block runs at all) run eager around it. A compiled ``__call__``
+    would trace those hooks, which fullgraph refuses. Yields whether any block was compiled."""
+    moved = []
+    for transformer in transformers:
+        for block in transformer.modules():
+            call = getattr(block, "_compiled_call_impl", None)
+            if call is None:
+                continue
+            block._compiled_call_impl = None
+            if "forward" not in vars(block):  # (a block whose forward is already wrapped stays eager)
+                if getattr(block, "_hwgp_compiled_forward", None) is None:
+                    block._hwgp_compiled_forward = torch.compile(block.forward, fullgraph=True)
+                block.forward = block._hwgp_compiled_forward
+            moved.append((block, call))
+    try:
+        yield bool(moved)
+    finally:
+        for block, call in moved:
+            if vars(block).get("forward") is getattr(block, "_hwgp_compiled_forward", None):
+                del block.forward
             block._compiled_call_impl = call
 
 
@@ -446,11 +672,9 @@ def step_cache(
     unsupported = [type(t).__name__ for t in transformers if not hasattr(t, "blocks")]
     if unsupported:
         raise ValueError(f"skip_steps_cache_type: step caching supports Wan models, not {unsupported[0]}")
-    with eager_blocks(transformers) as was_compiled:
+    with compiled_under_hooks(transformers) as was_compiled:
         if was_compiled:
-            report.notes.append(
-                "ran eager: the cache hooks cannot run inside the compiled (fullgraph) blocks"
-            )
+            report.notes.append("blocks ran compiled, the cache hooks eager around them")
         counters = [ForwardCounter(t) for t in transformers]
         for transformer in transformers:
             transformer.enable_cache(config)

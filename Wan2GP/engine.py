@@ -23,8 +23,10 @@ from Wan2GP.acceleration import (
     AccelerationConfig,
     PromptCache,
     apply_acceleration,
+    attention_tokens,
     parse_step_cache,
     step_cache,
+    vae_tiling,
 )
 from Wan2GP.artifact import Artifact, Rendered
 from Wan2GP.catalog import (
@@ -104,9 +106,7 @@ class Engine:
     ):
         self.memory_profile = check_profile(memory_profile)
         self.device = "cpu" if memory_profile == "cpu" else (device or default_device())
-        self.acceleration = (
-            acceleration.check(memory_profile, str(self.device)) if acceleration is not None else None
-        )
+        self.acceleration = (acceleration or AccelerationConfig()).check(memory_profile, str(self.device))
         self.applied_acceleration: dict[str, Any] = {}
         self.prompt_cache = PromptCache(prompt_cache_entries)
         self.catalog = catalog if catalog is not None else Catalog.load()
@@ -176,7 +176,12 @@ class Engine:
         pipe = pipeline_class.from_pretrained(str(folder), dtype=dtypes, local_files_only=True, **reuse)
         pipe.set_progress_bar_config(disable=True)
         apply_memory_profile(pipe, self.memory_profile, self.device)
-        self.applied_acceleration = apply_acceleration(pipe, self.acceleration)
+        defaults = definition.defaults
+        self.applied_acceleration = apply_acceleration(
+            pipe,
+            self.acceleration,
+            attention_tokens(definition.family, defaults.width, defaults.height, defaults.frames),
+        )
         if hasattr(pipe, "encode_prompt"):
             self.prompt_cache.install(pipe, scope=(definition.id, keys.get("text_encoder")))
         self.load_count += 1
@@ -300,16 +305,24 @@ class Engine:
         with self._lock:
             load_report = self._load(definition.id)
             settings = self._settings(definition, task_family, parsed)
-            # Frames stay on the device until they are uint8; a multi-GPU (Wan2GP.parallel) pipeline keeps the
-            # numpy output it was validated with (its replica test hung intermittently with "pt": issue 21).
-            parallel = getattr(self.pipe, "_hwgp_parallel_layout", None) is not None
-            settings.output_type = "np" if parallel else "pt"
+            # Frames stay on the device until they are uint8: a quarter of float32's bytes cross to the host.
+            settings.output_type = "pt"
             loras = apply_loras(self.pipe, settings.loras)
             self.pipe.scheduler = self._scheduler(settings)
             settings.phases = self._phase_plan(settings, task_family)
             timings: dict[str, float] = {"load": load_report.seconds}
             prompts_before = self.prompt_cache.counts()
-            with step_cache(self.pipe, step_request, settings.steps, definition.id) as cache_report:
+            with (
+                step_cache(self.pipe, step_request, settings.steps, definition.id) as cache_report,
+                vae_tiling(
+                    self.pipe,
+                    self.acceleration.vae_tiling,
+                    settings.width,
+                    settings.height,
+                    settings.frames or 1,
+                    self.device,
+                ) as tiled,
+            ):
                 frames = runner(self.pipe, parsed, settings, timings, progress, should_cancel)
             prompt_cache = self.prompt_cache.counts_since(prompts_before)
 
@@ -341,6 +354,7 @@ class Engine:
             "acceleration": {
                 **self.applied_acceleration,
                 "step_cache": cache_report and cache_report.as_dict(),
+                "vae_tiling": tiled,
                 "text_encode_cache": prompt_cache,
             },
         }

@@ -121,6 +121,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 acceleration={
                     "compile": deployment.compile,
                     "attention_backend": deployment.attention_backend,
+                    "vae_tiling": deployment.vae_tiling,
                 },
                 **common,
             )

@@ -121,8 +121,14 @@ class DeploymentConfig(BaseModel):
     )
     attention_backend: str | None = Field(
         default=None,
-        description="a diffusers attention backend (native, _native_cudnn, flash, sage, ...); None: "
-        "diffusers' default. Each result records the one that ran (acceleration.attention_backend)",
+        description="a diffusers attention backend (native, _native_cudnn, flash, sage, ...); auto: time each "
+        "one installed at load and keep the fastest exact one (acceleration.attention_choice has the times); "
+        "None: diffusers' default. Each result records the one that ran (acceleration.attention_backend)",
+    )
+    vae_tiling: bool | Literal["auto"] = Field(
+        default="auto",
+        description="tile the Wan VAE decode: auto when its estimated peak exceeds the free GPU memory (each "
+        "result records acceleration.vae_tiling); true always (least memory, slower); false never",
     )
     split: SplitConfig | None = Field(
         default=None,

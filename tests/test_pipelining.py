@@ -142,6 +142,9 @@ def test_deployment_config_checks_compile_and_the_attention_backend():
         DeploymentConfig(compile=True, gpus_per_replica=2)
     with pytest.raises(ValidationError, match="compile"):
         DeploymentConfig(compile="sometimes")
+    assert DeploymentConfig().vae_tiling == "auto" and DeploymentConfig(vae_tiling=True).vae_tiling is True
+    with pytest.raises(ValidationError, match="vae_tiling"):
+        DeploymentConfig(vae_tiling="sometimes")
 
 
 def test_compiled_engine_compiles_once_and_auto_stays_eager_on_cpu(catalog: Catalog, tmp_path):
