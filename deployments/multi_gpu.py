@@ -13,6 +13,7 @@ to either. NVLink multicast stays off in every worker (:data:`Wan2GP.parallel.NC
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -297,9 +298,12 @@ class MultiGpuGenerationDeployment:
             results = await self._finish(tasks)
         except (asyncio.CancelledError, GeneratorExit):
             # Stop every rank at the same step (the cancel check is collective), and keep the replica busy
-            # until they have stopped, so the next task finds all ranks free.
-            await asyncio.gather(*[w.cancel.remote() for w in self.workers], return_exceptions=True)
-            await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+            # until they have stopped, so the next task finds all ranks free: a second cancel while waiting
+            # for that is absorbed, not allowed to free the Serve slot early.
+            stopping = asyncio.ensure_future(self._stop_ranks(tasks))
+            while not stopping.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(stopping)
             self.busy = False
             raise
         self.busy = False
@@ -311,6 +315,10 @@ class MultiGpuGenerationDeployment:
         self.generations += 1
         self.last_task_s = time.perf_counter() - started
         yield results[0]
+
+    async def _stop_ranks(self, tasks: list[asyncio.Future]) -> None:
+        await asyncio.gather(*[w.cancel.remote() for w in self.workers], return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _finish(self, tasks: list[asyncio.Future]) -> list[dict[str, Any]]:
         """Every rank's event. A rank that died, or still runs long after rank 0 failed (stuck in a collective
