@@ -307,13 +307,15 @@ def _wan_vae(pipe):
     return vae if type(vae).__name__ == "AutoencoderKLWan" else None
 
 
-def channels_last_convolutions(vae: torch.nn.Module) -> bool:
-    """The 3-D convolution weights of ``vae`` in ``channels_last_3d`` (the only rank-5 parameters, so the
+def channels_last_convolutions(
+    vae: torch.nn.Module, memory_format: torch.memory_format = torch.channels_last_3d
+) -> bool:
+    """The 3-D convolution weights of ``vae`` in ``memory_format`` (the only rank-5 parameters, so the
     module's own ``.to(memory_format=...)`` cannot do it); whether any was converted."""
     converted = False
     for module in vae.modules():
         if isinstance(module, torch.nn.Conv3d):
-            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            module.weight.data = module.weight.data.contiguous(memory_format=memory_format)
             converted = True
     return converted
 

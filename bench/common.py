@@ -51,6 +51,33 @@ def max_abs_error(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
+def cuda_sync() -> None:
+    """Wait for the GPU's queued work (timings end there); nothing on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_reset() -> None:
+    """Free what Python and the caching allocator hold, and restart the peak-memory count."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    """The GPU memory peak since :func:`peak_reset`, GiB (None on a CPU)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
 def require_gpus(needed: int, tiny: bool, script: str) -> int:
     """The GPUs to use; exit at once with a clear message when fewer than ``needed`` are present."""
     if tiny:

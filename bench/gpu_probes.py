@@ -18,36 +18,19 @@ Each result is printed as soon as it is measured and the JSON is rewritten after
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import WAN_1_3B, relative_error
+from bench.common import WAN_1_3B, cuda_sync, peak_gib, peak_reset, relative_error
 
 # Wan2.1 T2V 14B (Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json).
 WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
 UMT5_XXL_PARAMS = 5.68e9
 
 RESULTS: dict = {"14b": {}, "vae": []}
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _reset() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
 def probe_14b(args, device: str, save) -> None:
@@ -57,7 +40,7 @@ def probe_14b(args, device: str, save) -> None:
     if args.tiny:
         config.update(num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=2, text_dim=32)
     width, height, frames = (64, 48, 9) if args.tiny else (1280, 720, 81)
-    _reset()
+    peak_reset()
     start = time.perf_counter()
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -80,12 +63,12 @@ def probe_14b(args, device: str, save) -> None:
     inputs["timestep"] = torch.tensor([500.0], device=device)
     with torch.no_grad():
         transformer(**inputs, return_dict=False)  # warm: kernels, allocator
-        _sync()
+        cuda_sync()
         times = []
         for _ in range(args.forwards):
             start = time.perf_counter()
             transformer(**inputs, return_dict=False)
-            _sync()
+            cuda_sync()
             times.append(time.perf_counter() - start)
     forward = min(times)
     tokens = latent_frames * (height // 16) * (width // 16)
@@ -98,10 +81,10 @@ def probe_14b(args, device: str, save) -> None:
         "forward_all_s": times,
         "s_per_cfg_step": 2 * forward,
         "transformer_weights_gib": weights_gib,
-        "peak_gib_transformer": _peak_gib(),
+        "peak_gib_transformer": peak_gib(),
         "text_encoder_gib_bf16": UMT5_XXL_PARAMS * 2 / 2**30,
     }
-    peak = _peak_gib()
+    peak = peak_gib()
     print(f"14b: {width}x{height}x{frames} ({tokens} tokens): {forward:.2f} s/forward, {2 * forward:.2f} s per CFG "
           f"step; weights {weights_gib or 0:.1f} GiB, peak {peak or 0:.1f} GiB (transformer + activations); "
           f"+{RESULTS['14b']['text_encoder_gib_bf16']:.1f} GiB UMT5-XXL resident in the service", flush=True)  # fmt: skip
@@ -114,15 +97,10 @@ def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(latents, return_dict=False)[0]
 
 
-def _conv_format(vae, memory_format: torch.memory_format) -> None:
-    """The 3-D convolutions' weights in ``memory_format`` (the other parameters are not rank 5)."""
-    for module in vae.modules():
-        if isinstance(module, torch.nn.Conv3d):
-            module.weight.data = module.weight.data.contiguous(memory_format=memory_format)
-
-
 def probe_vae(args, device: str, save, compiled: bool) -> None:
     from diffusers import AutoencoderKLWan
+
+    from Wan2GP.acceleration import channels_last_convolutions
 
     sizes = [(64, 48, 9)] if args.tiny else [(832, 480, 81), (1280, 720, 81)]
     torch.manual_seed(0)
@@ -138,25 +116,25 @@ def probe_vae(args, device: str, save, compiled: bool) -> None:
                 vae, dtype = AutoencoderKLWan().to(device, torch.bfloat16).eval(), torch.bfloat16
                 vae.load_state_dict(base.state_dict())
             if "channels_last" in variant:
-                _conv_format(base, torch.channels_last_3d)
+                channels_last_convolutions(base)
             if compiled:
                 vae.decoder = torch.compile(base.decoder)
-            _reset()
+            peak_reset()
             x = latents.to(device, dtype)
             start = time.perf_counter()
             out = _decode(vae, x)  # first call (compiles when compiled)
-            _sync()
+            cuda_sync()
             first = time.perf_counter() - start
             start = time.perf_counter()
             out = _decode(vae, x)
-            _sync()
+            cuda_sync()
             seconds = time.perf_counter() - start
             out = out.float().cpu()
             if variant == "float32":
                 reference = out
             error = None if reference is None else relative_error(out.numpy(), reference.numpy())
             row = {"size": f"{width}x{height}x{frames}", "variant": variant, "decode_s": seconds,
-                   "first_call_s": first, "peak_gib": _peak_gib(), "rel_error_vs_float32": error}  # fmt: skip
+                   "first_call_s": first, "peak_gib": peak_gib(), "rel_error_vs_float32": error}  # fmt: skip
             RESULTS["vae"].append(row)
             err = "" if error is None else f", rel. error vs float32 {error:.2e}"
             peak = row["peak_gib"] or 0
@@ -164,7 +142,7 @@ def probe_vae(args, device: str, save, compiled: bool) -> None:
                   flush=True)  # fmt: skip
             save()
             if "channels_last" in variant:
-                _conv_format(base, torch.contiguous_format)
+                channels_last_convolutions(base, torch.contiguous_format)
             if compiled:
                 vae.decoder = base.decoder._orig_mod
 

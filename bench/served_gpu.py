@@ -24,7 +24,6 @@ engine with the same steps and seed. Weights are random: quality cannot be judge
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import tempfile
@@ -34,29 +33,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import PROMPT, model_label, models_root, prepare_models, relative_error
+from bench.common import (
+    PROMPT,
+    cuda_sync,
+    model_label,
+    models_root,
+    peak_gib,
+    peak_reset,
+    prepare_models,
+    relative_error,
+)
 
 RESULTS: dict = {"rows": [], "attention": []}
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _peak_reset() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-
-
 def _row(name: str, steps: int, seconds: float, per_step: float | None, latents, reference, **extra) -> dict:
-    row = {"run": name, "steps": steps, "s_per_video": seconds, "s_per_step": per_step, "peak_gib": _peak_gib(),
+    row = {"run": name, "steps": steps, "s_per_video": seconds, "s_per_step": per_step, "peak_gib": peak_gib(),
            "rel_error": None if reference is None else relative_error(latents, reference), **extra}  # fmt: skip
     RESULTS["rows"].append(row)
     error = (
@@ -74,7 +66,7 @@ class _StepClock:
         self.marks: list[float] = []
 
     def __call__(self, step: int, total: int) -> None:
-        _sync()
+        cuda_sync()
         self.marks.append(time.perf_counter())
 
     def per_step(self) -> float | None:
@@ -89,10 +81,10 @@ def _params(model_id: str, args, steps: int, **extra) -> dict:
 
 def _timed(engine, params: dict) -> tuple[float, _StepClock, object]:
     clock = _StepClock()
-    _sync()
+    cuda_sync()
     start = time.perf_counter()
     artifact = engine.generate("t2v", params, progress=clock)
-    _sync()
+    cuda_sync()
     return time.perf_counter() - start, clock, artifact
 
 
@@ -120,7 +112,7 @@ def bare(folder: str, args, device: str) -> np.ndarray:
 
     from Wan2GP.parallel import wrap_vae_decode
 
-    _peak_reset()
+    peak_reset()
     dtype = torch.float32 if args.tiny else torch.bfloat16
     pipe = WanPipeline.from_pretrained(folder, dtype={"default": dtype, "vae": torch.float32}).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -131,16 +123,16 @@ def bare(folder: str, args, device: str) -> np.ndarray:
         marks.clear()
 
         def on_step(p, i, t, kwargs):
-            _sync()
+            cuda_sync()
             marks.append(time.perf_counter())
             return {}
 
-        _sync()
+        cuda_sync()
         start = time.perf_counter()
         pipe(prompt=PROMPT, negative_prompt="", height=args.height, width=args.width, num_frames=args.frames,
              num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(0),
              output_type="np", callback_on_step_end=on_step)  # fmt: skip
-        _sync()
+        cuda_sync()
         return time.perf_counter() - start
 
     call(2)  # warm
@@ -185,11 +177,11 @@ def attention_backends(engine, args, device: str) -> str:
             with torch.no_grad():
                 for _ in range(2):
                     out = transformer(**inputs, return_dict=False)[0]
-                _sync()
+                cuda_sync()
                 start = time.perf_counter()
                 for _ in range(args.forward_repeats):
                     out = transformer(**inputs, return_dict=False)[0]
-                _sync()
+                cuda_sync()
             seconds = (time.perf_counter() - start) / args.forward_repeats
         except Exception as error:  # not installed / not supported on this GPU: recorded, not fatal
             RESULTS["attention"].append(
@@ -258,7 +250,7 @@ def main() -> None:
     bare_s = RESULTS["rows"][0]["s_per_video"]
 
     # 2. the engine, eager
-    _peak_reset()
+    peak_reset()
     eager = _loaded(_engine(catalog, device), model_id)
     _timed(eager, _params(model_id, args, 2))  # warm
     seconds, clock, artifact = _timed(eager, _params(model_id, args, args.steps))
@@ -272,7 +264,7 @@ def main() -> None:
     save()
 
     # 4. compiled (first call compiles), then a fresh engine: warm start from the disk cache
-    _peak_reset()
+    peak_reset()
     acceleration = AccelerationConfig(compile=True, attention_backend=backend)
     compiled = _loaded(_engine(catalog, device, acceleration), model_id)
     first_s, _, _ = _timed(compiled, _params(model_id, args, 2))
