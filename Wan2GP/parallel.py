@@ -46,7 +46,7 @@ import os
 import random
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -611,6 +611,9 @@ class ParallelEngine:
             raise ValueError(
                 f"memory_profile: parallel generation needs 'resident', got {engine.memory_profile!r}"
             )
+        # The split decode is a collective, so every rank must decode the same way: a tiling decision made
+        # from each rank's free memory could differ between them. A rank decodes a 1/N share anyway.
+        engine.acceleration = replace(engine.acceleration, vae_tiling=False)
         self.engine = engine
         self.layout = layout if layout is not None else build_layout(mode, engine.device)
         self.mode = self.layout.mode

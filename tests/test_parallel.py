@@ -411,6 +411,18 @@ def test_parallel_engine_needs_the_resident_profile(catalog: Catalog) -> None:
         ParallelEngine(offloaded, mode="cfg")
 
 
+def test_parallel_engine_decodes_every_rank_the_same_way(catalog: Catalog) -> None:
+    from Wan2GP.acceleration import AccelerationConfig
+    from Wan2GP.parallel import ParallelEngine, ParallelLayout
+
+    engine = Engine(
+        device="cpu", catalog=catalog, lora_dirs=[], acceleration=AccelerationConfig(vae_tiling=True)
+    )
+    layout = ParallelLayout("cfg", 0, 1, torch.device("cpu"), 1, 1, None)
+    ParallelEngine(engine, layout=layout, split_encode=False)
+    assert engine.acceleration.vae_tiling is False  # no per-rank memory decision inside a collective decode
+
+
 def test_app_with_a_two_gpu_replica_completes_tasks_over_http(tmp_path: Path) -> None:
     """`gpus_per_replica: 2` in the application config: the ingress routes to the multi-GPU replica."""
     from hwgp_testing import running_app, wait_final
