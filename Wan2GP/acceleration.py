@@ -150,13 +150,20 @@ def check_attention_backend(name: str) -> str:
     return name
 
 
-# Tried by attention_backend "auto", in this order; the first is the reference for exactness.
-GPU_ATTENTION_CANDIDATES = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3",
-                            "sage")  # fmt: skip
+# Tried by attention_backend "auto", in this order; the first is the reference for exactness. Approximate
+# kernels (SageAttention's int8 attention) are left out: a user names them explicitly.
+GPU_ATTENTION_CANDIDATES = (
+    "native",
+    "_native_cudnn",
+    "_native_flash",
+    "_native_efficient",
+    "flash",
+    "_flash_3",
+)
 CPU_ATTENTION_CANDIDATES = ("native", "_native_math")
 # A backend whose output is within this relative error of native's computes the same function (bf16 kernels
-# differ by ~5e-3 on an H200); approximate ones (Sage's int8 attention) would be refused by it.
-EXACT_ATTENTION_ERROR = 2e-2
+# differ by ~5e-3 on an H200).
+EXACT_ATTENTION_ERROR = 1e-2
 CPU_ATTENTION_TOKENS = 2048  # a CPU times a smaller problem (the choice there is a smoke check)
 
 

@@ -166,9 +166,9 @@ def attention_backends(engine, args, device: str) -> str:
         k: v.to(device, dtype if v.is_floating_point() and k != "timestep" else v.dtype)
         for k, v in inputs.items()
     }
-    from Wan2GP.acceleration import CPU_ATTENTION_CANDIDATES, GPU_ATTENTION_CANDIDATES
+    from Wan2GP.acceleration import CPU_ATTENTION_CANDIDATES, EXACT_ATTENTION_ERROR, GPU_ATTENTION_CANDIDATES
 
-    candidates = CPU_ATTENTION_CANDIDATES if args.tiny else GPU_ATTENTION_CANDIDATES
+    candidates = CPU_ATTENTION_CANDIDATES if args.tiny else (*GPU_ATTENTION_CANDIDATES, "sage")
     known = {b.value for b in AttentionBackendName}
     reference, best, best_s = None, "native", float("inf")
     for name in [c for c in candidates if c in known]:
@@ -193,7 +193,7 @@ def attention_backends(engine, args, device: str) -> str:
         if reference is None:
             reference = out
         error = relative_error(out, reference)
-        exact = error < 2e-2
+        exact = error < EXACT_ATTENTION_ERROR
         RESULTS["attention"].append({"backend": name, "forward_s": seconds, "rel_error_vs_native": error,
                                      "exact": exact})  # fmt: skip
         print(
