@@ -269,6 +269,9 @@ def main() -> None:
     parser.add_argument("--compare-whole", action="store_true", help="also time cfg with nothing else split")
     parser.add_argument("--decode-check", action="store_true", help="time the decode alone, whole vs split")
     parser.add_argument(
+        "--decode-only", action="store_true", help="only the baseline's latents and the decode check"
+    )
+    parser.add_argument(
         "--one-gpu-checks", action="store_true", help="only the decode/encode checks, on 1 GPU"
     )
     parser.add_argument("--tiny", action="store_true", help="CPU smoke check: tiny model, gloo")
@@ -295,20 +298,21 @@ def main() -> None:
     model_id = ids["t2v"]
     baseline = _baseline(args, models_dir, model_id, steps_list)
 
-    start_ray(gpus)
     rows = []
-    for mode in modes:
-        rows += _replica(args, gpus, mode, None, models_dir, model_id, steps_list, baseline)
-    if args.compare_whole:
-        rows += _replica(args, gpus, "cfg", WHOLE, models_dir, model_id, steps_list[:1], baseline)
-    from ray import serve
+    if not args.decode_only:
+        start_ray(gpus)
+        for mode in modes:
+            rows += _replica(args, gpus, mode, None, models_dir, model_id, steps_list, baseline)
+        if args.compare_whole:
+            rows += _replica(args, gpus, "cfg", WHOLE, models_dir, model_id, steps_list[:1], baseline)
+        from ray import serve
 
-    serve.shutdown()
-    import ray
+        serve.shutdown()
+        import ray
 
-    ray.shutdown()
+        ray.shutdown()
     decode = None
-    if args.decode_check and not args.tiny:
+    if args.decode_check or args.decode_only:
         folder = json.loads(Path(models_dir, f"{model_id}.json").read_text())["source"]
         decode = _decode_check(
             gpus, str(Path(folder) / "vae"), baseline[steps_list[0]]["latents"], shared=False
