@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from torch.profiler import profile
 
 from Wan2GP.acceleration import (
@@ -240,3 +241,26 @@ def test_attention_auto_refuses_a_backend_that_is_not_exact(catalog: Catalog):
     assert strict["timings_ms"] == {}  # even native vs itself: error 0 > -1
     assert "not exact" in strict["unavailable"]["_native_math"]
     assert strict["backend"] == "native"  # the fallback: diffusers' default
+
+
+def test_a_compiled_engine_stops_compiling_once_sizes_have_varied(catalog: Catalog, cache_dir: Path):
+    """Dynamo compiles the blocks for the first size, again (dynamic width) and again (dynamic height) as
+    sizes vary; from then on a new resolution or length reuses the dynamic-shape code: no compile per size."""
+    engine = Engine(
+        device="cpu",
+        catalog=catalog,
+        lora_dirs=[],
+        acceleration=AccelerationConfig(compile=True, inductor_cache_dir=str(cache_dir / "inductor")),
+    )
+    params = {**PARAMS, "num_inference_steps": 1}
+    graphs = []
+    for resolution in ("64x48", "80x48", "96x64"):
+        engine.generate("t2v", {**params, "resolution": resolution})
+        graphs.append(counters["stats"]["unique_graphs"])
+    settled = graphs[-1]
+    for resolution, frames in (("112x64", 9), ("128x80", 13), ("64x48", 9), ("144x96", 5)):
+        engine.generate("t2v", {**params, "resolution": resolution, "video_length": frames})
+    print(
+        f"unique graphs after the first three sizes: {graphs}; after four more: {counters['stats']['unique_graphs']}"
+    )
+    assert counters["stats"]["unique_graphs"] == settled
