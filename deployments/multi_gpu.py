@@ -37,6 +37,9 @@ logger = logging.getLogger("ray.serve")
 # A rank that failed on its own leaves the others waiting in a collective; give them this long to finish
 # (they fail too when the failure was the params') before declaring the replica broken.
 STRAGGLER_GRACE_S = 30.0
+# A cancel stops every rank at its next denoising step end (a 14B step at 720p takes ~25 s on an H200); ranks
+# still running this long after it are stuck, and the replica is declared broken for Serve to replace.
+CANCEL_STOP_S = 300.0
 
 
 def rank_bundles(world_size: int, cpus_per_rank: float = 1.0, replica_cpus: float = 0.1) -> list[dict]:
@@ -301,9 +304,12 @@ class MultiGpuGenerationDeployment:
             # until they have stopped, so the next task finds all ranks free: a second cancel while waiting
             # for that is absorbed, not allowed to free the Serve slot early.
             stopping = asyncio.ensure_future(self._stop_ranks(tasks))
-            while not stopping.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(stopping)
+            deadline = time.monotonic() + CANCEL_STOP_S
+            while not stopping.done() and time.monotonic() < deadline:
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stopping), deadline - time.monotonic())
+            if not stopping.done():
+                self.broken = f"ranks still running {CANCEL_STOP_S:.0f}s after a cancel"
             self.busy = False
             raise
         self.busy = False
