@@ -271,15 +271,11 @@ def set_attention_backend(pipe, backend: str) -> str:
     return backend
 
 
-def apply_acceleration(
-    pipe, config: AccelerationConfig | None, attention_size: int | None = None
-) -> dict[str, Any]:
+def apply_acceleration(pipe, config: AccelerationConfig, attention_size: int | None = None) -> dict[str, Any]:
     """Apply ``config`` to a freshly loaded ``pipe``; what was applied (recorded in each task's result).
     ``attention_size``: the self-attention length that ``attention_backend: auto`` times (the model's default
     size, :func:`attention_tokens`)."""
     applied: dict[str, Any] = {"compiled": [], "attention_backend": "native"}
-    if config is None:
-        return applied
     backend = config.attention_backend
     transformers = _transformers(pipe)
     if backend == "auto" and transformers and attention_size:
