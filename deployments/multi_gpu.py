@@ -136,8 +136,13 @@ class RankWorker:
         lora_files: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """This rank's part of one generation; the event ``generate`` streams (artifact on rank 0 only)."""
-        with self._generation:
+        if not self._generation.acquire(timeout=CANCEL_STOP_S):  # the last one is stuck: the replica too
+            message = f"rank {self.rank}: the previous generation still ran after {CANCEL_STOP_S:.0f}s"
+            return {"event": "error", "kind": "engine", "message": message}
+        try:
             return self._generate(task_type, params, task_id, lora_files)
+        finally:
+            self._generation.release()
 
     def _generate(
         self,
