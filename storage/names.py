@@ -57,6 +57,9 @@ def sanitize_filename(filename: str, media_type: str | None = None) -> str:
     name = name.replace("/", "_").replace("\\", "_")
     name = _UNSAFE_CHARS_RE.sub("_", name)
     name = re.sub(r"_{2,}", "_", name)
+    # Trailing separators go before the extension is looked for, so what ends the result is what a second
+    # pass would find there too: "0:.0:" -> "0_.0_" -> "0_.0" -> "0.0" in one pass (stable, as storage relies).
+    name = name.rstrip("._- ")
 
     stem, dot, ext = name.rpartition(".")
     if not dot or not _EXTENSION_RE.match(ext):

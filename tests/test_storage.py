@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pyarrow import fs as pafs
@@ -183,6 +183,7 @@ def test_invalid_task_ids_are_refused(local_storage: OutputStorage, task_id: str
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=200), st.sampled_from([None, "image/png", "video/mp4"]))
+@example("0:.0:", None)  # a trailing separator hid an extension until a second pass (found by this test)
 def test_sanitize_filename_properties(filename: str, media_type: str | None):
     name = sanitize_filename(filename, media_type)
 
