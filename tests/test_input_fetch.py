@@ -381,7 +381,9 @@ def test_downloads_use_their_own_bounded_pool_and_leave_the_loop_free(tmp_path: 
     assert 1.9 <= seen["total"] < 8.0
     # Bounds with headroom for a loaded 2-core machine: a blocked pool would take the downloads' 1 s.
     assert seen["executor_latency"] < 0.9 and seen["loop_latency"] < 0.5
-    assert all(isinstance(r, InputError) and "did not answer in time" in str(r) for r in seen["results"])
+    assert all(isinstance(r, InputError) and "did not answer in time" in str(r) for r in seen["results"]), [
+        repr(r) for r in seen["results"]
+    ]
 
 
 def test_fetch_many_async_fetches_all_and_names_the_failing_item(tmp_path: Path, server: LoopbackServer):
