@@ -19,7 +19,7 @@ Modes (``world_size`` = number of ranks):
   over M ranks, ranks ``[M, 2M)`` the unconditional one.
 
 What is not denoising is split as well (:class:`ParallelEngine` switches): the prompt is encoded on rank 0 and
-broadcast; the VAE decode runs split over time (each rank decodes its latent frames as one chunk, the causal
+broadcast; VACE's conditioning (two VAE encodes of the masked guide) is encoded one half per CFG rank; the VAE decode runs split over time (each rank decodes its latent frames as one chunk, the causal
 caches of the decoder's 3D convolutions handed from rank to rank, so the result equals the whole decode up to
 rounding); the MP4 is encoded in pieces, one per rank, joined without re-encoding.
 
@@ -72,6 +72,7 @@ __all__ = [
     "run_parallel_generation",
     "share_prompt_encoding",
     "split_latent_frames",
+    "split_vace_conditioning",
     "wrap_vae_decode",
 ]
 
@@ -384,6 +385,58 @@ def share_prompt_encoding(pipe, layout: ParallelLayout) -> None:
     pipe.encode_prompt = shared_encode_prompt
 
 
+class _EncodedLatents:
+    """What ``vae.encode`` returns, for a latent computed elsewhere: diffusers' ``retrieve_latents(...,
+    sample_mode="argmax")`` reads ``latent_dist.mode()``."""
+
+    def __init__(self, latents: torch.Tensor):
+        self.latent_dist = self
+        self._latents = latents
+
+    def mode(self) -> torch.Tensor:
+        return self._latents
+
+
+def split_vace_conditioning(pipe, layout: ParallelLayout) -> None:
+    """VACE's conditioning encoded half per CFG rank: ``WanVACEPipeline.prepare_video_latents`` encodes the
+    guide twice (its kept part ``video·(1-mask)`` and its generated part ``video·mask``, each a full-length VAE
+    encode); CFG rank 0 encodes the first, rank 1 the second, and an all-gather gives both to both. The
+    pipeline's own method then runs with those two results in place of its two encodes (its reference images,
+    one frame each, it still encodes itself), so the latents are the single-GPU ones bit for bit.
+
+    Without a CFG split, or without a mask (one encode), the pipeline encodes as usual."""
+    if layout.cfg_degree != 2:
+        return
+    prepare = pipe.prepare_video_latents
+    vae = pipe.vae
+
+    def prepare_video_latents(video, mask, reference_images=None, generator=None, device=None):
+        if mask is None or video.shape[0] != 1:
+            return prepare(video, mask, reference_images, generator, device)
+        dtype = vae.dtype
+        binary = torch.where(mask > 0.5, 1.0, 0.0).to(dtype=dtype)  # as the pipeline makes the two halves
+        halves = (video.to(dtype=dtype) * (1 - binary), video.to(dtype=dtype) * binary)
+        mine = vae.encode(halves[layout.cfg_rank]).latent_dist.mode().contiguous()
+        both = [torch.empty_like(mine) for _ in range(2)]
+        dist.all_gather(both, mine, group=layout.cfg_group)
+        given = list(both)
+        encode = vae.encode
+
+        def encode_given_first(x, return_dict: bool = True):
+            return _EncodedLatents(given.pop(0)) if given else encode(x, return_dict=return_dict)
+
+        vae.encode = encode_given_first
+        try:
+            latents = prepare(video, mask, reference_images, generator, device)
+        finally:
+            vae.encode = encode
+        if given:  # the pipeline no longer encodes the two halves first: fail loudly, not silently wrong
+            raise RuntimeError("split VACE conditioning: the pipeline did not take both encoded halves")
+        return latents
+
+    pipe.prepare_video_latents = prepare_video_latents
+
+
 class DecodeRecorder:
     """Wraps ``vae.decode``: records the latents it is given (the final latents, for equivalence checks) and,
     with a ``layout``, decodes them split over time across the ranks (:func:`decode_split`).
@@ -592,6 +645,8 @@ class ParallelEngine:
 
     Besides the denoising split of ``mode``, what is not denoising is split too (each switch can be turned
     off, for comparison): ``share_prompt`` encodes the prompt on rank 0 only and broadcasts the embeddings;
+    ``split_conditioning`` has the two CFG ranks encode one half of VACE's conditioning each
+    (:func:`split_vace_conditioning`, exact);
     ``split_decode`` decodes the final latents split over time across all ranks (:func:`decode_split`,
     exact); ``split_encode`` has every rank encode its share of the frames into the MP4
     (:func:`encode_mp4_split`).
@@ -604,6 +659,7 @@ class ParallelEngine:
         layout: ParallelLayout | None = None,
         *,
         share_prompt: bool = True,
+        split_conditioning: bool = True,
         split_decode: bool = True,
         split_encode: bool = True,
     ):
@@ -618,6 +674,7 @@ class ParallelEngine:
         self.layout = layout if layout is not None else build_layout(mode, engine.device)
         self.mode = self.layout.mode
         self.share_prompt, self.split_decode, self.split_encode = share_prompt, split_decode, split_encode
+        self.split_conditioning = split_conditioning
         self._prepared: set[int] = set()
         if split_encode:
             rank, world_size = self.layout.rank, self.layout.world_size
@@ -649,6 +706,8 @@ class ParallelEngine:
         enable_context_parallel(pipe.transformer, self.layout)
         if self.share_prompt:
             share_prompt_encoding(pipe, self.layout)
+        if self.split_conditioning and type(pipe).__name__ == "WanVACEPipeline":
+            split_vace_conditioning(pipe, self.layout)
         enable_cfg_parallel(pipe, self.layout)
         wrap_vae_decode(pipe.vae, self.layout if self.split_decode else None)
         pipe._hwgp_parallel_layout = self.layout

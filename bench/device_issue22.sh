@@ -2,9 +2,8 @@
 # Issue 22 on nvidia-h200-x2, three device calls of ≤ 9 min on one warm machine (the random weights built by
 # the first stay under /tmp for the next ones while it is held):
 #   PART=1: one video through the 2-GPU replica at 10 and 50 steps, + the replica with nothing but denoising
-#           split (~5 min measured on 2026-11-30);
-#   PART=2: travel on 2 GPUs vs 1 (independent and chained), then the VAE decode and MP4 encode alone, split
-#           vs whole (--decode-check);
+#           split (~5 min measured on 2026-11-30), then the VAE decode and MP4 encode alone, split vs whole;
+#   PART=2: travel on 2 GPUs vs 1 (independent and chained; three layouts, each built and warmed);
 #   PART=3: replica scaling, 16 tasks on 1 then 2 one-GPU replicas (STEPS, default 10).
 # Carry .whl (../shared/tools/make_device_site.sh .whl, plus the psycopg_pool wheel). Logs and JSON under $OUT.
 set -o pipefail
@@ -16,12 +15,12 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 show() { grep --line-buffered -E '^\||^#|GPU|travel:|built|goal|speed-up|decode alone|VAE decode|MP4 encode|replica\(s\)|ratio|Error|error:|Traceback' ; }
 nvidia-smi -L; python3 -c 'import torch, diffusers, ray; print(torch.__version__, diffusers.__version__, ray.__version__)'
 case "${PART:-1}" in
-1) timeout ${VIDEO_S:-480} python3 -m bench.multi_gpu_video --gpus 2 --steps 10,50 --compare-whole \
-     --json "$OUT/video.json" 2>&1 | tee "$OUT/video.log" | show ;;
-2) timeout ${TRAVEL_S:-330} python3 -m bench.parallel_travel --gpus 2 --segments 4 --frames 33 --steps 6 \
-     --json "$OUT/travel.json" 2>&1 | tee "$OUT/travel.log" | show
-   timeout ${DECODE_S:-180} python3 -m bench.multi_gpu_video --gpus 2 --steps 2 --decode-only \
+1) timeout ${VIDEO_S:-400} python3 -m bench.multi_gpu_video --gpus 2 --steps 10,50 --compare-whole \
+     --json "$OUT/video.json" 2>&1 | tee "$OUT/video.log" | show
+   timeout ${DECODE_S:-150} python3 -m bench.multi_gpu_video --gpus 2 --steps 2 --decode-only \
      --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | show ;;
+2) timeout ${TRAVEL_S:-560} python3 -m bench.parallel_travel --gpus 2 --segments 4 --frames 33 --steps 6 \
+     --json "$OUT/travel.json" 2>&1 | tee "$OUT/travel.log" | show ;;
 3) timeout ${SCALE_S:-540} python3 -m bench.scale_out --gpus 2 --tasks-per-gpu 8 --steps ${STEPS:-10} \
      --json "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" | show ;;
 esac

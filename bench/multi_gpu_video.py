@@ -42,7 +42,7 @@ from bench.common import (
 from hwgp_testing import free_port
 
 GOALS = {10: 1.8, 50: 1.9}
-WHOLE = {"share_prompt": False, "split_decode": False, "split_encode": False}
+WHOLE = {"share_prompt": False, "split_conditioning": False, "split_decode": False, "split_encode": False}
 
 
 def _video_params(model_id: str, args, steps: int) -> dict:

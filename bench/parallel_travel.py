@@ -42,6 +42,31 @@ from hwgp_testing import free_port, wait_complete
 GOALS = {"independent": 1.9, "chained": 1.7}
 
 
+# Per-segment size: full (the GPU runs) and tiny (--tiny, CPU), unless given on the command line.
+TRAVEL_SIZES = {
+    "full": {"resolution": "832x480", "frames": 33, "steps": 6, "overlap": 8},
+    "tiny": {"resolution": "64x48", "frames": 9, "steps": 2, "overlap": 4},
+}
+
+
+def add_travel_size_arguments(parser: argparse.ArgumentParser) -> None:
+    full = TRAVEL_SIZES["full"]
+    parser.add_argument("--steps", type=int, default=None, help=f"default {full['steps']} (--tiny: 2)")
+    parser.add_argument(
+        "--frames", type=int, default=None, help=f"frames per segment, default {full['frames']}"
+    )
+    parser.add_argument("--overlap", type=int, default=None, help=f"default {full['overlap']}")
+    parser.add_argument("--resolution", default=None, help=f"default {full['resolution']} (--tiny: 64x48)")
+
+
+def fill_travel_size(args: argparse.Namespace) -> None:
+    """The sizes not given: the tiny ones with --tiny (a tiny model at full size measures the service's own
+    cost of moving full-size frames), else the full ones."""
+    for key, value in TRAVEL_SIZES["tiny" if args.tiny else "full"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def anchors(folder: Path, count: int, width: int, height: int) -> list[str]:
     """``count`` distinct anchor images (a moving bright block on a changing grey)."""
     from Wan2GP.video import encode_png
@@ -73,17 +98,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--segments", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--frames", type=int, default=33, help="frames per segment")
-    parser.add_argument("--overlap", type=int, default=8)
-    parser.add_argument("--resolution", default="832x480")
+    add_travel_size_arguments(parser)
     parser.add_argument("--layouts", default="1gpu,replicas,split")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke check: tiny VACE on fake GPUs")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.tiny:
-        args.resolution, args.frames, args.steps, args.overlap = "64x48", 9, 2, 4
+    fill_travel_size(args)
     gpus = require_gpus(args.gpus, args.tiny, "bench.parallel_travel")
 
     from ray import serve

@@ -100,7 +100,8 @@ class RankWorker:
         self, master_addr: str, master_port: int, mode: str, options: dict[str, bool] | None = None
     ) -> dict[str, Any]:
         """Join the process group and build the engine (a collective: every rank at once). ``options``: the
-        switches of :class:`~Wan2GP.parallel.ParallelEngine` (share_prompt, split_decode, split_encode)."""
+        switches of :class:`~Wan2GP.parallel.ParallelEngine` (share_prompt, split_conditioning, split_decode,
+        split_encode)."""
         import torch
 
         from Wan2GP.catalog import Catalog
@@ -214,7 +215,7 @@ class MultiGpuGenerationDeployment:
         cpus_per_rank: the CPU share of each worker (must fit its bundle).
         preload: a model id to load at start.
         parallel_options: switches of :class:`~Wan2GP.parallel.ParallelEngine` (``share_prompt``,
-            ``split_decode``, ``split_encode``; all on by default).
+            ``split_conditioning``, ``split_decode``, ``split_encode``; all on by default).
     """
 
     def __init__(

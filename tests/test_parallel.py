@@ -158,8 +158,14 @@ def _rank_main(rank: int, world_size: int, port: int, mode: str, tiny_root: str,
     result["random_seed"] = drawn.metadata["seed"]
     result["random_digest"] = hashlib.sha256(drawn.data).hexdigest()
     if mode == "cfg":
-        # VACE (what chained travel runs) under the CFG split, decode and encode split too.
+        # VACE (what chained travel runs) under the CFG split, conditioning encode, decode and encode split too.
+        engine.load("tiny-vace")
+        encoded_frames: list[int] = []  # frames through the VAE encoder on this rank
+        engine.pipe.vae.encoder.register_forward_pre_hook(
+            lambda module, args: encoded_frames.append(args[0].shape[2])
+        )
         vace = run_parallel_generation(engine, "vace", vace_params(), mode)
+        result["vace_encoded_frames"] = sum(encoded_frames)
         Path(out, f"rank{rank}-vace.mp4").write_bytes(vace.data)
         np.save(Path(out, f"rank{rank}-vace-latents.npy"), _PARALLEL_ENGINES[engine].last_latents.numpy())
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -239,6 +245,8 @@ def test_parallel_generation_matches_single_process(
         for rank in range(world_size):
             vace_latents = np.load(tmp_path / f"rank{rank}-vace-latents.npy")
             assert relative_error(vace_latents, reference["vace_latents"]) < 1e-6  # VACE under the CFG split
+            # One process encodes the 9-frame guide twice (kept part, generated part); each rank one of them.
+            assert results[rank]["vace_encoded_frames"] == 9
             vace_frames, _ = decode_video((tmp_path / f"rank{rank}-vace.mp4").read_bytes())
             assert vace_frames.shape == (9, 48, 64, 3)
             assert relative_error(vace_frames, reference["vace_frames"]) < 0.05
