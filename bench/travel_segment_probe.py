@@ -13,8 +13,9 @@ phase is timed with a device sync on both sides (which serialises it, as the cha
 - ``transformer``: every forward of the denoising loop (2 per step with CFG);
 - ``vae decode`` and ``to uint8``: the engine's decode phase;
 - ``other``: the rest of the render (params, text encoding cache, scheduler, transfers);
-- ``mp4 encode`` / ``mp4 decode``: the segment's file, and the frames read back from it (what the chain does
-  between two segments today).
+- ``mp4 encode`` / ``mp4 decode``: the segment's file, and the frames read back from it. The served chain did
+  both between two segments until the segment node handed its frames on directly (``dag.travel``): the
+  file is now made aside while the next segment generates.
 
 Segment 0 warms up; the later ones are timed and averaged.
 """

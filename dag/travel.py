@@ -29,7 +29,7 @@ import ray
 from pydantic import ValidationError
 
 from dag.orchestrations import RunContext, StepPlacement, StepTarget
-from dag.steps import STAND_INS, StepFailed, generate_step
+from dag.steps import STAND_INS, StepFailed, render_step
 from dag.travel_plan import (
     SegmentSpec,
     TravelPlan,
@@ -54,13 +54,16 @@ from deployments.errors import describe_validation_error
 from deployments.results import task_result
 from deployments.task_types import TRAVEL_SEGMENT, TRAVEL_STITCH
 from deployments.thumbnail_step import save_row_thumbnail, save_thumbnail
-from Wan2GP.artifact import Artifact
+from Wan2GP.artifact import Artifact, Rendered
 from Wan2GP.structure import ControlVideo, StructureGuidance, apply_control, build_control_video
 from Wan2GP.video import decode_video, encode_mp4, load_image, mask_to_video
 
 __all__ = ["abort", "execute", "finish", "prepare", "validate"]  # the Orchestration protocol
 
 logger = logging.getLogger("ray.serve")
+
+# A failed or cancelled run still saves the segments it generated (a resumed run reuses them), this long.
+RECORD_GRACE_S = 120.0
 
 
 # --- DAG nodes (Ray tasks: CPU work, never on a GPU replica's time) ---------------------------------
@@ -78,45 +81,58 @@ def control_node(plan: TravelPlan, guidance: StructureGuidance, videos: dict[str
         raise StepFailed(describe_validation_error(error)) from None
 
 
-@ray.remote(num_cpus=0.05, max_retries=0)
+@ray.remote(num_cpus=0.05, max_retries=0, num_returns=2)
 def segment_node(
-    plan: TravelPlan, spec: Any, previous: dict | np.ndarray | None, anchors: list[np.ndarray], step: StepTarget,
+    plan: TravelPlan, spec: Any, previous: np.ndarray | None, anchors: list[np.ndarray], step: StepTarget,
     task_id: str, control: ControlVideo | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Generate segment `spec` on the step deployment and return its frames: VACE (a guide and mask from
-    the anchors and `previous`, the previous clip or the continued video), or image-to-video between its
-    anchors. An unstitched segment is post-processed here: its clip is an output of the run."""
-    previous_frames = previous["frames"] if isinstance(previous, dict) else previous
+) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    """Generate segment `spec` on the step deployment: VACE (a guide and mask from the anchors and
+    `previous`, the previous clip or the continued video), or image-to-video between its anchors.
+
+    Two returns, so the chain never waits on a file and the orchestrator never pulls frames: the clip's
+    frames (uint8, exactly as the replica decoded them: the next segment's guide and the stitch take them
+    from here) and a small description (`segment_file_node` makes the segment's MP4 from both, while the
+    next segment generates). An unstitched segment is post-processed here: its clip is an output of the run."""
     guide = mask = None
     if plan.mode == "i2v":
-        task_type, params = image_segment_task(plan, spec, *_segment_images(spec, anchors, previous_frames))
+        task_type, params = image_segment_task(plan, spec, *_segment_images(spec, anchors, previous))
     else:
-        guide, mask = segment_guide(plan, spec, previous_frames, anchors)
+        guide, mask = segment_guide(plan, spec, previous, anchors)
         if control is not None:  # structure guidance: control frames in the frames this segment generates
             guide = apply_control(guide, mask, control, offset=spec.start)
         task_type, params = "vace", segment_params(plan, spec, guide, mask)
     try:
-        artifact = generate_step(step.handle, step.model_id, task_type, params, task_id, step.lora_files)
+        output = render_step(step.handle, step.model_id, task_type, params, task_id, step.lora_files)
     except StepFailed as error:
         raise StepFailed(f"segment {spec.index}: {error}") from None
-    frames, _ = decode_video(artifact.data)
+    # A multi-GPU replica encodes on its ranks: that file is the segment's, its frames are read back.
+    encoded = output if isinstance(output, Artifact) else None
+    frames = decode_video(encoded.data)[0] if encoded is not None else output.frames
     if not plan.stitched and _adjusts(plan, spec.index):
-        continued = previous_frames if spec.index == 0 else None
+        continued = previous if spec.index == 0 else None
         references = (
             colour_reference(plan, anchors, spec.index, continued) if plan.post.colour_match else None
         )
         frames = adjust_clip(plan, spec.index, frames, references, bool(plan.continue_from_video))
-        artifact.data = encode_mp4(frames, fps=plan.fps)
-    artifact.filename = segment_filename(plan.run_id, spec.index)
-    result = {
-        "index": spec.index,
-        "frames": frames,
-        "artifact": artifact,
-    }
+        encoded = None  # the adjusted frames make the file
+    described: dict[str, Any] = {"index": spec.index, "frames": len(frames), "metadata": output.metadata}
+    if encoded is not None:
+        described["artifact"] = encoded
     if (plan.debug or plan.skip_cleanup) and guide is not None:
-        result["guide"] = encode_mp4(guide, fps=plan.fps)
-        result["mask"] = encode_mp4(mask_to_video(mask), fps=plan.fps)
-    return result
+        described["guide"] = encode_mp4(guide, fps=plan.fps)
+        described["mask"] = encode_mp4(mask_to_video(mask), fps=plan.fps)
+    return frames, described
+
+
+@ray.remote(num_cpus=0.05, max_retries=0)
+def segment_file_node(plan: TravelPlan, frames: np.ndarray, described: dict[str, Any]) -> dict[str, Any]:
+    """`described` with the segment's stored MP4 as its `artifact`: the replica's own file, or the frames
+    encoded here (off the chain: the next segment already runs)."""
+    artifact = described.get("artifact")
+    if artifact is None:
+        artifact = Rendered(frames, plan.fps, "segment", described["metadata"]).encode()
+    artifact.filename = segment_filename(plan.run_id, described["index"])
+    return {**described, "artifact": artifact}
 
 
 def _segment_images(
@@ -144,9 +160,9 @@ def _adjusts(plan: TravelPlan, index: int) -> bool:
 
 @ray.remote(num_cpus=0.05, max_retries=0)
 def stitch_node(
-    plan: TravelPlan, anchors: list[np.ndarray], continued: np.ndarray | None, *segments: dict
+    plan: TravelPlan, anchors: list[np.ndarray], continued: np.ndarray | None, *clips: np.ndarray
 ) -> Artifact:
-    clips = [s["frames"] for s in sorted(segments, key=lambda s: s["index"])]
+    """The run's video from its segments' clips, in order."""
     frames = stitch_segments(plan, clips, anchors or None, continued=continued)
     expected = plan.total_frames
     if plan.debug:
@@ -317,42 +333,57 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
     if run.structure is not None and pending:
         control = control_node.remote(plan, run.structure, structure_videos)
     run.refs = [] if control is None else [control]
-    outputs: dict[int, Any] = {
-        i: {"index": i, "frames": frames, "reused": True} for i, frames in reused.items()
-    }
+    outputs: dict[int, Any] = dict(reused)  # segment index -> its clip's frames (or their object ref)
+    records: list[asyncio.Future] = []  # each generated segment's file, saved and its row completed
 
     async def generate(spec: SegmentSpec, row_id: str, source: Any, placement: StepPlacement) -> None:
         async with placement as target:
-            ref = segment_node.remote(plan, spec, source, anchors_ref, target, row_id, control)
-            run.refs.append(ref)
-            outputs[spec.index] = ref
-            result = await ref  # the slot is held while the segment's task runs
-        if target.scheduling is not None:  # the segment row's result says which pool ran it, and why
-            result["artifact"].metadata["scheduling"] = target.scheduling
+            frames, described = segment_node.remote(plan, spec, source, anchors_ref, target, row_id, control)
+            run.refs += [frames, described]
+            outputs[spec.index] = frames
+            await described  # the slot is held while the segment's task runs
+        file = segment_file_node.remote(plan, frames, described)
+        run.refs.append(file)
+        records.append(asyncio.ensure_future(record(row_id, file, target.scheduling)))
+
+    async def record(row_id: str, file: ray.ObjectRef, scheduling: dict | None) -> None:
+        result = await file
+        if scheduling is not None:  # the segment row's result says which pool ran it, and why
+            result["artifact"].metadata["scheduling"] = scheduling
         await ctx.blocking(_record_segment, ctx, plan, row_id, result)
 
     await ctx.blocking(_start_rows, store, ctx.worker_id, run, specs, reused)
-    if plan.stitched:  # a chain: each segment asks for its slot when the previous one is done
-        for spec, row_id in pending:
-            if spec.index > 0 and spec.index - 1 not in reused:
-                await ctx.blocking(store.start, row_id, ctx.worker_id)
-            source = outputs.get(spec.index - 1, continued) if spec.index > 0 else continued
-            await generate(spec, row_id, source, ctx.place(step, row_id, guidance))
-    else:  # independent segments ask at once: a burst the scheduler spreads over its pools
-        placements = [ctx.place(step, row_id, guidance) for _, row_id in pending]
-        segments = [
-            asyncio.ensure_future(generate(spec, row_id, continued if spec.index == 0 else None, placement))
-            for (spec, row_id), placement in zip(pending, placements, strict=True)
-        ]
-        try:
-            await asyncio.gather(*segments)
-        except BaseException:
-            for segment in segments:  # one failed: the others record nothing and give their slots back
-                segment.cancel()
-            raise
-        finally:
-            for placement in placements:  # those never entered (a sibling failed first)
-                placement.withdraw()
+    try:
+        if plan.stitched:  # a chain: each segment asks for its slot when the previous one is done
+            for spec, row_id in pending:
+                if spec.index > 0 and spec.index - 1 not in reused:
+                    await ctx.blocking(store.start, row_id, ctx.worker_id)
+                source = outputs.get(spec.index - 1, continued) if spec.index > 0 else continued
+                await generate(spec, row_id, source, ctx.place(step, row_id, guidance))
+        else:  # independent segments ask at once: a burst the scheduler spreads over its pools
+            placements = [ctx.place(step, row_id, guidance) for _, row_id in pending]
+            segments = [
+                asyncio.ensure_future(
+                    generate(spec, row_id, continued if spec.index == 0 else None, placement)
+                )
+                for (spec, row_id), placement in zip(pending, placements, strict=True)
+            ]
+            try:
+                await asyncio.gather(*segments)
+            except BaseException:
+                for segment in segments:  # one failed: the others record nothing and give their slots back
+                    segment.cancel()
+                raise
+            finally:
+                for placement in placements:  # those never entered (a sibling failed first)
+                    placement.withdraw()
+        await asyncio.gather(*records)
+    except BaseException:
+        # The segments already generated keep their files and rows (a resumed run reuses them): their
+        # records finish, within a deadline, before the run's unfinished rows are marked.
+        if records:
+            await asyncio.wait(records, timeout=RECORD_GRACE_S)
+        raise
     if not plan.stitched:
         return await ctx.blocking(_last_clip, ctx, run)
     await ctx.blocking(store.start, run.stitch_id, ctx.worker_id)
@@ -427,7 +458,7 @@ def _record_segment(ctx: RunContext, plan: TravelPlan, row_id: str, result: dict
     )
     if plan.debug:
         logger.info(
-            "[SEGMENT_DEBUG] %s segment %d: %d frames", plan.run_id, result["index"], len(result["frames"])
+            "[SEGMENT_DEBUG] %s segment %d: %d frames", plan.run_id, result["index"], result["frames"]
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -322,6 +323,48 @@ def test_bad_utility_input_is_rejected(service: dict, task_type: str, params: di
               if k != "frame_index" else v for k, v in params.items()}  # fmt: skip
     response = service["client"].post("/tasks", json={"task_type": task_type, "params": params})
     assert response.status_code == 422 and needle in response.text, response.text
+
+
+def test_a_chain_hands_the_next_segment_exact_frames_and_makes_files_aside(service: dict):
+    """The segment node's two returns: the clip's frames as the replica decoded them (the next segment's
+    guide and the stitch take those, never a re-decoded MP4) and a small description that is all the
+    orchestrator pulls; the segment's MP4 is made from both by its own node, while the chain goes on."""
+    import ray
+
+    from dag.orchestrations import StepTarget
+    from dag.travel import segment_file_node, segment_node
+    from dag.travel_plan import parse_travel, plan_segments
+
+    params = travel_params(service, 3, run_id="aside")
+    plan = parse_travel(params, default_run_id="aside")
+    specs = plan_segments(plan)
+    anchors = [load_image(Path(path).read_bytes()) for path in params["images"]]
+    handle = serve.get_deployment_handle("VACE", app_name="hwgp")
+    target = StepTarget(task_type="vace", handle=handle, model_id="tiny-vace")
+
+    frames_ref, described_ref = segment_node.remote(plan, specs[0], None, anchors, target, "aside-0")
+    described = ray.get(described_ref, timeout=120)
+    frames = ray.get(frames_ref, timeout=30)
+    assert frames.dtype == np.uint8 and frames.shape == (13, 48, 64, 3)
+    # What the orchestrator awaits carries no frames: only the index, the count and the replica's metadata.
+    assert described["index"] == 0 and described["frames"] == 13 and "artifact" not in described
+    assert not any(isinstance(value, np.ndarray) for value in described.values())
+    assert described["metadata"]["denoise_finished"] >= described["metadata"]["denoise_started"]
+
+    # The next segment takes the clip by reference, straight from the node.
+    next_frames, next_described = segment_node.remote(plan, specs[1], frames_ref, anchors, target, "aside-1")
+
+    # The first segment's file, made aside from the same two returns: its MP4 decodes to those frames.
+    recorded = ray.get(segment_file_node.remote(plan, frames_ref, described_ref), timeout=60)
+    artifact = recorded["artifact"]
+    assert artifact.filename == "aside_seg00_output.mp4" and artifact.media_type == "video/mp4"
+    decoded = decode_video(artifact.data)[0]
+    assert decoded.shape == frames.shape
+    assert np.abs(decoded.astype(float) - frames).mean() < 8  # H.264 of the same frames
+    assert not np.array_equal(decoded, frames)  # so the chain's frames are the replica's, not the file's
+    assert "encode_file" in artifact.metadata["timings"] and "denoise" in artifact.metadata["timings"]
+    assert ray.get(next_described, timeout=120)["index"] == 1
+    assert ray.get(next_frames, timeout=30).shape == (13, 48, 64, 3)
 
 
 def test_resume_after_the_service_dies_reuses_finished_segments(service: dict):
