@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from Wan2GP.artifact import Artifact
+from Wan2GP.artifact import Artifact, Rendered
 
 __all__ = [
     "MODES",
@@ -726,6 +726,37 @@ class ParallelEngine:
 
         A random seed (-1 or missing) is drawn on rank 0 and shared, so all ranks denoise the same noise.
         """
+        params = self._shared_params(task_type, params)
+        return self.engine.generate(
+            task_type,
+            params,
+            task_id=task_id,
+            progress=progress,
+            should_cancel=self._collective_cancel(should_cancel),
+        )
+
+    def render(
+        self,
+        task_type: str,
+        params: dict[str, Any],
+        *,
+        task_id: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> Rendered:
+        """As :meth:`generate`, without the encode: every rank returns the same frames (for a caller that
+        uses them, such as the next segment of a chained travel, and encodes the file itself)."""
+        params = self._shared_params(task_type, params)
+        return self.engine.render(
+            task_type,
+            params,
+            task_id=task_id,
+            progress=progress,
+            should_cancel=self._collective_cancel(should_cancel),
+        )
+
+    def _shared_params(self, task_type: str, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` with a random seed drawn once for all ranks; the model made resident and parallel."""
         from Wan2GP.params import parse_params
 
         params = dict(params)
@@ -747,13 +778,7 @@ class ParallelEngine:
             check_sequence_split(
                 self.engine.pipe, settings.width, settings.height, settings.frames, self.layout.ulysses_degree
             )
-        return self.engine.generate(
-            task_type,
-            params,
-            task_id=task_id,
-            progress=progress,
-            should_cancel=self._collective_cancel(should_cancel),
-        )
+        return params
 
     def _collective_cancel(self, should_cancel: Callable[[], bool] | None) -> Callable[[], bool]:
         """True on every rank as soon as any rank's ``should_cancel`` is (one all-reduce per check)."""

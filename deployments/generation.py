@@ -130,8 +130,12 @@ class GenerationDeployment:
         params: dict[str, Any],
         task_id: str | None = None,
         lora_files: dict[str, bytes] | None = None,
+        encode: bool = True,
     ):
         """Run one task; an async generator of the events described in the module docstring.
+
+        ``encode``: whether a multi-GPU replica may hand back an encoded file; a 1-GPU replica always hands
+        back frames, so it has nothing to change here (the argument keeps the two replicas' calls alike).
 
         ``lora_files``: ``<sha256>.safetensors`` -> object ref (or bytes) of the LoRAs the params name by that
         content name (`deployments.lora_fetch`); pulled and written only when this replica's LoRA folder

@@ -135,13 +135,15 @@ class RankWorker:
         params: dict[str, Any],
         task_id: str | None,
         lora_files: dict[str, Any] | None = None,
+        encode: bool = True,
     ) -> dict[str, Any]:
-        """This rank's part of one generation; the event ``generate`` streams (artifact on rank 0 only)."""
+        """This rank's part of one generation; the event ``generate`` streams (the artifact, or with
+        ``encode`` false the frames, on rank 0 only)."""
         if not self._generation.acquire(timeout=CANCEL_STOP_S):  # the last one is stuck: the replica too
             message = f"rank {self.rank}: the previous generation still ran after {CANCEL_STOP_S:.0f}s"
             return {"event": "error", "kind": "engine", "message": message}
         try:
-            return self._generate(task_type, params, task_id, lora_files)
+            return self._generate(task_type, params, task_id, lora_files, encode)
         finally:
             self._generation.release()
 
@@ -151,6 +153,7 @@ class RankWorker:
         params: dict[str, Any],
         task_id: str | None,
         lora_files: dict[str, Any] | None,
+        encode: bool,
     ) -> dict[str, Any]:
         if lora_files:  # object refs, pulled only when this rank lacks the file
             store_lora_files(self.lora_dir, lora_files, read=object_bytes)
@@ -163,14 +166,15 @@ class RankWorker:
                 self._progress.append((step, total))
 
         try:
-            artifact = self.parallel.generate(
+            run = self.parallel.generate if encode else self.parallel.render
+            output = run(
                 task_type,
                 params,
                 task_id=task_id,
                 progress=progress if self.rank == 0 else None,
                 should_cancel=self._cancel.is_set,
             )
-            return {"event": "done", "artifact": artifact if self.rank == 0 else None}
+            return {"event": "done", "artifact" if encode else "rendered": output if self.rank == 0 else None}
         except ValidationError as error:
             return {"event": "error", "kind": "invalid", "message": describe_validation_error(error)}
         except Cancelled as error:
@@ -273,9 +277,12 @@ class MultiGpuGenerationDeployment:
         params: dict[str, Any],
         task_id: str | None = None,
         lora_files: dict[str, Any] | None = None,
+        encode: bool = True,
     ):
         """Run one task on all ranks; an async generator of the events of :mod:`deployments.generation`
-        (``lora_files`` as there: the LoRAs fetched by URL, by content name)."""
+        (``lora_files`` as there: the LoRAs fetched by URL, by content name). The ranks encode the MP4 in
+        pieces (a task's latency); with ``encode`` false they hand back the frames instead (``rendered``), for
+        a caller that uses them and encodes the file itself (a chained travel's segment)."""
         if self.broken is not None:
             yield {"event": "error", "kind": "engine", "message": f"replica is broken: {self.broken}"}
             return
@@ -296,7 +303,7 @@ class MultiGpuGenerationDeployment:
         started = time.perf_counter()
         self.busy = True
         tasks = [
-            asyncio.ensure_future(w.generate.remote(task_type, params, task_id, lora_files))
+            asyncio.ensure_future(w.generate.remote(task_type, params, task_id, lora_files, encode))
             for w in self.workers
         ]
         try:

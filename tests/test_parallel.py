@@ -19,7 +19,7 @@ from hwgp_testing import free_port
 from Wan2GP.catalog import Catalog
 from Wan2GP.engine import Engine
 from Wan2GP.parallel import MODES, NCCL_SAFE_ENV, plan_degrees
-from Wan2GP.video import decode_video
+from Wan2GP.video import decode_video, to_uint8_frames
 
 pytest_plugins = ["engine_fixtures"]
 
@@ -384,8 +384,15 @@ def test_multi_gpu_replica_serves_one_video_across_two_ranks(tiny_dir: Path, ref
         bad = list(handle.generate.options(stream=True).remote("t2v", {"prompt": "x", "resolution": "abc"}))
         assert bad[-1]["event"] == "error" and bad[-1]["kind"] == "invalid"
         assert "resolution" in bad[-1]["message"]
-        again = list(handle.generate.options(stream=True).remote("t2v", params, "task-2"))
-        assert again[-1]["event"] == "done"
+        # A caller that uses the frames (a chained travel's segment) asks for them instead of the file: the
+        # ranks hand back rank 0's frames unencoded, those the single-process run decoded.
+        again = list(handle.generate.options(stream=True).remote("t2v", params, "task-2", None, encode=False))
+        assert again[-1]["event"] == "done" and "artifact" not in again[-1]
+        rendered = again[-1]["rendered"]
+        assert rendered.frames.dtype == np.uint8 and rendered.frames.shape == (9, 48, 64, 3)
+        assert rendered.stem == "task-2" and rendered.metadata["seed"] == PARAMS["seed"]
+        expected = to_uint8_frames(reference["frames"]).astype(float)
+        assert np.abs(rendered.frames.astype(float) - expected).mean() < 1.0  # not an MP4 read back
         assert handle.stats.remote().result()["generations"] == 2
 
         # Cancelling the request stops every rank at the same step; the replica then serves the next task.
