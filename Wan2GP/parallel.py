@@ -726,14 +726,7 @@ class ParallelEngine:
 
         A random seed (-1 or missing) is drawn on rank 0 and shared, so all ranks denoise the same noise.
         """
-        params = self._shared_params(task_type, params)
-        return self.engine.generate(
-            task_type,
-            params,
-            task_id=task_id,
-            progress=progress,
-            should_cancel=self._collective_cancel(should_cancel),
-        )
+        return self._run(self.engine.generate, task_type, params, task_id, progress, should_cancel)
 
     def render(
         self,
@@ -746,14 +739,12 @@ class ParallelEngine:
     ) -> Rendered:
         """As :meth:`generate`, without the encode: every rank returns the same frames (for a caller that
         uses them, such as the next segment of a chained travel, and encodes the file itself)."""
+        return self._run(self.engine.render, task_type, params, task_id, progress, should_cancel)
+
+    def _run(self, engine_call, task_type, params, task_id, progress, should_cancel):
         params = self._shared_params(task_type, params)
-        return self.engine.render(
-            task_type,
-            params,
-            task_id=task_id,
-            progress=progress,
-            should_cancel=self._collective_cancel(should_cancel),
-        )
+        cancel = self._collective_cancel(should_cancel)
+        return engine_call(task_type, params, task_id=task_id, progress=progress, should_cancel=cancel)
 
     def _shared_params(self, task_type: str, params: dict[str, Any]) -> dict[str, Any]:
         """``params`` with a random seed drawn once for all ranks; the model made resident and parallel."""

@@ -82,6 +82,24 @@ def anchors(folder: Path, count: int, width: int, height: int) -> list[str]:
     return paths
 
 
+def segment_stages(db: str, orchestrator_id: str) -> dict[str, float]:
+    """Mean seconds per stage of a run's segments, from their rows' results; ``transfer`` is the step's round
+    trip less the replica's own stages (moving params and frames through Ray and Serve, and the VACE inputs'
+    preparation on the replica)."""
+    from db.store import open_store
+
+    with open_store(db) as store:
+        rows = [t for t in store.list(limit=1000) if t.params.get("orchestrator_task_id") == orchestrator_id]
+    timings = [t.result["timings"] for t in rows if t.task_type == "travel_segment" and t.result]
+    if not timings:
+        return {}
+    names = ("guide", "step_call", "load", "text_encode", "denoise", "decode", "encode", "save")
+    mean = {n: sum(t.get(n, 0.0) for t in timings) / len(timings) for n in names}
+    replica = mean["load"] + mean["text_encode"] + mean["denoise"] + mean["decode"]
+    mean["transfer"] = mean["step_call"] - replica
+    return mean
+
+
 def layouts(gpus: int, vace_model: str, tiny: bool) -> dict[str, tuple[dict, tuple[str, ...]]]:
     """Layout name -> (VACE deployment config, the modes timed on it)."""
     base = {"num_cpus": 1, "preload": True, "default_models": {"vace": vace_model}}
@@ -119,6 +137,7 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     walls: dict[str, dict[str, float]] = {}
+    stages_by_run: dict[str, dict[str, float]] = {}
     chosen = layouts(gpus, ids["vace"], args.tiny)
     for name in args.layouts.split(","):
         deployment, modes = chosen[name]
@@ -133,7 +152,10 @@ def main() -> None:
             task = post(client, "travel_orchestrator", {**travel, "chain_segments": mode == "chained"})
             wait_complete(client, task, timeout_s=900)
             walls[name][mode] = time.perf_counter() - start
-            print(f"{name}: {mode} travel {walls[name][mode]:.1f}s", flush=True)
+            stages = segment_stages(config["db"], task)
+            print(f"{name}: {mode} travel {walls[name][mode]:.1f}s; per segment: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()), flush=True)  # fmt: skip
+            stages_by_run[f"{name}/{mode}"] = stages
         serve.delete("hwgp")
         client.close()
     serve.shutdown()
@@ -157,7 +179,7 @@ def main() -> None:
             print(f"| {mode} | {base[mode]:.1f} | {name} | {seconds:.1f} | {speedup:.2f}x "
                   f"| >= {GOALS[mode]}x {verdict} |")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps(walls, indent=2))
+        args.json.write_text(json.dumps({**walls, "segment_stages": stages_by_run}, indent=2))
 
 
 if __name__ == "__main__":

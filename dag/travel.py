@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -94,6 +95,7 @@ def segment_node(
     from here) and a small description (`segment_file_node` makes the segment's MP4 from both, while the
     next segment generates). An unstitched segment is post-processed here: its clip is an output of the run."""
     guide = mask = None
+    started = time.perf_counter()
     if plan.mode == "i2v":
         task_type, params = image_segment_task(plan, spec, *_segment_images(spec, anchors, previous))
     else:
@@ -101,10 +103,18 @@ def segment_node(
         if control is not None:  # structure guidance: control frames in the frames this segment generates
             guide = apply_control(guide, mask, control, offset=spec.start)
         task_type, params = "vace", segment_params(plan, spec, guide, mask)
+    called = time.perf_counter()
     try:
         output = render_step(step.handle, step.model_id, task_type, params, task_id, step.lora_files)
     except StepFailed as error:
         raise StepFailed(f"segment {spec.index}: {error}") from None
+    # Where the segment's time went outside the engine: its inputs, and the step's whole round trip (the
+    # replica's load / text_encode / denoise / decode, plus moving params and frames through Serve).
+    output.metadata["timings"] = {
+        **output.metadata.get("timings", {}),
+        "guide": round(called - started, 4),
+        "step_call": round(time.perf_counter() - called, 4),
+    }
     # A multi-GPU replica encodes on its ranks: that file is the segment's, its frames are read back.
     encoded = output if isinstance(output, Artifact) else None
     frames = decode_video(encoded.data)[0] if encoded is not None else output.frames
@@ -356,6 +366,8 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
     try:
         if plan.stitched:  # a chain: each segment asks for its slot when the previous one is done
             for spec, row_id in pending:
+                for recorded in (r for r in records if r.done()):
+                    recorded.result()  # a segment that could not be stored stops the chain here
                 if spec.index > 0 and spec.index - 1 not in reused:
                     await ctx.blocking(store.start, row_id, ctx.worker_id)
                 source = outputs.get(spec.index - 1, continued) if spec.index > 0 else continued
@@ -383,6 +395,11 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
         # records finish, within a deadline, before the run's unfinished rows are marked.
         if records:
             await asyncio.wait(records, timeout=RECORD_GRACE_S)
+            for recorded in records:  # their own failures are logged: the run's error is the one raised
+                if recorded.done() and not recorded.cancelled() and recorded.exception() is not None:
+                    logger.warning(
+                        "travel %s: a segment's record failed: %s", plan.run_id, recorded.exception()
+                    )
         raise
     if not plan.stitched:
         return await ctx.blocking(_last_clip, ctx, run)

@@ -14,6 +14,8 @@ phases, ignored params, ... Nothing is filled in here that the producer did not 
              encode       the mp4/png encoding, in a CPU Ray task after the replica handed the frames back
                           (`encode_started_at`: when it began, epoch seconds)
              save         the local write plus the upload when one is configured (`output.uploaded`)
+             guide, step_call   a travel segment's: building its guide and mask, and its generation's
+                          round trip from the DAG node (the replica's stages above plus the transfers)
 """
 
 from __future__ import annotations
