@@ -85,7 +85,7 @@ def anchors(folder: Path, count: int, width: int, height: int) -> list[str]:
 def segment_stages(db: str, orchestrator_id: str) -> dict[str, float]:
     """Mean seconds per stage of a run's segments, from their rows' results; ``transfer`` is the step's round
     trip less the replica's own stages (moving params and frames through Ray and Serve, and the VACE inputs'
-    preparation on the replica)."""
+    preparation on the replica). Independent segments sent at once also wait there for a free replica."""
     from db.store import open_store
 
     with open_store(db) as store:
