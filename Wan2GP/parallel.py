@@ -18,9 +18,10 @@ Modes (``world_size`` = number of ranks):
 - ``"cfg+ulysses"`` (2·M ranks, M ≥ 2): both; ranks ``[0, M)`` compute the conditional branch with Ulysses
   over M ranks, ranks ``[M, 2M)`` the unconditional one.
 
-What is not denoising is split as well (:class:`ParallelEngine` switches): the prompt is encoded on rank 0 and
-broadcast; VACE's conditioning (two VAE encodes of the masked guide) is encoded one half per CFG rank; the VAE decode runs split over time (each rank decodes its latent frames as one chunk, the causal
-caches of the decoder's 3D convolutions handed from rank to rank, so the result equals the whole decode up to
+What is not denoising is split as well (:class:`ParallelEngine` switches): the prompt is encoded on rank 0
+and broadcast; VACE's conditioning (two VAE encodes of the masked guide) is encoded one half per CFG rank;
+the VAE decode runs split over time (each rank decodes its latent frames as one chunk, the causal caches of
+the decoder's 3D convolutions handed from rank to rank, so the result equals the whole decode up to
 rounding); the MP4 is encoded in pieces, one per rank, joined without re-encoding.
 
 Ring attention is not offered: diffusers' ring path needs an attention kernel that returns the log-sum-exp

@@ -19,7 +19,7 @@ import torch
 from Wan2GP.loras import LORA_PRESETS
 
 # Bump when the tiny architectures change, so stale caches are rebuilt instead of reused.
-TINY_VERSION = "5"
+TINY_VERSION = "6"
 TINY_MODELS = (
     "t2v",
     "i2v",
@@ -157,7 +157,7 @@ def _wan_transformer_kwargs() -> dict:
         text_dim=16,
         freq_dim=32,
         ffn_dim=32,
-        rope_max_seq_len=32,
+        rope_max_seq_len=1024,  # positions, not weights: as the real models, so any size the API takes runs
     )
 
 

@@ -29,9 +29,10 @@ def render_step(
     lora_files: dict[str, Any] | None = None,
 ) -> Rendered | Artifact:
     """Run one task on a family deployment and return its frames (blocking: for Ray tasks): a multi-GPU
-    replica is asked for them too (`encode=False`) rather than the file its ranks would encode in pieces; an
-    `Artifact` comes back only from a replica that encoded anyway. Its metadata gains `denoise_started` / `denoise_finished` (epoch seconds): when
-    the replica really generated, as opposed to waiting for a free replica or loading the model.
+    replica is asked for them too (`encode=False`) rather than the file its ranks would encode in pieces;
+    an `Artifact` comes back only from a replica that encoded anyway. Its metadata gains `denoise_started`
+    / `denoise_finished` (epoch seconds): when the replica really generated, as opposed to waiting for a
+    free replica or loading the model.
     `lora_files`: the LoRAs fetched by URL that `params` name by content name (`StepTarget.lora_files`).
     """
     options = handle.options(stream=True, multiplexed_model_id=model_id)

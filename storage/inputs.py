@@ -87,6 +87,7 @@ CHECK_RESOLVE_TIMEOUT_S = 5.0
 # Cache entries used this recently are never evicted: a caller may be about to read the file it was given.
 CACHE_GRACE_S = 60.0
 _CHUNK = 1 << 16
+_PART_FILE_TRIES = 8
 # What a failed transfer raises (httpcore has no common base class); all read "the download failed".
 _TRANSFER_ERRORS = (
     httpcore.NetworkError,
@@ -487,8 +488,7 @@ class InputFetcher:
 
     def _store(self, chunks: Iterable[bytes], folder: Path, name: str, field: str, ref: str) -> Path:
         """Write ``chunks`` into the cache as ``folder/name``, stopping as soon as the size cap is passed."""
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".", suffix=".part")
+        fd, tmp_name = _create_part_file(folder)
         try:
             size = 0
             with os.fdopen(fd, "wb") as tmp:
@@ -540,6 +540,20 @@ class InputFetcher:
                 shutil.rmtree(folder, ignore_errors=True)
                 total -= size
                 logger.info("input cache over %d bytes: evicted %s", self.cache_max_bytes, folder.name)
+
+
+def _create_part_file(folder: Path) -> tuple[int, str]:
+    """A new hidden ``.part`` file in ``folder`` (created if missing). Another download of the same URL
+    that fails removes the folder when it is empty (see ``_store``), which can happen between our mkdir
+    and our file's creation: then the folder is made again. A folder holding a part file is never empty,
+    so once this returns nobody removes it."""
+    for _ in range(_PART_FILE_TRIES):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            return tempfile.mkstemp(dir=folder, prefix=".", suffix=".part")
+        except FileNotFoundError:
+            continue
+    raise OSError(f"could not create a file in {folder}: the folder kept disappearing")
 
 
 def _last_used(folder: Path) -> float:

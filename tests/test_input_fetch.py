@@ -11,6 +11,7 @@ import io
 import ipaddress
 import os
 import ssl
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -381,9 +382,9 @@ def test_downloads_use_their_own_bounded_pool_and_leave_the_loop_free(tmp_path: 
     assert 1.9 <= seen["total"] < 8.0
     # Bounds with headroom for a loaded 2-core machine: a blocked pool would take the downloads' 1 s.
     assert seen["executor_latency"] < 0.9 and seen["loop_latency"] < 0.5
-    assert all(isinstance(r, InputError) and "did not answer in time" in str(r) for r in seen["results"]), [
-        repr(r) for r in seen["results"]
-    ]
+    assert all(isinstance(r, InputError) and "did not answer in time" in str(r) for r in seen["results"]), (
+        "; ".join(f"{type(r).__name__}: {r}" for r in seen["results"])
+    )
 
 
 def test_fetch_many_async_fetches_all_and_names_the_failing_item(tmp_path: Path, server: LoopbackServer):
@@ -468,6 +469,27 @@ def test_cache_evicts_the_least_recently_used_entries(tmp_path: Path, server: Lo
         d = fetcher.fetch(server.url("/img.png?d"), field="image_start")
         e = fetcher.fetch(server.url("/img.png?e"), field="image_start")
         assert d.exists() and e.exists()
+
+
+def test_a_download_survives_another_download_of_the_url_removing_the_empty_folder(
+    tmp_path: Path, server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+):
+    """Two downloads of one URL share its cache folder; one that fails removes the folder if empty. Seen in a
+    full run: that removal landed between the other download's mkdir and its part file's creation."""
+    real_mkstemp = tempfile.mkstemp
+    removed: list[str] = []
+
+    def mkstemp_after_the_other_download_cleaned_up(*args: Any, dir: str | os.PathLike[str], **kwargs: Any):
+        if not removed:
+            os.rmdir(dir)  # what the failed download's cleanup does to the empty folder
+            removed.append(str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_after_the_other_download_cleaned_up)
+    with _fetcher(tmp_path, server) as fetcher:
+        path = fetcher.fetch(server.url("/img.png"), field="image_start")
+    assert removed and path.read_bytes() == PNG
+    assert [p.name for p in path.parent.iterdir()] == ["img.png"]  # no part file left behind
 
 
 # --- TLS: the checked address is dialled, the certificate is checked against the URL's host -----------------------------
