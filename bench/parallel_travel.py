@@ -85,7 +85,8 @@ def anchors(folder: Path, count: int, width: int, height: int) -> list[str]:
 def segment_stages(db: str, orchestrator_id: str) -> dict[str, float]:
     """Mean seconds per stage of a run's segments, from their rows' results; ``transfer`` is the step's round
     trip less the replica's own stages (moving params and frames through Ray and Serve, and the VACE inputs'
-    preparation on the replica). Independent segments sent at once also wait there for a free replica."""
+    preparation on the replica). Independent segments sent at once also wait there for a free replica.
+    A stitched run adds ``stitch``: its stitch row's seconds (once per run, after the last segment)."""
     from db.store import open_store
 
     with open_store(db) as store:
@@ -97,6 +98,9 @@ def segment_stages(db: str, orchestrator_id: str) -> dict[str, float]:
     mean = {n: sum(t.get(n, 0.0) for t in timings) / len(timings) for n in names}
     replica = mean["load"] + mean["text_encode"] + mean["denoise"] + mean["decode"]
     mean["transfer"] = mean["step_call"] - replica
+    for row in rows:
+        if row.task_type == "travel_stitch" and row.generation_started_at and row.generation_processed_at:
+            mean["stitch"] = (row.generation_processed_at - row.generation_started_at).total_seconds()
     return mean
 
 
