@@ -3,7 +3,8 @@
 # the first stay under /tmp for the next ones while it is held):
 #   PART=1: one video through the 2-GPU replica at 10 and 50 steps, + the replica with nothing but denoising
 #           split (~5 min measured on 2026-11-30), then the VAE decode and MP4 encode alone, split vs whole;
-#   PART=2: travel on 2 GPUs vs 1 (independent and chained; three layouts, each built and warmed);
+#   PART=2: the VACE inputs' conversion on the GPU vs diffusers' PIL path (bench.vace_inputs), then travel on
+#           2 GPUs vs 1 (independent and chained; three layouts, each built and warmed);
 #   PART=3: replica scaling, 16 tasks on 1 then 2 one-GPU replicas (STEPS, default 10).
 # Carry .whl (../shared/tools/make_device_site.sh .whl, plus the psycopg_pool wheel). Logs and JSON under $OUT.
 set -o pipefail
@@ -19,7 +20,8 @@ case "${PART:-1}" in
      --json "$OUT/video.json" 2>&1 | tee "$OUT/video.log" | show
    timeout ${DECODE_S:-150} python3 -m bench.multi_gpu_video --gpus 2 --steps 2 --decode-only \
      --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | show ;;
-2) timeout ${TRAVEL_S:-560} python3 -m bench.parallel_travel --gpus 2 --segments 4 --frames 33 --steps 6 \
+2) timeout 60 python3 -m bench.vace_inputs --device cuda 2>&1 | tee "$OUT/vace_inputs.log" | show
+   timeout ${TRAVEL_S:-500} python3 -m bench.parallel_travel --gpus 2 --segments 4 --frames 33 --steps 6 \
      --json "$OUT/travel.json" 2>&1 | tee "$OUT/travel.log" | show ;;
 3) timeout ${SCALE_S:-540} python3 -m bench.scale_out --gpus 2 --tasks-per-gpu 8 --steps ${STEPS:-10} \
      --json "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" | show ;;

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
 from Wan2GP.catalog import Catalog
@@ -132,6 +133,31 @@ def test_vace_guide_mask_and_refs(engine):
     assert _diff(_frames(refs), _frames(a)[:9]) > 0.1
     with pytest.raises(ValidationError, match="video_guide"):
         engine.generate("vace", {"prompt": "a dog"})
+
+
+def test_vace_conditioning_from_tensors_equals_diffusers_pil_path(engine):
+    """run_vace hands the guide and mask to the pipeline as tensors made where it runs (video_tensor); diffusers'
+    own path from PIL frames converts each frame on the CPU. Both must give the same conditioning, bit for bit."""
+    from PIL import Image
+
+    from Wan2GP.pipelines import video_tensor
+
+    engine.load("tiny-vace")
+    pipe = engine.pipe
+    guide = random_video(11, frames=9, height=48, width=64)
+    mask = np.repeat(np.random.default_rng(12).choice([0, 255], (9, 48, 64, 1)).astype(np.uint8), 3, axis=-1)
+    size = {"height": 48, "width": 64, "num_frames": 9, "dtype": torch.float32, "device": torch.device("cpu")}
+    from_pil = pipe.preprocess_conditions(
+        video=[Image.fromarray(f) for f in guide], mask=[Image.fromarray(f) for f in mask], **size
+    )
+    from_tensors = pipe.preprocess_conditions(
+        video=video_tensor(guide, "cpu"), mask=video_tensor(mask, "cpu"), **size
+    )
+    for mine, theirs in zip(from_tensors[:2], from_pil[:2], strict=True):
+        assert mine.shape == theirs.shape == (1, 3, 9, 48, 64)
+        assert torch.equal(mine, theirs)
+    assert from_pil[0].min() < -0.9 and from_pil[0].max() > 0.9  # the guide in [-1, 1]
+    assert set(from_pil[1].unique().tolist()) == {0.0, 1.0}  # the mask in {0, 1}
 
 
 def test_flux_images(engine):
