@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from Wan2GP.errors import UnknownModel, UnsupportedTaskType, WeightsNotFound
 from Wan2GP.image_families import IMAGE_COMPATIBLE_FAMILIES, IMAGE_TASK_FAMILIES
 from Wan2GP.loras import LORA_PRESETS
+
+if TYPE_CHECKING:
+    from Wan2GP.params import BaseParams  # params imports this module
 
 MODELS_DIR = Path(__file__).parent / "models"
 Family = Literal[
@@ -308,3 +311,57 @@ def load_definition(path: str | Path) -> ModelDefinition:
         return ModelDefinition.model_validate(data)
     except ValidationError as error:
         raise ValueError(f"model definition {path}: {error}") from error
+
+
+# --- which model a task runs on (the engine, and the ingress routing a task before it runs) ---------------
+
+
+def task_family(task_type: str, params: BaseParams) -> str:
+    """The family of a task; an ``i2v`` task with an ``image_end`` is first-last-frame."""
+    family_of_task_type(task_type)  # rejects unsupported task types
+    family = TASK_FAMILIES[task_type]
+    if family == "i2v" and getattr(params, "image_end", None) is not None:
+        return "flf2v"
+    return family
+
+
+def resolve_model(
+    catalog: Catalog, default_models: dict[str, str], task_type: str, params: BaseParams
+) -> ModelDefinition:
+    """The model a task runs on: its ``model`` param, else the first default that can run it: the
+    engine's ``default_models`` for the task type, the catalog's default for the task type (t2v_22 ->
+    Wan 2.2), the engine's default for the family, the catalog's default for the family. Also used by the
+    Serve ingress to route a task before it runs."""
+    family = task_family(task_type, params)
+    if params.model is not None:
+        definition = catalog.get(params.model)
+        _check_runs(definition, task_type, family)
+        return definition
+    fallback = "t2v" if family in ("single_image", "generate_video") else family
+    candidates = [catalog.get(default_models[task_type])] if task_type in default_models else []
+    candidates += [d for d in (catalog.default_for_task_type(task_type),) if d is not None]
+    candidates += [catalog.get(default_models[key]) for key in (family, fallback) if key in default_models]
+    candidates.append(catalog.default_for(fallback))
+    # An i2v task with image_end (first-last-frame) skips defaults that take no last frame.
+    definition = next((d for d in candidates if _runs(d, family)), candidates[0])
+    _check_runs(definition, task_type, family)
+    return definition
+
+
+def _runs(definition: ModelDefinition, family: str) -> bool:
+    if family == "flf2v" and definition.family == "i2v":
+        return definition.last_frame
+    return definition.family in COMPATIBLE_FAMILIES[family]
+
+
+def _check_runs(definition: ModelDefinition, task_type: str, family: str) -> None:
+    if _runs(definition, family):
+        return
+    if family == "flf2v" and definition.family == "i2v":
+        raise UnsupportedTaskType(
+            f"image_end: model {definition.id!r} is an i2v model and takes no last frame; use a flf2v model"
+        )
+    raise UnsupportedTaskType(
+        f"model {definition.id!r} is a {definition.family} model; task_type {task_type!r} needs one of: "
+        f"{', '.join(sorted(COMPATIBLE_FAMILIES[family]))}"
+    )

@@ -30,11 +30,10 @@ from Wan2GP.acceleration import (
 )
 from Wan2GP.artifact import Artifact, Rendered
 from Wan2GP.catalog import (
-    COMPATIBLE_FAMILIES,
-    TASK_FAMILIES,
     Catalog,
     ModelDefinition,
-    family_of_task_type,
+    resolve_model,
+    task_family,
     torch_dtype,
 )
 from Wan2GP.errors import Cancelled, UnsupportedTaskType
@@ -52,15 +51,16 @@ from Wan2GP.params import BaseParams, parse_params, postprocess_request, quantiz
 from Wan2GP.phases import (
     Multiplier,
     PhasePlan,
+    phase_spec,
     phases_from_steps,
     phases_from_thresholds,
     scheduler_timesteps,
 )
-from Wan2GP.pipelines import RUNNERS, PhaseSpec, Settings
+from Wan2GP.pipelines import RUNNERS, Settings
 from Wan2GP.postprocess import apply_postprocess
 from Wan2GP.schedulers import make_scheduler, steps_run
 
-__all__ = ["Cancelled", "Engine", "LoadReport", "resolve_model"]
+__all__ = ["Cancelled", "Engine", "LoadReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -285,31 +285,31 @@ class Engine:
             return Rendered(to_uint8_frames(image[None]), 1, task_id or "output", metadata)
         parsed = parse_params(task_type, params)
         definition = self.resolve_model(task_type, parsed)
-        task_family = _task_family(task_type, parsed)
-        if task_family == "generate_video":
+        family = task_family(task_type, parsed)
+        if family == "generate_video":
             # Now that the model's family is known, validate what that family requires.
-            task_family = definition.family
-            parsed = parse_params(task_family, params)
-            if task_family == "i2v" and parsed.image_end is not None and not definition.last_frame:
+            family = definition.family
+            parsed = parse_params(family, params)
+            if family == "i2v" and parsed.image_end is not None and not definition.last_frame:
                 raise UnsupportedTaskType(
                     f"image_end: model {definition.id!r} is an i2v model and takes no last frame; use a flf2v model"
                 )
-        if task_family == "single_image" and definition.family == "flux":
-            task_family = "flux"
+        if family == "single_image" and definition.family == "flux":
+            family = "flux"
             parsed = parse_params("flux", {**params, "video_length": 1})
-        runner = RUNNERS[task_family]
+        runner = RUNNERS[family]
         step_request = parse_step_cache(parsed)  # skip_steps_*: a bad value fails here, naming the field
 
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled before start")
         with self._lock:
             load_report = self._load(definition.id)
-            settings = self._settings(definition, task_family, parsed)
+            settings = self._settings(definition, family, parsed)
             # Frames stay on the device until they are uint8: a quarter of float32's bytes cross to the host.
             settings.output_type = "pt"
             loras = apply_loras(self.pipe, settings.loras)
             self.pipe.scheduler = self._scheduler(settings)
-            settings.phases = self._phase_plan(settings, task_family)
+            settings.phases = self._phase_plan(settings, family)
             timings: dict[str, float] = {"load": load_report.seconds}
             prompts_before = self.prompt_cache.counts()
             with (
@@ -419,7 +419,7 @@ class Engine:
         if guidance is None:
             guidance = float(preset_settings.get("guidance_scale", defaults.guidance_scale))
         shift = params.flow_shift or preset_settings.get("flow_shift", defaults.flow_shift)
-        phases = self._phase_spec(definition, params, guidance)
+        phases = phase_spec(definition, params, guidance)
         if (
             params.phase_config is not None
         ):  # its steps, shift and solver replace the task's (the original's way)
@@ -442,36 +442,6 @@ class Engine:
             seed=seed,
             loras=loras,
             phase_spec=phases,
-        )
-
-    @staticmethod
-    def _phase_spec(definition: ModelDefinition, params: BaseParams, guidance: float) -> PhaseSpec:
-        """The task's phases: its phase_config, else its own phase keys over the model's defaults."""
-        defaults = definition.defaults
-        if params.phase_config is not None:
-            config = params.phase_config
-            return PhaseSpec(
-                guidance=config.guidance(),
-                steps_per_phase=list(config.steps_per_phase),
-                model_switch_phase=config.model_switch_phase,
-            )
-        count = params.guidance_phases or defaults.guidance_phases
-        guidance2 = next(
-            g for g in (params.guidance2_scale, defaults.guidance2_scale, guidance) if g is not None
-        )
-        guidance3 = next(
-            g for g in (params.guidance3_scale, defaults.guidance3_scale, guidance2) if g is not None
-        )
-        threshold = (
-            params.switch_threshold if params.switch_threshold is not None else defaults.switch_threshold
-        )
-        threshold2 = (
-            params.switch_threshold2 if params.switch_threshold2 is not None else defaults.switch_threshold2
-        )
-        return PhaseSpec(
-            guidance=[guidance, guidance2, guidance3][:count],
-            thresholds=[threshold, threshold2],
-            model_switch_phase=params.model_switch_phase or defaults.model_switch_phase,
         )
 
     def _phase_plan(self, settings: Settings, task_family: str) -> PhasePlan | None:
@@ -518,56 +488,3 @@ class Engine:
     def _scheduler(self, settings: Settings):
         """A fresh scheduler per task, with the task's flow shift and solver (no state leaks between tasks)."""
         return make_scheduler(self._base_scheduler, settings.sample_solver, settings.flow_shift)
-
-
-def resolve_model(
-    catalog: Catalog, default_models: dict[str, str], task_type: str, params: BaseParams
-) -> ModelDefinition:
-    """The model a task runs on: its ``model`` param, else the first default that can run it: the
-    engine's ``default_models`` for the task type, the catalog's default for the task type (t2v_22 ->
-    Wan 2.2), the engine's default for the family, the catalog's default for the family. Also used by the
-    Serve ingress to route a task before it runs."""
-    task_family = _task_family(task_type, params)
-    if params.model is not None:
-        definition = catalog.get(params.model)
-        _check_runs(definition, task_type, task_family)
-        return definition
-    fallback = "t2v" if task_family in ("single_image", "generate_video") else task_family
-    candidates = [catalog.get(default_models[task_type])] if task_type in default_models else []
-    candidates += [d for d in (catalog.default_for_task_type(task_type),) if d is not None]
-    candidates += [
-        catalog.get(default_models[key]) for key in (task_family, fallback) if key in default_models
-    ]
-    candidates.append(catalog.default_for(fallback))
-    # An i2v task with image_end (first-last-frame) skips defaults that take no last frame.
-    definition = next((d for d in candidates if _runs(d, task_family)), candidates[0])
-    _check_runs(definition, task_type, task_family)
-    return definition
-
-
-def _runs(definition: ModelDefinition, task_family: str) -> bool:
-    if task_family == "flf2v" and definition.family == "i2v":
-        return definition.last_frame
-    return definition.family in COMPATIBLE_FAMILIES[task_family]
-
-
-def _check_runs(definition: ModelDefinition, task_type: str, task_family: str) -> None:
-    if _runs(definition, task_family):
-        return
-    if task_family == "flf2v" and definition.family == "i2v":
-        raise UnsupportedTaskType(
-            f"image_end: model {definition.id!r} is an i2v model and takes no last frame; use a flf2v model"
-        )
-    raise UnsupportedTaskType(
-        f"model {definition.id!r} is a {definition.family} model; task_type {task_type!r} needs one of: "
-        f"{', '.join(sorted(COMPATIBLE_FAMILIES[task_family]))}"
-    )
-
-
-def _task_family(task_type: str, params: BaseParams) -> str:
-    """The family of a task; an ``i2v`` task with an ``image_end`` is first-last-frame."""
-    family_of_task_type(task_type)  # rejects unsupported task types
-    family = TASK_FAMILIES[task_type]
-    if family == "i2v" and getattr(params, "image_end", None) is not None:
-        return "flf2v"
-    return family

@@ -105,7 +105,7 @@ def render_image(
     should_cancel: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The image of one task as floats (H, W, 3) in [0, 1], before encoding, with its metadata."""
-    from Wan2GP.engine import resolve_model
+    from Wan2GP.catalog import resolve_model
 
     parsed = parse_image_params(task_type, params)
     definition = resolve_model(engine.catalog, engine.default_models, task_type, parsed)

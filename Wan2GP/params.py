@@ -41,7 +41,7 @@ from Wan2GP.postprocess import (
     check_choice,
     check_fraction,
 )
-from Wan2GP.schedulers import SOLVERS
+from Wan2GP.solvers import SOLVERS
 
 MAX_SIDE = 4096
 MAX_FRAMES = 1025

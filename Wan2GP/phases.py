@@ -25,8 +25,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+    from Wan2GP.catalog import ModelDefinition
+    from Wan2GP.params import BaseParams
 
 MAX_PHASES = 3
 
@@ -99,6 +104,42 @@ def _stretch(entry: float | tuple[float, ...], count: int) -> list[float]:
     """A value for each of ``count`` steps: a list is stretched over them (the original's expand_slist)."""
     values = entry if isinstance(entry, tuple) else (entry,)
     return [values[int(i * len(values) / count)] for i in range(count)]
+
+
+@dataclass
+class PhaseSpec:
+    """The phases a task asks for, before its timesteps are known (see Wan2GP.phases)."""
+
+    guidance: list[float]  # per phase
+    thresholds: list[float | None] = field(default_factory=lambda: [None, None])  # timesteps of phase 2, 3
+    steps_per_phase: list[int] | None = None  # a phase_config's steps (instead of thresholds)
+    model_switch_phase: int = 1
+
+
+def phase_spec(definition: ModelDefinition, params: BaseParams, guidance: float) -> PhaseSpec:
+    """The task's phases: its phase_config, else its own phase keys over the model's defaults."""
+    defaults = definition.defaults
+    if params.phase_config is not None:
+        config = params.phase_config
+        return PhaseSpec(
+            guidance=config.guidance(),
+            steps_per_phase=list(config.steps_per_phase),
+            model_switch_phase=config.model_switch_phase,
+        )
+    count = params.guidance_phases or defaults.guidance_phases
+    guidance2 = next(g for g in (params.guidance2_scale, defaults.guidance2_scale, guidance) if g is not None)
+    guidance3 = next(
+        g for g in (params.guidance3_scale, defaults.guidance3_scale, guidance2) if g is not None
+    )
+    threshold = params.switch_threshold if params.switch_threshold is not None else defaults.switch_threshold
+    threshold2 = (
+        params.switch_threshold2 if params.switch_threshold2 is not None else defaults.switch_threshold2
+    )
+    return PhaseSpec(
+        guidance=[guidance, guidance2, guidance3][:count],
+        thresholds=[threshold, threshold2],
+        model_switch_phase=params.model_switch_phase or defaults.model_switch_phase,
+    )
 
 
 @dataclass

@@ -20,20 +20,10 @@ from PIL import Image
 
 from Wan2GP.errors import Cancelled
 from Wan2GP.loras import LoraRequest
-from Wan2GP.phases import PhasePlan, PhaseRunner
-from Wan2GP.schedulers import STOCHASTIC_SOLVERS
+from Wan2GP.phases import PhasePlan, PhaseRunner, PhaseSpec
+from Wan2GP.solvers import STOCHASTIC_SOLVERS
 
 GREY = 127  # the grey VACE reads as "nothing here, generate"
-
-
-@dataclass
-class PhaseSpec:
-    """The phases a task asks for, before its timesteps are known (see Wan2GP.phases)."""
-
-    guidance: list[float]  # per phase
-    thresholds: list[float | None] = field(default_factory=lambda: [None, None])  # timesteps of phase 2, 3
-    steps_per_phase: list[int] | None = None  # a phase_config's steps (instead of thresholds)
-    model_switch_phase: int = 1
 
 
 @dataclass
@@ -95,9 +85,9 @@ def _generator(seed: int) -> torch.Generator:
 
 def video_tensor(frames: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """uint8 (T, H, W, 3) frames as the (1, T, 3, H, W) float tensor in [0, 1] that diffusers' video processor
-    takes, made on ``device``. Given PIL frames instead, the processor converts each one to float on the CPU
-    (0.7 s for a 33-frame 832x480 guide and mask on a 2-core machine); here the uint8 frames are copied once
-    and converted where the pipeline runs, with the same arithmetic, so the tensors are bit-identical."""
+    takes, made on ``device``. Given PIL frames instead, the processor converts, resizes and normalises them
+    on the CPU whatever the device, then copies float frames; here the uint8 frames are copied once and all
+    of that runs where the pipeline runs, with the same arithmetic, so the tensors are bit-identical."""
     frames = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
     return (frames.permute(0, 3, 1, 2).to(torch.float32) / 255.0).unsqueeze(0)
 

@@ -24,8 +24,8 @@ from diffusers import (
 )
 from diffusers.configuration_utils import register_to_config
 
-SOLVERS = ("euler", "unipc", "dpm++", "dpm++_sde", "lcm", "causvid")
-STOCHASTIC_SOLVERS = frozenset({"dpm++_sde"})
+from Wan2GP.solvers import SOLVERS
+
 CAUSVID_TIMESTEPS = (1000, 934, 862, 756, 603, 410, 250, 140, 74)
 LCM_MAX_STEPS = 8
 

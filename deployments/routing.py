@@ -46,8 +46,7 @@ from deployments.task_types import (
     step_deployment,
 )
 from storage import InputError, InputFetcher, kind_for_field
-from Wan2GP.catalog import TASK_FAMILIES, Catalog, ModelDefinition
-from Wan2GP.engine import resolve_model
+from Wan2GP.catalog import TASK_FAMILIES, Catalog, ModelDefinition, resolve_model
 from Wan2GP.errors import EngineError
 from Wan2GP.loras import LoraRefused, validate_loras
 from Wan2GP.params import BaseParams, parse_params

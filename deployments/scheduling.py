@@ -34,8 +34,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from Wan2GP.catalog import ModelDefinition
-from Wan2GP.engine import Engine
 from Wan2GP.params import BaseParams
+from Wan2GP.phases import phase_spec
 
 if TYPE_CHECKING:
     from deployments.routing import Routing
@@ -96,7 +96,7 @@ def phase_guidance(definition: ModelDefinition, params: BaseParams) -> list[floa
         for name, enabled in flags:
             if enabled and definition.builtin_lora(name) is None:  # a built-in LoRA: the model's defaults
                 guidance = float(definition.preset(name).settings.get("guidance_scale", guidance))
-    return list(Engine._phase_spec(definition, params, guidance).guidance)
+    return list(phase_spec(definition, params, guidance).guidance)
 
 
 def uses_cfg(guidance: Sequence[float]) -> bool:

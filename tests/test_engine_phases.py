@@ -228,7 +228,7 @@ def test_lightning_baseline_defaults_give_the_original_2_2_2_steps(engine):
 
 
 def test_wan22_task_types_route_to_wan22_and_its_i2v_takes_a_last_frame(engine, catalog):
-    from Wan2GP.engine import resolve_model
+    from Wan2GP.catalog import resolve_model
 
     def model_of(task_type: str, default_models: dict, **params) -> str:
         return resolve_model(catalog, default_models, task_type, parse_params(task_type, params)).id
