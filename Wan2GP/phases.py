@@ -108,7 +108,7 @@ def _stretch(entry: float | tuple[float, ...], count: int) -> list[float]:
 
 @dataclass
 class PhaseSpec:
-    """The phases a task asks for, before its timesteps are known (see Wan2GP.phases)."""
+    """The phases a task asks for, before its timesteps are known (:class:`PhasePlan` is the run's, by step)."""
 
     guidance: list[float]  # per phase
     thresholds: list[float | None] = field(default_factory=lambda: [None, None])  # timesteps of phase 2, 3
