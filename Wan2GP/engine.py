@@ -360,7 +360,7 @@ class Engine:
         }
         return Rendered(frames, settings.fps, task_id or "output", metadata)
 
-    def _settings(self, definition: ModelDefinition, task_family: str, params: BaseParams) -> Settings:
+    def _settings(self, definition: ModelDefinition, family: str, params: BaseParams) -> Settings:
         """Merge model defaults, LoRA-flag presets and the task's own params (in that order of priority)."""
         defaults = definition.defaults
         preset_settings: dict[str, float] = {}
@@ -395,13 +395,13 @@ class Engine:
             max(multiple, height // multiple * multiple),
         )
 
-        if task_family == "flux":
+        if family == "flux":
             frames = params.video_length
             if frames > definition.max_images:
                 raise ValueError(
                     f"video_length: {definition.id} makes at most {definition.max_images} images"
                 )
-        elif task_family in ("single_image", "flux_kontext"):
+        elif family in ("single_image", "flux_kontext"):
             frames = 1
         else:
             frames = params.video_length
@@ -444,10 +444,10 @@ class Engine:
             phase_spec=phases,
         )
 
-    def _phase_plan(self, settings: Settings, task_family: str) -> PhasePlan | None:
+    def _phase_plan(self, settings: Settings, family: str) -> PhasePlan | None:
         """Step-by-step phases of this run on the loaded pipeline (None for Flux, which has no phases)."""
         spec = settings.phase_spec
-        if task_family in ("flux", "flux_kontext"):
+        if family in ("flux", "flux_kontext"):
             if spec.steps_per_phase is not None or len(spec.guidance) > 1:
                 raise UnsupportedTaskType("phase_config: denoising phases run on Wan models only")
             if any(not request.multiplier.is_constant for request in settings.loras):

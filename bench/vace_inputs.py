@@ -56,8 +56,8 @@ def main() -> None:
     guide = rng.integers(0, 256, (args.frames, args.height, args.width, 3), dtype=np.uint8)
     mask = np.zeros_like(guide)
     mask[args.frames // 4 :] = 255
-    size = {"height": args.height, "width": args.width, "num_frames": args.frames}
-    size.update(dtype=torch.float32, device=device)
+    size = {"height": args.height, "width": args.width, "num_frames": args.frames, "dtype": torch.float32}
+    size["device"] = device
 
     def from_pil():
         video = [Image.fromarray(frame) for frame in guide]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dag.travel_plan import _TRAVEL_IGNORED
 from Wan2GP.params import IGNORED_KEYS, PREPROCESSOR_LETTERS, PROMPT_TYPE_LETTERS, REFUSED_KEYS
-from Wan2GP.schedulers import SOLVERS
+from Wan2GP.solvers import SOLVERS
 
 DOC = (Path(__file__).parent.parent / "docs" / "compatibility.md").read_text()
 

@@ -466,3 +466,16 @@ def test_families_is_a_deprecated_alias_of_deployments(caplog: pytest.LogCapture
     assert "deprecated" in caplog.text
     with pytest.raises(ValueError, match="Wan"):
         AppConfig.model_validate({"deployments": {"Wan": {}}})
+
+
+def test_the_ingress_imports_no_model_code():
+    """The ingress process validates and routes tasks but never runs a model: importing it must not pull in
+    torch or diffusers (seconds of CPU at every service start, on every replica of the ingress)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, deployments.ingress; print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from Wan2GP.schedulers import SOLVERS, make_scheduler, schedule_sigmas
+from Wan2GP.schedulers import make_scheduler, schedule_sigmas
+from Wan2GP.solvers import SOLVERS
 from Wan2GP.video import decode_video
 
 pytest_plugins = ["engine_fixtures"]
