@@ -596,40 +596,16 @@ def encode_mp4_split(frames, fps: int, rank: int, world_size: int) -> bytes:
     concat demuxer (``-c copy``, no re-encode). Every rank returns the same bytes. The joined file differs
     from one encode of the whole video only by where the encoder put key frames (a new one at each join).
     """
-    import subprocess
-    import tempfile
-
-    import imageio_ffmpeg
-
-    from Wan2GP.video import encode_mp4
+    from Wan2GP.video import MIN_JOIN_FRAMES, encode_mp4, join_mp4
 
     count = len(frames)
-    if world_size < 2 or count < 2 * world_size:
+    if world_size < 2 or count < MIN_JOIN_FRAMES * world_size:
         return encode_mp4(frames, fps=fps)
     bounds = [count * r // world_size for r in range(world_size + 1)]
     mine = encode_mp4(frames[bounds[rank] : bounds[rank + 1]], fps=fps)
     pieces: list = [None] * world_size
     dist.all_gather_object(pieces, mine)
-    with tempfile.TemporaryDirectory(prefix="hwgp_join_") as tmp:
-        listing = []
-        for index, piece in enumerate(pieces):
-            path = os.path.join(tmp, f"piece{index}.mp4")
-            with open(path, "wb") as handle:
-                handle.write(piece)
-            listing.append(f"file '{path}'")
-        list_path = os.path.join(tmp, "pieces.txt")
-        with open(list_path, "w") as handle:
-            handle.write("\n".join(listing) + "\n")
-        out_path = os.path.join(tmp, "out.mp4")
-        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
-                   "-f", "concat", "-safe", "0", "-i", list_path, "-c", "copy",
-                   "-movflags", "+faststart", out_path]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, check=False)
-        if result.returncode != 0:
-            message = result.stderr.decode("utf-8", errors="replace").strip()
-            raise RuntimeError(f"ffmpeg failed to join {world_size} encoded pieces: {message}")
-        with open(out_path, "rb") as handle:
-            return handle.read()
+    return join_mp4(pieces, [b - a for a, b in zip(bounds, bounds[1:], strict=False)], fps)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -155,6 +155,56 @@ def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18) -> bytes:
             return handle.read()
 
 
+# Every piece joined must have the same decode delay: libx264's B-frames delay a piece of 3 frames or more
+# by two frames, while 1 or 2 frames have none, and the concat demuxer then gives clashing timestamps.
+MIN_JOIN_FRAMES = 3
+
+
+def join_mp4(pieces: Sequence[bytes], frames: Sequence[int], fps: int) -> bytes:
+    """One MP4 from MP4s that :func:`encode_mp4` made of consecutive frames (``frames[i]`` in ``pieces[i]``;
+    same size, ``fps`` and settings), joined by ffmpeg's concat demuxer as a stream copy: nothing is
+    re-encoded, so joining costs a file copy. The result differs from one encode of all the frames only in
+    its key frames (one at each join). Each piece's duration is given to the demuxer: read from the files,
+    B-frame pieces would overlap by their decode delay and some frames would get wrong timestamps.
+    """
+    if not pieces or len(pieces) != len(frames):
+        raise ValueError(
+            f"pieces ({len(pieces)}) and frames ({len(frames)}) must be equally long, at least 1"
+        )
+    if len(pieces) == 1:
+        return bytes(pieces[0])
+    if min(frames) < MIN_JOIN_FRAMES:
+        raise ValueError(f"every piece needs at least {MIN_JOIN_FRAMES} frames to join, got {list(frames)}")
+    fps = _check_positive_int(fps, "fps")
+    with tempfile.TemporaryDirectory(prefix="wan2gp_join_") as tmp:
+        listing = []
+        for index, (piece, count) in enumerate(zip(pieces, frames, strict=True)):
+            path = os.path.join(tmp, f"piece{index}.mp4")
+            with open(path, "wb") as handle:
+                handle.write(piece)
+            listing += [f"file '{path}'", f"duration {count / fps:.9f}"]
+        list_path = os.path.join(tmp, "pieces.txt")
+        with open(list_path, "w") as handle:
+            handle.write("\n".join(listing) + "\n")
+        out_path = os.path.join(tmp, "out.mp4")
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+                   "-f", "concat", "-safe", "0", "-i", list_path, "-c", "copy",
+                   "-movflags", "+faststart", out_path]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, check=False)
+        message = result.stderr.decode("utf-8", errors="replace").strip()
+        if result.returncode != 0:
+            raise RuntimeError(f"ffmpeg failed to join {len(pieces)} encoded pieces: {message}")
+        # The demuxer skips a piece it cannot open and still succeeds: count what came out.
+        counted, _ = imageio_ffmpeg.count_frames_and_secs(out_path)
+        if counted != sum(frames):
+            raise RuntimeError(
+                f"ffmpeg failed to join {len(pieces)} encoded pieces: {counted} frames came out of "
+                f"{sum(frames)}{': ' + message if message else ''}"
+            )
+        with open(out_path, "rb") as handle:
+            return handle.read()
+
+
 def encode_png(frame: np.ndarray) -> bytes:
     """Encode one uint8 (H, W, 3) RGB frame as PNG bytes (lossless)."""
     frame = _check_image(frame, "frame")
@@ -623,17 +673,26 @@ def fade(
     fade_in: int = 0,
     fade_out: int = 0,
     colour: tuple[int, int, int] = (0, 0, 0),
+    start: int = 0,
+    total: int | None = None,
 ) -> np.ndarray:
     """Fade the first ``fade_in`` frames in from ``colour`` and the last ``fade_out`` frames out to it.
 
     The first frame of a fade-in is pure ``colour`` and the ramp rises linearly over ``fade_in`` frames;
     the last frame of a fade-out is pure ``colour``. The fades may not overlap.
+
+    ``frames`` may be a part of the video: frames ``[start, start + len(frames))`` of a video of ``total``
+    frames (default: the whole video). Each frame gets exactly what fading the whole video gives it.
     """
     frames = _check_frames(frames)
     fade_in = _check_non_negative_int(fade_in, "fade_in")
     fade_out = _check_non_negative_int(fade_out, "fade_out")
-    if fade_in + fade_out > len(frames):
-        raise ValueError(f"fade_in + fade_out = {fade_in + fade_out} exceeds the {len(frames)} frames")
+    start = _check_non_negative_int(start, "start")
+    total = len(frames) + start if total is None else _check_non_negative_int(total, "total")
+    if start + len(frames) > total:
+        raise ValueError(f"frames [{start}, {start + len(frames)}) run past the video's {total} frames")
+    if fade_in + fade_out > total:
+        raise ValueError(f"fade_in + fade_out = {fade_in + fade_out} exceeds the {total} frames")
     if (
         not isinstance(colour, Sequence)
         or len(colour) != 3
@@ -644,15 +703,21 @@ def fade(
         raise ValueError(f"colour must be three integers in [0, 255], got {colour!r}")
 
     out = frames.copy()
-    solid = np.broadcast_to(np.asarray(colour, dtype=np.uint8), frames.shape[1:])
-    if fade_in:
-        content = np.arange(fade_in, dtype=np.float64) / fade_in  # 0, 1/n, ..., (n-1)/n
-        solids = np.broadcast_to(solid, (fade_in, *solid.shape))
-        out[:fade_in] = _blend(solids, frames[:fade_in], content)
-    if fade_out:
-        content = 1.0 - np.arange(1, fade_out + 1, dtype=np.float64) / fade_out  # (n-1)/n, ..., 0
-        solids = np.broadcast_to(solid, (fade_out, *solid.shape))
-        out[len(frames) - fade_out :] = _blend(solids, frames[len(frames) - fade_out :], content)
+    solid = np.asarray(colour, dtype=np.uint8)
+    # Positions in the whole video: 0, 1/n, ..., (n-1)/n of the content in; (n-1)/n, ..., 0 out.
+    positions = np.arange(start, start + len(frames))
+    fading_in = positions < fade_in
+    fading_out = positions >= total - fade_out
+    for mask, content in (
+        (fading_in, positions[fading_in].astype(np.float64) / max(fade_in, 1)),
+        (
+            fading_out,
+            1.0 - (positions[fading_out] - (total - fade_out) + 1).astype(np.float64) / max(fade_out, 1),
+        ),
+    ):
+        if mask.any():
+            solids = np.broadcast_to(solid, (int(mask.sum()), *frames.shape[1:]))
+            out[mask] = _blend(solids, frames[mask], content)
     return out
 
 

@@ -86,11 +86,14 @@ def segment_stages(db: str, orchestrator_id: str) -> dict[str, float]:
     """Mean seconds per stage of a run's segments, from their rows' results; ``transfer`` is the step's round
     trip less the replica's own stages (moving params and frames through Ray and Serve, and the VACE inputs'
     preparation on the replica). Independent segments sent at once also wait there for a free replica.
-    A stitched run adds ``stitch``: its stitch row's seconds (once per run, after the last segment)."""
+    A stitched run adds ``stitch``: its stitch row's seconds (once per run, after the last segment). Once per
+    run too: ``start``, from the run's row made to its first segment's start (claim, inputs, rows), and
+    ``finish``, from its last row's completion to its own."""
     from db.store import open_store
 
     with open_store(db) as store:
         rows = [t for t in store.list(limit=1000) if t.params.get("orchestrator_task_id") == orchestrator_id]
+        run = store.get(orchestrator_id)
     timings = [t.result["timings"] for t in rows if t.task_type == "travel_segment" and t.result]
     if not timings:
         return {}
@@ -101,6 +104,11 @@ def segment_stages(db: str, orchestrator_id: str) -> dict[str, float]:
     for row in rows:
         if row.task_type == "travel_stitch" and row.generation_started_at and row.generation_processed_at:
             mean["stitch"] = (row.generation_processed_at - row.generation_started_at).total_seconds()
+    started = [t.generation_started_at for t in rows if t.generation_started_at]
+    processed = [t.generation_processed_at for t in rows if t.generation_processed_at]
+    if started and processed and run.generation_processed_at:
+        mean["start"] = (min(started) - run.created_at).total_seconds()
+        mean["finish"] = (run.generation_processed_at - max(processed)).total_seconds()
     return mean
 
 

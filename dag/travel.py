@@ -6,10 +6,15 @@ orchestrator finds them again), then runs the segments' Ray tasks, each launched
 scheduler gives it a slot (`RunContext.place`: a chain asks for one at a time, independent segments all at
 once), with clips passed between tasks as object refs:
 
-    chained VACE: anchors ─> seg0 ─> seg1 ─> seg2 ─> stitch
+    chained VACE: anchors ─> seg0 ──> seg1 ──> seg2
+                              └> piece0 └> piece1 └> piece2 ─> stitch (piece i: clips i-1 and i)
     independent:  anchors ─> seg0, seg1, seg2     (chain_segments false, or model_type i2v: segments run in
                                                    parallel across replicas; each is its own clip and the
                                                    run's output is the last one, as in the original)
+
+A chain's video is encoded in pieces as its clips come (`dag.travel_plan.stitch_pieces`: each clip's piece
+holds its cross-fade from the previous clip), each while the next segment generates; the stitch joins
+the encoded pieces without re-encoding, so only the last piece is left when the last segment is done.
 
 Intermediate clips travel as Ray objects, never through the database. Segments whose rows are
 already `Complete` (a resumed run) enter as constants loaded from their stored outputs.
@@ -33,6 +38,7 @@ from dag.orchestrations import RunContext, StepPlacement, StepTarget
 from dag.steps import STAND_INS, StepFailed, render_step
 from dag.travel_plan import (
     SegmentSpec,
+    StitchPiece,
     TravelPlan,
     adjust_clip,
     colour_reference,
@@ -44,7 +50,8 @@ from dag.travel_plan import (
     segment_guide,
     segment_params,
     step_task_type,
-    stitch_segments,
+    stitch_piece,
+    stitch_pieces,
     structure_references,
     travel_structure,
     validate,
@@ -57,7 +64,7 @@ from deployments.task_types import TRAVEL_SEGMENT, TRAVEL_STITCH
 from deployments.thumbnail_step import save_row_thumbnail, save_thumbnail
 from Wan2GP.artifact import Artifact, Rendered
 from Wan2GP.structure import ControlVideo, StructureGuidance, apply_control, build_control_video
-from Wan2GP.video import decode_video, encode_mp4, load_image, mask_to_video
+from Wan2GP.video import decode_video, encode_mp4, join_mp4, load_image, mask_to_video
 
 __all__ = ["abort", "execute", "finish", "prepare", "validate"]  # the Orchestration protocol
 
@@ -169,28 +176,38 @@ def _adjusts(plan: TravelPlan, index: int) -> bool:
 
 
 @ray.remote(num_cpus=0.05, max_retries=0)
-def stitch_node(
-    plan: TravelPlan, anchors: list[np.ndarray], continued: np.ndarray | None, *clips: np.ndarray
-) -> Artifact:
-    """The run's video from its segments' clips, in order."""
-    frames = stitch_segments(plan, clips, anchors or None, continued=continued)
+def stitch_piece_node(
+    plan: TravelPlan, piece: StitchPiece, anchors: list[np.ndarray], continued: np.ndarray | None,
+    *clips: np.ndarray,
+) -> dict[str, Any]:  # fmt: skip
+    """One piece of the run's video, encoded: launched as soon as its clips exist, so it runs while the
+    chain generates the next segments and only the last piece is left when the last segment is done."""
+    frames = stitch_piece(plan, piece, list(clips), anchors or None, continued)
+    height, width = frames.shape[1:3]
+    return {"data": encode_mp4(frames, fps=plan.fps), "frames": len(frames), "width": width, "height": height}
+
+
+@ray.remote(num_cpus=0.05, max_retries=0)
+def stitch_node(plan: TravelPlan, *pieces: dict[str, Any]) -> Artifact:
+    """The run's video: its encoded pieces, in order, joined without re-encoding."""
+    frames = sum(piece["frames"] for piece in pieces)
     expected = plan.total_frames
     if plan.debug:
         logger.info(
-            "[STITCH_DEBUG] %s: segments %s frames, overlaps %s -> expected %d, got %d",
-            plan.run_id, [len(c) for c in clips], plan.overlaps, expected, len(frames),
+            "[STITCH_DEBUG] %s: segments %s frames, overlaps %s -> expected %d, got %d in %d pieces",
+            plan.run_id, plan.generated_frames, plan.overlaps, expected, frames, len(pieces),
         )  # fmt: skip
     return Artifact(
-        data=encode_mp4(frames, fps=plan.fps),
+        data=join_mp4([piece["data"] for piece in pieces], [piece["frames"] for piece in pieces], plan.fps),
         filename=final_filename(plan.run_id),
         media_type="video/mp4",
         metadata={
-            "frames": int(frames.shape[0]),
+            "frames": frames,
             "expected_frames": expected,
             "fps": plan.fps,
-            "width": int(frames.shape[2]),
-            "height": int(frames.shape[1]),
-            "segments": len(clips),
+            "width": pieces[0]["width"],
+            "height": pieces[0]["height"],
+            "segments": plan.num_segments,
             "chain_segments": plan.chain_segments,
             "model_type": plan.mode,
             "overlap_mode": plan.overlap_mode,
@@ -339,18 +356,31 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
     pending = [(spec, row_id) for spec, row_id in zip(specs, run.segment_ids, strict=True)
                if spec.index not in reused]  # fmt: skip
     anchors_ref = await ctx.blocking(ray.put, anchors)
+    continued_ref = None if continued is None else await ctx.blocking(ray.put, continued)
     control = None
     if run.structure is not None and pending:
         control = control_node.remote(plan, run.structure, structure_videos)
     run.refs = [] if control is None else [control]
     outputs: dict[int, Any] = dict(reused)  # segment index -> its clip's frames (or their object ref)
     records: list[asyncio.Future] = []  # each generated segment's file, saved and its row completed
+    pieces = stitch_pieces(plan, None if continued is None else len(continued)) if plan.stitched else []
+    encoded: dict[int, ray.ObjectRef] = {}  # piece index -> its MP4, encoding as soon as its clips exist
+
+    def encode_pieces() -> None:
+        for piece in pieces:
+            if piece.index not in encoded and all(i in outputs for i in piece.segments):
+                clips = (outputs[i] for i in piece.segments)
+                encoded[piece.index] = stitch_piece_node.remote(
+                    plan, piece, anchors_ref, continued_ref, *clips
+                )
+                run.refs.append(encoded[piece.index])
 
     async def generate(spec: SegmentSpec, row_id: str, source: Any, placement: StepPlacement) -> None:
         async with placement as target:
             frames, described = segment_node.remote(plan, spec, source, anchors_ref, target, row_id, control)
             run.refs += [frames, described]
             outputs[spec.index] = frames
+            encode_pieces()  # the piece waits for the frames in Ray, not here
             await described  # the slot is held while the segment's task runs
         file = segment_file_node.remote(plan, frames, described)
         run.refs.append(file)
@@ -363,6 +393,7 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
         await ctx.blocking(_record_segment, ctx, plan, row_id, result)
 
     await ctx.blocking(_start_rows, store, ctx.worker_id, run, specs, reused)
+    encode_pieces()  # those of reused segments
     try:
         if plan.stitched:  # a chain: each segment asks for its slot when the previous one is done
             for spec, row_id in pending:
@@ -370,13 +401,13 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
                     recorded.result()  # a segment that could not be stored stops the chain here
                 if spec.index > 0 and spec.index - 1 not in reused:
                     await ctx.blocking(store.start, row_id, ctx.worker_id)
-                source = outputs.get(spec.index - 1, continued) if spec.index > 0 else continued
+                source = outputs.get(spec.index - 1, continued_ref) if spec.index > 0 else continued_ref
                 await generate(spec, row_id, source, ctx.place(step, row_id, guidance))
         else:  # independent segments ask at once: a burst the scheduler spreads over its pools
             placements = [ctx.place(step, row_id, guidance) for _, row_id in pending]
             segments = [
                 asyncio.ensure_future(
-                    generate(spec, row_id, continued if spec.index == 0 else None, placement)
+                    generate(spec, row_id, continued_ref if spec.index == 0 else None, placement)
                 )
                 for (spec, row_id), placement in zip(pending, placements, strict=True)
             ]
@@ -404,7 +435,7 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
     if not plan.stitched:
         return await ctx.blocking(_last_clip, ctx, run)
     await ctx.blocking(store.start, run.stitch_id, ctx.worker_id)
-    stitch = stitch_node.remote(plan, anchors_ref, continued, *(outputs[spec.index] for spec in specs))
+    stitch = stitch_node.remote(plan, *(encoded[piece.index] for piece in pieces))
     run.refs.append(stitch)
     artifact: Artifact = await stitch
     run.output = artifact

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,7 @@ from Wan2GP.params import MAX_FRAMES, MAX_SIDE, BaseParams, ignored_reason, quan
 from Wan2GP.structure import STRUCTURE_KEYS, StructureGuidance, parse_structure_guidance
 from Wan2GP.video import (
     BRIGHTNESS_RANGE,
+    MIN_JOIN_FRAMES,
     SATURATION_RANGE,
     adjust_brightness,
     adjust_saturation,
@@ -858,13 +860,123 @@ def adjust_clip(
     return clip
 
 
+@dataclass(frozen=True)
+class StitchPiece:
+    """Frames ``[start, end)`` of a stitched run's video, final as soon as the clips it needs are made.
+
+    Pieces start where clips start on the stitched timeline, so a clip's cross-fade into the next belongs
+    to the next clip's piece, and the piece of clip i needs only clip i and the clips whose frames reach
+    into it (its predecessor when they overlap). The continued video goes with segment 0's piece (every
+    piece has a clip to take its size from); a piece too short to join alone goes with the next one. The
+    run encodes each piece while the chain generates the next segments, and joins them at the end.
+    """
+
+    index: int
+    start: int  # on the stitched timeline, before any upscale
+    end: int
+    total: int  # frames of the whole video (fades are placed on it)
+    continued: bool  # whether the continued video's frames reach into it (it is then the first clip)
+    segments: tuple[int, ...]  # the segments whose clips reach into it, in order
+    overlaps: tuple[int, ...]  # the cross-fades between those clips (the continued video first)
+    skip: int  # frames of the folded clips before ``start``
+
+    @property
+    def frames(self) -> int:
+        return self.end - self.start
+
+
+def stitch_pieces(plan: TravelPlan, continued_frames: int | None = None) -> list[StitchPiece]:
+    """The pieces of ``plan``'s stitched video, in order; ``continued_frames``: the decoded
+    continue_from_video's length (it comes first, cross-faded over ``plan.continue_overlap`` frames)."""
+    if not plan.stitched:
+        raise ValueError(f"travel {plan.run_id} is not stitched: its segments are separate clips")
+    lengths: list[int] = list(plan.generated_frames)
+    overlaps: list[int] = list(plan.overlaps)
+    names: list[int | None] = list(range(plan.num_segments))  # None: the continued video
+    if continued_frames is not None:
+        lengths.insert(0, continued_frames)
+        overlaps.insert(0, min(plan.continue_overlap, continued_frames))
+        names.insert(0, None)
+    starts = [0]
+    for length, overlap in zip(lengths, overlaps, strict=False):
+        starts.append(starts[-1] + length - overlap)
+    ends = [start + length for start, length in zip(starts, lengths, strict=True)]
+    total = ends[-1]
+    bounds = [0]
+    for start in starts[names.index(0) + 1 :]:
+        if start - bounds[-1] >= MIN_JOIN_FRAMES and total - start >= MIN_JOIN_FRAMES:
+            bounds.append(start)
+    bounds.append(total)
+    pieces = []
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        # The clips reaching into [start, end) (clip ends never decrease along the timeline).
+        first = next(j for j, clip_end in enumerate(ends) if clip_end > start)
+        last = max(j for j, clip_start in enumerate(starts) if clip_start < end)
+        pieces.append(
+            StitchPiece(
+                index=len(pieces), start=start, end=end, total=total,
+                continued=names[first] is None,
+                segments=tuple(n for n in names[first : last + 1] if n is not None),
+                overlaps=tuple(overlaps[first:last]), skip=start - starts[first],
+            )
+        )  # fmt: skip
+    return pieces
+
+
+def stitch_piece(
+    plan: TravelPlan,
+    piece: StitchPiece,
+    clips: Sequence[np.ndarray],
+    anchors: list[np.ndarray] | None,
+    continued: np.ndarray | None = None,
+) -> np.ndarray:
+    """The final frames of ``piece``: its clips (those of ``piece.segments``, in order) post-processed,
+    cross-faded, faded and upscaled exactly as in the whole video (see :func:`stitch_segments`)."""
+    if len(clips) != len(piece.segments):
+        raise ValueError(f"piece {piece.index} needs the clips of segments {list(piece.segments)}")
+    generated = plan.generated_frames
+    for index, clip in zip(piece.segments, clips, strict=True):
+        if not isinstance(clip, np.ndarray) or clip.ndim != 4:
+            raise ValueError(f"clips[{index}] must be a (T, H, W, 3) uint8 array")
+        if len(clip) != generated[index]:
+            raise ValueError(f"clips[{index}] has {len(clip)} frames, the plan expects {generated[index]}")
+    if plan.continue_from_video and continued is None:
+        raise ValueError("continued is required: the run continues a video")
+    if continued is not None and (not isinstance(continued, np.ndarray) or continued.ndim != 4):
+        raise ValueError("continued must be a (T, H, W, 3) uint8 array")
+    post = plan.post
+    if post.colour_match and anchors is None:
+        raise ValueError("anchors are required when colour_match is on")
+    adjusted = [
+        adjust_clip(
+            plan, index, clip,
+            colour_reference(plan, anchors, index, continued) if post.colour_match else None,
+            continued is not None,
+        )
+        for index, clip in zip(piece.segments, clips, strict=True)
+    ]  # fmt: skip
+    if piece.continued:  # every piece has a clip: the continued video takes the clips' size
+        height, width = adjusted[0].shape[1:3]
+        if continued.shape[1:3] != (height, width):
+            continued = fit_resolution(continued, width, height, "crop")
+        adjusted.insert(0, continued)
+    video = stitch(adjusted, list(piece.overlaps), sharpness=post.crossfade_sharpness)
+    video = video[piece.skip : piece.skip + piece.frames]
+    if post.fade_in or post.fade_out:
+        video = fade(video, post.fade_in, post.fade_out, start=piece.start, total=piece.total)
+    if post.upscale_factor:
+        video = upscale(video, post.upscale_factor)
+    return video
+
+
 def stitch_segments(
     plan: TravelPlan,
     clips: list[np.ndarray],
     anchors: list[np.ndarray] | None,
     continued: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Post-process each clip, cross-fade them into the final video, then fade and upscale.
+    """Post-process each clip, cross-fade them into the final video, then fade and upscale: the
+    :func:`stitch_pieces` of the run made one after the other (a run makes them as its segments come).
 
     Per clip, in the original's order: saturation and brightness (``after_first_post_generation_*``: every
     clip after the first; with a continued video every new clip, the continued video being the first),
@@ -877,41 +989,10 @@ def stitch_segments(
     """
     if len(clips) != plan.num_segments:
         raise ValueError(f"clips has {len(clips)} clips, the plan has {plan.num_segments} segments")
-    if not plan.stitched:
-        raise ValueError(f"travel {plan.run_id} is not stitched: its segments are separate clips")
-    for i, (clip, frames) in enumerate(zip(clips, plan.generated_frames, strict=True)):
-        if not isinstance(clip, np.ndarray) or clip.ndim != 4:
-            raise ValueError(f"clips[{i}] must be a (T, H, W, 3) uint8 array")
-        if len(clip) != frames:
-            raise ValueError(f"clips[{i}] has {len(clip)} frames, the plan expects {frames}")
-    if continued is not None:
-        if not isinstance(continued, np.ndarray) or continued.ndim != 4:
-            raise ValueError("continued must be a (T, H, W, 3) uint8 array")
-        if continued.shape[1:3] != clips[0].shape[1:3]:
-            continued = fit_resolution(continued, clips[0].shape[2], clips[0].shape[1], "crop")
-    post = plan.post
-    references = None
-    if post.colour_match:
-        if anchors is None:
-            raise ValueError("anchors are required when colour_match is on")
-        references = colour_references(plan, anchors, continued)
-
-    adjusted = [
-        adjust_clip(plan, i, clip, references[i] if references else None, continued is not None)
-        for i, clip in enumerate(clips)
-    ]
-
-    overlaps = list(plan.overlaps)
-    if continued is not None:
-        adjusted = [continued, *adjusted]
-        overlaps = [min(plan.continue_overlap, len(continued)), *overlaps]
-    video = stitch(adjusted, overlaps, sharpness=post.crossfade_sharpness)
-
-    if post.fade_in or post.fade_out:
-        video = fade(video, post.fade_in, post.fade_out)
-    if post.upscale_factor:
-        video = upscale(video, post.upscale_factor)
-    return video
+    pieces = stitch_pieces(plan, None if continued is None else len(continued))
+    return np.concatenate(
+        [stitch_piece(plan, p, [clips[i] for i in p.segments], anchors, continued) for p in pieces]
+    )
 
 
 def validate(params: dict[str, Any]) -> list[tuple[str, Any]]:

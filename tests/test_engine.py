@@ -160,6 +160,18 @@ def test_vace_conditioning_from_tensors_equals_diffusers_pil_path(engine):
     assert set(from_pil[1].unique().tolist()) == {0.0, 1.0}  # the mask in {0, 1}
 
 
+def test_unit_levels_are_exact_by_division_and_by_table():
+    """The table a GPU uses gives what dividing on the CPU gives (and numpy, which diffusers' PIL path uses)."""
+    from Wan2GP.pipelines import unit_levels
+
+    levels = torch.arange(256, dtype=torch.uint8).reshape(2, 8, 16)
+    divided, looked_up = unit_levels(levels, lookup=False), unit_levels(levels, lookup=True)
+    assert divided.dtype == looked_up.dtype == torch.float32 and looked_up.shape == levels.shape
+    assert torch.equal(divided, looked_up)
+    assert np.array_equal(looked_up.numpy().ravel(), np.arange(256, dtype=np.float32) / np.float32(255))
+    assert looked_up.min() == 0.0 and looked_up.max() == 1.0
+
+
 def test_flux_images(engine):
     one = engine.generate("flux", {"prompt": "a red car", "seed": 1, "resolution": "48x32"}, task_id="f")
     assert one.filename == "f.png" and one.media_type == "image/png"

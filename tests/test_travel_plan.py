@@ -20,10 +20,12 @@ from dag.travel_plan import (
     segment_filename,
     segment_guide,
     segment_params,
+    stitch_piece,
+    stitch_pieces,
     stitch_segments,
 )
 from Wan2GP.params import VaceParams
-from Wan2GP.video import MASK_GENERATE, MASK_KEEP
+from Wan2GP.video import MASK_GENERATE, MASK_KEEP, fade, fit_resolution, stitch, upscale
 
 W, H = 32, 24
 
@@ -381,6 +383,90 @@ def test_stitch_with_continued_video_prepends_it():
     video = stitch_segments(plan, clips_for(plan), None, continued=continued)
     assert len(video) == 9 + plan.total_frames - plan.continue_overlap
     assert np.all(video[:5] == 10)
+
+
+def whole_stitch(plan: TravelPlan, clips, anchors, continued=None) -> np.ndarray:
+    """The stitched video made in one go from the primitives (the reference for the pieces)."""
+    from dag.travel_plan import adjust_clip, colour_references
+
+    post = plan.post
+    references = colour_references(plan, anchors, continued) if post.colour_match else None
+    adjusted = [
+        adjust_clip(plan, i, clip, references[i] if references else None, continued is not None)
+        for i, clip in enumerate(clips)
+    ]
+    overlaps = list(plan.overlaps)
+    if continued is not None:
+        height, width = clips[0].shape[1:3]
+        fitted = (
+            continued
+            if continued.shape[1:3] == (height, width)
+            else fit_resolution(continued, width, height, "crop")
+        )
+        adjusted, overlaps = [fitted, *adjusted], [min(plan.continue_overlap, len(continued)), *overlaps]
+    video = stitch(adjusted, overlaps, sharpness=post.crossfade_sharpness)
+    video = fade(video, post.fade_in, post.fade_out)
+    return upscale(video, post.upscale_factor) if post.upscale_factor else video
+
+
+STITCHES = {
+    "plain": {},
+    "no overlap": {"overlap": 0},
+    "short middle clip (its two cross-fades meet)": {"frames": [17, 9, 17], "overlap": [6, 4]},
+    "a piece too short to join alone": {"frames": [17, 5, 17], "overlap": [4, 4]},
+    "long fades over several pieces": {"frames": [9, 13, 9], "overlap": [2, 4], "fade_in": 11, "fade_out": 12},
+    "post chain": {"saturation": 0.4, "brightness": 0.3, "colour_match": True, "crossfade_sharpness": 0.7,
+                   "upscale_factor": 1.5, "fade_out": 5},
+    "context overlaps": {"overlap_mode": "context", "overlap": [6, 5]},
+    "continued": {"images": ["b", "c", "d"], "continue_from_video": "/v.mp4", "continue_overlap": 4},
+    "continued, no overlap, colour match": {"images": ["b", "c", "d"], "continue_from_video": "/v.mp4",
+                                            "continue_overlap": 0, "colour_match": True, "fade_in": 3},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(STITCHES))
+def test_stitch_pieces_make_exactly_the_whole_stitched_video(case):
+    payload = native(images=["a", "b", "c", "d"], frames=[17, 13, 17], overlap=[4, 6])
+    payload.update(STITCHES[case])
+    plan = parse_travel(payload)
+    rng = np.random.default_rng(3)
+    clips = [rng.integers(0, 256, (n, H, W, 3), dtype=np.uint8) for n in plan.generated_frames]
+    anchors = [rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for _ in plan.anchors]
+    continued = rng.integers(0, 256, (11, H + 8, W, 3), dtype=np.uint8) if plan.continue_from_video else None
+    expected = whole_stitch(plan, clips, anchors, continued)
+
+    pieces = stitch_pieces(plan, None if continued is None else len(continued))
+    # The pieces tile the video, each made from no clips but its own (and those reaching into it).
+    assert [p.start for p in pieces] == [0, *(p.end for p in pieces[:-1])]
+    assert pieces[-1].end == pieces[-1].total == len(expected)
+    made = [stitch_piece(plan, p, [clips[i] for i in p.segments], anchors, continued) for p in pieces]
+    assert [len(m) for m in made] == [p.frames for p in pieces]
+    np.testing.assert_array_equal(np.concatenate(made), expected)
+    np.testing.assert_array_equal(stitch_segments(plan, clips, anchors, continued), expected)
+
+
+def test_a_chain_s_piece_needs_only_its_clip_and_the_one_it_fades_from():
+    plan = parse_travel(native(images=["a", "b", "c", "d"], frames=[17, 13, 17], overlap=[4, 0]))
+    pieces = stitch_pieces(plan)
+    # Clip 1 starts at 13 (cross-fading 4 frames out of clip 0); clip 2 at 26, with no cross-fade.
+    assert [(p.start, p.end, p.segments, p.overlaps) for p in pieces] == [
+        (0, 13, (0,), ()), (13, 26, (0, 1), (4,)), (26, 43, (2,), ()),
+    ]  # fmt: skip
+    assert pieces[1].skip == 13
+    # Clip 1 of 5 frames starts 1 frame before clip 2: that 1-frame piece goes with clip 2's.
+    plan = parse_travel(native(images=["a", "b", "c", "d"], frames=[17, 5, 17], overlap=[4, 4]))
+    assert [(p.start, p.end, p.segments) for p in stitch_pieces(plan)] == [(0, 13, (0,)), (13, 31, (0, 1, 2))]
+    # A continued video goes with segment 0's piece (every piece has a clip to take its size from).
+    plan = parse_travel(native(images=["b", "c"], continue_from_video="/v.mp4", continue_overlap=4))
+    first, second = stitch_pieces(plan, continued_frames=11)
+    assert (first.start, first.end, first.continued, first.segments) == (0, 7 + 13, True, (0,))
+    assert (second.continued, second.segments) == (False, (0, 1))
+    with pytest.raises(ValueError, match="continued is required"):
+        stitch_piece(plan, first, [solid(1, 17)], None)
+    with pytest.raises(ValueError, match=r"clips\[0\] has 9 frames, the plan expects 17"):
+        stitch_piece(plan, first, [solid(1, 9)], None, continued=solid(2, 11))
+    with pytest.raises(ValueError, match="not stitched"):
+        stitch_pieces(parse_travel(native(chain_segments=False)))
 
 
 PHASES = {

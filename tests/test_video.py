@@ -27,6 +27,7 @@ from Wan2GP.video import (
     extract_frame,
     fade,
     fit_resolution,
+    join_mp4,
     load_image,
     mask_to_video,
     probe_video,
@@ -186,6 +187,72 @@ def test_png_round_trip_is_exact() -> None:
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), frame)
     np.testing.assert_array_equal(load_image(data), frame)
+
+
+def packet_times(video: bytes, tmp_path) -> tuple[list[int], set[int]]:
+    """(sorted presentation times, durations) of a video's packets, in its stream's time base."""
+    path = tmp_path / "probe.mp4"
+    path.write_bytes(video)
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-hide_banner",
+        "-i",
+        str(path),
+        "-c",
+        "copy",
+        "-f",
+        "framemd5",
+        "-",
+    ]
+    rows = [line.split(",") for line in subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()
+            if line and not line.startswith("#")]  # fmt: skip
+    return sorted(int(row[2]) for row in rows), {int(row[3]) for row in rows}
+
+
+@pytest.mark.parametrize(
+    ("bounds", "fps"),
+    [((0, 3, 6, 13, 30, 43), 16), ((0, 7, 24, 41, 60), 16), ((0, 20, 40, 60), 24), ((0, 4, 29, 33), 30)],
+)
+def test_joined_pieces_keep_every_frame_in_order_and_in_time(bounds, fps, tmp_path) -> None:
+    frames = smooth_clip(frames=bounds[-1])
+    counts = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [encode_mp4(frames[a:b], fps=fps) for a, b in zip(bounds, bounds[1:], strict=False)]
+    joined = join_mp4(pieces, counts, fps)
+    decoded, decoded_fps = decode_video(joined)
+    assert decoded.shape == frames.shape and decoded_fps == fps
+    errors = np.abs(decoded.astype(np.int16) - frames).reshape(len(frames), -1).mean(axis=1)
+    assert errors.max() < 3, errors  # each frame is its own, where it was (neighbours differ by ~4)
+    # Every frame one frame after the last: B-frame pieces read without their durations overlap at joins.
+    times, durations = packet_times(joined, tmp_path)
+    step = times[1] - times[0]
+    assert times == [step * i for i in range(len(frames))] and durations == {step}
+
+
+def test_join_refuses_what_it_cannot_join_cleanly() -> None:
+    frames = smooth_clip(frames=8)
+    pieces = [encode_mp4(frames[:2], fps=16), encode_mp4(frames[2:], fps=16)]
+    assert join_mp4(pieces[:1], [2], 16) == pieces[0]
+    with pytest.raises(ValueError, match="at least 3 frames to join, got \\[2, 6\\]"):
+        join_mp4(pieces, [2, 6], 16)
+    with pytest.raises(ValueError, match="equally long"):
+        join_mp4([], [], 16)
+    with pytest.raises(RuntimeError, match="failed to join 2 encoded pieces"):
+        join_mp4([pieces[1], b"not a video"], [6, 3], 16)
+
+
+@pytest.mark.parametrize("bounds", [(0, 20), (0, 5, 20), (0, 3, 9, 14, 20), (2, 11)])
+def test_fading_a_part_gives_that_part_of_the_faded_video(bounds) -> None:
+    frames = np.random.default_rng(4).integers(0, 256, (20, 6, 8, 3), dtype=np.uint8)
+    whole = fade(frames, fade_in=7, fade_out=9, colour=(10, 200, 30))
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        part = fade(frames[a:b], fade_in=7, fade_out=9, colour=(10, 200, 30), start=a, total=20)
+        np.testing.assert_array_equal(part, whole[a:b])
+    assert np.all(whole[0] == (10, 200, 30)) and np.all(whole[-1] == (10, 200, 30))
+    np.testing.assert_array_equal(whole[7:11], frames[7:11])  # between the fades: untouched
+    with pytest.raises(ValueError, match=r"frames \[15, 25\) run past the video's 20 frames"):
+        fade(frames[:10], fade_in=2, start=15, total=20)
+    with pytest.raises(ValueError, match="exceeds the 20 frames"):
+        fade(frames, fade_in=12, fade_out=9)
 
 
 def test_encode_png_rejects_bad_frames() -> None:
