@@ -142,6 +142,26 @@ def thumb_name(task_id: str) -> str:
     return f"thumb_{task_id[:8]}.jpg"
 
 
+def test_a_chain_continuing_a_video_is_stitched_in_pieces_with_its_fades(service: dict):
+    """The continued video goes with segment 0's piece, the fades land on the whole video's first and last
+    frames, and the pieces join into one video with every frame in time."""
+    client = service["client"]
+    params = travel_params(service, 2, run_id="cont", continue_from_video=str(service["inputs"] / "clip_a.mp4"),
+                           continue_overlap=4, fade_in=3, fade_out=5)  # fmt: skip
+    response = client.post("/tasks", json={"task_type": "travel_orchestrator", "params": params})
+    assert response.status_code == 201, response.text
+    orchestrator = wait_final(client, response.json()["id"])
+    assert orchestrator["status"] == "Complete", orchestrator["error_message"]
+    final = client.get(f"/tasks/{orchestrator['id']}/output").content
+    frames, fps = decode_video(final)
+    assert len(frames) == 9 - 4 + 13 + 13 - 4 and fps == 16  # the continued video's 9, less its overlap
+    assert probe_video(final) == {"frames": 27, "fps": 16.0, "width": 64, "height": 48}
+    assert frames[0].mean() < 6 and frames[-1].mean() < 6  # faded in from black and out to black
+    ramp = decode_video((service["inputs"] / "clip_a.mp4").read_bytes())[0]
+    # After the fade-in, before the cross-fade into segment 0: the continued video's own frames.
+    assert np.abs(frames[3:5].astype(float) - ramp[3:5]).mean() < 6
+
+
 def test_original_payload_form(service: dict):
     client = service["client"]
     details = {
