@@ -5,7 +5,8 @@
 #           split (~5 min measured on 2026-11-30), then the VAE decode and MP4 encode alone, split vs whole;
 #   PART=2: the VACE inputs' conversion on the GPU vs diffusers' PIL path (bench.vace_inputs), then travel on
 #           2 GPUs vs 1 (independent and chained; three layouts, each built and warmed);
-#   PART=3: replica scaling, 16 tasks on 1 then 2 one-GPU replicas (STEPS, default 10).
+#   PART=3: replica scaling, 16 tasks queued on 1 then 2 one-GPU replicas (STEPS, default 50), timed to
+#           the FIRST·N-th completion (default 2: ~2 x 132 s; the whole queue at 50 steps needs ~18 min).
 # Carry .whl (../shared/tools/make_device_site.sh .whl, plus the psycopg_pool wheel). Logs and JSON under $OUT.
 set -o pipefail
 mkdir -p /tmp/site && tar -xJf .whl/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -23,6 +24,6 @@ case "${PART:-1}" in
 2) timeout 60 python3 -m bench.vace_inputs --device cuda 2>&1 | tee "$OUT/vace_inputs.log" | show
    timeout ${TRAVEL_S:-500} python3 -m bench.parallel_travel --gpus 2 --segments 4 --frames 33 --steps 6 \
      --json "$OUT/travel.json" 2>&1 | tee "$OUT/travel.log" | show ;;
-3) timeout ${SCALE_S:-540} python3 -m bench.scale_out --gpus 2 --tasks-per-gpu 8 --steps ${STEPS:-10} \
+3) timeout ${SCALE_S:-540} python3 -m bench.scale_out --gpus 2 --tasks-per-gpu 8 --steps ${STEPS:-50} --measure-first ${FIRST:-2} \
      --json "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" | show ;;
 esac

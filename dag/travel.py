@@ -394,6 +394,7 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
 
     await ctx.blocking(_start_rows, store, ctx.worker_id, run, specs, reused)
     encode_pieces()  # those of reused segments
+    stitch: ray.ObjectRef | None = None
     try:
         if plan.stitched:  # a chain: each segment asks for its slot when the previous one is done
             for spec, row_id in pending:
@@ -403,6 +404,10 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
                     await ctx.blocking(store.start, row_id, ctx.worker_id)
                 source = outputs.get(spec.index - 1, continued_ref) if spec.index > 0 else continued_ref
                 await generate(spec, row_id, source, ctx.place(step, row_id, guidance))
+            # The stitch joins the pieces while the last segment's file is still being recorded.
+            await ctx.blocking(store.start, run.stitch_id, ctx.worker_id)
+            stitch = stitch_node.remote(plan, *(encoded[piece.index] for piece in pieces))
+            run.refs.append(stitch)
         else:  # independent segments ask at once: a burst the scheduler spreads over its pools
             placements = [ctx.place(step, row_id, guidance) for _, row_id in pending]
             segments = [
@@ -422,6 +427,8 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
                     placement.withdraw()
         await asyncio.gather(*records)
     except BaseException:
+        if stitch is not None:
+            ray.cancel(stitch)
         # The segments already generated keep their files and rows (a resumed run reuses them): their
         # records finish, within a deadline, before the run's unfinished rows are marked.
         if records:
@@ -432,11 +439,8 @@ async def execute(ctx: RunContext, run: TravelRun) -> Artifact:
                         "travel %s: a segment's record failed: %s", plan.run_id, recorded.exception()
                     )
         raise
-    if not plan.stitched:
+    if stitch is None:
         return await ctx.blocking(_last_clip, ctx, run)
-    await ctx.blocking(store.start, run.stitch_id, ctx.worker_id)
-    stitch = stitch_node.remote(plan, *(encoded[piece.index] for piece in pieces))
-    run.refs.append(stitch)
     artifact: Artifact = await stitch
     run.output = artifact
     if run.structure is not None:
