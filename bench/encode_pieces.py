@@ -52,7 +52,10 @@ def main() -> None:
     args = parser.parse_args()
     width, height = (int(v) for v in args.resolution.split("x"))
     frames = frames_like_a_render(args.frames, width, height)
-    counts = [int(v) for v in args.pieces.split(",") if args.frames // int(v) >= MIN_JOIN_FRAMES]
+    # Always with 1 (the whole video, what the others are compared with); pieces of 3 frames at least.
+    counts = sorted(
+        {1, *(int(v) for v in args.pieces.split(",") if args.frames // int(v) >= MIN_JOIN_FRAMES)}
+    )
     print(
         f"# MP4 encode, {args.frames} frames at {args.resolution}; {platform.machine()}, {os.cpu_count()} CPUs"
     )

@@ -835,13 +835,6 @@ def colour_reference(
     return anchors[index], anchors[min(index + 1, len(anchors) - 1)]
 
 
-def colour_references(
-    plan: TravelPlan, anchors: list[np.ndarray], continued: np.ndarray | None = None
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The :func:`colour_reference` of every segment."""
-    return [colour_reference(plan, anchors, i, continued) for i in range(plan.num_segments)]
-
-
 def adjust_clip(
     plan: TravelPlan,
     index: int,
@@ -980,7 +973,7 @@ def stitch_segments(
 
     Per clip, in the original's order: saturation and brightness (``after_first_post_generation_*``: every
     clip after the first; with a continued video every new clip, the continued video being the first),
-    then colour matching (every clip, toward its start and end references, see :func:`colour_references`).
+    then colour matching (every clip, toward its start and end references, see :func:`colour_reference`).
     Adjusting before the cross-fade makes each overlap blend from one look into the next instead of
     jumping. ``anchors`` are the decoded images of ``plan.anchors`` (needed only for colour matching).
     ``continued`` (the decoded continue_from_video) is prepended with ``plan.continue_overlap`` frames of

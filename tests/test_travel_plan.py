@@ -387,10 +387,12 @@ def test_stitch_with_continued_video_prepends_it():
 
 def whole_stitch(plan: TravelPlan, clips, anchors, continued=None) -> np.ndarray:
     """The stitched video made in one go from the primitives (the reference for the pieces)."""
-    from dag.travel_plan import adjust_clip, colour_references
+    from dag.travel_plan import adjust_clip, colour_reference
 
     post = plan.post
-    references = colour_references(plan, anchors, continued) if post.colour_match else None
+    references = None
+    if post.colour_match:
+        references = [colour_reference(plan, anchors, i, continued) for i in range(plan.num_segments)]
     adjusted = [
         adjust_clip(plan, i, clip, references[i] if references else None, continued is not None)
         for i, clip in enumerate(clips)
