@@ -45,6 +45,7 @@ import contextlib
 import datetime
 import os
 import random
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -451,12 +452,14 @@ class DecodeRecorder:
         self.original = vae.decode
         self.last_latents: torch.Tensor | None = None  # on the CPU, float32
         self.split_used = False
+        self.timings: dict[str, float] = {}  # the last split decode's parts (decode_split), seconds
 
     def __call__(self, z: torch.Tensor, return_dict: bool = True):
         self.last_latents = z.detach().to("cpu", torch.float32)
         video = None
+        self.timings = {}
         if self.layout is not None and self.layout.world_size > 1:
-            video = decode_split(self.vae, z, self.layout.rank, self.layout.world_size)
+            video = decode_split(self.vae, z, self.layout.rank, self.layout.world_size, self.timings)
         self.split_used = video is not None
         if video is None:
             return self.original(z, return_dict=return_dict)
@@ -545,18 +548,23 @@ def _splittable(vae) -> bool:
     )
 
 
-def decode_split(vae, z: torch.Tensor, rank: int, world_size: int) -> torch.Tensor | None:
+def decode_split(
+    vae, z: torch.Tensor, rank: int, world_size: int, timings: dict[str, float] | None = None
+) -> torch.Tensor | None:
     """Decode latents ``z`` (B, C, T, H, W) with the frames split across the ranks; every rank gets the video.
 
     A collective: every rank calls it with the same ``z``. Rank r decodes its latent frames of
     :func:`split_latent_frames` as one chunk (rank 0 first decodes frame 0 alone, as the VAE does), the
     decoder's causal caches passing from rank to rank (:class:`_HaloCache`); the pieces are then gathered.
     Equal to ``vae.decode(z)`` up to the convolution kernels' rounding on the larger chunks. Returns None
-    (decode whole) for a VAE or a length it cannot split.
+    (decode whole) for a VAE or a length it cannot split. ``timings``, when given, gets this rank's seconds
+    in its chunks (``decode_chunks``, waits for the previous rank's caches included), waiting for its caches
+    to reach the next rank (``decode_handoff``) and gathering the video (``decode_gather``).
     """
     plan = split_latent_frames(z.shape[2], world_size)
     if plan is None or not _splittable(vae):
         return None
+    clock = _SyncedClock(z.device, timings)
     start, end = plan[rank]
     decoder = vae.decoder
     vae.clear_cache()
@@ -569,7 +577,9 @@ def decode_split(vae, z: torch.Tensor, rank: int, world_size: int) -> torch.Tens
         x = x[:, :, 1:]
     cache.next = rank + 1 if rank < world_size - 1 else None
     pieces.append(decoder(x, feat_cache=cache, feat_idx=[0]))
+    clock.lap("decode_chunks")
     cache.wait()
+    clock.lap("decode_handoff")
     vae.clear_cache()
     mine = torch.clamp(torch.cat(pieces, dim=2), min=-1.0, max=1.0)
 
@@ -585,7 +595,26 @@ def decode_split(vae, z: torch.Tensor, rank: int, world_size: int) -> torch.Tens
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded)
     video = torch.cat([piece[:, :, :n] for piece, n in zip(gathered, lengths, strict=True)], dim=2)
+    clock.lap("decode_gather")
     return video.to(z.device)
+
+
+class _SyncedClock:
+    """Seconds between laps into ``timings`` (nothing when it is None), the device synchronised at each lap
+    so that a lap holds the GPU work queued in it."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None):
+        self.device, self.timings = device, timings
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def encode_mp4_split(frames, fps: int, rank: int, world_size: int) -> bytes:
@@ -721,7 +750,12 @@ class ParallelEngine:
     def _run(self, engine_call, task_type, params, task_id, progress, should_cancel):
         params = self._shared_params(task_type, params)
         cancel = self._collective_cancel(should_cancel)
-        return engine_call(task_type, params, task_id=task_id, progress=progress, should_cancel=cancel)
+        output = engine_call(task_type, params, task_id=task_id, progress=progress, should_cancel=cancel)
+        recorder = getattr(getattr(self.engine.pipe, "vae", None), "_hwgp_decode_recorder", None)
+        if recorder is not None and recorder.split_used:  # where the decode stage's time went, on this rank
+            timings = output.metadata.setdefault("timings", {})
+            timings.update({name: round(seconds, 4) for name, seconds in recorder.timings.items()})
+        return output
 
     def _shared_params(self, task_type: str, params: dict[str, Any]) -> dict[str, Any]:
         """``params`` with a random seed drawn once for all ranks; the model made resident and parallel."""

@@ -5,6 +5,8 @@
 #           split (~5 min measured on 2026-11-30), then the VAE decode and MP4 encode alone, split vs whole;
 #   PART=2: the VACE inputs' conversion on the GPU vs diffusers' PIL path (bench.vace_inputs), then travel on
 #           2 GPUs vs 1 (independent and chained; three layouts, each built and warmed);
+#   PART=4: the split decode of a chained segment's size (33 frames) with the ranks seeing every GPU vs each its
+#           own (NCCL's transport in nccl.txt), then chained travel on 1 GPU and split (row times in the DBs);
 #   PART=3: replica scaling, 16 tasks queued on 1 then 2 one-GPU replicas (STEPS, default 50), timed to
 #           the FIRST·N-th completion (default 2: ~2 x 132 s; the whole queue at 50 steps needs ~18 min).
 # Carry .whl (../shared/tools/make_device_site.sh .whl, plus the psycopg_pool wheel). Logs and JSON under $OUT.
@@ -26,4 +28,12 @@ case "${PART:-1}" in
      --json "$OUT/travel.json" 2>&1 | tee "$OUT/travel.log" | show ;;
 3) timeout ${SCALE_S:-540} python3 -m bench.scale_out --gpus 2 --tasks-per-gpu 8 --steps ${STEPS:-50} --measure-first ${FIRST:-2} \
      --json "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" | show ;;
+4) export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P
+   timeout 200 python3 -m bench.multi_gpu_video --gpus 2 --steps 2 --frames 33 --decode-only \
+     2>&1 | tee "$OUT/decode33.log" | show
+   timeout ${TRAVEL_S:-360} python3 -m bench.parallel_travel --gpus 2 --segments 4 --frames 33 --steps 6 \
+     --layouts 1gpu,split --modes chained --json "$OUT/chained.json" 2>&1 | tee "$OUT/chained.log" | show
+   { grep -h " via \|P2P is\|CUDA_VISIBLE" "$OUT/decode33.log"; grep -rh " via \|P2P is" /tmp/ray/session_*/logs/ 2>/dev/null; } \
+     | sed 's/^.*NCCL INFO //' | sort | uniq -c | sort -rn | head -40 > "$OUT/nccl.txt"; cat "$OUT/nccl.txt"
+   for db in /tmp/hwgp-ptravel-*/tasks-*.db; do cp "$db" "$OUT/"; done ;;
 esac

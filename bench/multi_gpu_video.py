@@ -153,10 +153,16 @@ def _replica(args, gpus, mode, options, models_dir, model_id, steps_list, baseli
 
 
 def _decode_rank(
-    rank: int, world_size: int, port: int, vae_folder: str, latents_path: str, out: str, shared: bool
-) -> None:
+    rank: int, world_size: int, port: int, vae_folder: str, latents_path: str, out: str, shared: bool,
+    isolated: bool = False, channels_last: bool = False,
+) -> None:  # fmt: skip
     """One rank of the decode/encode check: the VAE decode split vs whole, the MP4 encode in pieces vs whole.
-    ``shared``: every rank on cuda:0 over gloo (one GPU: the errors count, the split decode's time does not)."""
+    ``shared``: every rank on cuda:0 over gloo (one GPU: the errors count, the split decode's time does not).
+    ``isolated``: each rank sees its own GPU alone (CUDA_VISIBLE_DEVICES, as Ray sets it for the service's
+    rank workers); ``channels_last``: the VAE's convolutions in channels-last layout, as the engine has them
+    on a GPU (Wan2GP/acceleration.py)."""
+    if isolated:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)  # before CUDA starts in this fresh process
     import torch
     from diffusers import AutoencoderKLWan
 
@@ -164,7 +170,7 @@ def _decode_rank(
     from Wan2GP.video import decode_video, encode_mp4, to_uint8_frames
 
     cuda = torch.cuda.is_available()
-    device = ("cuda:0" if shared else f"cuda:{rank}") if cuda else "cpu"
+    device = ("cuda:0" if shared or isolated else f"cuda:{rank}") if cuda else "cpu"
     device = init_distributed(
         rank, world_size, "127.0.0.1", port, device=device, backend="gloo" if shared else None
     )
@@ -174,16 +180,22 @@ def _decode_rank(
             torch.cuda.synchronize(device)
 
     vae = AutoencoderKLWan.from_pretrained(vae_folder, torch_dtype=torch.float32).to(device)
+    if channels_last:
+        from Wan2GP.acceleration import channels_last_convolutions
+
+        channels_last_convolutions(vae)
     z = torch.from_numpy(np.load(latents_path)).to(device)
-    result = {"shared_gpu": shared}
+    result = {"shared_gpu": shared, "isolated": isolated, "channels_last": channels_last}
     with torch.no_grad():
         for _ in range(2):  # the first of each is a warm-up
             torch.distributed.barrier()
             sync()
             start = time.perf_counter()
-            split = decode_split(vae, z, rank, world_size)
+            parts: dict[str, float] = {}
+            split = decode_split(vae, z, rank, world_size, parts)
             sync()
             result["split_s"] = time.perf_counter() - start
+            result["split_parts"] = parts
         whole = None
         if rank == 0:
             for _ in range(2):
@@ -211,28 +223,76 @@ def _decode_rank(
     torch.distributed.destroy_process_group()
 
 
-def _decode_check(gpus: int, vae_folder: str, latents: np.ndarray, shared: bool) -> dict:
+def _decode_check(
+    gpus: int, vae_folder: str, latents: np.ndarray, shared: bool, isolated: bool = False,
+    channels_last: bool = False,
+) -> dict:  # fmt: skip
     import torch.multiprocessing as mp
 
     tmp = Path(tempfile.mkdtemp(prefix="hwgp-decode-"))
     np.save(tmp / "latents.npy", latents)
-    args = (gpus, free_port(), vae_folder, str(tmp / "latents.npy"), str(tmp / "decode.json"), shared)
+    out = str(tmp / "decode.json")
+    args = (gpus, free_port(), vae_folder, str(tmp / "latents.npy"), out, shared, isolated, channels_last)
     mp.spawn(_decode_rank, args=args, nprocs=gpus, join=True)
     return json.loads((tmp / "decode.json").read_text())
 
 
 def _print_decode(decode: dict, gpus: int) -> None:
-    where = (
-        "2 ranks sharing one GPU over gloo (its time is not a speed)"
-        if decode["shared_gpu"]
-        else f"{gpus} GPUs"
-    )
-    print(f"VAE decode alone, {where}: whole on 1 GPU {decode['whole_s']:.2f}s, split {decode['split_s']:.2f}s; "
-          f"rel. error {decode['rel_error']:.2e}, max-abs {decode['max_abs_error']:.2e}, "
+    if decode["shared_gpu"]:
+        where = "2 ranks sharing one GPU over gloo (its time is not a speed)"
+    else:
+        where = f"{gpus} GPUs, " + ("each rank seeing its GPU alone" if decode["isolated"] else "all visible")
+        where += ", channels-last" if decode["channels_last"] else ""
+    parts = ", ".join(f"{name} {seconds:.3f}" for name, seconds in decode["split_parts"].items())
+    print(f"VAE decode alone, {where}: whole on 1 GPU {decode['whole_s']:.2f}s, split {decode['split_s']:.2f}s "
+          f"(rank 0: {parts}); rel. error {decode['rel_error']:.2e}, max-abs {decode['max_abs_error']:.2e}, "
           f"peak {decode['peak_gib']:.1f} GiB on rank 0")  # fmt: skip
     print(f"MP4 encode of the decoded frames: whole {decode['encode_whole_s']:.2f}s, {gpus} pieces in parallel + "
           f"join {decode['encode_split_s']:.2f}s; decoded-frame rel. error {decode['encode_rel_error']:.2e}; "
           f"bytes {decode['encode_bytes']}")  # fmt: skip
+
+
+def _rank_work_times(vae_folder: str, latents, world_size: int, channels_last: bool) -> dict:
+    """The split decode's per-rank work, one rank after the other on one GPU: each rank's chunks as
+    :func:`~Wan2GP.parallel.decode_split` runs them (the caches handed on in memory), vs the whole decode.
+    On 2 GPUs the split takes about the slowest rank's time plus the hand-over and gather."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from Wan2GP.parallel import split_latent_frames
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    vae = AutoencoderKLWan.from_pretrained(vae_folder, torch_dtype=torch.float32).to(device)
+    if channels_last:
+        from Wan2GP.acceleration import channels_last_convolutions
+
+        channels_last_convolutions(vae)
+    z = latents.to(device)
+    plan = split_latent_frames(z.shape[2], world_size)
+    times: dict = {}
+    with torch.no_grad():
+        for _ in range(2):  # the first is a warm-up
+            _sync()
+            start = time.perf_counter()
+            vae.decode(z)
+            _sync()
+            times["whole_s"] = time.perf_counter() - start
+            vae.clear_cache()
+            x = vae.post_quant_conv(z)
+            cache: list = [None] * len(vae._feat_map)
+            ranks = []
+            for rank, (first, last) in enumerate(plan):
+                _sync()
+                start = time.perf_counter()
+                if rank == 0:
+                    vae.decoder(x[:, :, :1], feat_cache=cache, feat_idx=[0], first_chunk=True)
+                    first += 1
+                vae.decoder(x[:, :, first:last], feat_cache=cache, feat_idx=[0])
+                _sync()
+                ranks.append(time.perf_counter() - start)
+            times["ranks_s"] = ranks
+            vae.clear_cache()
+    return times
 
 
 def one_gpu_checks(args, gpus: int) -> None:
@@ -255,6 +315,14 @@ def one_gpu_checks(args, gpus: int) -> None:
         1, 16, latent_frames, args.height // 8, args.width // 8, generator=torch.Generator().manual_seed(0)
     )
     shared = not torch.cuda.is_available() or torch.cuda.device_count() < gpus
+    for channels_last in (False, True) if torch.cuda.is_available() else (False,):
+        times = _rank_work_times(str(folder / "vae"), latents, gpus, channels_last)
+        ranks = ", ".join(f"rank {r} {seconds:.3f}s" for r, seconds in enumerate(times["ranks_s"]))
+        print(f"VAE decode of {args.frames} frames on 1 GPU{', channels-last' if channels_last else ''}: "
+              f"whole {times['whole_s']:.3f}s; the split's work of {ranks} "
+              f"(sum {sum(times['ranks_s']):.3f}s)")  # fmt: skip
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the ranks spawned next need the memory this process still holds
     _print_decode(_decode_check(gpus, str(folder / "vae"), latents.numpy(), shared=shared), gpus)
 
 
@@ -314,9 +382,14 @@ def main() -> None:
     decode = None
     if args.decode_check or args.decode_only:
         folder = json.loads(Path(models_dir, f"{model_id}.json").read_text())["source"]
-        decode = _decode_check(
-            gpus, str(Path(folder) / "vae"), baseline[steps_list[0]]["latents"], shared=False
-        )
+        latents = baseline[steps_list[0]]["latents"]
+        decode = _decode_check(gpus, str(Path(folder) / "vae"), latents, shared=False)
+        if not args.tiny:  # then closer to the service's replica: its VAE layout, then its GPU view too
+            for isolated in (False, True):
+                variant = _decode_check(
+                    gpus, str(Path(folder) / "vae"), latents, False, isolated=isolated, channels_last=True
+                )
+                _print_decode(variant, gpus)
 
     print(f"# one video across GPUs (Ray Serve multi-GPU replica vs the engine on 1 GPU): "
           f"{model_label(args.tiny)}, {args.width}x{args.height}, {args.frames} frames, CFG 5.0")  # fmt: skip

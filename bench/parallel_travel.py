@@ -97,7 +97,8 @@ def segment_stages(db: str, orchestrator_id: str) -> dict[str, float]:
     timings = [t.result["timings"] for t in rows if t.task_type == "travel_segment" and t.result]
     if not timings:
         return {}
-    names = ("guide", "step_call", "load", "text_encode", "denoise", "decode", "encode", "save")
+    names = ["guide", "step_call", "load", "text_encode", "denoise", "decode", "encode", "save"]
+    names += [n for n in ("decode_chunks", "decode_handoff", "decode_gather") if n in timings[0]]  # split
     mean = {n: sum(t.get(n, 0.0) for t in timings) / len(timings) for n in names}
     replica = mean["load"] + mean["text_encode"] + mean["denoise"] + mean["decode"]
     mean["transfer"] = mean["step_call"] - replica
@@ -130,6 +131,9 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=4)
     add_travel_size_arguments(parser)
     parser.add_argument("--layouts", default="1gpu,replicas,split")
+    parser.add_argument(
+        "--modes", default="independent,chained", help="the travel modes timed, of each layout's"
+    )
     parser.add_argument("--tiny", action="store_true", help="CPU smoke check: tiny VACE on fake GPUs")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -159,7 +163,7 @@ def main() -> None:
         warm = {**travel, "chain_segments": False, "num_inference_steps": 1}
         wait_complete(client, post(client, "travel_orchestrator", warm), timeout_s=900)
         walls[name] = {}
-        for mode in modes:
+        for mode in (m for m in modes if m in args.modes.split(",")):
             start = time.perf_counter()
             task = post(client, "travel_orchestrator", {**travel, "chain_segments": mode == "chained"})
             wait_complete(client, task, timeout_s=900)

@@ -130,6 +130,7 @@ def _rank_main(rank: int, world_size: int, port: int, mode: str, tiny_root: str,
     result["block_tokens"] = sorted(set(block_tokens))
     result["text_encoder_calls"] = len(text_encoder_calls)
     result["split_decode_used"] = engine.pipe.vae._hwgp_decode_recorder.split_used
+    result["timings"] = artifact.metadata["timings"]
     Path(out, f"rank{rank}.mp4").write_bytes(artifact.data)
     np.save(Path(out, f"rank{rank}-latents.npy"), _PARALLEL_ENGINES[engine].last_latents.numpy())
 
@@ -219,6 +220,13 @@ def test_parallel_generation_matches_single_process(
         assert (result["text_encoder_calls"] > 0) == (rank == 0)  # prompt and negative prompt: rank 0 only
         # 3 latent frames: split over 2 ranks; too short for 4 (each rank needs a frame past frame 0).
         assert result["split_decode_used"] is (world_size == 2)
+        # The split decode's parts, this rank's, in the result beside the decode stage that holds them.
+        parts = ("decode_chunks", "decode_handoff", "decode_gather")
+        if world_size == 2:
+            assert all(result["timings"][part] >= 0 for part in parts), result["timings"]
+            assert sum(result["timings"][part] for part in parts) <= result["timings"]["decode"]
+        else:
+            assert not set(parts) & set(result["timings"])
         if mode == "cfg":
             # Same arithmetic as one process, only split. Bit-identical on most CPUs, but a BLAS may pick another
             # kernel for batch 1 than for the batched CFG pair (CI measured max-abs 6.2e-06, rel 3.7e-07).
