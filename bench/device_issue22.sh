@@ -5,8 +5,9 @@
 #           split (~5 min measured on 2026-11-30), then the VAE decode and MP4 encode alone, split vs whole;
 #   PART=2: the VACE inputs' conversion on the GPU vs diffusers' PIL path (bench.vace_inputs), then travel on
 #           2 GPUs vs 1 (independent and chained; three layouts, each built and warmed);
-#   PART=4: the split decode of a chained segment's size (33 frames) with the ranks seeing every GPU vs each its
-#           own (NCCL's transport in nccl.txt), then chained travel on 1 GPU and split (row times in the DBs);
+#   PART=4: the split decode of a chained segment's size (33 frames), the ranks seeing every GPU vs each its
+#           own (NCCL's transport in nccl.txt), then chained travel on 1 GPU, split, and split with each rank
+#           seeing its own GPU (HWGP_RANK_GPU_VIEW=own); row times in the DBs;
 #   PART=3: replica scaling, 16 tasks queued on 1 then 2 one-GPU replicas (STEPS, default 50), timed to
 #           the FIRST·N-th completion (default 2: ~2 x 132 s; the whole queue at 50 steps needs ~18 min).
 # Carry .whl (../shared/tools/make_device_site.sh .whl, plus the psycopg_pool wheel). Logs and JSON under $OUT.
@@ -16,7 +17,7 @@ for w in .whl/*.whl; do [ -e "$w" ] && python3 -m zipfile -e "$w" /tmp/site; don
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HWGP_BENCH_MODELS=/tmp/hwgp-models
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-show() { grep --line-buffered -E '^\||^#|GPU|travel:|built|goal|speed-up|decode alone|VAE decode|MP4 encode|replica\(s\)|ratio|Error|error:|Traceback' ; }
+show() { grep --line-buffered -E '^\||^#|GPU|travel:|travel [0-9]|built|goal|speed-up|decode alone|VAE decode|MP4 encode|replica\(s\)|ratio|Error|error:|Traceback' ; }
 nvidia-smi -L; python3 -c 'import torch, diffusers, ray; print(torch.__version__, diffusers.__version__, ray.__version__)'
 case "${PART:-1}" in
 1) timeout ${VIDEO_S:-400} python3 -m bench.multi_gpu_video --gpus 2 --steps 10,50 --compare-whole \
@@ -32,7 +33,7 @@ case "${PART:-1}" in
    timeout 200 python3 -m bench.multi_gpu_video --gpus 2 --steps 2 --frames 33 --decode-only \
      2>&1 | tee "$OUT/decode33.log" | show
    timeout ${TRAVEL_S:-360} python3 -m bench.parallel_travel --gpus 2 --segments 4 --frames 33 --steps 6 \
-     --layouts 1gpu,split --modes chained --json "$OUT/chained.json" 2>&1 | tee "$OUT/chained.log" | show
+     --layouts 1gpu,split,split-own --modes chained --json "$OUT/chained.json" 2>&1 | tee "$OUT/chained.log" | show
    { grep -h " via \|P2P is\|CUDA_VISIBLE" "$OUT/decode33.log"; grep -rh " via \|P2P is" /tmp/ray/session_*/logs/ 2>/dev/null; } \
      | sed 's/^.*NCCL INFO //' | sort | uniq -c | sort -rn | head -40 > "$OUT/nccl.txt"; cat "$OUT/nccl.txt"
    for db in /tmp/hwgp-ptravel-*/tasks-*.db; do cp "$db" "$OUT/"; done ;;

@@ -42,6 +42,31 @@ STRAGGLER_GRACE_S = 30.0
 CANCEL_STOP_S = 300.0
 
 
+# Ray starts a GPU actor with CUDA_VISIBLE_DEVICES naming its own GPU alone. By default the rank workers then
+# widen it, before CUDA starts in them, to every GPU of their replica (as Ray Train does for its workers) so
+# that NCCL can open direct peer paths between the ranks; each keeps its own GPU as its device. With
+# HWGP_RANK_GPU_VIEW=own each rank sees its own GPU alone, as Ray started it.
+RANK_GPU_VIEW_ENV = "HWGP_RANK_GPU_VIEW"
+
+
+def rank_gpu_view() -> str:
+    """``replica`` (the default: every rank sees all its replica's GPUs) or ``own`` (each its GPU alone)."""
+    view = os.environ.get(RANK_GPU_VIEW_ENV) or "replica"
+    if view not in ("replica", "own"):
+        raise ValueError(f"{RANK_GPU_VIEW_ENV}: expected 'replica' or 'own', got {view!r}")
+    return view
+
+
+def replica_gpu_index(own: list[str], replica_gpus: list[str]) -> int:
+    """This rank's device index once it sees ``replica_gpus`` (the ids Ray assigned the ranks, in rank order):
+    where its own GPU (``own``, the one id Ray assigned it) stands among them."""
+    if len(own) != 1:
+        raise RuntimeError(f"a rank worker holds one GPU, Ray assigned it {own!r}")
+    if own[0] not in replica_gpus:
+        raise RuntimeError(f"this rank's GPU {own[0]} is not among its replica's GPUs {replica_gpus!r}")
+    return replica_gpus.index(own[0])
+
+
 def rank_bundles(world_size: int, cpus_per_rank: float = 1.0, replica_cpus: float = 0.1) -> list[dict]:
     """One bundle per rank with one GPU each; bundle 0 also holds the replica actor's CPU share."""
     bundles = [{"CPU": cpus_per_rank, "GPU": 1.0} for _ in range(world_size)]
@@ -96,12 +121,26 @@ class RankWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
+    def gpu_ids(self) -> list[str]:
+        """The GPU ids Ray assigned this worker (asked before CUDA starts here)."""
+        return [str(gpu) for gpu in ray.get_gpu_ids()]
+
     def setup(
-        self, master_addr: str, master_port: int, mode: str, options: dict[str, bool] | None = None
+        self,
+        master_addr: str,
+        master_port: int,
+        mode: str,
+        options: dict[str, bool] | None = None,
+        replica_gpus: list[str] | None = None,
     ) -> dict[str, Any]:
         """Join the process group and build the engine (a collective: every rank at once). ``options``: the
         switches of :class:`~Wan2GP.parallel.ParallelEngine` (share_prompt, split_conditioning, split_decode,
-        split_encode)."""
+        split_encode). ``replica_gpus``: the ids of every rank's GPU, for this process to see them all (the
+        first thing done here: CUDA reads CUDA_VISIBLE_DEVICES when it starts)."""
+        own_index = None
+        if replica_gpus:
+            own_index = replica_gpu_index(self.gpu_ids(), replica_gpus)
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(replica_gpus)
         import torch
 
         from Wan2GP.catalog import Catalog
@@ -110,6 +149,8 @@ class RankWorker:
         from Wan2GP.parallel import ParallelEngine, init_distributed
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and own_index is not None:
+            device = f"cuda:{own_index}"
         resolved = init_distributed(self.rank, self.world_size, master_addr, master_port, device=device)
         # LoRAs fetched by URL arrive as bytes (ranks share no filesystem) and are kept here.
         self.lora_dir = replica_lora_dir()
@@ -120,7 +161,7 @@ class RankWorker:
             lora_dirs=[*default_lora_dirs(), self.lora_dir],
         )
         self.parallel = ParallelEngine(engine, mode=mode, **(options or {}))
-        env = {name: os.environ.get(name) for name in NCCL_SAFE_ENV}
+        env = {name: os.environ.get(name) for name in [*NCCL_SAFE_ENV, "CUDA_VISIBLE_DEVICES"]}
         return {"rank": self.rank, "device": str(resolved), "pid": os.getpid(), "env": env}
 
     def load(self, model_id: str) -> dict[str, Any]:
@@ -265,7 +306,12 @@ class MultiGpuGenerationDeployment:
             for rank in range(world_size)
         ]
         address, port = ray.get(self.workers[0].rendezvous.remote())
-        self.ranks = ray.get([w.setup.remote(address, port, mode, parallel_options) for w in self.workers])
+        replica_gpus = None
+        if gpus_per_rank and rank_gpu_view() == "replica":
+            replica_gpus = [gpu for ids in ray.get([w.gpu_ids.remote() for w in self.workers]) for gpu in ids]
+        self.ranks = ray.get(
+            [w.setup.remote(address, port, mode, parallel_options, replica_gpus) for w in self.workers]
+        )
         logger.info("%s: %d ranks (%s) ready: %s", family, world_size, mode, self.ranks)
         if preload:
             ray.get([w.load.remote(preload) for w in self.workers])

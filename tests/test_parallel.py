@@ -332,6 +332,25 @@ def test_plan_degrees_rejects_impossible_splits() -> None:
     assert set(MODES) == {"cfg", "ulysses", "cfg+ulysses"}
 
 
+def test_a_rank_worker_finds_its_gpu_among_its_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deployments.multi_gpu import RANK_GPU_VIEW_ENV, rank_gpu_view, replica_gpu_index
+
+    assert replica_gpu_index(["1"], ["0", "1"]) == 1
+    assert replica_gpu_index(["5"], ["6", "5"]) == 1  # rank order, whatever the ids
+    assert replica_gpu_index(["GPU-b"], ["GPU-a", "GPU-b"]) == 1
+    with pytest.raises(RuntimeError, match=r"Ray assigned it \['0', '1'\]"):
+        replica_gpu_index(["0", "1"], ["0", "1"])
+    with pytest.raises(RuntimeError, match=r"GPU 3 is not among its replica's GPUs \['0', '1'\]"):
+        replica_gpu_index(["3"], ["0", "1"])
+    monkeypatch.delenv(RANK_GPU_VIEW_ENV, raising=False)
+    assert rank_gpu_view() == "replica"
+    monkeypatch.setenv(RANK_GPU_VIEW_ENV, "own")
+    assert rank_gpu_view() == "own"
+    monkeypatch.setenv(RANK_GPU_VIEW_ENV, "node")
+    with pytest.raises(ValueError, match="HWGP_RANK_GPU_VIEW: expected 'replica' or 'own', got 'node'"):
+        rank_gpu_view()
+
+
 def test_nccl_multicast_stays_off() -> None:
     assert NCCL_SAFE_ENV == {
         "NCCL_NVLS_ENABLE": "0",
@@ -365,6 +384,10 @@ def test_multi_gpu_replica_serves_one_video_across_two_ranks(tiny_dir: Path, ref
         stats = handle.stats.remote().result()
         assert [r["rank"] for r in stats["ranks"]] == [0, 1]
         assert len({r["pid"] for r in stats["ranks"]}) == 2  # two worker processes
+        # Multicast off; each worker sees both of the replica's GPUs (Ray started it seeing its own alone), so
+        # NCCL can reach the other rank's GPU directly; both name them in the same order (rank 0's first).
+        views = {r["env"].pop("CUDA_VISIBLE_DEVICES") for r in stats["ranks"]}
+        assert len(views) == 1 and sorted(views.pop().split(",")) == ["0", "1"], stats["ranks"]
         assert all(r["env"] == NCCL_SAFE_ENV for r in stats["ranks"])
 
         params = {**PARAMS, "num_inference_steps": STEPS}
