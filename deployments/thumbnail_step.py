@@ -49,6 +49,17 @@ def save_row_thumbnail(storage: OutputStorage, row_id: str, output: Artifact | N
     `output`'s metadata, which is the orchestrator's result, as it is. None when there is no output."""
     if output is None:
         return None
+    # The run's own thumbnail, stored by the dispatcher just before, pictures the same video: its bytes are
+    # copied rather than the video decoded again.
+    stored = output.metadata.get("thumbnail_url")
+    local = storage.resolve_local(stored) if isinstance(stored, str) else None
+    if local is not None:
+        try:
+            data = local.read_bytes()
+            saved = storage.save_bytes(row_id, data, thumbnail_filename(row_id), THUMBNAIL_MEDIA_TYPE)
+            return saved.output_location
+        except (OSError, ValueError, StorageError) as error:
+            logger.warning("row %s: the run's thumbnail could not be copied (%s); making one", row_id, error)
     return save_thumbnail(storage, row_id, dataclasses.replace(output, metadata={}))
 
 

@@ -65,6 +65,18 @@ def test_a_row_sharing_the_runs_output_gets_its_own_thumbnail(tmp_path):
     broken = Artifact(b"not a video", "f.mp4", "video/mp4", {})
     assert save_row_thumbnail(storage(tmp_path), row_id, broken) is None and broken.metadata == {}
     assert save_row_thumbnail(storage(tmp_path), row_id, None) is None
+    # Once the run's own thumbnail is stored (the dispatcher's step, before the run finishes its rows), the
+    # row's is a copy of it: the video is not decoded again (here it could not be).
+    outputs = storage(tmp_path)
+    run = Artifact(video.data, "f.mp4", "video/mp4", {})
+    save_thumbnail(outputs, TASK_ID, run)
+    undecodable = Artifact(b"not a video", "f.mp4", "video/mp4", dict(run.metadata))
+    other_row = "8a8b7c6d-1d2a-4c3b-9e8f-123456789abc"
+    copied = save_row_thumbnail(outputs, other_row, undecodable)
+    assert copied is not None and copied.endswith(f"/{other_row}/thumb_8a8b7c6d.jpg")
+    stored = (tmp_path / "files" / TASK_ID / "thumb_0c4f7b6e.jpg").read_bytes()
+    assert (tmp_path / "files" / other_row / "thumb_8a8b7c6d.jpg").read_bytes() == stored
+    assert "thumbnail_error" not in undecodable.metadata
 
 
 def test_a_thumbnail_is_never_taken_for_the_tasks_output(tmp_path):
