@@ -137,9 +137,9 @@ class RankWorker:
         switches of :class:`~Wan2GP.parallel.ParallelEngine` (share_prompt, split_conditioning, split_decode,
         split_encode). ``replica_gpus``: the ids of every rank's GPU, for this process to see them all (the
         first thing done here: CUDA reads CUDA_VISIBLE_DEVICES when it starts)."""
-        own_index = None
+        own, own_index = self.gpu_ids(), None
         if replica_gpus:
-            own_index = replica_gpu_index(self.gpu_ids(), replica_gpus)
+            own_index = replica_gpu_index(own, replica_gpus)
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(replica_gpus)
         import torch
 
@@ -150,7 +150,11 @@ class RankWorker:
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and own_index is not None:
-            device = f"cuda:{own_index}"
+            if torch.cuda.device_count() == len(replica_gpus):
+                device = f"cuda:{own_index}"
+            else:  # CUDA started in this process before the view was widened: it sees this rank's GPU alone
+                os.environ["CUDA_VISIBLE_DEVICES"] = own[0]
+                logger.warning("rank %d: sees its own GPU only (CUDA started before setup)", self.rank)
         resolved = init_distributed(self.rank, self.world_size, master_addr, master_port, device=device)
         # LoRAs fetched by URL arrive as bytes (ranks share no filesystem) and are kept here.
         self.lora_dir = replica_lora_dir()
