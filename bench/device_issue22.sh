@@ -7,7 +7,7 @@
 #           2 GPUs vs 1 (independent and chained; three layouts, each built and warmed);
 #   PART=4: the split decode of a chained segment's size (33 frames), the ranks seeing every GPU vs each its
 #           own (NCCL's transport in nccl.txt), then chained travel on 1 GPU, split, and split with each rank
-#           seeing its own GPU (HWGP_RANK_GPU_VIEW=own); row times in the DBs;
+#           seeing both GPUs (HWGP_RANK_GPU_VIEW=replica); row times in the DBs;
 #   PART=3: replica scaling, 16 tasks queued on 1 then 2 one-GPU replicas (STEPS, default 50), timed to
 #           the FIRST·N-th completion (default 2: ~2 x 132 s; the whole queue at 50 steps needs ~18 min).
 # Carry .whl (../shared/tools/make_device_site.sh .whl, plus the psycopg_pool wheel). Logs and JSON under $OUT.
@@ -33,7 +33,7 @@ case "${PART:-1}" in
    timeout 200 python3 -m bench.multi_gpu_video --gpus 2 --steps 2 --frames 33 --decode-only \
      2>&1 | tee "$OUT/decode33.log" | show
    timeout ${TRAVEL_S:-360} python3 -m bench.parallel_travel --gpus 2 --segments 4 --frames 33 --steps 6 \
-     --layouts 1gpu,split,split-own --modes chained --json "$OUT/chained.json" 2>&1 | tee "$OUT/chained.log" | show
+     --layouts 1gpu,split,split-replica --modes chained --json "$OUT/chained.json" 2>&1 | tee "$OUT/chained.log" | show
    { grep -h " via \|P2P is\|CUDA_VISIBLE" "$OUT/decode33.log"; grep -rh " via \|P2P is" /tmp/ray/session_*/logs/ 2>/dev/null; } \
      | sed 's/^.*NCCL INFO //' | sort | uniq -c | sort -rn | head -40 > "$OUT/nccl.txt"; cat "$OUT/nccl.txt"
    for db in /tmp/hwgp-ptravel-*/tasks-*.db; do cp "$db" "$OUT/"; done ;;

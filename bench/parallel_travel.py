@@ -11,8 +11,9 @@ VACE deployment of the running service (local Ray cluster, SQLite), in three lay
   all replicas at once (chained ones cannot: each waits for its predecessor);
 - ``split``: one replica spanning ``--gpus`` GPUs (``gpus_per_replica``, CFG parallel, decode and encode
   split: Wan2GP/parallel.py): every segment, chained ones too, runs faster;
-- ``split-own``: the same with each rank worker seeing its own GPU alone (``HWGP_RANK_GPU_VIEW=own``, the
-  view Ray gives a GPU actor) instead of both of the replica's GPUs (on a cluster of its own).
+- ``split-replica``: the same with each rank worker seeing both of the replica's GPUs
+  (``HWGP_RANK_GPU_VIEW=replica``) instead of its own alone, the view Ray gives a GPU actor (on a cluster of
+  its own).
 
 Each layout is warmed by a one-step travel, then one travel per mode is timed from POST to Complete.
 Goals (issue 22, 2 GPUs vs 1): independent >= 1.9x, chained >= 1.7x.
@@ -126,7 +127,7 @@ def layouts(gpus: int, vace_model: str, tiny: bool) -> dict[str, tuple[dict, tup
         "1gpu": ({**base, "num_gpus": 1, "replicas": 1}, ("independent", "chained"), {}),
         "replicas": ({**base, "num_gpus": 1, "replicas": gpus}, ("independent",), {}),
         "split": (split, ("chained",), {}),
-        "split-own": (split, ("chained",), {RANK_GPU_VIEW_ENV: "own"}),
+        "split-replica": (split, ("chained",), {RANK_GPU_VIEW_ENV: "replica"}),
     }
 
 

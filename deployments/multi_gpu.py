@@ -42,16 +42,17 @@ STRAGGLER_GRACE_S = 30.0
 CANCEL_STOP_S = 300.0
 
 
-# Ray starts a GPU actor with CUDA_VISIBLE_DEVICES naming its own GPU alone. By default the rank workers then
-# widen it, before CUDA starts in them, to every GPU of their replica (as Ray Train does for its workers) so
-# that NCCL can open direct peer paths between the ranks; each keeps its own GPU as its device. With
-# HWGP_RANK_GPU_VIEW=own each rank sees its own GPU alone, as Ray started it.
+# Ray starts a GPU actor with CUDA_VISIBLE_DEVICES naming its own GPU alone, and the rank workers keep that
+# view by default. With HWGP_RANK_GPU_VIEW=replica they widen it, before CUDA starts in them, to every GPU of
+# their replica (as Ray Train does for its workers, so that NCCL can use direct peer paths between the
+# ranks), each keeping its own GPU as its device. Which is faster is measured by bench.parallel_travel's
+# split / split-replica layouts (docs/performance.md, "Two GPUs").
 RANK_GPU_VIEW_ENV = "HWGP_RANK_GPU_VIEW"
 
 
 def rank_gpu_view() -> str:
-    """``replica`` (the default: every rank sees all its replica's GPUs) or ``own`` (each its GPU alone)."""
-    view = os.environ.get(RANK_GPU_VIEW_ENV) or "replica"
+    """``own`` (the default: each rank sees its own GPU alone) or ``replica`` (all its replica's GPUs)."""
+    view = os.environ.get(RANK_GPU_VIEW_ENV) or "own"
     if view not in ("replica", "own"):
         raise ValueError(f"{RANK_GPU_VIEW_ENV}: expected 'replica' or 'own', got {view!r}")
     return view
