@@ -234,7 +234,7 @@ def _decode_check(
     out = str(tmp / "decode.json")
     args = (gpus, free_port(), vae_folder, str(tmp / "latents.npy"), out, shared, isolated, channels_last)
     mp.spawn(_decode_rank, args=args, nprocs=gpus, join=True)
-    return json.loads((tmp / "decode.json").read_text())
+    return json.loads(Path(out).read_text())
 
 
 def _print_decode(decode: dict, gpus: int) -> None:
@@ -296,7 +296,9 @@ def _rank_work_times(vae_folder: str, latents, world_size: int, channels_last: b
 
 
 def one_gpu_checks(args, gpus: int) -> None:
-    """On one GPU: the split decode's error at full size (ranks share the GPU over gloo) and the split encode."""
+    """On one GPU: each rank's share of the split decode's work, timed (whole vs ranks, with and without the
+    engine's channels-last layout); the split decode's error at full size (ranks share the GPU over gloo) and
+    the split encode."""
     import torch
 
     from bench.common import build_t2v
