@@ -600,8 +600,9 @@ def decode_split(
 
 
 class _SyncedClock:
-    """Seconds between laps into ``timings`` (nothing when it is None), the device synchronised at each lap
-    so that a lap holds the GPU work queued in it."""
+    """Seconds between laps into ``timings`` (nothing when it is None). At each lap the CPU waits for the work
+    queued on the current stream, not for the whole device, whose NCCL stream may still be sending this
+    rank's caches: so a lap holds this rank's own work and what that stream was made to wait for in it."""
 
     def __init__(self, device: torch.device, timings: dict[str, float] | None):
         self.device, self.timings = device, timings
@@ -611,7 +612,7 @@ class _SyncedClock:
         if self.timings is None:
             return
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         now = time.perf_counter()
         self.timings[name] = self.timings.get(name, 0.0) + now - self.last
         self.last = now
