@@ -34,7 +34,8 @@ case "${PART:-1}" in
      2>&1 | tee "$OUT/decode33.log" | show
    timeout ${TRAVEL_S:-360} python3 -m bench.parallel_travel --gpus 2 --segments 4 --frames 33 --steps 6 \
      --layouts 1gpu,split,split-replica --modes chained --json "$OUT/chained.json" 2>&1 | tee "$OUT/chained.log" | show
-   { grep -h " via \|P2P is\|CUDA_VISIBLE" "$OUT/decode33.log"; grep -rh " via \|P2P is" /tmp/ray/session_*/logs/ 2>/dev/null; } \
-     | sed 's/^.*NCCL INFO //' | sort | uniq -c | sort -rn | head -40 > "$OUT/nccl.txt"; cat "$OUT/nccl.txt"
+   { nvidia-smi topo -m
+     { grep -h " via \|P2P is" "$OUT/decode33.log"; grep -rh " via \|P2P is" /tmp/ray/session_*/logs/ 2>/dev/null; } \
+       | sed 's/^.*NCCL INFO //' | sort | uniq -c | sort -rn | head -60; } > "$OUT/nccl.txt"; cat "$OUT/nccl.txt"
    for db in /tmp/hwgp-ptravel-*/tasks-*.db; do cp "$db" "$OUT/"; done ;;
 esac
