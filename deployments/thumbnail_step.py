@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 from storage import OutputStorage, StorageError
 from Wan2GP.artifact import Artifact
@@ -55,9 +56,7 @@ def save_row_thumbnail(storage: OutputStorage, row_id: str, output: Artifact | N
     local = storage.resolve_local(stored) if isinstance(stored, str) else None
     if local is not None:
         try:
-            data = local.read_bytes()
-            saved = storage.save_bytes(row_id, data, thumbnail_filename(row_id), THUMBNAIL_MEDIA_TYPE)
-            return saved.output_location
+            return _store_thumbnail_file(storage, row_id, local)
         except (OSError, ValueError, StorageError) as error:
             logger.warning("row %s: the run's thumbnail could not be copied (%s); making one", row_id, error)
     return save_thumbnail(storage, row_id, dataclasses.replace(output, metadata={}))
@@ -68,10 +67,16 @@ def stored_thumbnail(storage: OutputStorage, task_id: str) -> str | None:
     upload backend is configured, so the location is current), or None. For a task completed from an
     output an earlier attempt stored."""
     try:
-        path = storage.local_path(task_id, thumbnail_filename(task_id))
-        data = path.read_bytes()
-        return storage.save_bytes(task_id, data, path.name, THUMBNAIL_MEDIA_TYPE).output_location
+        return _store_thumbnail_file(
+            storage, task_id, storage.local_path(task_id, thumbnail_filename(task_id))
+        )
     except (OSError, ValueError, StorageError) as error:
         if not isinstance(error, FileNotFoundError):
             logger.warning("task %s: stored thumbnail not recorded: %s", task_id, error)
         return None
+
+
+def _store_thumbnail_file(storage: OutputStorage, task_id: str, path: Path) -> str:
+    """Store the thumbnail file at ``path`` as ``task_id``'s (local first, uploaded as configured); its location."""
+    saved = storage.save_bytes(task_id, path.read_bytes(), thumbnail_filename(task_id), THUMBNAIL_MEDIA_TYPE)
+    return saved.output_location
