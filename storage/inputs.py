@@ -548,10 +548,11 @@ def _create_part_file(folder: Path) -> tuple[int, str]:
     and our file's creation: then the folder is made again. A folder holding a part file is never empty,
     so once this returns nobody removes it."""
     for _ in range(_PART_FILE_TRIES):
-        folder.mkdir(parents=True, exist_ok=True)
         try:
+            # FileExistsError: the folder existed at mkdir and was removed before mkdir checked it was one.
+            folder.mkdir(parents=True, exist_ok=True)
             return tempfile.mkstemp(dir=folder, prefix=".", suffix=".part")
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):
             continue
     raise OSError(f"could not create a file in {folder}: the folder kept disappearing")
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from api_fixtures import api
 
-from db.models import TaskStatus
 from deployments.limits import LARGEST_NORMAL_JOB, LimitSettings
 
 TRAVEL = {"images": ["a.png", "b.png", "c.png"], "prompt": "a walk", "frames": 33, "overlap": 8,
@@ -87,8 +86,9 @@ def test_the_default_budget_admits_normal_jobs_and_refuses_their_product(tmp_pat
         detail = refused(client, {"task_type": "travel_orchestrator", "params": upscaled})
         assert detail["loc"] == ["body", "params", "upscale_factor"] and "10240x5760" not in detail["msg"]
         assert "limits.max_output_pixels" in detail["msg"]
-        assert store.count_by_status()[TaskStatus.QUEUED] + store.count_by_status()[TaskStatus.IN_PROGRESS] + \
-            store.count_by_status()[TaskStatus.COMPLETE] == 2  # fmt: skip
+        # Only the two accepted tasks were stored (one snapshot: a worker may be moving them on meanwhile).
+        counts = store.count_by_status()
+        assert sum(counts.values()) == 2, counts
 
 
 def test_limits_are_configurable(tmp_path: Path, inputs: Path):
