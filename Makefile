@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Test processes (pytest-xdist), each module on one: every Ray test starts a local cluster of its own.
+TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 # Deno (the `deno` dev dependency) fetches the edge functions' npm: imports from the registry npm uses.
 export NPM_CONFIG_REGISTRY ?= $(shell npm config get registry 2>/dev/null || echo https://registry.npmjs.org/)
@@ -28,7 +30,7 @@ browser:
 
 test: install browser
 	cd db/supabase/functions && $(abspath $(VENV))/bin/deno install --quiet --entrypoint main.ts
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .

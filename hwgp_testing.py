@@ -44,7 +44,9 @@ def running_app(
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             yield client
     finally:
-        serve.shutdown()
+        # The cluster is this helper's own: ray.shutdown ends all its processes at once. A graceful
+        # serve.shutdown first would cost seconds per app (each replica's drain loop); where the graceful
+        # stop is what is tested, the test does it (tests/test_graceful_stop.py, test_serve.py).
         ray.shutdown()
 
 

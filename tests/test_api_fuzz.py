@@ -281,5 +281,4 @@ def test_the_real_service_refuses_all_interfaces_without_keys_and_survives_fuzz_
             assert figures["5xx"] == 0
             _assert_healthy_then_complete(client, None)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # the cluster is the test's own: no graceful serve.shutdown needed

@@ -421,6 +421,7 @@ async def test_an_orchestration_step_leases_a_slot_the_tasks_then_see_busy(store
 # ---- the whole service: a real local Ray cluster, fake GPUs, tiny models on CPU -------------------------
 
 
+@pytest.mark.slow
 def test_app_sends_one_task_to_the_split_replica_and_many_to_the_one_gpu_replicas(tmp_path: Path) -> None:
     """7 fake GPUs: T2V with 2 one-GPU replicas and 1 two-GPU CFG-split replica, VACE with 1 one-GPU
     replica and 1 CFG-split replica. A chained travel's segments run split, one after the other; a lone
