@@ -23,14 +23,6 @@ os.environ.setdefault("RAY_ADDRESS", "local")
 PG_URL = os.environ.get("HWGP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Modules with long end-to-end tests (marked slow) first, each module's own order kept. `make test`
-    runs two workers, a module to a worker (`-n 2 --dist loadfile`): a long module collected last would keep
-    one worker busy long after the other ran out of work."""
-    slow_modules = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_modules)
-
-
 @pytest.fixture
 def pg_schema_url() -> Iterator[str]:
     """A PostgreSQL URL whose search_path is a fresh, empty schema, dropped afterwards."""
