@@ -492,6 +492,32 @@ def test_a_download_survives_another_download_of_the_url_removing_the_empty_fold
     assert [p.name for p in path.parent.iterdir()] == ["img.png"]  # no part file left behind
 
 
+def test_a_download_survives_the_folder_removed_while_mkdir_checks_it(
+    tmp_path: Path, server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+):
+    """The other window of the same race: the folder existed when mkdir tried to create it and was gone when
+    mkdir checked that it is a folder, so mkdir raised FileExistsError (seen in a full run, five downloads of
+    one URL at once)."""
+    real_mkdir = os.mkdir
+    removed: list[str] = []
+
+    def mkdir_while_the_other_download_cleans_up(path: str | os.PathLike[str], *args: Any, **kwargs: Any):
+        if not removed and os.path.isdir(path) and Path(path).parent == fetcher.cache_dir:
+            os.rmdir(path)  # the failed download's cleanup, between mkdir's attempt and its check
+            removed.append(str(path))
+            raise FileExistsError(17, "File exists", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    with _fetcher(tmp_path, server) as fetcher:
+        url = server.url("/img.png")
+        folder, _ = fetcher._cache_entry(url)
+        folder.mkdir(parents=True)  # another download of the URL is about to fail and remove it
+        monkeypatch.setattr(os, "mkdir", mkdir_while_the_other_download_cleans_up)
+        path = fetcher.fetch(url, field="image_start")
+    assert removed == [str(folder)] and path.read_bytes() == PNG
+    assert [p.name for p in path.parent.iterdir()] == ["img.png"]
+
+
 # --- TLS: the checked address is dialled, the certificate is checked against the URL's host -----------------------------
 
 
