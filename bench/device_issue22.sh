@@ -8,6 +8,8 @@
 #   PART=4: the split decode of a chained segment's size (33 frames), the ranks seeing every GPU vs each its
 #           own (NCCL's transport in nccl.txt), then chained travel on 1 GPU, split, and split with each rank
 #           seeing both GPUs (HWGP_RANK_GPU_VIEW=replica); row times in the DBs;
+#   PART=5 (one GPU, nvidia-h200): the split decode's per-rank work (33 frames), then the split decode with its
+#           2 ranks sharing the GPU over gloo, as plain processes and as threaded Ray actors (the service's way);
 #   PART=3: replica scaling, 16 tasks queued on 1 then 2 one-GPU replicas (STEPS, default 50), timed to
 #           the FIRST·N-th completion (default 2: ~2 x 132 s; the whole queue at 50 steps needs ~18 min).
 # Carry .whl (../shared/tools/make_device_site.sh .whl, plus the psycopg_pool wheel). Logs and JSON under $OUT.
@@ -30,7 +32,7 @@ case "${PART:-1}" in
 3) timeout ${SCALE_S:-540} python3 -m bench.scale_out --gpus 2 --tasks-per-gpu 8 --steps ${STEPS:-50} --measure-first ${FIRST:-2} \
      --json "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" | show ;;
 4) export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P
-   timeout 200 python3 -m bench.multi_gpu_video --gpus 2 --steps 2 --frames 33 --decode-only \
+   timeout 260 python3 -m bench.multi_gpu_video --gpus 2 --steps 2 --frames 33 --decode-only \
      2>&1 | tee "$OUT/decode33.log" | show
    timeout ${TRAVEL_S:-360} python3 -m bench.parallel_travel --gpus 2 --segments 4 --frames 33 --steps 6 \
      --layouts 1gpu,split,split-replica --modes chained --json "$OUT/chained.json" 2>&1 | tee "$OUT/chained.log" | show
@@ -38,4 +40,6 @@ case "${PART:-1}" in
      { grep -h " via \|P2P is" "$OUT/decode33.log"; grep -rh " via \|P2P is" /tmp/ray/session_*/logs/ 2>/dev/null; } \
        | sed 's/^.*NCCL INFO //' | sort | uniq -c | sort -rn | head -60; } > "$OUT/nccl.txt"; cat "$OUT/nccl.txt"
    for db in /tmp/hwgp-ptravel-*/tasks-*.db; do cp "$db" "$OUT/"; done ;;
+5) timeout ${CHECK_S:-330} python3 -m bench.multi_gpu_video --gpus 2 --frames 33 --one-gpu-checks \
+     2>&1 | tee "$OUT/onegpu.log" | show ;;
 esac

@@ -154,14 +154,15 @@ def _replica(args, gpus, mode, options, models_dir, model_id, steps_list, baseli
 
 def _decode_rank(
     rank: int, world_size: int, port: int, vae_folder: str, latents_path: str, out: str, shared: bool,
-    isolated: bool = False, channels_last: bool = False,
+    isolated: bool = False, channels_last: bool = False, in_actor: bool = False,
 ) -> None:  # fmt: skip
     """One rank of the decode/encode check: the VAE decode split vs whole, the MP4 encode in pieces vs whole.
     ``shared``: every rank on cuda:0 over gloo (one GPU: the errors count, the split decode's time does not).
     ``isolated``: each rank sees its own GPU alone (CUDA_VISIBLE_DEVICES, as Ray sets it for the service's
     rank workers); ``channels_last``: the VAE's convolutions in channels-last layout, as the engine has them
-    on a GPU (Wan2GP/acceleration.py)."""
-    if isolated:
+    on a GPU (Wan2GP/acceleration.py); ``in_actor``: run by :func:`_decode_check` in a Ray actor, which sees
+    the GPU Ray gave it as cuda:0."""
+    if isolated and not in_actor:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)  # before CUDA starts in this fresh process
     import torch
     from diffusers import AutoencoderKLWan
@@ -170,7 +171,7 @@ def _decode_rank(
     from Wan2GP.video import decode_video, encode_mp4, to_uint8_frames
 
     cuda = torch.cuda.is_available()
-    device = ("cuda:0" if shared or isolated else f"cuda:{rank}") if cuda else "cpu"
+    device = ("cuda:0" if shared or isolated or in_actor else f"cuda:{rank}") if cuda else "cpu"
     device = init_distributed(
         rank, world_size, "127.0.0.1", port, device=device, backend="gloo" if shared else None
     )
@@ -185,7 +186,8 @@ def _decode_rank(
 
         channels_last_convolutions(vae)
     z = torch.from_numpy(np.load(latents_path)).to(device)
-    result = {"shared_gpu": shared, "isolated": isolated, "channels_last": channels_last}
+    result = {"shared_gpu": shared, "isolated": isolated, "channels_last": channels_last, "in_actors": in_actor,
+              "torch_threads": torch.get_num_threads()}  # fmt: skip
     with torch.no_grad():
         for _ in range(2):  # the first of each is a warm-up
             torch.distributed.barrier()
@@ -225,15 +227,43 @@ def _decode_rank(
 
 def _decode_check(
     gpus: int, vae_folder: str, latents: np.ndarray, shared: bool, isolated: bool = False,
-    channels_last: bool = False,
+    channels_last: bool = False, in_actors: bool = False, actor_cpus: float = 1.0,
 ) -> dict:  # fmt: skip
-    import torch.multiprocessing as mp
-
+    """The decode/encode check's ranks as plain processes, or with ``in_actors`` as the service runs its rank
+    workers: threaded Ray actors (one GPU each, or a share of one when ``shared``; ``actor_cpus`` CPUs, which
+    Ray turns into as many torch threads, at least one) whose rank 0 is polled every 0.2 s meanwhile, as the replica polls
+    its progress."""
     tmp = Path(tempfile.mkdtemp(prefix="hwgp-decode-"))
     np.save(tmp / "latents.npy", latents)
     out = str(tmp / "decode.json")
     args = (gpus, free_port(), vae_folder, str(tmp / "latents.npy"), out, shared, isolated, channels_last)
-    mp.spawn(_decode_rank, args=args, nprocs=gpus, join=True)
+    if not in_actors:
+        import torch.multiprocessing as mp
+
+        mp.spawn(_decode_rank, args=args, nprocs=gpus, join=True)
+        return json.loads(Path(out).read_text())
+    import ray
+
+    @ray.remote(max_concurrency=4)
+    class DecodeRank:
+        def run(self, rank: int) -> None:
+            _decode_rank(rank, *args, in_actor=True)
+
+        def poll(self) -> list:
+            return []
+
+    start_ray(gpus if not shared else 1)
+    try:
+        actors = [
+            DecodeRank.options(num_gpus=1 / gpus if shared else 1, num_cpus=actor_cpus).remote()
+            for _ in range(gpus)
+        ]
+        runs = [actor.run.remote(rank) for rank, actor in enumerate(actors)]
+        while len(ray.wait(runs, num_returns=len(runs), timeout=0.2)[0]) < len(runs):
+            ray.get(actors[0].poll.remote())
+        ray.get(runs)
+    finally:
+        ray.shutdown()
     return json.loads(Path(out).read_text())
 
 
@@ -243,6 +273,10 @@ def _print_decode(decode: dict, gpus: int) -> None:
     else:
         where = f"{gpus} GPUs, " + ("each rank seeing its GPU alone" if decode["isolated"] else "all visible")
         where += ", channels-last" if decode["channels_last"] else ""
+    if decode.get("in_actors"):
+        where += (
+            f", ranks in threaded Ray actors ({decode['torch_threads']} torch threads each, rank 0 polled)"
+        )
     parts = ", ".join(f"{name} {seconds:.3f}" for name, seconds in decode["split_parts"].items())
     print(f"VAE decode alone, {where}: whole on 1 GPU {decode['whole_s']:.2f}s, split {decode['split_s']:.2f}s "
           f"(rank 0: {parts}); rel. error {decode['rel_error']:.2e}, max-abs {decode['max_abs_error']:.2e}, "
@@ -326,6 +360,13 @@ def one_gpu_checks(args, gpus: int) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the ranks spawned next need the memory this process still holds
     _print_decode(_decode_check(gpus, str(folder / "vae"), latents.numpy(), shared=shared), gpus)
+    # The same ranks as the service runs them: what the actors' threads and CPU limit add, on one GPU too
+    # (Ray gives an actor one torch thread per whole CPU, at least one: the service's num_cpus 0.25 gives one).
+    for cpus in sorted({1, max(1, (os.cpu_count() or 1) // gpus)}):
+        actors = _decode_check(
+            gpus, str(folder / "vae"), latents.numpy(), shared=shared, in_actors=True, actor_cpus=cpus
+        )
+        _print_decode(actors, gpus)
 
 
 def main() -> None:
@@ -392,6 +433,17 @@ def main() -> None:
                     gpus, str(Path(folder) / "vae"), latents, False, isolated=isolated, channels_last=True
                 )
                 _print_decode(variant, gpus)
+            # Each rank in a Ray actor seeing its own GPU, as the service's rank workers do.
+            variant = _decode_check(
+                gpus,
+                str(Path(folder) / "vae"),
+                latents,
+                False,
+                isolated=True,
+                channels_last=True,
+                in_actors=True,
+            )
+            _print_decode(variant, gpus)
 
     print(f"# one video across GPUs (Ray Serve multi-GPU replica vs the engine on 1 GPU): "
           f"{model_label(args.tiny)}, {args.width}x{args.height}, {args.frames} frames, CFG 5.0")  # fmt: skip
