@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Test processes (pytest-xdist), each module on one: every Ray test starts a local cluster of its own.
+# Test processes (pytest-xdist). A module runs on one worker, so a module's Ray cluster fixture starts once.
 TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 # Deno (the `deno` dev dependency) fetches the edge functions' npm: imports from the registry npm uses.

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Issue 22 on nvidia-h200-x2, three device calls of ≤ 9 min on one warm machine (the random weights built by
+# Issue 22 on nvidia-h200-x2, device calls of ≤ 9 min on one warm machine (the random weights built by
 # the first stay under /tmp for the next ones while it is held):
 #   PART=1: one video through the 2-GPU replica at 10 and 50 steps, + the replica with nothing but denoising
 #           split (~5 min measured on 2026-11-30), then the VAE decode and MP4 encode alone, split vs whole;
 #   PART=2: the VACE inputs' conversion on the GPU vs diffusers' PIL path (bench.vace_inputs), then travel on
 #           2 GPUs vs 1 (independent and chained; three layouts, each built and warmed);
 #   PART=4: the split decode of a chained segment's size (33 frames), the ranks seeing every GPU vs each its
-#           own (NCCL's transport in nccl.txt), then chained travel on 1 GPU, split, and split with each rank
-#           seeing both GPUs (HWGP_RANK_GPU_VIEW=replica); row times in the DBs;
-#   PART=5 (one GPU, nvidia-h200): the split decode's per-rank work (33 frames), then the split decode with its
-#           2 ranks sharing the GPU over gloo, as plain processes and as threaded Ray actors (the service's way);
+#           own, and each its own in Ray actors (NCCL's transport in nccl.txt), then chained travel on 1 GPU,
+#           split, and split with each rank seeing both GPUs (HWGP_RANK_GPU_VIEW=replica); row times in the DBs;
 #   PART=3: replica scaling, 16 tasks queued on 1 then 2 one-GPU replicas (STEPS, default 50), timed to
-#           the FIRST·N-th completion (default 2: ~2 x 132 s; the whole queue at 50 steps needs ~18 min).
+#           the FIRST·N-th completion (default 2: ~2 x 132 s; the whole queue at 50 steps needs ~18 min);
+#   PART=5 (one GPU, nvidia-h200): the split decode's per-rank work (33 frames), then the split decode with its
+#           2 ranks sharing the GPU over gloo, as plain processes and as threaded Ray actors (the service's way).
 # Carry .whl (../shared/tools/make_device_site.sh .whl, plus the psycopg_pool wheel). Logs and JSON under $OUT.
 set -o pipefail
 mkdir -p /tmp/site && tar -xJf .whl/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD || exit 1

@@ -225,6 +225,9 @@ def _decode_rank(
     torch.distributed.destroy_process_group()
 
 
+ACTOR_CHECK_TIMEOUT_S = 600.0  # the ranks' process group gives up after the same time (init_distributed)
+
+
 def _decode_check(
     gpus: int, vae_folder: str, latents: np.ndarray, shared: bool, isolated: bool = False,
     channels_last: bool = False, in_actors: bool = False, actor_cpus: float = 1.0,
@@ -259,9 +262,12 @@ def _decode_check(
             for _ in range(gpus)
         ]
         runs = [actor.run.remote(rank) for rank, actor in enumerate(actors)]
+        deadline = time.monotonic() + ACTOR_CHECK_TIMEOUT_S
         while len(ray.wait(runs, num_returns=len(runs), timeout=0.2)[0]) < len(runs):
-            ray.get(actors[0].poll.remote())
-        ray.get(runs)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the decode check's actors ran past {ACTOR_CHECK_TIMEOUT_S:.0f} s")
+            ray.get(actors[0].poll.remote(), timeout=30)
+        ray.get(runs, timeout=30)
     finally:
         ray.shutdown()
     return json.loads(Path(out).read_text())
