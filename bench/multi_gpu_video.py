@@ -7,9 +7,10 @@ The full-size Wan2.1-T2V-1.3B architecture with random weights (bench/common.py,
 81 frames, CFG 5.0. The 1-GPU baseline is the engine in this process (no Ray hop, which favours it); each
 parallel run is a ``MultiGpuGenerationDeployment`` whose replica spans ``--gpus`` GPUs (one worker actor
 per GPU, NCCL with NVLink multicast off), with the prompt encoded once, the VAE decode and the MP4 encode
-split across the ranks (Wan2GP/parallel.py). ``--compare-whole`` also times the replica with those three
-off (every rank decodes and encodes the whole video), at the first step count. Every configuration is
-warmed by a 2-step video, then one video per step count is timed (stream start to ``done``).
+split across the ranks (Wan2GP/parallel.py). ``--compare-whole`` also times the replica with those three off
+(every rank decodes and encodes the whole video), at the first step count. ``--gpu-views replica,own`` times
+the replica with its rank workers seeing all of its GPUs (the default) and then each its own alone. Every
+configuration is warmed by a 2-step video, then one video per step count is timed (stream start to ``done``).
 
 Equivalence against the 1-GPU run (same seed): the final latents (what the VAE decodes: relative and
 max-abs error) and the decoded MP4 frames. With ``--decode-check`` the baseline's latents are also decoded
@@ -91,8 +92,10 @@ def _baseline(args, models_dir: str, model_id: str, steps_list: list[int]) -> di
     return runs
 
 
-def _replica(args, gpus, mode, options, models_dir, model_id, steps_list, baseline) -> list[dict]:
-    """The multi-GPU replica: one row per step count."""
+def _replica(
+    args, gpus, mode, options, models_dir, model_id, steps_list, baseline, gpu_view: str = "replica"
+) -> list[dict]:
+    """The multi-GPU replica (its rank workers seeing ``gpu_view``): one row per step count."""
     from ray import serve
 
     from deployments.multi_gpu import MultiGpuGenerationDeployment, multi_gpu_options
@@ -109,6 +112,7 @@ def _replica(args, gpus, mode, options, models_dir, model_id, steps_list, baseli
         cpus_per_rank=cpus,
         preload=model_id,
         parallel_options=options,
+        gpu_view=gpu_view,
     )
     handle = serve.run(replica, name="multi", route_prefix=None)
 
@@ -124,6 +128,7 @@ def _replica(args, gpus, mode, options, models_dir, model_id, steps_list, baseli
 
     run(2)  # warm: kernels, NCCL communicators
     label = mode if options is None else f"{mode}, whole decode/encode"
+    label += "" if gpu_view == "replica" else f", gpu_view {gpu_view}"
     rows = []
     for steps in steps_list:
         seconds, artifact = run(steps)
@@ -320,7 +325,7 @@ def _rank_work_times(vae_folder: str, latents, world_size: int, channels_last: b
             vae.clear_cache()
             x = vae.post_quant_conv(z)
             cache: list = [None] * len(vae._feat_map)
-            ranks = []
+            ranks, halo = [], []
             for rank, (first, last) in enumerate(plan):
                 _sync()
                 start = time.perf_counter()
@@ -330,7 +335,9 @@ def _rank_work_times(vae_folder: str, latents, world_size: int, channels_last: b
                 vae.decoder(x[:, :, first:last], feat_cache=cache, feat_idx=[0])
                 _sync()
                 ranks.append(time.perf_counter() - start)
-            times["ranks_s"] = ranks
+                if rank < len(plan) - 1:  # what _HaloCache sends the next rank: every slot, as written here
+                    halo.append(sum(t.numel() * t.element_size() for t in cache if torch.is_tensor(t)))
+            times["ranks_s"], times["halo_bytes"] = ranks, halo
             vae.clear_cache()
     return times
 
@@ -362,7 +369,8 @@ def one_gpu_checks(args, gpus: int) -> None:
         ranks = ", ".join(f"rank {r} {seconds:.3f}s" for r, seconds in enumerate(times["ranks_s"]))
         print(f"VAE decode of {args.frames} frames on 1 GPU{', channels-last' if channels_last else ''}: "
               f"whole {times['whole_s']:.3f}s; the split's work of {ranks} "
-              f"(sum {sum(times['ranks_s']):.3f}s)")  # fmt: skip
+              f"(sum {sum(times['ranks_s']):.3f}s); the decoder's caches each rank hands the next: "
+              + ", ".join(f"{size / 1e6:.1f} MB" for size in times["halo_bytes"]))  # fmt: skip
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the ranks spawned next need the memory this process still holds
     _print_decode(_decode_check(gpus, str(folder / "vae"), latents.numpy(), shared=shared), gpus)
@@ -384,6 +392,9 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--compare-whole", action="store_true", help="also time cfg with nothing else split")
+    parser.add_argument(
+        "--gpu-views", default="replica", help="comma-separated: replica, own (what each rank worker sees)"
+    )
     parser.add_argument("--decode-check", action="store_true", help="time the decode alone, whole vs split")
     parser.add_argument(
         "--decode-only", action="store_true", help="only the baseline's latents and the decode check"
@@ -419,7 +430,8 @@ def main() -> None:
     if not args.decode_only:
         start_ray(gpus)
         for mode in modes:
-            rows += _replica(args, gpus, mode, None, models_dir, model_id, steps_list, baseline)
+            for view in args.gpu_views.split(","):
+                rows += _replica(args, gpus, mode, None, models_dir, model_id, steps_list, baseline, view)
         if args.compare_whole:
             rows += _replica(args, gpus, "cfg", WHOLE, models_dir, model_id, steps_list[:1], baseline)
         from ray import serve

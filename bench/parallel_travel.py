@@ -4,16 +4,16 @@
     python -m bench.parallel_travel --tiny    # CPU smoke check: tiny VACE on fake GPUs
 
 The full-size Wan2.1-VACE-1.3B architecture with random weights (bench/common.py, no downloads) serves the
-VACE deployment of the running service (local Ray cluster, SQLite), in three layouts, one after the other:
+VACE deployment of the running service (local Ray cluster, SQLite), in these layouts, one after the other:
 
 - ``1gpu``: one replica on one GPU (the baseline, both modes);
 - ``replicas``: ``--gpus`` replicas of one GPU each: independent segments (``chain_segments: false``) run on
   all replicas at once (chained ones cannot: each waits for its predecessor);
 - ``split``: one replica spanning ``--gpus`` GPUs (``gpus_per_replica``, CFG parallel, decode and encode
-  split: Wan2GP/parallel.py): every segment, chained ones too, runs faster;
-- ``split-replica``: the same with each rank worker seeing both of the replica's GPUs
-  (``HWGP_RANK_GPU_VIEW=replica``) instead of its own alone, the view Ray gives a GPU actor (on a cluster of
-  its own).
+  split: Wan2GP/parallel.py), each rank worker seeing all of the replica's GPUs (``gpu_view: replica``, the
+  default): every segment, chained ones too, runs faster;
+- ``split-own``: the same with each rank worker seeing its own GPU alone (``gpu_view: own``, the view Ray
+  gives a GPU actor).
 
 Each layout is warmed by a one-step travel, then one travel per mode is timed from POST to Complete.
 Goals (issue 22, 2 GPUs vs 1): independent >= 1.9x, chained >= 1.7x.
@@ -40,7 +40,6 @@ from bench.common import (
     run_app,
     start_ray,
 )
-from deployments.multi_gpu import RANK_GPU_VIEW_ENV
 from hwgp_testing import free_port, wait_complete
 
 GOALS = {"independent": 1.9, "chained": 1.7}
@@ -117,36 +116,18 @@ def segment_stages(db: str, orchestrator_id: str) -> dict[str, float]:
     return mean
 
 
-def layouts(gpus: int, vace_model: str, tiny: bool) -> dict[str, tuple[dict, tuple[str, ...], dict]]:
-    """Layout name -> (VACE deployment config, the modes timed on it, the cluster's environment)."""
+def layouts(gpus: int, vace_model: str, tiny: bool) -> dict[str, tuple[dict, tuple[str, ...]]]:
+    """Layout name -> (VACE deployment config, the modes timed on it)."""
     base = {"num_cpus": 1, "preload": True, "default_models": {"vace": vace_model}}
     if tiny:
         base.update(device="cpu", num_cpus=0.1)
     split = {**base, "gpus_per_replica": gpus, "parallel_mode": "cfg"}
     return {
-        "1gpu": ({**base, "num_gpus": 1, "replicas": 1}, ("independent", "chained"), {}),
-        "replicas": ({**base, "num_gpus": 1, "replicas": gpus}, ("independent",), {}),
-        "split": (split, ("chained",), {}),
-        "split-replica": (split, ("chained",), {RANK_GPU_VIEW_ENV: "replica"}),
+        "1gpu": ({**base, "num_gpus": 1, "replicas": 1}, ("independent", "chained")),
+        "replicas": ({**base, "num_gpus": 1, "replicas": gpus}, ("independent",)),
+        "split": (split, ("chained",)),
+        "split-own": ({**split, "gpu_view": "own"}, ("chained",)),
     }
-
-
-def serve_on_cluster(gpus: int, env: dict[str, str], port: int) -> None:
-    """A local Ray cluster (its processes inherit ``env``) with Serve's HTTP proxy on ``port``."""
-    from ray import serve
-
-    os.environ.pop(RANK_GPU_VIEW_ENV, None)
-    os.environ.update(env)
-    start_ray(gpus)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-
-
-def leave_cluster() -> None:
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
 
 
 def main() -> None:
@@ -165,6 +146,7 @@ def main() -> None:
     fill_travel_size(args)
     gpus = require_gpus(args.gpus, args.tiny, "bench.parallel_travel")
 
+    import ray
     from ray import serve
 
     tmp = Path(tempfile.mkdtemp(prefix="hwgp-ptravel-"))
@@ -177,14 +159,10 @@ def main() -> None:
     walls: dict[str, dict[str, float]] = {}
     stages_by_run: dict[str, dict[str, float]] = {}
     chosen = layouts(gpus, ids["vace"], args.tiny)
-    cluster_env: dict[str, str] | None = None
+    start_ray(gpus)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     for name in args.layouts.split(","):
-        deployment, modes, env = chosen[name]
-        if env != cluster_env:  # a cluster whose processes have this layout's environment
-            if cluster_env is not None:
-                leave_cluster()
-            serve_on_cluster(gpus, env, port)
-            cluster_env = env
+        deployment, modes = chosen[name]
         config = app_config(tmp, name, {"VACE": deployment}, models_dir, args.tiny, input_dirs=[str(tmp)])
         client = run_app(config, port)
         # Warm-up: a one-step independent travel touches every replica (model resident, kernels hot).
@@ -202,7 +180,8 @@ def main() -> None:
             stages_by_run[f"{name}/{mode}"] = stages
         serve.delete("hwgp")
         client.close()
-    leave_cluster()
+    serve.shutdown()
+    ray.shutdown()
 
     print(f"# travel, {args.segments} segments x {args.frames} frames at {args.resolution}, {args.steps} steps, "
           f"CFG 5.0: {model_label(args.tiny, 'vace')}; {gpus} GPUs vs 1")  # fmt: skip

@@ -111,6 +111,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 family=name,
                 world_size=deployment.gpus_per_replica,
                 mode=deployment.parallel_mode,
+                gpu_view=deployment.gpu_view,
                 cpus_per_rank=deployment.num_cpus,  # must match the bundles multi_gpu_options reserved
                 **common,
             )
@@ -138,6 +139,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 family=name,
                 world_size=split.gpus_per_replica,
                 mode=split.parallel_mode,
+                gpu_view=split.gpu_view,
                 cpus_per_rank=split.num_cpus,
                 **common,
             )

@@ -55,6 +55,14 @@ class AutoscalingConfig(BaseModel):
     target_ongoing_requests: float = Field(default=1.0, gt=0)
 
 
+GpuView = Literal["replica", "own"]
+GPU_VIEW_DESCRIPTION = (
+    "the GPUs each rank worker of a multi-GPU replica sees: replica, all of its replica's (its own as its "
+    "device), so that NCCL can use direct peer paths (NVLink) between the ranks, as Ray Train and vLLM let "
+    "their workers; own, its own GPU alone, the view Ray gives a GPU actor"
+)
+
+
 class SplitConfig(BaseModel):
     """A family's second pool beside its 1-GPU replicas: replicas spanning several GPUs that split each video
     (`deployments.multi_gpu`). The dispatcher sends a task to one pool or the other by the family's queue
@@ -68,6 +76,7 @@ class SplitConfig(BaseModel):
     )
     replicas: int = Field(default=1, ge=1, description="split replicas (each on its own GPUs)")
     num_cpus: float = Field(default=0.25, ge=0, description="CPU share of each rank worker")
+    gpu_view: GpuView = Field(default="replica", description=GPU_VIEW_DESCRIPTION)
 
     @model_validator(mode="after")
     def _splittable(self) -> SplitConfig:
@@ -108,6 +117,7 @@ class DeploymentConfig(BaseModel):
     parallel_mode: Literal["cfg", "ulysses", "cfg+ulysses"] = Field(
         default="cfg", description="how a multi-GPU replica splits a generation (Wan2GP/parallel.py)"
     )
+    gpu_view: GpuView = Field(default="replica", description=GPU_VIEW_DESCRIPTION)
     device: str | None = Field(
         default=None, description="cuda, cuda:1, cpu; default cuda when the replica has one"
     )
@@ -138,6 +148,15 @@ class DeploymentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _split_beside_one_gpu_replicas(self) -> DeploymentConfig:
+        if self.gpus_per_replica == 1:
+            # They shape multi-GPU replicas only. (Compared with the defaults, not model_fields_set: the config
+            # reaches the ingress as a dump with every field set.)
+            for field in ("parallel_mode", "gpu_view"):
+                if getattr(self, field) != type(self).model_fields[field].default:
+                    raise ValueError(
+                        f"{field}: applies to replicas spanning several GPUs, but gpus_per_replica is 1; "
+                        "set gpus_per_replica > 1, or put it under split for a pool of such replicas"
+                    )
         if self.gpus_per_replica > 1:
             _check_split("", self.parallel_mode, self.gpus_per_replica)
             if self.split is not None:

@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, get_args
 
 import ray
 from pydantic import ValidationError
@@ -27,6 +27,7 @@ from ray import serve
 from ray.util.placement_group import get_current_placement_group, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from deployments.config import GpuView
 from deployments.generation import describe_validation_error, object_bytes
 from deployments.lora_fetch import replica_lora_dir, store_lora_files
 from Wan2GP.errors import Cancelled, EngineError
@@ -42,19 +43,16 @@ STRAGGLER_GRACE_S = 30.0
 CANCEL_STOP_S = 300.0
 
 
-# Ray starts a GPU actor with CUDA_VISIBLE_DEVICES naming its own GPU alone, and the rank workers keep that
-# view by default. With HWGP_RANK_GPU_VIEW=replica they widen it, before CUDA starts in them, to every GPU of
-# their replica (as Ray Train does for its workers, so that NCCL can use direct peer paths between the
-# ranks), each keeping its own GPU as its device. Which is faster is measured by bench.parallel_travel's
-# split / split-replica layouts (docs/performance.md, "Two GPUs").
-RANK_GPU_VIEW_ENV = "HWGP_RANK_GPU_VIEW"
-
-
-def rank_gpu_view() -> str:
-    """``own`` (the default: each rank sees its own GPU alone) or ``replica`` (all its replica's GPUs)."""
-    view = os.environ.get(RANK_GPU_VIEW_ENV) or "own"
-    if view not in ("replica", "own"):
-        raise ValueError(f"{RANK_GPU_VIEW_ENV}: expected 'replica' or 'own', got {view!r}")
+# What a rank worker sees (config ``gpu_view``). Ray starts a GPU actor with CUDA_VISIBLE_DEVICES naming its
+# own GPU alone; NCCL's peer-to-peer transport (NVLink) needs the peer GPU visible, and without it falls back
+# to host shared memory (NVIDIA/nccl#129; ray-project/ray#16979 logs "Could not enable P2P ... via direct
+# shared memory"; ray-project/ray#61073 and NVIDIA/nccl#1749: slow NCCL in Ray actors with remapped
+# CUDA_VISIBLE_DEVICES). The split decode hands its neighbour 3.8 GB of caches per video at 832x480
+# (docs/performance.md), so by default each worker widens its view, before CUDA starts in it, to every GPU of
+# its replica and keeps its own as its device, as Ray Train and vLLM do for their workers.
+def check_gpu_view(view: str) -> str:
+    if view not in get_args(GpuView):
+        raise ValueError(f"gpu_view: expected 'replica' or 'own', got {view!r}")
     return view
 
 
@@ -266,6 +264,7 @@ class MultiGpuGenerationDeployment:
         preload: a model id to load at start.
         parallel_options: switches of :class:`~Wan2GP.parallel.ParallelEngine` (``share_prompt``,
             ``split_conditioning``, ``split_decode``, ``split_encode``; all on by default).
+        gpu_view: "replica" (each rank worker sees all of the replica's GPUs) or "own" (its own alone).
     """
 
     def __init__(
@@ -280,8 +279,10 @@ class MultiGpuGenerationDeployment:
         cpus_per_rank: float = 1.0,
         preload: str | None = None,
         parallel_options: dict[str, bool] | None = None,
+        gpu_view: GpuView = "replica",
     ):
         plan_degrees(mode, world_size)  # a bad mode / size fails here, with the reason
+        self.gpu_view = check_gpu_view(gpu_view)
         self.family, self.mode, self.world_size = family, mode, world_size
         self.broken: str | None = None
         self.generations = 0
@@ -312,7 +313,7 @@ class MultiGpuGenerationDeployment:
         ]
         address, port = ray.get(self.workers[0].rendezvous.remote())
         replica_gpus = None
-        if gpus_per_rank and rank_gpu_view() == "replica":
+        if gpus_per_rank and gpu_view == "replica":
             replica_gpus = [gpu for ids in ray.get([w.gpu_ids.remote() for w in self.workers]) for gpu in ids]
         self.ranks = ray.get(
             [w.setup.remote(address, port, mode, parallel_options, replica_gpus) for w in self.workers]
@@ -415,6 +416,7 @@ class MultiGpuGenerationDeployment:
             "family": self.family,
             "mode": self.mode,
             "world_size": self.world_size,
+            "gpu_view": self.gpu_view,
             "ranks": self.ranks,
             "loaded_model": self.loaded_model,
             "generations": self.generations,

@@ -332,8 +332,8 @@ def test_plan_degrees_rejects_impossible_splits() -> None:
     assert set(MODES) == {"cfg", "ulysses", "cfg+ulysses"}
 
 
-def test_a_rank_worker_finds_its_gpu_among_its_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deployments.multi_gpu import RANK_GPU_VIEW_ENV, rank_gpu_view, replica_gpu_index
+def test_a_rank_worker_finds_its_gpu_among_its_replicas() -> None:
+    from deployments.multi_gpu import check_gpu_view, replica_gpu_index
 
     assert replica_gpu_index(["1"], ["0", "1"]) == 1
     assert replica_gpu_index(["5"], ["6", "5"]) == 1  # rank order, whatever the ids
@@ -342,13 +342,9 @@ def test_a_rank_worker_finds_its_gpu_among_its_replicas(monkeypatch: pytest.Monk
         replica_gpu_index(["0", "1"], ["0", "1"])
     with pytest.raises(RuntimeError, match=r"GPU 3 is not among its replica's GPUs \['0', '1'\]"):
         replica_gpu_index(["3"], ["0", "1"])
-    monkeypatch.delenv(RANK_GPU_VIEW_ENV, raising=False)
-    assert rank_gpu_view() == "own"
-    monkeypatch.setenv(RANK_GPU_VIEW_ENV, "replica")
-    assert rank_gpu_view() == "replica"
-    monkeypatch.setenv(RANK_GPU_VIEW_ENV, "node")
-    with pytest.raises(ValueError, match="HWGP_RANK_GPU_VIEW: expected 'replica' or 'own', got 'node'"):
-        rank_gpu_view()
+    assert [check_gpu_view(view) for view in ("replica", "own")] == ["replica", "own"]
+    with pytest.raises(ValueError, match="gpu_view: expected 'replica' or 'own', got 'node'"):
+        check_gpu_view("node")
 
 
 def test_nccl_multicast_stays_off() -> None:
@@ -363,16 +359,13 @@ def test_nccl_multicast_stays_off() -> None:
 
 
 @pytest.mark.slow
-def test_multi_gpu_replica_serves_one_video_across_two_ranks(
-    tiny_dir: Path, reference, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_multi_gpu_replica_serves_one_video_across_two_ranks(tiny_dir: Path, reference) -> None:
     import ray
     from ray import serve
 
-    from deployments.multi_gpu import RANK_GPU_VIEW_ENV, MultiGpuGenerationDeployment, multi_gpu_options
+    from deployments.multi_gpu import MultiGpuGenerationDeployment, multi_gpu_options
 
     ref_frames, _ = decode_video(reference["bytes"])
-    monkeypatch.setenv(RANK_GPU_VIEW_ENV, "replica")  # the cluster's processes start with it
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         app = MultiGpuGenerationDeployment.options(**multi_gpu_options(2, cpus_per_rank=0.5)).bind(
@@ -388,8 +381,9 @@ def test_multi_gpu_replica_serves_one_video_across_two_ranks(
         stats = handle.stats.remote().result()
         assert [r["rank"] for r in stats["ranks"]] == [0, 1]
         assert len({r["pid"] for r in stats["ranks"]}) == 2  # two worker processes
-        # Multicast off; with the replica view each worker sees both of the replica's GPUs (Ray started it
-        # seeing its own alone), both naming them in the same order (rank 0's first).
+        # Multicast off; with the replica view (the default) each worker sees both of the replica's GPUs (Ray
+        # started it seeing its own alone), both naming them in the same order (rank 0's first).
+        assert stats["gpu_view"] == "replica"
         views = {r["env"].pop("CUDA_VISIBLE_DEVICES") for r in stats["ranks"]}
         assert len(views) == 1 and sorted(views.pop().split(",")) == ["0", "1"], stats["ranks"]
         assert all(r["env"] == NCCL_SAFE_ENV for r in stats["ranks"])

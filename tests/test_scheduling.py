@@ -243,6 +243,7 @@ def test_tasks_and_steps_see_each_others_slots_and_queue() -> None:
 def test_split_config_adds_its_capacity_and_a_deployment_name() -> None:
     config = DeploymentConfig.model_validate({"replicas": 2, "split": {"gpus_per_replica": 2}})
     assert config.split is not None and config.split.parallel_mode == "cfg"
+    assert config.split.gpu_view == "replica"  # every rank sees the replica's GPUs: NCCL's peer paths
     assert (config.replica_capacity, config.split_capacity, config.capacity) == (2, 1, 3)
     assert split_deployment_name("T2V") == "T2V-split"
     assert DeploymentConfig().capacity == 1  # no split: as before
@@ -270,6 +271,15 @@ def test_split_config_adds_its_capacity_and_a_deployment_name() -> None:
             {"gpus_per_replica": 3, "parallel_mode": "cfg"},
             r"deployments\.T2V\n.*parallel_mode 'cfg' with gpus_per_replica 3",
         ),
+        # What shapes multi-GPU replicas, given to 1-GPU ones, is refused rather than ignored.
+        (
+            {"parallel_mode": "ulysses"},
+            r"deployments\.T2V\n.*parallel_mode: applies to replicas spanning several GPUs, but "
+            r"gpus_per_replica is 1",
+        ),
+        ({"gpu_view": "own"}, r"deployments\.T2V\n.*gpu_view: applies to replicas spanning several GPUs"),
+        ({"gpus_per_replica": 2, "gpu_view": "node"}, r"deployments\.T2V\.gpu_view\n.*'replica' or 'own'"),
+        ({"split": {"gpu_view": "all"}}, r"deployments\.T2V\.split\.gpu_view\n.*'replica' or 'own'"),
     ],
 )
 def test_bad_split_configs_are_refused_at_load_naming_the_field(t2v: dict, expected: str) -> None:
@@ -445,7 +455,7 @@ def test_app_sends_one_task_to_the_split_replica_and_many_to_the_one_gpu_replica
         "models": "tiny",
         "deployments": {
             "T2V": {**family, "replicas": 2, "split": split},
-            "VACE": {**family, "replicas": 1, "split": split},
+            "VACE": {**family, "replicas": 1, "split": {**split, "gpu_view": "own"}},
         },
     }
     params = {"prompt": "split or not", "resolution": "64x48", "video_length": 9, "num_inference_steps": 4}
@@ -472,6 +482,14 @@ def test_app_sends_one_task_to_the_split_replica_and_many_to_the_one_gpu_replica
         replicas = client.get("/replicas").json()
         assert [r["generations"] for r in replicas["VACE-split"]["replicas"]] == [2]
         assert [r["generations"] for r in replicas["VACE"]["replicas"]] == [0]
+        # What each rank worker sees: T2V's split (the default view) both of its replica's GPUs, in the same
+        # order on both ranks; VACE's (gpu_view: own) each its own GPU alone, as Ray started it.
+        t2v_split, vace_split = replicas["T2V-split"]["replicas"][0], replicas["VACE-split"]["replicas"][0]
+        assert (t2v_split["gpu_view"], vace_split["gpu_view"]) == ("replica", "own")
+        views = [r["env"]["CUDA_VISIBLE_DEVICES"] for r in t2v_split["ranks"]]
+        assert len(set(views)) == 1 and len(views[0].split(",")) == 2, views
+        views = [r["env"]["CUDA_VISIBLE_DEVICES"] for r in vace_split["ranks"]]
+        assert len(set(views)) == 2 and all("," not in view for view in views), views
         assert replicas["scheduling"]["VACE"]["pools"][SPLIT]["decided"] == 2
 
         def post(seed: int, steps: int = 4) -> str:
