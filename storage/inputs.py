@@ -13,7 +13,8 @@ A reference may be:
   of the configured bucket. These resolve to the local copy when it exists; otherwise they are read
   from the bucket through the uploader (never over HTTP, so the bucket needs no allowlist entry);
 * a local path, only inside ``allowed_dirs`` (symlinks resolved, so neither ``..`` nor a link can
-  escape). Relative paths are looked up in each allowed folder in turn.
+  escape). Relative paths are looked up in each allowed folder in turn, then from the working directory
+  (where relative ``input_dirs`` are resolved from).
 
 Any other scheme (``file:``, ``ftp:``, ``data:``, ...) is refused. Every refusal raises
 :class:`storage.InputError` naming the field and the problem. Failed downloads say only which of a few
@@ -180,6 +181,9 @@ class InputFetcher:
             raise ValueError(f"cache_max_bytes must be positive, got {cache_max_bytes}")
         if max_concurrent_downloads < 1:
             raise ValueError(f"max_concurrent_downloads must be at least 1, got {max_concurrent_downloads}")
+        # Relative input_dirs resolve against this process's working directory; a relative path in a task may
+        # be written from there too ("inputs/a.png" with input_dirs [inputs]).
+        self.working_dir = Path.cwd()
         dirs = [Path(d).expanduser().resolve() for d in allowed_dirs]
         if outputs is not None:
             dirs.append(outputs.root.resolve())
@@ -388,15 +392,20 @@ class InputFetcher:
         if not self.allowed_dirs:
             raise InputError(field, f"local path {ref!r} refused: no input folders are configured", ref=ref)
         raw = Path(ref).expanduser()
-        candidates = [raw] if raw.is_absolute() else [base / raw for base in self.allowed_dirs]
+        in_folders = [raw] if raw.is_absolute() else [base / raw for base in self.allowed_dirs]
+        # A relative path may also be written from the working directory the folders were named from.
+        from_working_dir = [] if raw.is_absolute() else [self.working_dir / raw]
+        candidates = in_folders + from_working_dir
         outside = False
         for candidate in candidates:
             resolved = candidate.resolve()  # follows symlinks and folds '..'
-            if not any(resolved.is_relative_to(base) for base in self.allowed_dirs):
+            if any(resolved.is_relative_to(base) for base in self.allowed_dirs):
+                if resolved.is_file():
+                    return resolved
+            elif candidate in in_folders or resolved.is_file():
+                # Leading out of the folders is refused as such; the working-directory reading only counts
+                # where it names a file (else a missing relative file would be reported as outside).
                 outside = True
-                continue
-            if resolved.is_file():
-                return resolved
         if outside:
             raise InputError(
                 field,
@@ -404,7 +413,12 @@ class InputFetcher:
                 f"({', '.join(str(d) for d in self.allowed_dirs)})",
                 ref=ref,
             )
-        raise InputError(field, f"local file {ref!r} does not exist (or is not a file)", ref=ref)
+        raise InputError(
+            field,
+            f"local file {ref!r} does not exist (or is not a file); looked for "
+            f"{', '.join(str(candidate) for candidate in candidates)}",
+            ref=ref,
+        )
 
     # --- downloads ----------------------------------------------------------------------------------
 

@@ -650,12 +650,43 @@ def test_local_paths_only_inside_allowed_dirs(fetcher: InputFetcher, tmp_path: P
         ):
             fetcher.fetch_many([str(inputs / "anchor.png"), ref], field="image_refs")
 
-    with pytest.raises(InputError, match=r"^image_end: local file 'nope.png' does not exist"):
+    with pytest.raises(
+        InputError,
+        match=rf"^image_end: local file 'nope.png' does not exist.*looked for {inputs / 'nope.png'}",
+    ):
         fetcher.fetch("nope.png", field="image_end")
     with pytest.raises(InputError, match=r"^image_end: expected a URL or a path"):
         fetcher.fetch("  ", field="image_end")
     with pytest.raises(InputError, match=r"^image_refs: expected a list"):
         fetcher.fetch_many("anchor.png", field="image_refs")
+
+
+def test_relative_paths_may_be_written_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """input_dirs [inputs] named from the service's folder: "inputs/a.png" is that folder's a.png, as "a.png"
+    is; a relative path leading out of the folders is refused as outside, a missing one as missing."""
+    monkeypatch.chdir(tmp_path)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a.png").write_bytes(PNG)
+    (tmp_path / "secret.png").write_bytes(PNG)
+    with InputFetcher(allowed_dirs=["inputs"], cache_dir=tmp_path / "cache") as fetcher:
+        assert fetcher.allowed_dirs == [inputs]
+        assert fetcher.fetch("inputs/a.png", field="image_start") == inputs / "a.png"
+        assert fetcher.fetch("./inputs/a.png", field="image_start") == inputs / "a.png"
+        assert fetcher.fetch("a.png", field="image_start") == inputs / "a.png"
+        for ref in ["secret.png", "inputs/../secret.png"]:
+            with pytest.raises(
+                InputError, match=r"^image_end: local path .* outside the allowed input folders"
+            ):
+                fetcher.fetch(ref, field="image_end")
+        with pytest.raises(
+            InputError,
+            match=rf"^image_end: local file 'inputs/b.png' does not exist \(or is not a file\); looked for "
+            rf"{inputs / 'inputs' / 'b.png'}, {inputs / 'b.png'}$",
+        ):
+            fetcher.fetch("inputs/b.png", field="image_end")
 
 
 def test_no_allowed_dirs_means_no_local_paths(tmp_path: Path):
