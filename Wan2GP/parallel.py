@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 
 from Wan2GP.artifact import Artifact, Rendered
+from Wan2GP.parallel_plan import MODES, NCCL_SAFE_ENV, plan_degrees
 
 __all__ = [
     "MODES",
@@ -77,15 +78,6 @@ __all__ = [
     "split_vace_conditioning",
     "wrap_vae_decode",
 ]
-
-MODES = ("cfg", "ulysses", "cfg+ulysses")
-
-# NVLink multicast (NVLS) must stay off on these machines: NCCL, torch symmetric memory and NVSHMEM.
-NCCL_SAFE_ENV: dict[str, str] = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
 
 # Wan pipelines whose denoising loop calls the transformer as cache_context("cond") then ("uncond").
 _WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline")
@@ -126,23 +118,6 @@ def init_distributed(
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     return resolved
-
-
-def plan_degrees(mode: str, world_size: int) -> tuple[int, int]:
-    """``(cfg_degree, ulysses_degree)`` for ``mode`` on ``world_size`` ranks; a clear error when it can't split."""
-    if mode not in MODES:
-        raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
-    if mode == "cfg":
-        if world_size != 2:
-            raise ValueError(f"mode 'cfg' needs exactly 2 ranks (cond, uncond), got world_size={world_size}")
-        return 2, 1
-    if mode == "ulysses":
-        if world_size < 2:
-            raise ValueError(f"mode 'ulysses' needs at least 2 ranks, got world_size={world_size}")
-        return 1, world_size
-    if world_size < 4 or world_size % 2:
-        raise ValueError(f"mode 'cfg+ulysses' needs an even world_size >= 4, got {world_size}")
-    return 2, world_size // 2
 
 
 @dataclass

@@ -17,6 +17,7 @@ from deployments.lora_fetch import LoraSettings
 from deployments.task_types import DEPLOYMENTS
 from deployments.webhooks import WebhookSettings
 from storage import InputSettings
+from Wan2GP.parallel_plan import plan_degrees
 
 logger = logging.getLogger("ray.serve")
 
@@ -86,8 +87,6 @@ class SplitConfig(BaseModel):
 
 def _check_split(prefix: str, mode: str, gpus: int) -> None:
     """A mode / GPU count that cannot split is refused at load, naming both fields."""
-    from Wan2GP.parallel import plan_degrees  # torch.distributed: imported only when checking a split
-
     try:
         plan_degrees(mode, gpus)
     except ValueError as error:

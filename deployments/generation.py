@@ -24,22 +24,17 @@ import time
 from collections import deque
 from typing import Any
 
-import ray
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from deployments.errors import describe_validation_error
-from deployments.lora_fetch import replica_lora_dir, store_lora_files
+from deployments.lora_fetch import object_bytes, replica_lora_dir, store_lora_files
 from Wan2GP.acceleration import AccelerationConfig
 from Wan2GP.engine import Engine
 from Wan2GP.errors import Cancelled, EngineError
 
 logger = logging.getLogger("ray.serve")
-
-
-def object_bytes(value: Any) -> bytes:
-    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 class _LoadedModel:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.errors import InvalidTask
@@ -218,6 +219,11 @@ def replica_lora_dir(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     root = env.get(CACHE_DIR_ENV) or str(Path(tempfile.gettempdir()) / "hwgp-cache")
     return Path(root) / "loras"
+
+
+def object_bytes(value: Any) -> bytes:
+    """A LoRA file's bytes as the runner hands them to a replica: an object ref (``ray.put``) or the bytes."""
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 def store_lora_files(

@@ -28,10 +28,10 @@ from ray.util.placement_group import get_current_placement_group, placement_grou
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.config import GpuView
-from deployments.generation import describe_validation_error, object_bytes
-from deployments.lora_fetch import replica_lora_dir, store_lora_files
+from deployments.errors import describe_validation_error
+from deployments.lora_fetch import object_bytes, replica_lora_dir, store_lora_files
 from Wan2GP.errors import Cancelled, EngineError
-from Wan2GP.parallel import MODES, NCCL_SAFE_ENV, plan_degrees
+from Wan2GP.parallel_plan import MODES, NCCL_SAFE_ENV, plan_degrees
 
 logger = logging.getLogger("ray.serve")
 

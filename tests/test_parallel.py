@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch.multiprocessing as mp
 from hwgp_testing import free_port
 from Wan2GP.catalog import Catalog
 from Wan2GP.engine import Engine
-from Wan2GP.parallel import MODES, NCCL_SAFE_ENV, plan_degrees
+from Wan2GP.parallel_plan import MODES, NCCL_SAFE_ENV, plan_degrees
 from Wan2GP.video import decode_video, to_uint8_frames
 
 pytest_plugins = ["engine_fixtures"]
@@ -345,6 +347,19 @@ def test_a_rank_worker_finds_its_gpu_among_its_replicas() -> None:
     assert [check_gpu_view(view) for view in ("replica", "own")] == ["replica", "own"]
     with pytest.raises(ValueError, match="gpu_view: expected 'replica' or 'own', got 'node'"):
         check_gpu_view("node")
+
+
+def test_what_plans_a_split_loads_no_torch() -> None:
+    """A multi-GPU replica's coordinator and the config only plan and check splits: their modules load
+    neither torch nor diffusers (≈ 4 s and 300 MB per process otherwise); the rank workers load them."""
+    code = (
+        "import sys; import deployments.multi_gpu, deployments.config; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
 
 
 def test_nccl_multicast_stays_off() -> None:
