@@ -19,11 +19,10 @@ import os
 import select
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urljoin
 
 import certifi
@@ -60,10 +59,16 @@ def default_ssl_context(env: Mapping[str, str] | None = None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile, capath=capath)
 
 
+class CancelSignal(Protocol):
+    """What cancels a download: a ``threading.Event``, or anything else that says when it is set."""
+
+    def is_set(self) -> bool: ...
+
+
 class Budget:
     """The deadline of one download and the events that cancel it; every network wait asks it."""
 
-    def __init__(self, timeout_s: float, cancel: Iterable[threading.Event | None] = ()):
+    def __init__(self, timeout_s: float, cancel: Iterable[CancelSignal | None] = ()):
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.cancel = [event for event in cancel if event is not None]

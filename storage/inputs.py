@@ -6,9 +6,10 @@ A reference may be:
   :mod:`storage.url_guard`: the host is resolved once, every address checked, the connection made to the
   checked address, every redirect hop checked, at most 3), within a total deadline, a byte cap enforced
   while reading, and the content type checked against the kind the field expects. Downloads run on the
-  fetcher's own bounded thread pool and can be cancelled. They are cached in ``cache_dir`` by URL hash
-  (URLs are taken as immutable, as output URLs are: a cached copy is reused without revalidation); the
-  cache keeps under ``cache_max_bytes`` by evicting the least recently used entries.
+  fetcher's own bounded thread pool and can be cancelled; fetches of one reference while it downloads share
+  that download. They are cached in ``cache_dir`` by URL hash (URLs are taken as immutable, as output URLs
+  are: a cached copy is reused without revalidation); the cache keeps under ``cache_max_bytes`` by evicting
+  the least recently used entries.
 * an output of this service: a ``files/{task_id}/{filename}`` location, a public URL or ``s3://`` location
   of the configured bucket. These resolve to the local copy when it exists; otherwise they are read
   from the bucket through the uploader (never over HTTP, so the bucket needs no allowlist entry);
@@ -47,7 +48,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -57,7 +58,7 @@ import httpcore
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import InputError
-from .guarded_http import Budget, default_ssl_context, open_url
+from .guarded_http import Budget, CancelSignal, default_ssl_context, open_url
 from .names import sanitize_filename
 from .outputs import OutputStorage
 from .url_guard import (
@@ -153,6 +154,69 @@ class _Download:
     from_bucket: bool
 
 
+class _Flight:
+    """One download of a reference, shared by every fetch of it that arrives while it runs: one request to
+    the server and one pool thread however many tasks name the URL at once (a slow host named by many tasks
+    cannot take every download thread).
+
+    Each fetch waits on a future of its own, failed with its own field's error. The download's Budget polls
+    :meth:`is_set` among its cancel events: a waiter whose cancel is set is released there (with the
+    "cancelled" error), and the download stops once no waiter is left.
+    """
+
+    def __init__(self, ref: str):
+        self.ref = ref
+        self.future: Future[Path] | None = None  # the download, once submitted
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[list[threading.Event], str, Future[Path]]] = []
+
+    def join(self, cancel: Iterable[threading.Event | None], field: str) -> Future[Path]:
+        """A future for one more fetch (of task field ``field``) of this download."""
+        mine: Future[Path] = Future()
+        with self._lock:
+            self._waiters.append(([event for event in cancel if event is not None], field, mine))
+        if self.future is not None and self.future.done():  # finished while joining: settle it now
+            self.finish()
+        return mine
+
+    def is_set(self) -> bool:
+        """True when every waiter has gone (cancelled): what the download's Budget stops on."""
+        with self._lock:
+            for events, field, mine in self._waiters:
+                if not mine.done() and any(event.is_set() for event in events):
+                    _settle(
+                        mine, error=InputError(field, f"could not fetch the URL: {CANCELLED}", ref=self.ref)
+                    )
+            return all(mine.done() for _, _, mine in self._waiters)
+
+    def finish(self) -> None:
+        """Hand the download's outcome to every waiter still waiting (its error under the waiter's field)."""
+        assert self.future is not None and self.future.done()
+        with self._lock:
+            waiting = [(field, mine) for _, field, mine in self._waiters if not mine.done()]
+        if self.future.cancelled():  # the fetcher closed before the download started
+            for _, mine in waiting:
+                mine.cancel()
+            return
+        error = self.future.exception()
+        for field, mine in waiting:
+            if error is None:
+                _settle(mine, result=self.future.result())
+            elif isinstance(error, InputError):
+                _settle(mine, error=InputError(field, error.problem, ref=error.ref))
+            else:
+                _settle(mine, error=error)
+
+
+def _settle(future: Future[Path], result: Path | None = None, error: BaseException | None = None) -> None:
+    """Complete ``future`` unless it already is (a waiter cancelled meanwhile)."""
+    with contextlib.suppress(InvalidStateError):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
 class InputFetcher:
     """Turns input references into local file paths, refusing anything it should not read.
 
@@ -204,6 +268,8 @@ class InputFetcher:
         self._resolve = SystemResolver(self._dns)
         self._closing = threading.Event()
         self._cache_lock = threading.Lock()
+        self._flights: dict[tuple[str, str, bool], _Flight] = {}  # downloads in progress, by what they fetch
+        self._flights_lock = threading.Lock()
 
     def close(self) -> None:
         """Abort downloads in progress and stop the download threads."""
@@ -423,13 +489,31 @@ class InputFetcher:
     # --- downloads ----------------------------------------------------------------------------------
 
     def _submit(self, download: _Download, cancel: Iterable[threading.Event | None]) -> Future[Path]:
-        events = [*cancel, self._closing]
-        try:
-            return self._downloads.submit(self._download, download, events)
-        except RuntimeError:  # the pool was shut down
-            raise InputError(download.field, "could not fetch the URL: the service is stopping") from None
+        """A future of the download's path for this fetch: a download of the same reference already running
+        is joined (:class:`_Flight`), else one is started."""
+        key = (download.ref, download.kind, download.from_bucket)
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            if flight is not None and not flight.future.done():
+                return flight.join(cancel, download.field)
+            flight = _Flight(download.ref)
+            mine = flight.join(cancel, download.field)  # before it starts: it stops when no waiter is left
+            try:
+                flight.future = self._downloads.submit(self._download, download, [flight, self._closing])
+            except RuntimeError:  # the pool was shut down
+                raise InputError(download.field, "could not fetch the URL: the service is stopping") from None
+            self._flights[key] = flight
+        # Outside the lock: the callback runs at once when the download already ended.
+        flight.future.add_done_callback(lambda _: self._landed(key, flight))
+        return mine
 
-    def _download(self, download: _Download, cancel: list[threading.Event | None]) -> Path:
+    def _landed(self, key: tuple[str, str, bool], flight: _Flight) -> None:
+        with self._flights_lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        flight.finish()
+
+    def _download(self, download: _Download, cancel: list[CancelSignal | None]) -> Path:
         """Runs on the download pool: the budget starts when the download does, not while it queues."""
         budget = Budget(self.fetch_timeout_s, cancel)
         field, ref = download.field, download.ref

@@ -50,7 +50,8 @@ class LoopbackServer:
     ``/img.png`` an image; ``/hops/N`` N redirects then the image; ``/redirect?to=URL`` one redirect;
     ``/trickle`` a body sent one byte at a time; ``/chunked-big`` a 300 kB chunked body (no
     Content-Length); ``/status/N`` an empty answer with status N; ``/garbage`` not HTTP at all;
-    ``/hangup`` closes without answering. Counts requests per path.
+    ``/hangup`` closes without answering; ``/held.png`` the image (``/held.png?status=404``: that status)
+    once ``release`` is set (at most 10 s). Counts requests per path.
     """
 
     TRICKLE_EVERY_S = 0.1
@@ -58,6 +59,7 @@ class LoopbackServer:
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: Counter[str] = Counter()
         self.trickle_ended = threading.Event()
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,6 +84,10 @@ class LoopbackServer:
                     self._redirect(query.removeprefix("to="))
                 elif path == "/trickle":
                     self._trickle()
+                elif path == "/held.png":
+                    server.release.wait(10)
+                    status = int(query.removeprefix("status=")) if query.startswith("status=") else 200
+                    self._send(status, PNG if status == 200 else b"", "image/png")
                 elif path == "/chunked-big":
                     self.send_response(200)
                     self.send_header("Content-Type", "video/mp4")
@@ -353,8 +359,10 @@ def test_downloads_use_their_own_bounded_pool_and_leave_the_loop_free(tmp_path: 
     async def scenario(fetcher: InputFetcher) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        stuck = [
-            asyncio.ensure_future(fetcher.fetch_async(server.url("/trickle"), field=f"image_refs[{i}]"))
+        stuck = [  # five URLs: fetches of one URL would share one download
+            asyncio.ensure_future(
+                fetcher.fetch_async(server.url(f"/trickle?n={i}"), field=f"image_refs[{i}]")
+            )
             for i in range(5)
         ]
         await asyncio.sleep(0.4)
@@ -385,6 +393,72 @@ def test_downloads_use_their_own_bounded_pool_and_leave_the_loop_free(tmp_path: 
     assert all(isinstance(r, InputError) and "did not answer in time" in str(r) for r in seen["results"]), (
         "; ".join(f"{type(r).__name__}: {r}" for r in seen["results"])
     )
+
+
+def test_fetches_of_one_url_at_once_share_one_download(tmp_path: Path, server: LoopbackServer):
+    """Five tasks naming one URL while it downloads: one request, one pool thread; each fetch gets the file,
+    or the failure under its own field; a fetch cancelled meanwhile leaves the others' download running."""
+
+    async def scenario(fetcher: InputFetcher, url: str, fields: list[str]) -> list[Any]:
+        before = server.requests["/held.png"]
+        fetches = [asyncio.ensure_future(fetcher.fetch_async(url, field=field)) for field in fields]
+        await asyncio.sleep(0.5)
+        assert server.requests["/held.png"] == before + 1
+        fetches[0].cancel()  # that task was cancelled: the others still wait for the same download
+        await asyncio.sleep(0.3)
+        assert not any(fetch.done() for fetch in fetches[1:])
+        server.release.set()
+        return await asyncio.gather(*fetches, return_exceptions=True)
+
+    fields = [f"image_refs[{i}]" for i in range(5)]
+    with _fetcher(tmp_path, server, max_concurrent_downloads=2) as fetcher:
+        results = asyncio.run(scenario(fetcher, server.url("/held.png"), fields))
+        assert isinstance(results[0], asyncio.CancelledError)
+        assert len({str(path) for path in results[1:]}) == 1 and results[1].read_bytes() == PNG
+        assert server.requests["/held.png"] == 1
+        assert fetcher._flights == {}  # nothing left behind
+        # Landed: the next fetch is a cache hit, no request.
+        assert fetcher.fetch(server.url("/held.png"), field="image_start") == results[1]
+        assert server.requests["/held.png"] == 1
+
+        server.release.clear()
+        failing = server.url("/held.png?status=404")
+        results = asyncio.run(scenario(fetcher, failing, ["image_start", "image_end", "image_refs[0]"] * 2))
+        assert server.requests["/held.png"] == 2  # one more, for the failing URL
+        for field, result in zip(["image_end", "image_refs[0]", "image_start"], results[1:4], strict=True):
+            assert isinstance(result, InputError) and str(result).startswith(
+                f"{field}: could not fetch the URL"
+            )
+
+
+def test_a_shared_download_stops_when_every_fetch_is_cancelled(tmp_path: Path, server: LoopbackServer):
+    """Each fetch's cancel releases that fetch at once (a blocking fetch too); the download itself stops when
+    the last one goes, and the thread is free for other downloads."""
+    with _fetcher(tmp_path, server, max_concurrent_downloads=1) as fetcher:
+        url, cancels = server.url("/trickle"), [threading.Event(), threading.Event()]
+        outcomes: dict[int, Any] = {}
+
+        def fetch(i: int) -> None:
+            try:
+                outcomes[i] = fetcher.fetch(url, field=f"image_refs[{i}]", cancel=cancels[i])
+            except InputError as error:
+                outcomes[i] = error
+
+        threads = [threading.Thread(target=fetch, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.6)
+        assert server.requests["/trickle"] == 1
+        cancels[0].set()
+        threads[0].join(5)
+        assert str(outcomes[0]) == "image_refs[0]: could not fetch the URL: the download was cancelled"
+        assert threads[1].is_alive() and not server.trickle_ended.is_set()  # still needed by the other
+        cancels[1].set()
+        threads[1].join(5)
+        assert str(outcomes[1]) == "image_refs[1]: could not fetch the URL: the download was cancelled"
+        assert server.trickle_ended.wait(5)  # the connection was dropped
+        server.release.set()
+        assert fetcher.fetch(server.url("/held.png"), field="image_start").read_bytes() == PNG  # thread free
 
 
 def test_fetch_many_async_fetches_all_and_names_the_failing_item(tmp_path: Path, server: LoopbackServer):
