@@ -169,11 +169,14 @@ class _Flight:
         self.future: Future[Path] | None = None  # the download, once submitted
         self._lock = threading.Lock()
         self._waiters: list[tuple[list[threading.Event], str, Future[Path]]] = []
+        self.abandoned = False  # every waiter went: the download is stopping, nobody may join it
 
-    def join(self, cancel: Iterable[threading.Event | None], field: str) -> Future[Path]:
-        """A future for one more fetch (of task field ``field``) of this download."""
+    def join(self, cancel: Iterable[threading.Event | None], field: str) -> Future[Path] | None:
+        """A future for one more fetch (of task field ``field``) of this download; None when it is stopping."""
         mine: Future[Path] = Future()
         with self._lock:
+            if self.abandoned:
+                return None
             self._waiters.append(([event for event in cancel if event is not None], field, mine))
         if self.future is not None and self.future.done():  # finished while joining: settle it now
             self.finish()
@@ -187,7 +190,8 @@ class _Flight:
                     _settle(
                         mine, error=InputError(field, f"could not fetch the URL: {CANCELLED}", ref=self.ref)
                     )
-            return all(mine.done() for _, _, mine in self._waiters)
+            self.abandoned = all(mine.done() for _, _, mine in self._waiters)
+            return self.abandoned
 
     def finish(self) -> None:
         """Hand the download's outcome to every waiter still waiting (its error under the waiter's field)."""
@@ -495,9 +499,12 @@ class InputFetcher:
         with self._flights_lock:
             flight = self._flights.get(key)
             if flight is not None and not flight.future.done():
-                return flight.join(cancel, download.field)
+                mine = flight.join(cancel, download.field)
+                if mine is not None:
+                    return mine
             flight = _Flight(download.ref)
             mine = flight.join(cancel, download.field)  # before it starts: it stops when no waiter is left
+            assert mine is not None
             try:
                 flight.future = self._downloads.submit(self._download, download, [flight, self._closing])
             except RuntimeError:  # the pool was shut down

@@ -457,8 +457,19 @@ def test_a_shared_download_stops_when_every_fetch_is_cancelled(tmp_path: Path, s
         threads[1].join(5)
         assert str(outcomes[1]) == "image_refs[1]: could not fetch the URL: the download was cancelled"
         assert server.trickle_ended.wait(5)  # the connection was dropped
+
+        # A fetch arriving as the last one waiting is cancelled gets a download of its own, never the
+        # stopping one's "cancelled" (and the pool's one thread is free for it).
+        url, cancels[0] = server.url("/held.png"), threading.Event()
+        threads[0] = threading.Thread(target=fetch, args=(0,))
+        threads[0].start()
+        time.sleep(0.3)
+        cancels[0].set()
+        threads[0].join(5)
         server.release.set()
-        assert fetcher.fetch(server.url("/held.png"), field="image_start").read_bytes() == PNG  # thread free
+        assert fetcher.fetch(url, field="image_start").read_bytes() == PNG
+        assert str(outcomes[0]) == "image_refs[0]: could not fetch the URL: the download was cancelled"
+        assert server.requests["/held.png"] == 2
 
 
 def test_fetch_many_async_fetches_all_and_names_the_failing_item(tmp_path: Path, server: LoopbackServer):
