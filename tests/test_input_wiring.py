@@ -27,8 +27,11 @@ def test_slow_downloads_hold_no_capacity_and_never_stall_the_api(tmp_path: Path)
             dispatcher,
         ):
             slow = []
-            for _ in range(5):
-                body = {"task_type": "i2v", "params": {"prompt": "x", "image_start": server.url("/trickle")}}
+            for i in range(5):  # five URLs: tasks naming one URL at once would share one download
+                body = {
+                    "task_type": "i2v",
+                    "params": {"prompt": "x", "image_start": server.url(f"/trickle?n={i}")},
+                }
                 created = client.post("/tasks", json=body)
                 assert created.status_code == 201, created.text
                 slow.append(created.json()["id"])
