@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import ray
 from ray.serve import Application
 
 from deployments.auth import check_exposure
@@ -27,7 +28,6 @@ SHUTDOWN_MARGIN_S = 10.0
 
 def real_models_available(config: AppConfig) -> bool:
     """True when a GPU is there and every real default model's weights resolve without a download."""
-    import ray
     import torch
 
     from Wan2GP.catalog import Catalog
@@ -56,10 +56,42 @@ def default_models_for(config: AppConfig) -> dict[str, dict[str, str]]:
     }
 
 
+def gpu_shortfalls(config: AppConfig, node_gpus: list[float]) -> list[str]:
+    """What of ``config`` cannot be placed on a cluster whose nodes have ``node_gpus`` GPUs each: a replica
+    needing more GPUs on one node than any node has, or more GPUs in all than the cluster has. Such replicas
+    wait for resources (a node an autoscaler may add), so these are warnings, not refusals."""
+    largest, total = max(node_gpus, default=0.0), sum(node_gpus)
+    problems, needed = [], 0.0
+    for name, deployment in config.deployments.items():
+        replicas = deployment.autoscaling.min_replicas if deployment.autoscaling else deployment.replicas
+        pools = [
+            (f"deployments.{name}.gpus_per_replica", deployment.gpus_per_replica, replicas)
+            if deployment.gpus_per_replica > 1
+            else (f"deployments.{name}.num_gpus", deployment.num_gpus, replicas)
+        ]
+        if deployment.split is not None:
+            split = deployment.split
+            pools.append(
+                (f"deployments.{name}.split.gpus_per_replica", split.gpus_per_replica, split.replicas)
+            )
+        for field, per_replica, count in pools:
+            needed += per_replica * count
+            if per_replica > largest:
+                problems.append(
+                    f"{field}: a replica needs {per_replica:g} GPU(s) on one node, the largest node has "
+                    f"{largest:g}: it waits until such a node joins"
+                )
+    if needed > total and not problems:
+        problems.append(
+            f"deployments: their replicas need {needed:g} GPU(s) in all, the cluster has {total:g}: "
+            "some wait until GPUs free up or nodes join"
+        )
+    return problems
+
+
 def serve_http_host() -> str | None:
     """The host Serve's HTTP proxies listen on, asked of the running Serve controller (None when no
     controller runs yet, e.g. a config validated offline)."""
-    import ray
     from ray.serve.context import _get_global_client
 
     if not ray.is_initialized():
@@ -77,6 +109,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     # Listening beyond this machine without API keys is refused unless auth.mode: none says so.
     check_exposure(config.auth, serve_http_host() or config.http_host)
     defaults = default_models_for(config)
+    if ray.is_initialized():  # serve run / serve deploy: say now what cannot be placed, naming the field
+        nodes = [node["Resources"].get("GPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+        for problem in gpu_shortfalls(config, nodes):
+            logger.warning("%s", problem)
     graceful_shutdown_timeout_s = config.ingress.shutdown_grace_s + SHUTDOWN_MARGIN_S
     handles = {}
     for name, deployment in config.deployments.items():

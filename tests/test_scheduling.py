@@ -287,6 +287,35 @@ def test_bad_split_configs_are_refused_at_load_naming_the_field(t2v: dict, expec
         AppConfig.model_validate({"deployments": {"T2V": t2v}})
 
 
+def test_what_the_cluster_cannot_place_is_named_at_build() -> None:
+    from deployments.app import gpu_shortfalls
+
+    split = AppConfig.model_validate(
+        {"deployments": {"T2V": {"num_gpus": 1, "replicas": 2, "split": {"gpus_per_replica": 2}}}}
+    )
+    assert gpu_shortfalls(split, [2.0, 2.0]) == []  # 2 + 2 GPUs, the split's two on one node
+    assert gpu_shortfalls(split, [1.0, 1.0, 1.0, 1.0]) == [
+        "deployments.T2V.split.gpus_per_replica: a replica needs 2 GPU(s) on one node, the largest node has 1: "
+        "it waits until such a node joins"
+    ]
+    assert gpu_shortfalls(split, [2.0]) == [
+        "deployments: their replicas need 4 GPU(s) in all, the cluster has 2: some wait until GPUs free up or "
+        "nodes join"
+    ]
+    one_gpu = AppConfig.model_validate({"deployments": {"VACE": {"num_gpus": 1}, "Flux": {"num_gpus": 0.5}}})
+    assert gpu_shortfalls(one_gpu, []) == [
+        "deployments.VACE.num_gpus: a replica needs 1 GPU(s) on one node, the largest node has 0: it waits "
+        "until such a node joins",
+        "deployments.Flux.num_gpus: a replica needs 0.5 GPU(s) on one node, the largest node has 0: it waits "
+        "until such a node joins",
+    ]
+    assert gpu_shortfalls(AppConfig(), []) == []  # the CPU default asks for no GPU
+    autoscaled = AppConfig.model_validate(
+        {"deployments": {"T2V": {"num_gpus": 1, "autoscaling": {"min_replicas": 0, "max_replicas": 8}}}}
+    )
+    assert gpu_shortfalls(autoscaled, [1.0]) == []  # what it starts with fits; more comes with load
+
+
 def test_image_families_cannot_split() -> None:
     with pytest.raises(ValidationError, match=r"deployments\.Flux\.split: Flux models cannot be split"):
         AppConfig.model_validate({"deployments": {"Flux": {"split": {}}}})
