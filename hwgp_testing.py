@@ -23,6 +23,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_local_ray(**options: Any) -> None:
+    """``ray.init(**options)``, a local cluster of its own, tried twice: on a loaded 2-core machine a raylet
+    has been seen to miss Ray's fixed 30 s to register ("The current node timed out during startup")."""
+    import ray
+
+    try:
+        ray.init(**options)
+    except Exception as error:
+        if "timed out during startup" not in str(error):
+            raise
+        ray.shutdown()  # the half-started node's processes
+        ray.init(**options)
+
+
 @contextmanager
 def running_app(
     config: dict[str, Any], num_gpus: int = 2, num_cpus: int = 2, ray_init: dict[str, Any] | None = None
@@ -37,7 +51,7 @@ def running_app(
 
     port = free_port()
     options = {"include_dashboard": False, "log_to_driver": False, **(ray_init or {})}
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **options)
+    start_local_ray(num_cpus=num_cpus, num_gpus=num_gpus, **options)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name="hwgp", route_prefix="/")

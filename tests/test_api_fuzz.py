@@ -241,7 +241,7 @@ def test_the_real_service_refuses_all_interfaces_without_keys_and_survives_fuzz_
     from ray import serve
 
     from deployments.app import build_app
-    from hwgp_testing import free_port
+    from hwgp_testing import free_port, start_local_ray
 
     keys = tmp_path / "keys.yaml"
     keys.write_text('- {name: ops, key: "ops-key-0123456789abcdef", projects: "*"}\n')
@@ -253,7 +253,7 @@ def test_the_real_service_refuses_all_interfaces_without_keys_and_survives_fuzz_
         "ingress": {"num_cpus": 0.1, "poll_interval_s": 0.1},
     }
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "0.0.0.0", "port": port})
         with pytest.raises(ValueError, match="refusing to start: the HTTP proxy listens on '0.0.0.0'"):

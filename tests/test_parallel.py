@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hwgp_testing import free_port
+from hwgp_testing import free_port, start_local_ray
 from Wan2GP.catalog import Catalog
 from Wan2GP.engine import Engine
 from Wan2GP.parallel_plan import MODES, NCCL_SAFE_ENV, plan_degrees
@@ -381,7 +381,7 @@ def test_multi_gpu_replica_serves_one_video_across_two_ranks(tiny_dir: Path, ref
     from deployments.multi_gpu import MultiGpuGenerationDeployment, multi_gpu_options
 
     ref_frames, _ = decode_video(reference["bytes"])
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         app = MultiGpuGenerationDeployment.options(**multi_gpu_options(2, cpus_per_rank=0.5)).bind(
             family="T2V",
