@@ -176,9 +176,44 @@ class DeploymentConfig(BaseModel):
     def _compile_runs_here(self) -> DeploymentConfig:
         if self.compile is True and self.memory_profile != "resident":
             raise ValueError(f"compile: needs memory_profile 'resident', got {self.memory_profile!r}")
-        if self.gpus_per_replica > 1 and (self.compile is True or self.attention_backend is not None):
-            field = "compile" if self.compile is True else "attention_backend"
-            raise ValueError(f"{field}: not available on multi-GPU replicas (gpus_per_replica > 1) yet")
+        return self
+
+    @model_validator(mode="after")
+    def _what_a_multi_gpu_replica_honours(self) -> DeploymentConfig:
+        """Settings of 1-GPU replicas that a multi-GPU one would not honour are refused, naming the field."""
+        if self.gpus_per_replica == 1:
+            return self
+        refusals = {
+            "compile": (
+                self.compile is True,
+                "not available on multi-GPU replicas (gpus_per_replica > 1) yet",
+            ),
+            "attention_backend": (
+                self.attention_backend is not None,
+                "not available on multi-GPU replicas (gpus_per_replica > 1) yet",
+            ),
+            "memory_profile": (
+                self.memory_profile != "resident",
+                f"a multi-GPU replica keeps its model resident on every rank (offloading hooks would fight the "
+                f"split's), got {self.memory_profile!r}",
+            ),
+            "vae_tiling": (
+                self.vae_tiling is True,
+                "a multi-GPU replica splits the VAE decode across its ranks instead of tiling it",
+            ),
+            "max_ongoing_requests": (
+                self.max_ongoing_requests != 1,
+                f"a multi-GPU replica runs one generation at a time (it holds all its GPUs), got "
+                f"{self.max_ongoing_requests}",
+            ),
+            "num_gpus": (
+                self.num_gpus != 0,
+                "a multi-GPU replica takes one whole GPU per rank (gpus_per_replica); leave num_gpus out",
+            ),
+        }
+        for field, (refused, why) in refusals.items():
+            if refused:
+                raise ValueError(f"{field}: {why}")
         return self
 
     @property

@@ -280,6 +280,23 @@ def test_split_config_adds_its_capacity_and_a_deployment_name() -> None:
         ({"gpu_view": "own"}, r"deployments\.T2V\n.*gpu_view: applies to replicas spanning several GPUs"),
         ({"gpus_per_replica": 2, "gpu_view": "node"}, r"deployments\.T2V\.gpu_view\n.*'replica' or 'own'"),
         ({"split": {"gpu_view": "all"}}, r"deployments\.T2V\.split\.gpu_view\n.*'replica' or 'own'"),
+        # What 1-GPU replicas take and a multi-GPU one would not honour.
+        (
+            {"gpus_per_replica": 2, "memory_profile": "model_offload"},
+            r"deployments\.T2V\n.*memory_profile: a multi-GPU replica keeps its model resident on every rank",
+        ),
+        (
+            {"gpus_per_replica": 2, "vae_tiling": True},
+            r"deployments\.T2V\n.*vae_tiling: a multi-GPU replica splits the VAE decode across its ranks",
+        ),
+        (
+            {"gpus_per_replica": 2, "max_ongoing_requests": 2},
+            r"deployments\.T2V\n.*max_ongoing_requests: a multi-GPU replica runs one generation at a time.*got 2",
+        ),
+        (
+            {"gpus_per_replica": 2, "num_gpus": 1},
+            r"deployments\.T2V\n.*num_gpus: a multi-GPU replica takes one whole GPU per rank",
+        ),
     ],
 )
 def test_bad_split_configs_are_refused_at_load_naming_the_field(t2v: dict, expected: str) -> None:
