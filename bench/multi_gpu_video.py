@@ -239,8 +239,8 @@ def _decode_check(
 ) -> dict:  # fmt: skip
     """The decode/encode check's ranks as plain processes, or with ``in_actors`` as the service runs its rank
     workers: threaded Ray actors (one GPU each, or a share of one when ``shared``; ``actor_cpus`` CPUs, which
-    Ray turns into as many torch threads, at least one) whose rank 0 is polled every 0.2 s meanwhile, as the replica polls
-    its progress."""
+    Ray turns into as many torch threads, at least one) whose rank 0 is polled every 0.2 s meanwhile, as the
+    replica polls its progress."""
     tmp = Path(tempfile.mkdtemp(prefix="hwgp-decode-"))
     np.save(tmp / "latents.npy", latents)
     out = str(tmp / "decode.json")
@@ -417,6 +417,13 @@ def main() -> None:
             plan_degrees(mode, args.gpus)  # a mode that cannot split over --gpus fails now, with the reason
         except ValueError as error:
             raise SystemExit(f"bench.multi_gpu_video: --modes/--gpus: {error}") from None
+    from deployments.multi_gpu import check_gpu_view
+
+    for view in args.gpu_views.split(","):
+        try:
+            check_gpu_view(view)  # before any model is built, not when its replica starts
+        except ValueError as error:
+            raise SystemExit(f"bench.multi_gpu_video: --gpu-views: {error}") from None
     if args.one_gpu_checks:
         return one_gpu_checks(args, args.gpus)
     gpus = require_gpus(args.gpus, args.tiny, "bench.multi_gpu_video")
